@@ -1,0 +1,1 @@
+"""The integrations credential service."""
