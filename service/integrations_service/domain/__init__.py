@@ -1,0 +1,1 @@
+"""Provider registry, effective-config resolution, masking and validation."""

@@ -1,0 +1,208 @@
+"""The provider catalog: every provider, its fields, env fallbacks and format rules.
+
+The Stripe, Easypay and Ifthenpay fields are the dashboard's (see the seed
+design page); Resend, SMTP and Google Analytics 4 are this service's choice.
+Format checks sit next to the fields they guard: a check returns a problem
+description, or None when the value is fine.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+FormatCheck = Callable[[str], str | None]
+# Given an organization's stored clear values after a save, return
+# (field key, problem) pairs for rules that span fields.
+CrossCheck = Callable[[Mapping[str, str]], list[tuple[str, str]]]
+
+
+class Category(enum.Enum):
+    PAYMENTS = "payments"
+    NOTIFICATIONS = "notifications"
+    ANALYTICS = "analytics"
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    key: str
+    env_var: str
+    description: str
+    secret: bool
+    required: bool
+    check: FormatCheck | None = None
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    id: str
+    display_name: str
+    category: Category
+    runtime_supported: bool
+    fields: tuple[FieldSpec, ...]
+    cross_checks: tuple[CrossCheck, ...] = ()
+    _by_key: dict[str, FieldSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_key", {f.key: f for f in self.fields})
+
+    def field(self, key: str) -> FieldSpec | None:
+        return self._by_key.get(key)
+
+    @property
+    def env_vars(self) -> tuple[str, ...]:
+        return tuple(f.env_var for f in self.fields)
+
+
+def _prefix(*prefixes: str) -> FormatCheck:
+    def check(value: str) -> str | None:
+        if value.startswith(prefixes):
+            return None
+        return "must start with " + " or ".join(repr(p) for p in prefixes)
+
+    return check
+
+
+def _https_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme == "https" and parts.hostname:
+        return None
+    return "must be an https:// URL"
+
+
+def _port(value: str) -> str | None:
+    if value.isascii() and value.isdigit() and 1 <= int(value) <= 65535:
+        return None
+    return "must be a port number from 1 to 65535"
+
+
+_ADDRESS = r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+"
+_SENDER = re.compile(rf"{_ADDRESS}|[^<>]*<{_ADDRESS}>")
+
+
+def _sender(value: str) -> str | None:
+    if _SENDER.fullmatch(value):
+        return None
+    return "must be an e-mail address, optionally as 'Name <address>'"
+
+
+_MEASUREMENT_ID = re.compile(r"G-[A-Z0-9]{4,20}")
+
+
+def _measurement_id(value: str) -> str | None:
+    return None if _MEASUREMENT_ID.fullmatch(value) else "must look like G-XXXXXXXXXX"
+
+
+def _stripe_mode(value: str) -> str | None:
+    for mode in ("test", "live"):
+        if f"_{mode}_" in value[:8]:
+            return mode
+    return None
+
+
+def _stripe_keys_share_mode(values: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Test and live keys must not mix: the payment would go to the wrong account."""
+    secret_mode = _stripe_mode(values.get("secretKey", ""))
+    public_mode = _stripe_mode(values.get("publishableKey", ""))
+    if secret_mode and public_mode and secret_mode != public_mode:
+        problem = f"mixes Stripe modes: secretKey is a {secret_mode} key, publishableKey a {public_mode} key"
+        return [("publishableKey", problem), ("secretKey", problem)]
+    return []
+
+
+PROVIDERS: tuple[ProviderSpec, ...] = (
+    ProviderSpec(
+        id="stripe",
+        display_name="Stripe",
+        category=Category.PAYMENTS,
+        runtime_supported=True,
+        fields=(
+            FieldSpec("secretKey", "STRIPE_SECRET_KEY", "Server-side secret key", secret=True,
+                      required=True, check=_prefix("sk_test_", "sk_live_", "rk_test_", "rk_live_")),
+            FieldSpec("webhookSecret", "STRIPE_WEBHOOK_SECRET", "Webhook signing secret", secret=True,
+                      required=True, check=_prefix("whsec_")),
+            FieldSpec("publishableKey", "NEXT_PUBLIC_STRIPE_PUBLISHABLE_KEY", "Client-side publishable key",
+                      secret=False, required=True, check=_prefix("pk_test_", "pk_live_")),
+        ),
+        cross_checks=(_stripe_keys_share_mode,),
+    ),
+    ProviderSpec(
+        id="easypay",
+        display_name="Easypay",
+        category=Category.PAYMENTS,
+        runtime_supported=True,
+        fields=(
+            FieldSpec("accountId", "EASYPAY_ACCOUNT_ID", "Easypay account ID", secret=False, required=True),
+            FieldSpec("apiKey", "EASYPAY_API_KEY", "API key", secret=True, required=True),
+            FieldSpec("baseUrl", "EASYPAY_BASE_URL", "API base URL (prod/sandbox)", secret=False,
+                      required=True, check=_https_url),
+        ),
+    ),
+    ProviderSpec(
+        id="ifthenpay",
+        display_name="Ifthenpay",
+        category=Category.PAYMENTS,
+        runtime_supported=True,
+        fields=(
+            FieldSpec("antiPhishingKey", "IFTHENPAY_ANTIPHISHING_KEY", "Anti-phishing key", secret=True,
+                      required=True),
+            FieldSpec("mbKey", "IFTHENPAY_MB_KEY", "Multibanco key", secret=True, required=False),
+            FieldSpec("mbwayKey", "IFTHENPAY_MBWAY_KEY", "MB WAY key", secret=True, required=False),
+            FieldSpec("ccKey", "IFTHENPAY_CC_KEY", "Credit card key", secret=True, required=False),
+        ),
+    ),
+    ProviderSpec(
+        id="resend",
+        display_name="Resend",
+        category=Category.NOTIFICATIONS,
+        runtime_supported=True,
+        fields=(
+            FieldSpec("apiKey", "RESEND_API_KEY", "API key", secret=True, required=True),
+            FieldSpec("fromAddress", "RESEND_FROM_ADDRESS", "Sender address, e.g. 'Shop <orders@shop.example>'",
+                      secret=False, required=True, check=_sender),
+        ),
+    ),
+    ProviderSpec(
+        id="smtp",
+        display_name="SMTP",
+        category=Category.NOTIFICATIONS,
+        runtime_supported=False,
+        fields=(
+            FieldSpec("host", "SMTP_HOST", "SMTP server host name", secret=False, required=True),
+            FieldSpec("port", "SMTP_PORT", "SMTP server port", secret=False, required=True, check=_port),
+            FieldSpec("username", "SMTP_USERNAME", "SMTP user name", secret=False, required=False),
+            FieldSpec("password", "SMTP_PASSWORD", "SMTP password", secret=True, required=False),
+            FieldSpec("fromAddress", "SMTP_FROM_ADDRESS", "Sender address, e.g. 'Shop <orders@shop.example>'",
+                      secret=False, required=True, check=_sender),
+        ),
+    ),
+    ProviderSpec(
+        id="google_analytics",
+        display_name="Google Analytics 4",
+        category=Category.ANALYTICS,
+        runtime_supported=False,
+        fields=(
+            FieldSpec("measurementId", "GA4_MEASUREMENT_ID", "Measurement ID (G-XXXXXXXXXX)", secret=False,
+                      required=True, check=_measurement_id),
+            FieldSpec("apiSecret", "GA4_API_SECRET", "Measurement Protocol API secret", secret=True,
+                      required=True),
+        ),
+    ),
+)
+
+_BY_ID = {p.id: p for p in PROVIDERS}
+
+
+def find_provider(provider_id: str) -> ProviderSpec | None:
+    return _BY_ID.get(provider_id)
+
+
+def providers_in(category: Category | None) -> Iterator[ProviderSpec]:
+    return (p for p in PROVIDERS if category is None or p.category is category)
+
+
+def all_env_vars() -> tuple[str, ...]:
+    return tuple(var for p in PROVIDERS for var in p.env_vars)

@@ -1,0 +1,138 @@
+"""The credential service's use cases, independent of gRPC.
+
+Sits above the crypto layer and the store: values are encrypted here before
+the store sees them and decrypted here after it returns them, so the store
+(and its database) only ever hold ciphertext.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+from integrations_service.crypto import InvalidCiphertext, ValueCipher
+from integrations_service.domain import validation
+from integrations_service.domain.registry import Category, ProviderSpec, providers_in
+from integrations_service.domain.resolution import (
+    ConfigView,
+    EffectiveConfig,
+    is_ready,
+    resolve_values,
+)
+from integrations_service.errors import Conflict, CorruptCredential, NotFound
+from integrations_service.store import IntegrationStore, StoredIntegration
+
+
+@dataclass(frozen=True)
+class ProviderStatus:
+    """A catalog entry; `configured` and `ready` only when an organization was given."""
+
+    spec: ProviderSpec
+    configured: bool | None = None
+    ready: bool | None = None
+
+
+def etag_of(row: StoredIntegration) -> str:
+    """Opaque, changes with every write, and never repeats after a delete and re-create."""
+    digest = hashlib.blake2b(f"{row.id}:{row.version}".encode(), digest_size=9).hexdigest()
+    return f'"{digest}"'
+
+
+class CredentialService:
+    def __init__(self, store: IntegrationStore, cipher: ValueCipher, environment: Mapping[str, str]) -> None:
+        self._store = store
+        self._cipher = cipher
+        self._environment = dict(environment)
+
+    async def list_providers(self, organization_id: str, category: Category | None) -> list[ProviderStatus]:
+        if not organization_id:
+            return [ProviderStatus(spec) for spec in providers_in(category)]
+        validation.check_organization_id(organization_id)
+        rows = {row.provider: row for row in await self._store.list_for_organization(organization_id)}
+        return [self._status(spec, rows.get(spec.id)) for spec in providers_in(category)]
+
+    async def get_config(self, organization_id: str, provider_id: str, view: ConfigView) -> EffectiveConfig:
+        spec = validation.check_target(organization_id, provider_id)
+        row = await self._store.get(organization_id, provider_id)
+        clear = self._decrypt(spec, row, skip=()) if row else {}
+        return self._effective(spec, organization_id, row, clear, view)
+
+    async def save(
+        self,
+        organization_id: str,
+        provider_id: str,
+        values: Mapping[str, str],
+        clear_fields: Sequence[str],
+        etag: str,
+    ) -> EffectiveConfig:
+        spec = validation.check_target(organization_id, provider_id)
+        validation.check_changes(spec, values, clear_fields)
+        merged_clear: dict[str, str] = {}
+
+        def merge(current: StoredIntegration | None) -> dict[str, str]:
+            _check_etag(current, etag)
+            touched = set(values) | set(clear_fields)
+            kept_clear = self._decrypt(spec, current, skip=touched) if current else {}
+            merged_clear.clear()
+            merged_clear.update(kept_clear)
+            merged_clear.update(values)
+            validation.check_cross_field_rules(spec, merged_clear)
+            # Untouched fields keep their stored ciphertext: nothing is re-encrypted needlessly.
+            kept = {k: v for k, v in current.config.items() if k not in touched} if current else {}
+            return kept | {key: self._cipher.encrypt(value) for key, value in values.items()}
+
+        row = await self._store.upsert(organization_id, provider_id, merge)
+        return self._effective(spec, organization_id, row, merged_clear, ConfigView.MASKED)
+
+    async def delete(self, organization_id: str, provider_id: str, allow_missing: bool, etag: str) -> None:
+        spec = validation.check_target(organization_id, provider_id)
+
+        def check(current: StoredIntegration) -> None:
+            _check_etag(current, etag)
+
+        if not await self._store.delete(organization_id, spec.id, check) and not allow_missing:
+            raise NotFound(
+                f"organization {organization_id!r} has no stored credentials for provider {spec.id!r}"
+            )
+
+    def _status(self, spec: ProviderSpec, row: StoredIntegration | None) -> ProviderStatus:
+        stored_keys = frozenset(k for k, v in row.config.items() if v and spec.field(k)) if row else frozenset()
+        return ProviderStatus(spec, configured=bool(stored_keys), ready=is_ready(spec, stored_keys, self._environment))
+
+    def _decrypt(self, spec: ProviderSpec, row: StoredIntegration, skip: Collection[str]) -> dict[str, str]:
+        """Clear text of the row's registry fields, except those in `skip`."""
+        clear = {}
+        for key, stored in row.config.items():
+            if key in skip or spec.field(key) is None:
+                continue
+            try:
+                clear[key] = self._cipher.decrypt(stored)
+            except InvalidCiphertext:
+                raise CorruptCredential(row.organization_id, row.provider, key) from None
+        return clear
+
+    def _effective(
+        self,
+        spec: ProviderSpec,
+        organization_id: str,
+        row: StoredIntegration | None,
+        clear: Mapping[str, str],
+        view: ConfigView,
+    ) -> EffectiveConfig:
+        return EffectiveConfig(
+            organization_id=organization_id,
+            provider=spec.id,
+            values=resolve_values(spec, clear, self._environment, view),
+            etag=etag_of(row) if row else "",
+            update_time=row.updated_at if row else None,
+        )
+
+
+def _check_etag(current: StoredIntegration | None, etag: str) -> None:
+    if not etag:
+        return
+    if current is None:
+        raise Conflict("the etag is stale: the stored credentials were deleted since it was read")
+    if etag_of(current) != etag:
+        raise Conflict("the etag is stale: the stored credentials changed since it was read; read them again")

@@ -1,0 +1,99 @@
+"""Request checks that run before anything is read or written.
+
+Each check names the request field it objects to, with paths such as
+`organization_id`, `values.secretKey` or `clear_fields[1]`. Problems are
+collected, so one reply lists every bad field at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from integrations_service.domain.masking import MASK_CHAR
+from integrations_service.domain.registry import ProviderSpec, find_provider
+from integrations_service.errors import FieldViolation, InvalidArgument, NotFound
+
+MAX_ORGANIZATION_ID_LENGTH = 128
+MAX_VALUE_BYTES = 4096
+
+
+def organization_id_problem(organization_id: str) -> str | None:
+    if not organization_id:
+        return "is required"
+    if len(organization_id) > MAX_ORGANIZATION_ID_LENGTH:
+        return f"must be at most {MAX_ORGANIZATION_ID_LENGTH} characters"
+    if not organization_id.isprintable() or any(c.isspace() for c in organization_id):
+        return "must be printable characters without whitespace"
+    return None
+
+
+def check_organization_id(organization_id: str) -> None:
+    if problem := organization_id_problem(organization_id):
+        raise InvalidArgument([FieldViolation("organization_id", problem)])
+
+
+def check_target(organization_id: str, provider_id: str) -> ProviderSpec:
+    """Validate the organization id and provider of a request; NOT_FOUND for an unknown provider."""
+    violations = []
+    if problem := organization_id_problem(organization_id):
+        violations.append(FieldViolation("organization_id", problem))
+    if not provider_id:
+        violations.append(FieldViolation("provider", "is required"))
+    if violations:
+        raise InvalidArgument(violations)
+    spec = find_provider(provider_id)
+    if spec is None:
+        raise NotFound(f"provider {provider_id!r} does not exist; ListProviders shows the catalog")
+    return spec
+
+
+def check_changes(spec: ProviderSpec, values: Mapping[str, str], clear_fields: Sequence[str]) -> None:
+    """Every set value and cleared field must be a known, well-formed field of the provider."""
+    violations = [v for key, value in values.items() if (v := _value_violation(spec, key, value))]
+    seen: set[str] = set()
+    for index, key in enumerate(clear_fields):
+        path = f"clear_fields[{index}]"
+        if spec.field(key) is None:
+            violations.append(FieldViolation(path, _unknown_field(spec, key)))
+        elif key in values:
+            violations.append(FieldViolation(path, f"field {key!r} is both set in values and cleared"))
+        elif key in seen:
+            violations.append(FieldViolation(path, f"field {key!r} is cleared twice"))
+        seen.add(key)
+    if not values and not clear_fields:
+        violations.append(FieldViolation("values", "set at least one value or name a field in clear_fields"))
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def check_cross_field_rules(spec: ProviderSpec, stored_clear_values: Mapping[str, str]) -> None:
+    """Rules spanning fields, checked on the organization's values as they would be stored."""
+    violations = [
+        FieldViolation(f"values.{key}", problem)
+        for cross_check in spec.cross_checks
+        for key, problem in cross_check(stored_clear_values)
+    ]
+    if violations:
+        raise InvalidArgument(violations)
+
+
+def _value_violation(spec: ProviderSpec, key: str, value: str) -> FieldViolation | None:
+    path = f"values.{key}"
+    field = spec.field(key)
+    if field is None:
+        return FieldViolation(path, _unknown_field(spec, key))
+    if not value:
+        return FieldViolation(path, "is empty; to remove a value name the field in clear_fields")
+    if MASK_CHAR in value:
+        return FieldViolation(path, "contains '•', so it looks like a masked value sent back; "
+                                    "omit the field to keep the stored secret")
+    if len(value.encode("utf-8")) > MAX_VALUE_BYTES:
+        return FieldViolation(path, f"is longer than {MAX_VALUE_BYTES} bytes")
+    if field.check and (problem := field.check(value)):
+        return FieldViolation(path, problem)
+    return None
+
+
+def _unknown_field(spec: ProviderSpec, key: str) -> str:
+    known = ", ".join(f.key for f in spec.fields)
+    return f"{key!r} is not a field of {spec.id} (fields: {known})"

@@ -1,0 +1,161 @@
+"""Request validation: every bad field named, format rules next to the registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from integrations_service.domain import validation
+from integrations_service.domain.registry import find_provider
+from integrations_service.errors import FieldViolation, InvalidArgument, NotFound
+
+STRIPE = find_provider("stripe")
+assert STRIPE is not None
+
+
+def violations_of(provider: str, values: dict[str, str], clear: list[str] | None = None) -> list[FieldViolation]:
+    spec = find_provider(provider)
+    assert spec is not None
+    with pytest.raises(InvalidArgument) as caught:
+        validation.check_changes(spec, values, clear or [])
+    return list(caught.value.violations)
+
+
+@pytest.mark.parametrize(
+    ("provider", "key", "value"),
+    [
+        ("stripe", "secretKey", "sk_test_abc"),
+        ("stripe", "secretKey", "sk_live_abc"),
+        ("stripe", "secretKey", "rk_test_abc"),
+        ("stripe", "secretKey", "rk_live_abc"),
+        ("stripe", "publishableKey", "pk_test_abc"),
+        ("stripe", "publishableKey", "pk_live_abc"),
+        ("stripe", "webhookSecret", "whsec_abc"),
+        ("easypay", "baseUrl", "https://api.test.easypay.pt/2.0"),
+        ("easypay", "accountId", "2b0f63e2-9fb5-4e52-aca0-b4bf0339bbe6"),
+        ("smtp", "port", "1"),
+        ("smtp", "port", "587"),
+        ("smtp", "port", "65535"),
+        ("smtp", "fromAddress", "orders@shop.example"),
+        ("smtp", "fromAddress", "Shop <orders@shop.example>"),
+        ("resend", "fromAddress", "orders@shop.example"),
+        ("google_analytics", "measurementId", "G-ABC123XYZ9"),
+        ("ifthenpay", "mbKey", "ABC-123456"),
+    ],
+)
+def test_well_formed_values_pass(provider: str, key: str, value: str) -> None:
+    spec = find_provider(provider)
+    assert spec is not None
+    validation.check_changes(spec, {key: value}, [])
+
+
+@pytest.mark.parametrize(
+    ("provider", "key", "value", "says"),
+    [
+        ("stripe", "secretKey", "pk_test_abc", "must start with 'sk_test_'"),
+        ("stripe", "secretKey", "sk_prod_abc", "must start with"),
+        ("stripe", "publishableKey", "sk_test_abc", "'pk_test_' or 'pk_live_'"),
+        ("stripe", "webhookSecret", "secret", "'whsec_'"),
+        ("easypay", "baseUrl", "http://api.easypay.pt", "https"),
+        ("easypay", "baseUrl", "api.easypay.pt", "https"),
+        ("smtp", "port", "0", "1 to 65535"),
+        ("smtp", "port", "65536", "1 to 65535"),
+        ("smtp", "port", "25a", "1 to 65535"),
+        ("smtp", "port", "٣", "1 to 65535"),
+        ("smtp", "fromAddress", "not-an-address", "e-mail address"),
+        ("resend", "fromAddress", "Shop <shop.example>", "e-mail address"),
+        ("google_analytics", "measurementId", "UA-12345-1", "G-"),
+    ],
+)
+def test_malformed_values_name_the_field(provider: str, key: str, value: str, says: str) -> None:
+    [violation] = violations_of(provider, {key: value})
+    assert violation.field == f"values.{key}"
+    assert says in violation.description
+    assert value not in violation.description or len(value) < 4
+
+
+@pytest.mark.parametrize(
+    ("values", "clear", "field", "says"),
+    [
+        ({"apiKey": "x"}, [], "values.apiKey", "not a field of stripe"),
+        ({"secretKey": ""}, [], "values.secretKey", "clear_fields"),
+        ({"secretKey": "••••••••4242"}, [], "values.secretKey", "omit the field to keep the stored secret"),
+        ({"webhookSecret": "whsec_" + "a" * 4091}, [], "values.webhookSecret", "4096 bytes"),
+        ({"secretKey": "sk_test_x"}, ["secretKey"], "clear_fields[0]", "both set in values and cleared"),
+        ({}, ["nope"], "clear_fields[0]", "not a field of stripe"),
+        ({}, ["secretKey", "secretKey"], "clear_fields[1]", "cleared twice"),
+        ({}, [], "values", "at least one"),
+    ],
+)
+def test_bad_changes(values: dict[str, str], clear: list[str], field: str, says: str) -> None:
+    [violation] = violations_of("stripe", values, clear)
+    assert violation.field == field
+    assert says in violation.description
+
+
+def test_value_of_exactly_4_kib_passes_and_multibyte_counts_bytes() -> None:
+    assert STRIPE is not None
+    validation.check_changes(STRIPE, {"webhookSecret": "whsec_" + "a" * 4090}, [])
+    [violation] = violations_of("stripe", {"webhookSecret": "whsec_" + "é" * 2046})
+    assert "4096 bytes" in violation.description
+
+
+def test_every_violation_is_reported_at_once() -> None:
+    found = violations_of("stripe", {"secretKey": "bad", "publishableKey": "bad", "nope": "x"})
+    assert sorted(v.field for v in found) == ["values.nope", "values.publishableKey", "values.secretKey"]
+
+
+@pytest.mark.parametrize(
+    ("organization_id", "says"),
+    [
+        ("", "is required"),
+        ("a" * 129, "at most 128"),
+        ("org 1", "without whitespace"),
+        ("org\t1", "without whitespace"),
+        ("org\x00", "printable"),
+        ("org\u200b", "printable"),
+    ],
+)
+def test_bad_organization_ids(organization_id: str, says: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        validation.check_target(organization_id, "stripe")
+    [violation] = caught.value.violations
+    assert violation.field == "organization_id"
+    assert says in violation.description
+
+
+@pytest.mark.parametrize("organization_id", ["o", "a" * 128, "org_123", "ôrg/é:1", "00000000-0000-0000-0000-000000000000"])
+def test_good_organization_ids(organization_id: str) -> None:
+    assert validation.check_target(organization_id, "stripe") is STRIPE
+
+
+def test_missing_organization_and_provider_both_named() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        validation.check_target("", "")
+    assert [v.field for v in caught.value.violations] == ["organization_id", "provider"]
+
+
+def test_unknown_provider_is_not_found() -> None:
+    with pytest.raises(NotFound, match="paypal"):
+        validation.check_target("org_1", "paypal")
+
+
+@pytest.mark.parametrize(
+    ("stored", "ok"),
+    [
+        ({"secretKey": "sk_test_1", "publishableKey": "pk_test_1"}, True),
+        ({"secretKey": "rk_live_1", "publishableKey": "pk_live_1"}, True),
+        ({"secretKey": "sk_live_1"}, True),
+        ({"secretKey": "sk_live_1", "publishableKey": "pk_test_1"}, False),
+        ({"secretKey": "rk_test_1", "publishableKey": "pk_live_1"}, False),
+    ],
+)
+def test_stripe_keys_may_not_mix_modes(stored: dict[str, str], ok: bool) -> None:
+    assert STRIPE is not None
+    if ok:
+        validation.check_cross_field_rules(STRIPE, stored)
+        return
+    with pytest.raises(InvalidArgument) as caught:
+        validation.check_cross_field_rules(STRIPE, stored)
+    fields = {v.field for v in caught.value.violations}
+    assert fields == {"values.publishableKey", "values.secretKey"}
+    assert all("mixes Stripe modes" in v.description for v in caught.value.violations)
