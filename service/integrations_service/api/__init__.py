@@ -1,0 +1,1 @@
+"""gRPC surface: servicers, status mapping, interceptors and server assembly."""

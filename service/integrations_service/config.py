@@ -1,0 +1,211 @@
+"""Every setting of the service: its flag, its env var, its default, its check.
+
+`load_settings` reads flags first, then the environment, then defaults, and
+reports every missing or invalid setting at once, by its env var name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from integrations_service.crypto import EncryptionKey, InvalidKey
+from integrations_service.domain.registry import all_env_vars
+from integrations_service.errors import ConfigurationError
+
+ENCRYPTION_KEY_ENV = "INTEGRATION_ENCRYPTION_KEY"
+
+
+class Mode(enum.Enum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    flag: str
+    default: str | None
+    help: str
+
+
+LISTEN_ADDRESS = Setting("INTEGRATIONS_LISTEN_ADDRESS", "--listen-address", "127.0.0.1:50051",
+                         "host:port the gRPC server listens on (plaintext only on loopback)")
+DATABASE_URL = Setting("DATABASE_URL", "--database-url", None,
+                       "postgresql://… for PostgreSQL, sqlite:///path for a SQLite file; "
+                       "unset: the embedded store in the data folder")
+MODE = Setting("INTEGRATIONS_MODE", "--mode", "development",
+               "development (generates a local key if none is set) or production (refuses to start "
+               "without INTEGRATION_ENCRYPTION_KEY and DATABASE_URL)")
+DATA_DIR = Setting("INTEGRATIONS_DATA_DIR", "--data-dir", ".data",
+                   "folder of the embedded store and of the development key file")
+LOG_FORMAT = Setting("INTEGRATIONS_LOG_FORMAT", "--log-format", None,
+                     "json or text; default text in development, json in production")
+REFLECTION = Setting("INTEGRATIONS_REFLECTION", "--reflection", "true",
+                     "serve gRPC server reflection (true/false)")
+SHUTDOWN_GRACE = Setting("INTEGRATIONS_SHUTDOWN_GRACE", "--shutdown-grace", "10",
+                         "seconds in-flight RPCs get to finish on SIGTERM/SIGINT")
+DB_POOL_SIZE = Setting("INTEGRATIONS_DB_POOL_SIZE", "--db-pool-size", "10",
+                       "largest number of PostgreSQL connections")
+DB_TIMEOUT = Setting("INTEGRATIONS_DB_TIMEOUT", "--db-timeout", "5",
+                     "seconds to connect to, or wait on, the database before answering UNAVAILABLE")
+
+SETTINGS = (LISTEN_ADDRESS, DATABASE_URL, MODE, DATA_DIR, LOG_FORMAT, REFLECTION, SHUTDOWN_GRACE,
+            DB_POOL_SIZE, DB_TIMEOUT)
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen_address: str
+    database_url: str | None
+    mode: Mode
+    data_dir: Path
+    json_logs: bool
+    reflection: bool
+    shutdown_grace: float
+    db_pool_size: int
+    db_timeout: float
+    # None in development when no key is set: the wiring then uses the dev key file.
+    encryption_key: EncryptionKey | None
+    provider_defaults: Mapping[str, str] = field(repr=False)
+
+    @property
+    def dev_key_path(self) -> Path:
+        return self.data_dir / "dev-encryption.key"
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    for setting in SETTINGS:
+        default = f" (default: {setting.default})" if setting.default else ""
+        parser.add_argument(setting.flag, dest=_dest(setting), default=None,
+                            help=f"{setting.help}; env {setting.env}{default}")
+
+
+def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str]) -> Settings:
+    reader = _Reader(args, environ)
+    mode = reader.choice(MODE, Mode)
+    key = reader.encryption_key(required=mode is Mode.PRODUCTION)
+    database_url = reader.text(DATABASE_URL) or None
+    if mode is Mode.PRODUCTION and not database_url:
+        reader.problem(DATABASE_URL.env, "is required in production mode (PostgreSQL is the production store)")
+    settings = Settings(
+        listen_address=reader.listen_address(),
+        database_url=database_url,
+        mode=mode or Mode.DEVELOPMENT,
+        data_dir=Path(reader.text(DATA_DIR)),
+        json_logs=reader.log_format(mode),
+        reflection=reader.boolean(REFLECTION),
+        shutdown_grace=reader.number(SHUTDOWN_GRACE, float, minimum=0),
+        db_pool_size=int(reader.number(DB_POOL_SIZE, int, minimum=1)),
+        db_timeout=reader.number(DB_TIMEOUT, float, minimum=0.1),
+        encryption_key=key,
+        provider_defaults={var: environ[var] for var in all_env_vars() if environ.get(var)},
+    )
+    reader.raise_problems()
+    return settings
+
+
+def _dest(setting: Setting) -> str:
+    return setting.flag.removeprefix("--").replace("-", "_")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("must be host:port")
+    return host, int(port)
+
+
+class _Reader:
+    """Reads settings, collecting problems instead of stopping at the first."""
+
+    def __init__(self, args: argparse.Namespace | None, environ: Mapping[str, str]) -> None:
+        self._args = args
+        self._environ = environ
+        self._problems: list[str] = []
+
+    def problem(self, env: str, text: str) -> None:
+        self._problems.append(f"{env} {text}")
+
+    def raise_problems(self) -> None:
+        if self._problems:
+            raise ConfigurationError("invalid configuration:\n  " + "\n  ".join(self._problems))
+
+    def text(self, setting: Setting) -> str:
+        from_flag = getattr(self._args, _dest(setting), None) if self._args else None
+        if from_flag is not None:
+            return str(from_flag)
+        return self._environ.get(setting.env) or setting.default or ""
+
+    def choice(self, setting: Setting, kind: type[Mode]) -> Mode | None:
+        raw = self.text(setting)
+        try:
+            return kind(raw)
+        except ValueError:
+            allowed = ", ".join(m.value for m in kind)
+            self.problem(setting.env, f"must be one of {allowed}, got {raw!r}")
+            return None
+
+    def boolean(self, setting: Setting) -> bool:
+        raw = self.text(setting).lower()
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        self.problem(setting.env, f"must be true or false, got {raw!r}")
+        return False
+
+    def number(self, setting: Setting, kind: type[float] | type[int], minimum: float) -> float:
+        raw = self.text(setting)
+        try:
+            value = kind(raw)
+        except ValueError:
+            self.problem(setting.env, f"must be a number, got {raw!r}")
+            return minimum
+        if value < minimum:
+            self.problem(setting.env, f"must be at least {minimum}, got {raw!r}")
+        return value
+
+    def listen_address(self) -> str:
+        address = self.text(LISTEN_ADDRESS)
+        try:
+            host, _ = split_address(address)
+        except ValueError:
+            self.problem(LISTEN_ADDRESS.env, f"must be host:port, got {address!r}")
+            return address
+        if not is_loopback(host):
+            self.problem(LISTEN_ADDRESS.env, f"is {address!r}: plaintext gRPC is only served on a loopback "
+                                             "address (127.0.0.1, ::1, localhost)")
+        return address
+
+    def log_format(self, mode: Mode | None) -> bool:
+        raw = self.text(LOG_FORMAT) or ("json" if mode is Mode.PRODUCTION else "text")
+        if raw not in ("json", "text"):
+            self.problem(LOG_FORMAT.env, f"must be json or text, got {raw!r}")
+        return raw == "json"
+
+    def encryption_key(self, required: bool) -> EncryptionKey | None:
+        raw = self._environ.get(ENCRYPTION_KEY_ENV, "")
+        if not raw:
+            if required:
+                self.problem(ENCRYPTION_KEY_ENV, "is required in production mode "
+                                                 "(create one with `integrations-service gen-key`)")
+            return None
+        try:
+            return EncryptionKey.from_text(raw)
+        except InvalidKey as error:
+            self.problem(ENCRYPTION_KEY_ENV, f"is invalid: {error}")
+            return None
