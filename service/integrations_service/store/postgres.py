@@ -1,0 +1,437 @@
+"""The PostgreSQL store: the production backend, over an asyncpg pool.
+
+Connection failures of any kind surface as `errors.Unavailable` with a fixed
+message (never the DSN, never row content). The pool replaces dead connections
+by itself, so the store recovers once PostgreSQL is back without being rebuilt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import asyncpg  # type: ignore[import-untyped]
+
+from integrations_service import errors
+from integrations_service.store.base import (
+    IntegrationStore,
+    Mutation,
+    Precondition,
+    StoredIntegration,
+)
+from integrations_service.store.migrate import migrate_postgres
+
+log = logging.getLogger("integrations.store.postgres")
+
+T = TypeVar("T")
+
+UNAVAILABLE_MESSAGE = "the credential store (PostgreSQL) is unreachable"
+
+# First key of the per-row transaction advisory lock, pg_advisory_xact_lock(int4, int4):
+# the ASCII bytes "intg" (0x696E7467). The second key is hashtext(org || '/' || provider).
+# A hash collision only makes two unrelated rows' writers wait for each other.
+ROW_LOCK_NAMESPACE = int.from_bytes(b"intg", "big")
+
+# SQLSTATE classes that mean "the server cannot serve us right now":
+# 08 connection exception, 53 insufficient resources, 57 operator intervention
+# (shutdown, restart in progress, statement cancelled by a timeout).
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,  # asyncio.TimeoutError is the same class since Python 3.11
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    # A pooled connection that received the server's "terminating connection"
+    # message while idle, but not yet the end of the stream, refuses the next
+    # query with "cannot switch to state N; another operation (2) is in
+    # progress" (MagicStack/asyncpg#1069). It is as dead as a closed one.
+    asyncpg.exceptions.InternalClientError,
+)
+# Failures that mean "this pooled connection was dead", which a read can retry
+# once on a fresh connection. Timeouts are not among them: retrying doubles the wait.
+_DEAD_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    ConnectionResetError,
+    BrokenPipeError,
+)
+# Login or database errors at connect time: waiting will not fix them.
+_CONFIGURATION_SQLSTATE_CLASSES = ("28", "3D")
+# A second insert of the same (organization, provider) by a writer that bypassed
+# the advisory lock (e.g. a legacy dashboard) makes the upsert start over this many times.
+_UPSERT_ATTEMPTS = 3
+
+# Plain literals (no string building): every value travels as a bind parameter.
+_SELECT_ONE = (
+    "SELECT id, organization_id, provider, config, version, created_at, updated_at "
+    "FROM integration_config WHERE organization_id = $1 AND provider = $2"
+)
+_SELECT_ONE_FOR_UPDATE = _SELECT_ONE + " FOR UPDATE"
+# COLLATE "C": byte order, the same as the SQLite store and Python's sorted().
+_SELECT_ORGANIZATION = (
+    "SELECT id, organization_id, provider, config, version, created_at, updated_at "
+    'FROM integration_config WHERE organization_id = $1 ORDER BY provider COLLATE "C"'
+)
+_LOCK_KEY = "SELECT pg_advisory_xact_lock($1::int4, hashtext($2 || '/' || $3))"
+# One clock reading for both timestamps of a new row.
+_INSERT = (
+    "INSERT INTO integration_config "
+    "(id, organization_id, provider, config, version, created_at, updated_at) "
+    "SELECT $1, $2, $3, $4::jsonb, 1, ts, ts FROM clock_timestamp() AS ts "
+    "RETURNING id, organization_id, provider, config, version, created_at, updated_at"
+)
+# GREATEST: updated_at grows with every write even if the clock stalls or steps back.
+_UPDATE = (
+    "UPDATE integration_config SET config = $2::jsonb, version = version + 1, "
+    "updated_at = GREATEST(clock_timestamp(), updated_at + interval '1 microsecond') "
+    "WHERE id = $1 "
+    "RETURNING id, organization_id, provider, config, version, created_at, updated_at"
+)
+_DELETE = "DELETE FROM integration_config WHERE id = $1"
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
+        return False
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return True
+    return isinstance(exc, asyncpg.PostgresError) and _sqlstate_class(exc) in _UNAVAILABLE_SQLSTATE_CLASSES
+
+
+def _sqlstate_class(exc: BaseException) -> str:
+    sqlstate = getattr(exc, "sqlstate", None)
+    return sqlstate[:2] if isinstance(sqlstate, str) else ""
+
+
+@contextlib.contextmanager
+def _unavailable_on_connection_error() -> Iterator[None]:
+    """Wraps database calls only, so exceptions of caller callbacks pass through untouched."""
+    try:
+        yield
+    except Exception as exc:
+        if is_connection_error(exc):
+            raise errors.Unavailable(UNAVAILABLE_MESSAGE) from exc
+        raise
+
+
+def _encode_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+async def _init_connection(conn: Any) -> None:
+    # Every pooled connection (including replacements after a restart) decodes
+    # JSONB to Python objects and encodes dicts, so config round-trips as a dict.
+    await conn.set_type_codec("jsonb", encoder=_encode_json, decoder=json.loads, schema="pg_catalog")
+
+
+class PostgresStore(IntegrationStore):
+    """Rows in PostgreSQL's `integration_config` table. Create with `PostgresStore.connect`."""
+
+    def __init__(self, pool: Any, *, close_timeout: float) -> None:
+        self._pool = pool
+        self._close_timeout = close_timeout
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 5.0,
+        migrate: bool = True,
+    ) -> PostgresStore:
+        """Open the pool, retrying for up to `connect_timeout` seconds, then apply migrations.
+
+        Raises `errors.Unavailable` when PostgreSQL cannot be reached in time, and
+        `errors.ConfigurationError` when the DSN is malformed or the login or
+        database is refused.
+        """
+        pool = await _create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            connect_timeout=connect_timeout,
+            command_timeout=command_timeout,
+        )
+        # In-flight calls end within command_timeout; give close a little more.
+        store = cls(pool, close_timeout=command_timeout + 1.0)
+        if migrate:
+            try:
+                await store.migrate()
+            except BaseException:
+                await store.close()
+                raise
+        return store
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations; the versions applied (empty when up to date)."""
+        async with self._connection() as conn:
+            with _unavailable_on_connection_error():
+                applied = await migrate_postgres(conn)
+        if applied:
+            log.info("applied migrations", extra={"event": "migrated", "versions": applied})
+        return applied
+
+    async def get(self, organization_id: str, provider: str) -> StoredIntegration | None:
+        async def query(conn: Any) -> StoredIntegration | None:
+            record = await conn.fetchrow(_SELECT_ONE, organization_id, provider)
+            return _to_stored(record) if record is not None else None
+
+        return await self._read(query)
+
+    async def list_for_organization(self, organization_id: str) -> list[StoredIntegration]:
+        async def query(conn: Any) -> list[StoredIntegration]:
+            records = await conn.fetch(_SELECT_ORGANIZATION, organization_id)
+            return [_to_stored(record) for record in records]
+
+        return await self._read(query)
+
+    async def upsert(self, organization_id: str, provider: str, mutate: Mutation) -> StoredIntegration:
+        for attempt in range(1, _UPSERT_ATTEMPTS + 1):
+            try:
+                return await self._upsert_once(organization_id, provider, mutate)
+            except asyncpg.UniqueViolationError:
+                if attempt == _UPSERT_ATTEMPTS:
+                    break
+        raise errors.Conflict(
+            f"the credentials of organization {organization_id!r} for provider {provider!r} "
+            "keep being created concurrently; retry"
+        )
+
+    async def delete(self, organization_id: str, provider: str, check: Precondition) -> bool:
+        async with self._transaction() as conn:
+            current = await self._lock_row(conn, organization_id, provider)
+            if current is None:
+                return False
+            check(current)  # raising rolls back: the row stays
+            with _unavailable_on_connection_error():
+                await conn.execute(_DELETE, current.id)
+        return True
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self._pool.close(), timeout=self._close_timeout)
+        except Exception:  # a timeout, or a connection that fails while closing
+            log.warning("closing the PostgreSQL pool did not finish; terminating its connections",
+                        extra={"event": "pool_terminated"})
+            self._pool.terminate()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    async def _read(self, query: Callable[[Any], Awaitable[T]]) -> T:
+        """Run a read-only query; once more on a fresh connection if the pooled one was dead."""
+        try:
+            return await self._read_once(query)
+        except errors.Unavailable as exc:
+            if not _dead_connection(exc):
+                raise
+            log.info("retrying a read on a fresh connection", extra={"event": "read_retried"})
+        return await self._read_once(query)
+
+    async def _read_once(self, query: Callable[[Any], Awaitable[T]]) -> T:
+        conn = await self._acquire()
+        try:
+            with _unavailable_on_connection_error():
+                result = await query(conn)
+        except BaseException as exc:
+            await self._give_back(conn, exc)
+            raise
+        await self._give_back(conn, None)
+        return result
+
+    async def _upsert_once(self, organization_id: str, provider: str, mutate: Mutation) -> StoredIntegration:
+        async with self._transaction() as conn:
+            current = await self._lock_row(conn, organization_id, provider)
+            config = dict(mutate(current))  # raising rolls back: nothing changes
+            with _unavailable_on_connection_error():
+                if current is None:
+                    record = await conn.fetchrow(_INSERT, uuid.uuid4().hex, organization_id, provider, config)
+                else:
+                    record = await conn.fetchrow(_UPDATE, current.id, config)
+        return _to_stored(record)
+
+    async def _lock_row(self, conn: Any, organization_id: str, provider: str) -> StoredIntegration | None:
+        """Serialize writers of one (organization, provider), even before its row exists."""
+        with _unavailable_on_connection_error():
+            # The advisory lock covers the first insert, which FOR UPDATE cannot
+            # (there is no row to lock yet). Separate statements: the SELECT takes
+            # its snapshot after the lock is granted, so it sees the previous
+            # holder's committed write.
+            await conn.execute(_LOCK_KEY, ROW_LOCK_NAMESPACE, organization_id, provider)
+            # FOR UPDATE also holds off writers that do not take the advisory lock.
+            record = await conn.fetchrow(_SELECT_ONE_FOR_UPDATE, organization_id, provider)
+        return _to_stored(record) if record is not None else None
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection for the block; exceptions leave the block unchanged."""
+        conn = await self._acquire()
+        try:
+            yield conn
+        except BaseException as exc:
+            await self._give_back(conn, exc)
+            raise
+        await self._give_back(conn, None)
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Any]:
+        """A transaction that commits when the block ends, else rolls back and re-raises unchanged."""
+        conn, transaction = await self._begin()
+        try:
+            try:
+                yield conn
+            except BaseException:
+                await _rollback_quietly(transaction)
+                raise
+            with _unavailable_on_connection_error():
+                await transaction.commit()
+        except BaseException as exc:
+            await self._give_back(conn, exc)
+            raise
+        await self._give_back(conn, None)
+
+    async def _begin(self) -> tuple[Any, Any]:
+        """BEGIN on a pooled connection; once more on a fresh one if the pooled one was dead.
+
+        Repeating is safe: nothing has run in the transaction yet, and the
+        caller's callback runs only after this returns.
+        """
+        try:
+            return await self._begin_once()
+        except errors.Unavailable as exc:
+            if not _dead_connection(exc):
+                raise
+            log.info("retrying a transaction on a fresh connection", extra={"event": "begin_retried"})
+        return await self._begin_once()
+
+    async def _begin_once(self) -> tuple[Any, Any]:
+        conn = await self._acquire()
+        transaction = conn.transaction()
+        try:
+            with _unavailable_on_connection_error():
+                await transaction.start()
+        except BaseException as exc:
+            await self._give_back(conn, exc)
+            raise
+        return conn, transaction
+
+    async def _acquire(self) -> Any:
+        with _unavailable_on_connection_error():
+            return await self._pool.acquire()
+
+    async def _give_back(self, conn: Any, failure: BaseException | None) -> None:
+        """Return a connection to the pool, or drop it if `failure` says it may be broken."""
+        if isinstance(failure, errors.Unavailable) or (failure is not None and is_connection_error(failure)):
+            # Never hand a connection that just failed back to the pool: it may
+            # look open yet be unusable. The pool opens a new one when needed.
+            with contextlib.suppress(asyncpg.InterfaceError):  # already detached by the pool
+                conn.terminate()
+            if isinstance(failure, errors.Unavailable) and _dead_connection(failure):
+                # One dead connection means the server restarted or failed over,
+                # so its idle siblings are dead too: have the pool replace them
+                # all, rather than fail the next few calls one by one.
+                await self._pool.expire_connections()
+        # A connection that fails its reset is terminated by the pool and
+        # replaced on the next acquire; the call's outcome is already decided.
+        try:
+            await self._pool.release(conn)
+        except Exception as exc:
+            if not is_connection_error(exc):
+                raise
+
+
+def _dead_connection(exc: errors.Unavailable) -> bool:
+    return isinstance(exc.__cause__, _DEAD_CONNECTION_ERRORS)
+
+
+async def _rollback_quietly(transaction: Any) -> None:
+    # The block's own exception is what the caller must see. If the rollback
+    # fails the connection is broken: the server drops the transaction with it.
+    try:
+        await transaction.rollback()
+    except Exception as exc:
+        if not is_connection_error(exc):
+            raise
+
+
+async def _create_pool(
+    dsn: str, *, min_size: int, max_size: int, connect_timeout: float, command_timeout: float
+) -> Any:
+    """The pool, retrying while PostgreSQL is not reachable yet (starting, failing over) for up to connect_timeout."""
+    last_error: Exception | None = None
+    delay = 0.1
+    try:
+        async with asyncio.timeout(connect_timeout):
+            while True:
+                try:
+                    return await asyncpg.create_pool(
+                        dsn,
+                        min_size=min_size,
+                        max_size=max_size,
+                        # Each new connection's own limit, now and whenever the pool reconnects.
+                        timeout=connect_timeout,
+                        command_timeout=command_timeout,
+                        init=_init_connection,
+                    )
+                except Exception as exc:
+                    _raise_if_permanent(exc)
+                    last_error = exc
+                log.info("PostgreSQL not reachable yet; retrying", extra={"event": "connect_retry"})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+    except TimeoutError as exc:
+        raise errors.Unavailable(UNAVAILABLE_MESSAGE) from last_error or exc
+
+
+def _raise_if_permanent(exc: Exception) -> None:
+    """Errors a retry cannot fix become ConfigurationError; connection errors return; others re-raise."""
+    # `from None`: a parse error's text may quote part of the DSN, password included.
+    if isinstance(exc, asyncpg.exceptions.ClientConfigurationError | ValueError):
+        raise errors.ConfigurationError("DATABASE_URL is not a valid PostgreSQL connection URL") from None
+    if isinstance(exc, asyncpg.PostgresError) and _sqlstate_class(exc) in _CONFIGURATION_SQLSTATE_CLASSES:
+        # The server's text names the user or database, never the password.
+        raise errors.ConfigurationError(f"PostgreSQL refused DATABASE_URL: {exc}") from None
+    if not is_connection_error(exc):
+        raise exc
+
+
+def _to_stored(record: Any) -> StoredIntegration:
+    return StoredIntegration(
+        id=str(record["id"]),
+        organization_id=str(record["organization_id"]),
+        provider=str(record["provider"]),
+        config=_config_of(record["config"], record["organization_id"], record["provider"]),
+        version=int(record["version"]),
+        created_at=_aware(record["created_at"]),
+        updated_at=_aware(record["updated_at"]),
+    )
+
+
+def _config_of(value: object, organization_id: str, provider: str) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise errors.FailedPrecondition(
+            f"the stored config of organization {organization_id!r} for provider {provider!r} "
+            "is not a JSON object"
+        )
+    # Rows written by the dashboard are string-valued; anything else is kept as its JSON text.
+    return {str(key): item if isinstance(item, str) else _encode_json(item) for key, item in value.items()}
+
+
+def _aware(value: datetime) -> datetime:
+    # asyncpg returns timestamptz as aware UTC already; this guards a timestamp-without-zone column.
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -1,0 +1,265 @@
+"""The embedded store: one SQLite file, for development and single-instance use.
+
+One aiosqlite connection in autocommit mode; the store issues BEGIN IMMEDIATE /
+COMMIT / ROLLBACK itself. An asyncio.Lock serializes every operation on that
+connection, so a read never sees another coroutine's uncommitted write, and
+BEGIN IMMEDIATE (with busy_timeout) serializes writers of other processes
+sharing the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from integrations_service import errors
+from integrations_service.store.base import (
+    IntegrationStore,
+    Mutation,
+    Precondition,
+    StoredIntegration,
+)
+from integrations_service.store.migrate import migrate_sqlite
+
+UNAVAILABLE_MESSAGE = "the credential store (SQLite) is unavailable"
+
+# How long a writer waits for another process's write lock before giving up (Unavailable).
+BUSY_TIMEOUT_MS = 5000
+
+# Primary result codes meaning the file cannot be used right now, as opposed to a bug in our SQL.
+_UNAVAILABLE_CODES = frozenset({
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_NOMEM,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_PROTOCOL,
+})
+
+# Plain literals (no string building): every value travels as a bind parameter.
+_SELECT_ONE = (
+    "SELECT id, organization_id, provider, config, version, created_at, updated_at "
+    "FROM integration_config WHERE organization_id = ? AND provider = ?"
+)
+# BINARY collation (the default): byte order, the same as the PostgreSQL store and Python's sorted().
+_SELECT_ORGANIZATION = (
+    "SELECT id, organization_id, provider, config, version, created_at, updated_at "
+    "FROM integration_config WHERE organization_id = ? ORDER BY provider"
+)
+_INSERT = (
+    "INSERT INTO integration_config "
+    "(id, organization_id, provider, config, version, created_at, updated_at) "
+    "VALUES (?, ?, ?, ?, 1, ?, ?)"
+)
+_UPDATE = "UPDATE integration_config SET config = ?, version = ?, updated_at = ? WHERE id = ?"
+_DELETE = "DELETE FROM integration_config WHERE id = ?"
+
+
+def is_unavailable_error(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return True
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and (code & 0xFF) in _UNAVAILABLE_CODES
+
+
+@contextlib.contextmanager
+def _unavailable_on_io_error() -> Iterator[None]:
+    """Wraps database calls only, so exceptions of caller callbacks pass through untouched."""
+    try:
+        yield
+    except Exception as exc:
+        if is_unavailable_error(exc):
+            raise errors.Unavailable(UNAVAILABLE_MESSAGE) from exc
+        raise
+
+
+class SqliteStore(IntegrationStore):
+    """Rows in a SQLite file. Create with `SqliteStore.open`."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str | Path, *, migrate: bool = True) -> SqliteStore:
+        """Open (creating it, mode 0600, and its folder) the database file, then apply migrations."""
+        path = Path(path)
+        with _unavailable_on_io_error():
+            await asyncio.to_thread(_prepare_file, path)
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        store = cls(conn)
+        try:
+            with _unavailable_on_io_error():
+                await store._configure()
+            if migrate:
+                await store.migrate()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations; the versions applied (empty when up to date)."""
+        async with self._lock:
+            with _unavailable_on_io_error():
+                return await migrate_sqlite(self._conn)
+
+    async def get(self, organization_id: str, provider: str) -> StoredIntegration | None:
+        async with self._lock:
+            return await self._fetch_row(organization_id, provider)
+
+    async def list_for_organization(self, organization_id: str) -> list[StoredIntegration]:
+        async with self._lock:
+            with _unavailable_on_io_error():
+                async with self._conn.execute(_SELECT_ORGANIZATION, (organization_id,)) as cursor:
+                    rows = await cursor.fetchall()
+        return [_to_stored(row) for row in rows]
+
+    async def upsert(self, organization_id: str, provider: str, mutate: Mutation) -> StoredIntegration:
+        async with self._lock:
+            await self._begin()
+            try:
+                current = await self._fetch_row(organization_id, provider)
+                config = dict(mutate(current))  # raising rolls back: nothing changes
+                row = await self._write(organization_id, provider, current, config)
+                await self._commit()
+            except BaseException:
+                await self._rollback_quietly()
+                raise
+        return row
+
+    async def delete(self, organization_id: str, provider: str, check: Precondition) -> bool:
+        async with self._lock:
+            await self._begin()
+            try:
+                current = await self._fetch_row(organization_id, provider)
+                if current is not None:
+                    check(current)  # raising rolls back: the row stays
+                    with _unavailable_on_io_error():
+                        await self._execute(_DELETE, (current.id,))
+                await self._commit()
+            except BaseException:
+                await self._rollback_quietly()
+                raise
+        return current is not None
+
+    async def close(self) -> None:
+        # Safe to call twice; a failure to close is not worth failing shutdown over.
+        with contextlib.suppress(Exception):
+            await self._conn.close()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    async def _configure(self) -> None:
+        # WAL: readers of other processes do not block the writer. busy_timeout:
+        # wait for another process's write lock instead of failing at once.
+        await self._execute("PRAGMA journal_mode = WAL")
+        await self._execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+    async def _execute(self, sql: str, parameters: tuple[object, ...] = ()) -> None:
+        async with self._conn.execute(sql, parameters):
+            pass  # closes the cursor right away
+
+    async def _begin(self) -> None:
+        # IMMEDIATE takes the write lock now, so the row read next cannot change before our write.
+        with _unavailable_on_io_error():
+            await self._execute("BEGIN IMMEDIATE")
+
+    async def _commit(self) -> None:
+        with _unavailable_on_io_error():
+            await self._execute("COMMIT")
+
+    async def _rollback_quietly(self) -> None:
+        # The caller must see the original exception; a failed rollback of a
+        # broken file leaves nothing committed anyway.
+        with contextlib.suppress(Exception):
+            if self._conn.in_transaction:
+                await self._execute("ROLLBACK")
+
+    async def _fetch_row(self, organization_id: str, provider: str) -> StoredIntegration | None:
+        with _unavailable_on_io_error():
+            async with self._conn.execute(_SELECT_ONE, (organization_id, provider)) as cursor:
+                row = await cursor.fetchone()
+        return _to_stored(row) if row is not None else None
+
+    async def _write(
+        self,
+        organization_id: str,
+        provider: str,
+        current: StoredIntegration | None,
+        config: dict[str, str],
+    ) -> StoredIntegration:
+        now = datetime.now(UTC)
+        if current is None:
+            row = StoredIntegration(uuid.uuid4().hex, organization_id, provider, config, 1, now, now)
+            parameters: tuple[object, ...] = (
+                row.id, organization_id, provider, _encode(config), _text(now), _text(now)
+            )
+        else:
+            # updated_at grows with every write even if the clock stalls or steps back.
+            updated = max(now, current.updated_at + timedelta(microseconds=1))
+            row = StoredIntegration(current.id, organization_id, provider, config, current.version + 1,
+                                    current.created_at, updated)
+            parameters = (_encode(config), row.version, _text(updated), current.id)
+        with _unavailable_on_io_error():
+            await self._execute(_INSERT if current is None else _UPDATE, parameters)
+        return row
+
+
+def _prepare_file(path: Path) -> None:
+    """Create the folder and an empty 0600 database file, before SQLite creates one with the umask's mode."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # O_EXCL: an existing file keeps its mode; only a file we create gets 0600.
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _encode(config: Mapping[str, str]) -> str:
+    return json.dumps(dict(config), ensure_ascii=False, separators=(",", ":"))
+
+
+def _text(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _parse_time(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _to_stored(row: Iterable[Any]) -> StoredIntegration:
+    id_, organization_id, provider, config, version, created_at, updated_at = tuple(row)
+    return StoredIntegration(
+        id=str(id_),
+        organization_id=str(organization_id),
+        provider=str(provider),
+        config=_decode(str(config), organization_id, provider),
+        version=int(version),
+        created_at=_parse_time(str(created_at)),
+        updated_at=_parse_time(str(updated_at)),
+    )
+
+
+def _decode(text: str, organization_id: str, provider: str) -> dict[str, str]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise errors.FailedPrecondition(
+            f"the stored config of organization {organization_id!r} for provider {provider!r} "
+            "is not a JSON object"
+        )
+    # The store only writes strings; anything else is kept as its JSON text.
+    return {str(key): item if isinstance(item, str) else json.dumps(item) for key, item in value.items()}

@@ -1,0 +1,106 @@
+"""Fixtures shared by every test: the PostgreSQL server and per-run databases.
+
+PostgreSQL comes from INTEGRATIONS_TEST_POSTGRES_URL (an admin URL that may
+CREATE DATABASE). Each run creates its own databases, named
+integrations_test_<pid>_<hex>, and drops them at the end.
+
+When the server cannot be reached, tests that need it fail under CI (env CI
+set) and are skipped elsewhere, with a banner at the end of the run, so a green
+local run never hides that the PostgreSQL half did not run.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+
+POSTGRES_URL_ENV = "INTEGRATIONS_TEST_POSTGRES_URL"
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+_SKIPPED_KEY = pytest.StashKey[str]()
+
+CreateDatabase = Callable[[], Awaitable[str]]
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> str:
+    """URL of a PostgreSQL role that may create and drop databases."""
+    return os.environ.get(POSTGRES_URL_ENV) or DEFAULT_POSTGRES_URL
+
+
+@pytest.fixture(scope="session")
+async def postgres_server(postgres_admin_url: str, request: pytest.FixtureRequest) -> str:
+    """The admin URL, once the server answers; else fail (CI) or skip loudly."""
+    try:
+        conn = await asyncpg.connect(postgres_admin_url, timeout=5)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        reason = (
+            f"PostgreSQL is not reachable at {_redacted(postgres_admin_url)} ({type(error).__name__}); "
+            f"start it or set {POSTGRES_URL_ENV}"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set, so PostgreSQL tests must run: {reason}", pytrace=False)
+        request.config.stash[_SKIPPED_KEY] = reason
+        pytest.skip(f"SKIPPING POSTGRESQL TESTS: {reason}")
+    await conn.close()
+    return postgres_admin_url
+
+
+@pytest.fixture(scope="session")
+async def postgres_database_factory(postgres_server: str) -> AsyncIterator[CreateDatabase]:
+    """Creates fresh, empty databases on demand (returns their URL); drops them all at the end."""
+    created: list[str] = []
+
+    async def create() -> str:
+        name = f"integrations_test_{os.getpid()}_{secrets.token_hex(4)}"
+        await _admin_execute(postgres_server, f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return _with_database(postgres_server, name)
+
+    yield create
+    for name in created:
+        # FORCE: a store a failed test left open must not keep the database alive.
+        await _admin_execute(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+async def postgres_database_url(postgres_database_factory: CreateDatabase) -> str:
+    """URL of a database created for this test run (dropped at its end)."""
+    return await postgres_database_factory()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    reason = config.stash.get(_SKIPPED_KEY, None)
+    if reason is None:
+        return
+    for _ in range(2):
+        terminalreporter.write_sep("!", "POSTGRESQL TESTS WERE SKIPPED", red=True, bold=True)
+    terminalreporter.write_line(reason, red=True, bold=True)
+    terminalreporter.write_line("This run did NOT test the production store. (Under CI this is a failure.)",
+                                red=True, bold=True)
+    terminalreporter.write_sep("!", red=True, bold=True)
+
+
+async def _admin_execute(admin_url: str, sql: str) -> None:
+    conn = await asyncpg.connect(admin_url, timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def _with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -1,0 +1,61 @@
+"""The `store` fixture: every contract test runs once per backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg  # type: ignore[import-untyped]
+import pytest
+from integrations_service.store import IntegrationStore
+from integrations_service.store.postgres import PostgresStore
+from integrations_service.store.sqlite import SqliteStore
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+    """(kind, where): a fresh SQLite file, or this run's PostgreSQL database.
+
+    Sync on purpose: it asks for the PostgreSQL fixture only for the postgres
+    parameter (so SQLite tests run without a server), and getfixturevalue
+    cannot be used from inside a running event loop.
+    """
+    if request.param == "sqlite":
+        return "sqlite", str(tmp_path / "store.sqlite3")
+    return "postgres", str(request.getfixturevalue("postgres_database_url"))
+
+
+@pytest.fixture
+async def store(store_location: tuple[str, str]) -> AsyncIterator[IntegrationStore]:
+    """An open, migrated, empty store of each kind; closed after the test."""
+    kind, where = store_location
+    opened: IntegrationStore
+    if kind == "sqlite":
+        opened = await SqliteStore.open(where)
+    else:
+        opened = await _empty_postgres_store(where)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+async def postgres_store(postgres_database_url: str) -> AsyncIterator[PostgresStore]:
+    """A PostgreSQL store on this run's database, emptied first; for PostgreSQL-only tests."""
+    opened = await _empty_postgres_store(postgres_database_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def _empty_postgres_store(url: str) -> PostgresStore:
+    # The per-run database outlives each test; the table is emptied instead of recreated.
+    opened = await PostgresStore.connect(url)
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("TRUNCATE integration_config")
+    finally:
+        await conn.close()
+    return opened
