@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BUF := tools/node_modules/.bin/buf
 
-.PHONY: install run test lint gen gen-check buf-lint buf-breaking bench clean
+.PHONY: install run run-mtls test lint gen gen-check buf-lint buf-breaking bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,13 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: install
+	$(BIN)/integrations-service serve
+
+# The same, over mutual TLS with development certificates in .data/dev-certs (see README).
+run-mtls: install
+	test -f .data/dev-certs/server.crt || $(BIN)/integrations-service dev-certs
+	INTEGRATIONS_TLS_CERT=.data/dev-certs/server.crt INTEGRATIONS_TLS_KEY=.data/dev-certs/server.key \
+	INTEGRATIONS_TLS_CLIENT_CA=.data/dev-certs/ca.crt INTEGRATIONS_AUTHZ_POLICY=.data/dev-certs/policy.toml \
 	$(BIN)/integrations-service serve
 
 test: install

@@ -15,9 +15,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1._async import HealthServicer
 
-from integrations_service.api.server import build_server, mark_serving
+from integrations_service.api.auth import Authorizer, Policy
+from integrations_service.api.server import build_server, listen, mark_serving
+from integrations_service.api.tls import ReloadingCredentials
 from integrations_service.config import Mode, Settings
-from integrations_service.crypto import EncryptionKey, InvalidKey, ValueCipher
+from integrations_service.crypto import EncryptionKey, InvalidKey, Keyring, ValueCipher
+from integrations_service.domain.audit import AuditTrail
+from integrations_service.domain.keys import KeyUsage
 from integrations_service.domain.service import CredentialService
 from integrations_service.errors import ConfigurationError
 from integrations_service.store import IntegrationStore
@@ -31,25 +35,29 @@ class RunningService:
     server: grpc.aio.Server
     health: HealthServicer
     store: IntegrationStore
+    audit: AuditTrail
+    key_usage: KeyUsage
     port: int
 
     async def stop(self, grace: float) -> None:
         """Health goes NOT_SERVING, new calls are refused, in-flight ones get `grace` seconds."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.audit.close()
+        await self.key_usage.close()
         await self.store.close()
         log.info("stopped", extra={"event": "stopped"})
 
 
-def resolve_key(settings: Settings) -> EncryptionKey:
-    if settings.encryption_key is not None:
-        return settings.encryption_key
+def resolve_keyring(settings: Settings) -> Keyring:
+    if settings.keyring is not None:
+        return settings.keyring
     if settings.mode is Mode.PRODUCTION:  # load_settings already refuses this; belt and braces
-        raise ConfigurationError("INTEGRATION_ENCRYPTION_KEY is required in production mode")
+        raise ConfigurationError("a dedicated encryption key is required in production mode")
     return load_or_create_dev_key(settings.dev_key_path)
 
 
-def load_or_create_dev_key(path: Path) -> EncryptionKey:
+def load_or_create_dev_key(path: Path) -> Keyring:
     """A development key kept in a 0600 file, so restarts can read what was written before."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
@@ -57,41 +65,67 @@ def load_or_create_dev_key(path: Path) -> EncryptionKey:
         with os.fdopen(fd, "w") as file:
             file.write(EncryptionKey.generate().to_text() + "\n")
         log.warning(
-            "no INTEGRATION_ENCRYPTION_KEY set: generated a development key file; "
-            "never use it in production",
+            "no encryption key set: generated a development key file; never use it in production",
             extra={"event": "dev_key_generated", "path": str(path)},
         )
     if path.stat().st_mode & 0o077:
         raise ConfigurationError(f"development key file {path} must not be readable by others (chmod 600)")
     try:
-        return EncryptionKey.from_text(path.read_text())
+        return Keyring.parse(path.read_text())
     except InvalidKey as error:
         raise ConfigurationError(f"development key file {path} is invalid: {error}") from None
 
 
-def _listen(server: grpc.aio.Server, address: str) -> int:
+def _security(settings: Settings) -> tuple[grpc.ServerCredentials | None, Authorizer]:
+    """Mutual TLS with the policy, or plaintext that trusts every caller (development, loopback)."""
+    policy = Policy.load(settings.authz_policy) if settings.authz_policy else None
+    if settings.tls is None:
+        log.warning(
+            "serving plaintext without client authentication: every caller is trusted (development only)",
+            extra={"event": "plaintext", "address": settings.listen_address},
+        )
+        return None, Authorizer(None)
+    return ReloadingCredentials(settings.tls).server_credentials(), Authorizer(policy)
+
+
+async def open_checked_store(
+    settings: Settings, cipher: ValueCipher, pool_size: int
+) -> tuple[IntegrationStore, KeyUsage]:
+    """The store, migrated, with the configured keys proven to be the ones its data was written with."""
+    store = await open_store(settings.database_url, settings.data_dir, timeout=settings.db_timeout, pool_size=pool_size)
+    key_usage = KeyUsage(store, cipher)
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise ConfigurationError(f"INTEGRATIONS_LISTEN_ADDRESS: cannot listen on {address} (address in use?)")
-    return port
+        await key_usage.verify()
+    except BaseException:
+        await store.close()
+        raise
+    return store, key_usage
 
 
 async def start(settings: Settings) -> RunningService:
-    cipher = ValueCipher(resolve_key(settings))
-    store = await open_store(settings.database_url, settings.data_dir, timeout=settings.db_timeout,
-                             pool_size=settings.db_pool_size)
+    cipher = ValueCipher(resolve_keyring(settings))
+    credentials, authorizer = _security(settings)  # bad TLS files or policy stop us before the store opens
+    store, key_usage = await open_checked_store(settings, cipher, settings.db_pool_size)
+    audit = AuditTrail(store)
     try:
-        service = CredentialService(store, cipher, settings.provider_defaults)
-        server, health_servicer = build_server(service, reflection_enabled=settings.reflection)
-        port = _listen(server, settings.listen_address)
+        service = CredentialService(store, cipher, settings.provider_defaults, audit)
+        server, health_servicer = build_server(service, audit, authorizer, reflection_enabled=settings.reflection)
+        port = listen(server, settings.listen_address, credentials)
         await server.start()
     except BaseException:
         await store.close()
         raise
+    audit.start()
+    key_usage.start()
     await mark_serving(health_servicer)
-    log.info("serving", extra={"event": "serving", "address": settings.listen_address,
-                               "mode": settings.mode.value, "store": type(store).__name__})
-    return RunningService(server, health_servicer, store, port)
+    log.info(
+        "serving",
+        extra={
+            "event": "serving",
+            "address": settings.listen_address,
+            "mode": settings.mode.value,
+            "store": type(store).__name__,
+            "key_id": cipher.active_key_id,
+        },
+    )
+    return RunningService(server, health_servicer, store, audit, key_usage, port)

@@ -1,20 +1,26 @@
-"""`integrations-service`: serve, migrate, gen-key."""
+"""`integrations-service`: serve, migrate, gen-key, rotate, retire-key, dev-certs."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import getpass
+import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from integrations_service import app, logs
-from integrations_service.config import Settings, add_flags, load_settings
-from integrations_service.crypto import EncryptionKey
-from integrations_service.errors import ConfigurationError, Unavailable
+from integrations_service.config import KEY_MATERIAL_ENVS, Settings, add_flags, load_settings
+from integrations_service.crypto import EncryptionKey, ValueCipher
+from integrations_service.devcerts import make_dev_certs
+from integrations_service.domain.audit import AuditTrail, Caller
+from integrations_service.domain.rotation import RotationReport, Rotator
+from integrations_service.errors import ConfigurationError, FailedPrecondition, Unavailable
 from integrations_service.store.factory import open_store
 
 log = logging.getLogger("integrations.cli")
@@ -29,6 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     migrate = commands.add_parser("migrate", help="apply database migrations and exit")
     add_flags(migrate)
     commands.add_parser("gen-key", help="print a new random encryption key (base64)")
+    rotate = commands.add_parser("rotate", help="re-encrypt every stored value under the active key")
+    add_flags(rotate)
+    rotate.add_argument("--batch-size", type=int, default=100, help="rows per transaction (default: 100)")
+    retire = commands.add_parser("retire-key", help="retire a key once no stored value needs it")
+    add_flags(retire)
+    retire.add_argument("key_id", help="the id of the key to retire")
+    certs = commands.add_parser("dev-certs", help="write a development CA, server and per-role client certificates")
+    certs.add_argument("--out", type=Path, default=Path(".data/dev-certs"), help="folder (default: .data/dev-certs)")
     return parser
 
 
@@ -44,10 +58,75 @@ async def _serve(settings: Settings) -> None:
 
 
 async def _migrate(settings: Settings) -> None:
-    store = await open_store(settings.database_url, settings.data_dir, timeout=settings.db_timeout,
-                             pool_size=1)
+    store = await open_store(settings.database_url, settings.data_dir, timeout=settings.db_timeout, pool_size=1)
     await store.close()
     log.info("migrations applied", extra={"event": "migrated"})
+
+
+async def _rotate(settings: Settings, batch_size: int) -> int:
+    cipher = ValueCipher(app.resolve_keyring(settings))
+    store, key_usage = await app.open_checked_store(settings, cipher, pool_size=2)
+    audit = AuditTrail(store)
+    try:
+        rotator = Rotator(store, cipher, audit, Caller(f"cli:rotate@{getpass.getuser()}"), batch_size, _progress)
+        report = await rotator.rotate()
+    finally:
+        await audit.close()
+        await key_usage.close()
+        await store.close()
+    summary = {
+        "rows_scanned": report.rows_scanned,
+        "rows_rewrapped": report.rows_rewrapped,
+        "values_rewrapped": report.values_rewrapped,
+        "from_keys": dict(report.from_keys),
+        "active_key_id": cipher.active_key_id,
+        "undecryptable": [{"row_id": row, "field": field} for row, field in report.undecryptable],
+    }
+    print(json.dumps(summary, indent=2))
+    if report.undecryptable:
+        log.error(
+            "some values cannot be decrypted and were left as they are; see undecryptable",
+            extra={"event": "rotation_incomplete", "count": len(report.undecryptable)},
+        )
+        return 1
+    return 0
+
+
+def _progress(report: RotationReport) -> None:
+    log.info(
+        "rotation progress: %d rows scanned, %d rewrapped, %d values",
+        report.rows_scanned,
+        report.rows_rewrapped,
+        report.values_rewrapped,
+        extra={"event": "rotation_progress"},
+    )
+
+
+async def _retire(settings: Settings, key_id: str) -> int:
+    cipher = ValueCipher(app.resolve_keyring(settings))
+    store, key_usage = await app.open_checked_store(settings, cipher, pool_size=1)
+    audit = AuditTrail(store)
+    try:
+        rotator = Rotator(store, cipher, audit, Caller(f"cli:retire-key@{getpass.getuser()}"))
+        rows = await rotator.retire(key_id)
+    except FailedPrecondition as error:
+        log.error("cannot retire key %r: %s", key_id, error, extra={"event": "retire_refused", "key_id": key_id})
+        return 1
+    finally:
+        await audit.close()
+        await key_usage.close()
+        await store.close()
+    log.info("key %r retired (%d rows checked)", key_id, rows, extra={"event": "key_retired", "key_id": key_id})
+    return 0
+
+
+def _dev_certs(directory: Path) -> int:
+    issued = make_dev_certs(directory)
+    print(f"wrote a development CA, server and client certificates to {directory}/")
+    print("serve mutual TLS with:")
+    print(f"  export INTEGRATIONS_TLS_CERT={issued['server'].cert} INTEGRATIONS_TLS_KEY={issued['server'].key}")
+    print(f"  export INTEGRATIONS_TLS_CLIENT_CA={issued['ca'].cert} INTEGRATIONS_AUTHZ_POLICY={directory}/policy.toml")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,22 +134,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "gen-key":
         print(EncryptionKey.generate().to_text())
         return 0
+    if args.command == "dev-certs":
+        return _dev_certs(args.out)
     try:
         settings = load_settings(args, os.environ)
     except ConfigurationError as error:
         print(f"integrations-service: {error}", file=sys.stderr)
         return 2
+    finally:
+        for name in KEY_MATERIAL_ENVS:
+            os.environ.pop(name, None)
     logs.configure(json_lines=settings.json_logs)
     if getattr(args, "check", False):
         print("configuration is valid", file=sys.stderr)
         return 0
     try:
-        asyncio.run(_serve(settings) if args.command == "serve" else _migrate(settings))
+        return asyncio.run(_run(args, settings))
     except (ConfigurationError, Unavailable) as error:
         log.error("cannot start: %s", error, extra={"event": "start_failed"})
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "serve":
+        await _serve(settings)
+    elif args.command == "migrate":
+        await _migrate(settings)
+    elif args.command == "rotate":
+        return await _rotate(settings, args.batch_size)
+    elif args.command == "retire-key":
+        return await _retire(settings, args.key_id)
     return 0
 
 

@@ -13,11 +13,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from integrations_service.crypto import EncryptionKey, InvalidKey
+from integrations_service.crypto import InvalidKey, Keyring
 from integrations_service.domain.registry import all_env_vars
 from integrations_service.errors import ConfigurationError
 
 ENCRYPTION_KEY_ENV = "INTEGRATION_ENCRYPTION_KEY"
+ENCRYPTION_KEYS_ENV = "INTEGRATION_ENCRYPTION_KEYS"
+ENCRYPTION_KEY_FILE_ENV = "INTEGRATION_ENCRYPTION_KEY_FILE"
+# Dropped from os.environ once read, so child processes and crash dumps don't inherit them.
+KEY_MATERIAL_ENVS = (ENCRYPTION_KEY_ENV, ENCRYPTION_KEYS_ENV)
 
 
 class Mode(enum.Enum):
@@ -33,29 +37,88 @@ class Setting:
     help: str
 
 
-LISTEN_ADDRESS = Setting("INTEGRATIONS_LISTEN_ADDRESS", "--listen-address", "127.0.0.1:50051",
-                         "host:port the gRPC server listens on (plaintext only on loopback)")
-DATABASE_URL = Setting("DATABASE_URL", "--database-url", None,
-                       "postgresql://… for PostgreSQL, sqlite:///path for a SQLite file; "
-                       "unset: the embedded store in the data folder")
-MODE = Setting("INTEGRATIONS_MODE", "--mode", "development",
-               "development (generates a local key if none is set) or production (refuses to start "
-               "without INTEGRATION_ENCRYPTION_KEY and DATABASE_URL)")
-DATA_DIR = Setting("INTEGRATIONS_DATA_DIR", "--data-dir", ".data",
-                   "folder of the embedded store and of the development key file")
-LOG_FORMAT = Setting("INTEGRATIONS_LOG_FORMAT", "--log-format", None,
-                     "json or text; default text in development, json in production")
-REFLECTION = Setting("INTEGRATIONS_REFLECTION", "--reflection", "true",
-                     "serve gRPC server reflection (true/false)")
-SHUTDOWN_GRACE = Setting("INTEGRATIONS_SHUTDOWN_GRACE", "--shutdown-grace", "10",
-                         "seconds in-flight RPCs get to finish on SIGTERM/SIGINT")
-DB_POOL_SIZE = Setting("INTEGRATIONS_DB_POOL_SIZE", "--db-pool-size", "10",
-                       "largest number of PostgreSQL connections")
-DB_TIMEOUT = Setting("INTEGRATIONS_DB_TIMEOUT", "--db-timeout", "5",
-                     "seconds to connect to, or wait on, the database before answering UNAVAILABLE")
+LISTEN_ADDRESS = Setting(
+    "INTEGRATIONS_LISTEN_ADDRESS",
+    "--listen-address",
+    "127.0.0.1:50051",
+    "host:port the gRPC server listens on (plaintext only on loopback)",
+)
+DATABASE_URL = Setting(
+    "DATABASE_URL",
+    "--database-url",
+    None,
+    "postgresql://… for PostgreSQL, sqlite:///path for a SQLite file; unset: the embedded store in the data folder",
+)
+MODE = Setting(
+    "INTEGRATIONS_MODE",
+    "--mode",
+    "development",
+    "development (generates a local key if none is set) or production (refuses to start "
+    "without INTEGRATION_ENCRYPTION_KEY and DATABASE_URL)",
+)
+DATA_DIR = Setting(
+    "INTEGRATIONS_DATA_DIR", "--data-dir", ".data", "folder of the embedded store and of the development key file"
+)
+LOG_FORMAT = Setting(
+    "INTEGRATIONS_LOG_FORMAT", "--log-format", None, "json or text; default text in development, json in production"
+)
+REFLECTION = Setting("INTEGRATIONS_REFLECTION", "--reflection", "true", "serve gRPC server reflection (true/false)")
+SHUTDOWN_GRACE = Setting(
+    "INTEGRATIONS_SHUTDOWN_GRACE", "--shutdown-grace", "10", "seconds in-flight RPCs get to finish on SIGTERM/SIGINT"
+)
+DB_POOL_SIZE = Setting("INTEGRATIONS_DB_POOL_SIZE", "--db-pool-size", "10", "largest number of PostgreSQL connections")
+DB_TIMEOUT = Setting(
+    "INTEGRATIONS_DB_TIMEOUT",
+    "--db-timeout",
+    "5",
+    "seconds to connect to, or wait on, the database before answering UNAVAILABLE",
+)
+TLS_CERT = Setting(
+    "INTEGRATIONS_TLS_CERT",
+    "--tls-cert",
+    None,
+    "server certificate chain (PEM); with the key and client CA, serves mutual TLS",
+)
+TLS_KEY = Setting("INTEGRATIONS_TLS_KEY", "--tls-key", None, "server private key (PEM)")
+TLS_CLIENT_CA = Setting(
+    "INTEGRATIONS_TLS_CLIENT_CA", "--tls-client-ca", None, "CA bundle (PEM) that client certificates must chain to"
+)
+AUTHZ_POLICY = Setting(
+    "INTEGRATIONS_AUTHZ_POLICY",
+    "--authz-policy",
+    None,
+    "TOML file mapping caller identities to roles (required with TLS)",
+)
+INSECURE_PLAINTEXT = Setting(
+    "INTEGRATIONS_INSECURE_PLAINTEXT_ANY_ADDRESS",
+    "--insecure-plaintext-any-address",
+    "false",
+    "DANGER: serve plaintext, trusting every caller, on a non-loopback address (development mode only)",
+)
 
-SETTINGS = (LISTEN_ADDRESS, DATABASE_URL, MODE, DATA_DIR, LOG_FORMAT, REFLECTION, SHUTDOWN_GRACE,
-            DB_POOL_SIZE, DB_TIMEOUT)
+SETTINGS = (
+    LISTEN_ADDRESS,
+    DATABASE_URL,
+    MODE,
+    DATA_DIR,
+    LOG_FORMAT,
+    REFLECTION,
+    SHUTDOWN_GRACE,
+    DB_POOL_SIZE,
+    DB_TIMEOUT,
+    TLS_CERT,
+    TLS_KEY,
+    TLS_CLIENT_CA,
+    AUTHZ_POLICY,
+    INSECURE_PLAINTEXT,
+)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    client_ca: Path
 
 
 @dataclass(frozen=True)
@@ -70,7 +133,10 @@ class Settings:
     db_pool_size: int
     db_timeout: float
     # None in development when no key is set: the wiring then uses the dev key file.
-    encryption_key: EncryptionKey | None
+    keyring: Keyring | None
+    # None: plaintext (loopback, development only, unless the insecure setting says otherwise).
+    tls: TlsFiles | None
+    authz_policy: Path | None
     provider_defaults: Mapping[str, str] = field(repr=False)
 
     @property
@@ -81,19 +147,25 @@ class Settings:
 def add_flags(parser: argparse.ArgumentParser) -> None:
     for setting in SETTINGS:
         default = f" (default: {setting.default})" if setting.default else ""
-        parser.add_argument(setting.flag, dest=_dest(setting), default=None,
-                            help=f"{setting.help}; env {setting.env}{default}")
+        parser.add_argument(
+            setting.flag, dest=_dest(setting), default=None, help=f"{setting.help}; env {setting.env}{default}"
+        )
 
 
 def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str]) -> Settings:
     reader = _Reader(args, environ)
     mode = reader.choice(MODE, Mode)
-    key = reader.encryption_key(required=mode is Mode.PRODUCTION)
+    production = mode is Mode.PRODUCTION
+    keyring = reader.keyring(required=production)
     database_url = reader.text(DATABASE_URL) or None
-    if mode is Mode.PRODUCTION and not database_url:
+    if production and not database_url:
         reader.problem(DATABASE_URL.env, "is required in production mode (PostgreSQL is the production store)")
+    tls = reader.tls_files(required=production)
+    policy = reader.text(AUTHZ_POLICY) or None
+    if (tls or production) and not policy:
+        reader.problem(AUTHZ_POLICY.env, "is required with TLS and in production mode: it says who may do what")
     settings = Settings(
-        listen_address=reader.listen_address(),
+        listen_address=reader.listen_address(plaintext=tls is None, production=production),
         database_url=database_url,
         mode=mode or Mode.DEVELOPMENT,
         data_dir=Path(reader.text(DATA_DIR)),
@@ -102,7 +174,9 @@ def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str]) -
         shutdown_grace=reader.number(SHUTDOWN_GRACE, float, minimum=0),
         db_pool_size=int(reader.number(DB_POOL_SIZE, int, minimum=1)),
         db_timeout=reader.number(DB_TIMEOUT, float, minimum=0.1),
-        encryption_key=key,
+        keyring=keyring,
+        tls=tls,
+        authz_policy=Path(policy) if policy else None,
         provider_defaults={var: environ[var] for var in all_env_vars() if environ.get(var)},
     )
     reader.raise_problems()
@@ -179,17 +253,35 @@ class _Reader:
             self.problem(setting.env, f"must be at least {minimum}, got {raw!r}")
         return value
 
-    def listen_address(self) -> str:
+    def listen_address(self, plaintext: bool, production: bool) -> str:
         address = self.text(LISTEN_ADDRESS)
         try:
             host, _ = split_address(address)
         except ValueError:
             self.problem(LISTEN_ADDRESS.env, f"must be host:port, got {address!r}")
             return address
-        if not is_loopback(host):
-            self.problem(LISTEN_ADDRESS.env, f"is {address!r}: plaintext gRPC is only served on a loopback "
-                                             "address (127.0.0.1, ::1, localhost)")
+        insecure_anywhere = self.boolean(INSECURE_PLAINTEXT)
+        if insecure_anywhere and production:
+            self.problem(INSECURE_PLAINTEXT.env, "is refused in production mode")
+        elif plaintext and not is_loopback(host) and not insecure_anywhere:
+            self.problem(
+                LISTEN_ADDRESS.env,
+                f"is {address!r}: without TLS the service only listens on a loopback "
+                f"address (127.0.0.1, ::1, localhost); set {TLS_CERT.env}, "
+                f"{TLS_KEY.env} and {TLS_CLIENT_CA.env}",
+            )
         return address
+
+    def tls_files(self, required: bool) -> TlsFiles | None:
+        paths = {setting: self.text(setting) for setting in (TLS_CERT, TLS_KEY, TLS_CLIENT_CA)}
+        if all(paths.values()):
+            return TlsFiles(*(Path(p) for p in paths.values()))
+        if any(paths.values()) or required:
+            why = "is required in production mode" if required else "is required with the other TLS settings"
+            for setting, path in paths.items():
+                if not path:
+                    self.problem(setting.env, f"{why} (mutual TLS needs certificate, key and client CA)")
+        return None
 
     def log_format(self, mode: Mode | None) -> bool:
         raw = self.text(LOG_FORMAT) or ("json" if mode is Mode.PRODUCTION else "text")
@@ -197,15 +289,38 @@ class _Reader:
             self.problem(LOG_FORMAT.env, f"must be json or text, got {raw!r}")
         return raw == "json"
 
-    def encryption_key(self, required: bool) -> EncryptionKey | None:
-        raw = self._environ.get(ENCRYPTION_KEY_ENV, "")
-        if not raw:
-            if required:
-                self.problem(ENCRYPTION_KEY_ENV, "is required in production mode "
-                                                 "(create one with `integrations-service gen-key`)")
+    def keyring(self, required: bool) -> Keyring | None:
+        """From a key file (preferred), INTEGRATION_ENCRYPTION_KEYS, or the single INTEGRATION_ENCRYPTION_KEY."""
+        given = [
+            env for env in (ENCRYPTION_KEY_FILE_ENV, ENCRYPTION_KEYS_ENV, ENCRYPTION_KEY_ENV) if self._environ.get(env)
+        ]
+        if len(given) > 1:
+            self.problem(given[0], f"and {', '.join(given[1:])} are both set: set only one source of keys")
             return None
+        if not given:
+            if required:
+                self.problem(
+                    ENCRYPTION_KEY_FILE_ENV,
+                    f"(or {ENCRYPTION_KEYS_ENV} or {ENCRYPTION_KEY_ENV}) is required "
+                    "in production mode: a dedicated key (create one with `integrations-service gen-key`)",
+                )
+            return None
+        env = given[0]
         try:
-            return EncryptionKey.from_text(raw)
+            text = self._key_file_text(self._environ[env]) if env == ENCRYPTION_KEY_FILE_ENV else self._environ[env]
+            return Keyring.parse(text) if text is not None else None
         except InvalidKey as error:
-            self.problem(ENCRYPTION_KEY_ENV, f"is invalid: {error}")
+            self.problem(env, f"is invalid: {error}")
+            return None
+
+    def _key_file_text(self, path_text: str) -> str | None:
+        path = Path(path_text)
+        try:
+            mode = path.stat().st_mode
+            if mode & 0o077:
+                self.problem(ENCRYPTION_KEY_FILE_ENV, f"names {path}, which is readable by others: chmod 600 it")
+                return None
+            return path.read_text()
+        except OSError as error:
+            self.problem(ENCRYPTION_KEY_FILE_ENV, f"names {path}, which cannot be read: {error.strerror}")
             return None

@@ -61,10 +61,11 @@ class CorruptCredential(ServiceError):
     Names where the value sits, never the value.
     """
 
-    def __init__(self, organization_id: str, provider: str, field: str) -> None:
+    def __init__(self, organization_id: str, provider: str, field: str, reason: str) -> None:
+        # `reason` comes from crypto's typed errors, whose texts never carry values or keys.
         super().__init__(
             f"stored value of field {field!r} for organization {organization_id!r}, "
-            f"provider {provider!r} cannot be decrypted (wrong encryption key or tampered row); "
+            f"provider {provider!r} cannot be decrypted ({reason}); "
             "save a new value for the field to replace it"
         )
         self.organization_id = organization_id

@@ -23,6 +23,11 @@ _FIELDS = (
     "store",
     "path",
     "mode",
+    "caller",
+    "outcome",
+    "fields",
+    "key_id",
+    "count",
 )
 
 

@@ -55,7 +55,7 @@ async def _empty_postgres_store(url: str) -> PostgresStore:
     opened = await PostgresStore.connect(url)
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute("TRUNCATE integration_config")
+        await conn.execute("TRUNCATE integration_config, encryption_keys, audit_events")
     finally:
         await conn.close()
     return opened

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
-from datetime import timedelta
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
-from integrations_service.store import IntegrationStore, StoredIntegration
+from integrations_service.store import AuditEntry, AuditRecord, IntegrationStore, KeyRecord, StoredIntegration
 from integrations_service.store.postgres import PostgresStore
 from integrations_service.store.sqlite import SqliteStore
 
@@ -41,6 +42,33 @@ def refuse(error: Exception) -> Callable[[StoredIntegration | None], dict[str, s
         raise error
 
     return mutate
+
+
+def event(rpc: str = "SaveIntegration", organization_id: str = ORG, **overrides: object) -> AuditRecord:
+    """An audit record with every field set (overridable)."""
+    values: dict[str, object] = {
+        "time": datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC),
+        "caller": "svc-dashboard",
+        "rpc": rpc,
+        "outcome": "OK",
+        "organization_id": organization_id,
+        "provider": "stripe",
+        "fields": ("secretKey", "webhookSecret"),
+        "request_id": "req-1",
+        "details": {"fingerprint.secretKey": "hmac:ab12"},
+    }
+    values.update(overrides)
+    return AuditRecord(**values)  # type: ignore[arg-type]
+
+
+def append_bang(row: StoredIntegration) -> dict[str, str]:
+    """A rewrite that changes every stored value (as re-encryption would)."""
+    return {key: value + "!" for key, value in row.config.items()}
+
+
+async def trail(store: IntegrationStore, organization_id: str = "") -> list[AuditRecord]:
+    """The whole audit trail (of one organization, or everyone's), newest first."""
+    return [entry.record for entry in await store.list_audit(organization_id, 0, 1000)]
 
 
 async def migrate(store: IntegrationStore) -> list[int]:
@@ -254,6 +282,314 @@ async def test_concurrent_delete_and_upsert_serialize(store: IntegrationStore) -
     assert row is None or dict(row.config) in ({"b": "2"}, {"a": "1", "b": "2"})
 
 
+# --- audit ------------------------------------------------------------------------------------
+
+
+async def test_an_audit_record_is_appended_with_an_upsert(store: IntegrationStore) -> None:
+    first, second = event(request_id="req-1"), event(request_id="req-2")
+    await store.upsert(ORG, "stripe", put({"secretKey": "a"}), first)
+    await store.upsert(ORG, "stripe", put({"secretKey": "b"}), second)
+    await store.upsert(ORG, "stripe", put({"secretKey": "c"}))  # no audit given: none appended
+    assert await trail(store) == [second, first]
+
+
+async def test_no_audit_record_when_mutate_raises(store: IntegrationStore) -> None:
+    with pytest.raises(Refused):
+        await store.upsert(ORG, "stripe", refuse(Refused()), event())
+    assert await store.get(ORG, "stripe") is None
+    assert await trail(store) == []
+
+    before = await store.upsert(ORG, "stripe", put({"secretKey": "a"}))
+    error = Refused("stale etag")
+    with pytest.raises(Refused) as raised:
+        await store.upsert(ORG, "stripe", refuse(error), event())
+    assert raised.value is error
+    assert await store.get(ORG, "stripe") == before
+    assert await trail(store) == []
+
+
+async def test_an_audit_record_is_appended_with_a_delete_only_when_a_row_was_deleted(
+    store: IntegrationStore,
+) -> None:
+    assert await store.delete(ORG, "stripe", lambda current: None, event("DeleteIntegration")) is False
+    assert await trail(store) == []
+
+    row = await store.upsert(ORG, "stripe", put({"secretKey": "a"}))
+
+    def check(current: StoredIntegration) -> None:
+        raise Refused("stale etag")
+
+    with pytest.raises(Refused):
+        await store.delete(ORG, "stripe", check, event("DeleteIntegration", request_id="refused"))
+    assert await store.get(ORG, "stripe") == row
+    assert await trail(store) == []
+
+    deleted = event("DeleteIntegration", request_id="deleted")
+    assert await store.delete(ORG, "stripe", lambda current: None, deleted) is True
+    assert await trail(store) == [deleted]
+
+
+async def test_audit_records_round_trip_exactly(store: IntegrationStore) -> None:
+    lisbon_summer = timezone(timedelta(hours=1))
+    full = event(
+        time=datetime(2024, 7, 1, 13, 30, 15, 654321, tzinfo=lisbon_summer),
+        caller="spiffe://prod/ns/dash/sa/dashboard",
+        organization_id="org/ünïcode 'quoted'",
+        provider="stripe/x",
+        fields=("chave_é_🔑", "secretKey"),
+        request_id="\"'; DROP TABLE audit_events; --",
+        details={"reason": "Olá 世界 ✓", "count": "12", "": ""},
+    )
+    bare = AuditRecord(time=datetime(2024, 7, 1, 12, 0, tzinfo=UTC), caller="cli", rpc="Rotate", outcome="OK")
+    await store.append_audit([full, bare])
+
+    newest, oldest = await trail(store)
+    assert (oldest, newest) == (full, bare)
+    assert oldest.time == datetime(2024, 7, 1, 12, 30, 15, 654321, tzinfo=UTC)
+    assert oldest.time.utcoffset() == timedelta(0)
+    assert type(oldest.fields) is tuple
+    assert dict(oldest.details) == {"reason": "Olá 世界 ✓", "count": "12", "": ""}
+    assert (newest.organization_id, newest.provider, newest.fields, dict(newest.details)) == ("", "", (), {})
+
+
+async def test_list_audit_pages_newest_first_and_filters_by_organization(store: IntegrationStore) -> None:
+    records = [event(organization_id=ORG if i % 3 else OTHER_ORG, request_id=f"req-{i}") for i in range(10)]
+    await store.append_audit(records[:4])
+    for record in records[4:]:
+        await store.append_audit([record])
+
+    everything = await store.list_audit("", 0, 100)
+    assert [entry.record for entry in everything] == records[::-1]
+    ids = [entry.id for entry in everything]
+    assert ids == sorted(ids, reverse=True)
+    assert len(set(ids)) == len(ids)
+
+    async def pages(organization_id: str, limit: int) -> list[list[AuditEntry]]:
+        found: list[list[AuditEntry]] = []
+        before = 0
+        while page := await store.list_audit(organization_id, before, limit):
+            assert len(page) <= limit
+            found.append(page)
+            before = page[-1].id
+        return found
+
+    paged = await pages("", 3)
+    assert [len(page) for page in paged] == [3, 3, 3, 1]
+    assert [entry for page in paged for entry in page] == everything
+
+    mine = await pages(ORG, 2)
+    assert [entry.record for page in mine for entry in page] == [r for r in records[::-1] if r.organization_id == ORG]
+    theirs = await store.list_audit(OTHER_ORG, 0, 100)
+    assert [entry.record for entry in theirs] == [r for r in records[::-1] if r.organization_id == OTHER_ORG]
+    assert await store.list_audit("org_without_events", 0, 100) == []
+    # before_id is exclusive.
+    assert await store.list_audit("", everything[2].id, 2) == everything[3:5]
+    assert await store.list_audit("", everything[-1].id, 2) == []
+
+
+async def test_audit_ids_grow_with_every_record(store: IntegrationStore) -> None:
+    await store.append_audit([event(request_id="a")])
+    [first] = await store.list_audit("", 0, 1)
+    await store.upsert(ORG, "stripe", put({"k": "v"}), event(request_id="b"))
+    [second] = await store.list_audit("", 0, 1)
+    assert second.id > first.id
+    assert second.record.request_id == "b"
+
+
+async def test_appending_no_audit_records_does_not_touch_the_database(
+    store: IntegrationStore, store_location: tuple[str, str]
+) -> None:
+    await store.append_audit([])
+    assert await trail(store) == []
+    closed = await open_like(store, store_location)
+    await closed.close()
+    await closed.append_audit([])  # a closed store would fail any database call
+
+
+# --- rotation ---------------------------------------------------------------------------------
+
+
+async def test_scan_pages_in_id_order_and_covers_every_row_exactly_once(store: IntegrationStore) -> None:
+    written = {}
+    for i in range(23):
+        row = await store.upsert(f"org_{i % 4}", f"provider_{i}", put({"k": f"v{i}"}))
+        written[row.id] = row
+    await store.upsert("org_0", "provider_0", put({"k": "updated"}))
+    written = {row.id: row for row in [await store.get(r.organization_id, r.provider) for r in written.values()] if row}
+
+    seen: list[StoredIntegration] = []
+    after = ""
+    while page := await store.scan(after, 5):
+        assert len(page) <= 5
+        seen.extend(page)
+        after = page[-1].id
+    assert [row.id for row in seen] == sorted(written)
+    assert {row.id: row for row in seen} == written
+    assert await store.scan(max(written), 5) == []
+    assert await store.scan("", 0) == []
+
+
+async def test_scan_of_an_empty_store_is_empty(store: IntegrationStore) -> None:
+    assert await store.scan("", 10) == []
+
+
+async def test_rewrap_changes_the_config_but_not_the_version_or_update_time(store: IntegrationStore) -> None:
+    await store.upsert(ORG, "stripe", put({"secretKey": "a"}))
+    first = await store.upsert(ORG, "stripe", put({"webhookSecret": "b"}))
+    second = await store.upsert(OTHER_ORG, "stripe", put({"secretKey": "c"}))
+    seen: list[StoredIntegration] = []
+
+    def rewrite(row: StoredIntegration) -> dict[str, str]:
+        seen.append(row)
+        return append_bang(row)
+
+    assert await store.rewrap([second.id, first.id], rewrite) == 2
+    assert sorted(seen, key=lambda row: row.id) == sorted([first, second], key=lambda row: row.id)
+    for before in (first, second):
+        after = await store.get(before.organization_id, before.provider)
+        assert after is not None
+        assert dict(after.config) == {key: value + "!" for key, value in before.config.items()}
+        assert (after.id, after.version, after.created_at, after.updated_at) == (
+            before.id, before.version, before.created_at, before.updated_at
+        )
+    # The next save still bumps the version by one.
+    assert (await store.upsert(ORG, "stripe", put({"x": "y"}))).version == first.version + 1
+
+
+async def test_rewrap_skips_rows_left_alone_and_rows_that_are_gone(store: IntegrationStore) -> None:
+    kept = await store.upsert(ORG, "stripe", put({"k": "kept"}))
+    changed = await store.upsert(ORG, "easypay", put({"k": "changed"}))
+    gone = await store.upsert(ORG, "ifthenpay", put({"k": "gone"}))
+    assert await store.delete(ORG, "ifthenpay", lambda current: None)
+    seen: list[str] = []
+
+    def rewrite(row: StoredIntegration) -> dict[str, str] | None:
+        seen.append(row.id)
+        return None if row.id == kept.id else append_bang(row)
+
+    assert await store.rewrap([kept.id, changed.id, gone.id, "no-such-id", changed.id], rewrite) == 1
+    assert sorted(seen) == sorted([kept.id, changed.id])
+    assert await store.get(ORG, "stripe") == kept
+    after = await store.get(ORG, "easypay")
+    assert after is not None
+    assert dict(after.config) == {"k": "changed!"}
+    assert await store.get(ORG, "ifthenpay") is None
+    assert await store.rewrap([], append_bang) == 0
+    assert await store.rewrap([gone.id], append_bang) == 0
+
+
+async def test_a_failed_rewrap_changes_nothing(store: IntegrationStore) -> None:
+    rows = [await store.upsert(ORG, provider, put({"k": provider})) for provider in ("a", "b", "c")]
+    error = Refused("wrong key")
+    calls: list[str] = []
+
+    def rewrite(row: StoredIntegration) -> dict[str, str]:
+        calls.append(row.id)
+        if len(calls) == 2:
+            raise error
+        return append_bang(row)
+
+    with pytest.raises(Refused) as raised:
+        await store.rewrap([row.id for row in rows], rewrite, event("RotateKeys"))
+    assert raised.value is error
+    assert calls[:2] == sorted(row.id for row in rows)[:2]
+    assert [await store.get(ORG, row.provider) for row in rows] == rows
+    assert await trail(store) == []
+    # The store (and its connection) is still fine afterwards.
+    assert await store.rewrap([row.id for row in rows], append_bang) == 3
+
+
+async def test_an_audit_record_is_appended_with_a_rewrap(store: IntegrationStore) -> None:
+    row = await store.upsert(ORG, "stripe", put({"k": "v"}))
+    record = event("RotateKeys", organization_id="", provider="", fields=(), details={"rows": "1"})
+    assert await store.rewrap([row.id], append_bang, record) == 1
+    assert await trail(store) == [record]
+
+
+async def test_concurrent_upserts_and_rewraps_of_one_row_lose_nothing(store: IntegrationStore) -> None:
+    row = await store.upsert(ORG, "stripe", put({"base": "v"}))
+    writers = 20
+    results = await asyncio.gather(
+        *(
+            call
+            for i in range(writers)
+            for call in (
+                store.upsert(ORG, "stripe", put({f"field_{i}": "v"})),
+                store.rewrap([row.id], append_bang),
+            )
+        )
+    )
+    final = await store.get(ORG, "stripe")
+    assert final is not None
+    assert set(final.config) == {"base"} | {f"field_{i}" for i in range(writers)}
+    assert all(re.fullmatch(r"v!*", value) for value in final.config.values()), final.config
+    assert final.config["base"] == "v" + "!" * writers
+    assert final.version == writers + 1
+    assert [result for result in results if isinstance(result, int)] == [1] * writers
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def keys_by_id(records: list[KeyRecord]) -> Mapping[str, KeyRecord]:
+    assert len({record.key_id for record in records}) == len(records)
+    return {record.key_id: record for record in records}
+
+
+async def test_register_keys_records_new_keys_once(store: IntegrationStore) -> None:
+    assert await store.register_keys({}) == []
+    first = await store.register_keys({"k2": "check-2", "k1": "check-1"})
+    assert sorted(first, key=lambda key: key.key_id) == [
+        KeyRecord("k1", "check-1", 0, retired=False),
+        KeyRecord("k2", "check-2", 0, retired=False),
+    ]
+    assert keys_by_id(await store.register_keys({"k1": "check-1", "k2": "check-2"})) == keys_by_id(first)
+    # A known key keeps its stored check value (the caller compares); new ones are added.
+    again = keys_by_id(await store.register_keys({"k1": "a-different-check", "k3": "check-3"}))
+    assert again == {
+        "k1": KeyRecord("k1", "check-1", 0, retired=False),
+        "k2": KeyRecord("k2", "check-2", 0, retired=False),
+        "k3": KeyRecord("k3", "check-3", 0, retired=False),
+    }
+    assert keys_by_id(await store.register_keys({})) == again
+
+
+async def test_add_encryptions_accumulates(store: IntegrationStore) -> None:
+    await store.register_keys({"k1": "c1", "k2": "c2"})
+    await store.add_encryptions({"k1": 3})
+    await store.add_encryptions({"k1": 4, "k2": 1, "unknown": 5})
+    await store.add_encryptions({})
+    await store.add_encryptions({"k2": 0})
+    keys = keys_by_id(await store.register_keys({}))
+    assert {key_id: key.encryptions for key_id, key in keys.items()} == {"k1": 7, "k2": 1}
+    big = 2**40
+    await store.add_encryptions({"k1": big})
+    assert keys_by_id(await store.register_keys({}))["k1"].encryptions == big + 7
+
+
+async def test_concurrent_key_registrations_and_counts_all_land(store: IntegrationStore) -> None:
+    callers = 10
+    await asyncio.gather(*(store.register_keys({"a": "ca", "b": "cb", "c": "cc"}) for _ in range(callers)))
+    # Each caller names the keys in another order: the store must not deadlock on them.
+    orders = [{"c": 1, "a": 2, "b": 3}, {"b": 3, "a": 2, "c": 1}]
+    await asyncio.gather(*(store.add_encryptions(orders[i % 2]) for i in range(callers)))
+    keys = keys_by_id(await store.register_keys({}))
+    assert {key_id: key.encryptions for key_id, key in keys.items()} == {"a": 20, "b": 30, "c": 10}
+
+
+async def test_retire_key_marks_the_key_retired(store: IntegrationStore) -> None:
+    await store.register_keys({"old": "c-old", "new": "c-new"})
+    await store.add_encryptions({"old": 5})
+    await store.retire_key("old")
+    await store.retire_key("old")  # idempotent
+    await store.retire_key("unknown")  # nothing to retire
+    keys = keys_by_id(await store.register_keys({"old": "ignored"}))
+    assert keys == {
+        "old": KeyRecord("old", "c-old", 5, retired=True),
+        "new": KeyRecord("new", "c-new", 0, retired=False),
+    }
+
+
 # --- migrations -------------------------------------------------------------------------------
 
 
@@ -266,7 +602,7 @@ async def test_a_new_sqlite_file_is_migrated_once(tmp_path: Path) -> None:
     path = f"{tmp_path}/new.sqlite3"
     store = await SqliteStore.open(path, migrate=False)
     try:
-        assert await store.migrate() == [1]
+        assert await store.migrate() == [1, 2]
         assert await store.migrate() == []
     finally:
         await store.close()
@@ -310,14 +646,14 @@ async def test_replicas_migrating_a_new_database_at_once_both_succeed(
     second = await PostgresStore.connect(url, migrate=False)
     try:
         results = await asyncio.gather(first.migrate(), second.migrate())
-        assert sorted(results) == [[], [1]]
+        assert sorted(results) == [[], [1, 2]]
         assert await first.migrate() == []
         assert (await second.upsert(ORG, "stripe", put({"k": "v"}))).version == 1
     finally:
         await first.close()
         await second.close()
     ledger = await _raw(url, "SELECT version, name FROM schema_migrations")
-    assert [tuple(row) for row in ledger] == [(1, "integration_config")]
+    assert sorted(tuple(row) for row in ledger) == [(1, "integration_config"), (2, "keys_and_audit")]
 
 
 @pytest.mark.postgres

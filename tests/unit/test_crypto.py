@@ -1,4 +1,4 @@
-"""AES-256-GCM `enc:v1:` values: round trips, the documented vectors, and every way to break one."""
+"""The `enc:` value formats: round trips, the documented vectors, and every way to break a value."""
 
 from __future__ import annotations
 
@@ -11,86 +11,178 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from integrations_service.crypto import EncryptionKey, InvalidCiphertext, InvalidKey, ValueCipher
+from integrations_service.crypto import (
+    EncryptionKey,
+    InvalidCiphertext,
+    InvalidKey,
+    Keyring,
+    UnknownKeyId,
+    ValueCipher,
+    ValueContext,
+    key_id_of,
+    seal_v1,
+)
+from integrations_service.crypto.aead import associated_data
 
 FORMAT_DOC = Path(__file__).resolve().parents[2] / "docs" / "encryption-format.md"
 VECTOR_KEY_HEX = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
 VECTOR_KEY_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+CONTEXT = ValueContext("org_1", "stripe", "secretKey")
 
-CIPHER = ValueCipher(EncryptionKey.generate())
+KEY_A, KEY_B = EncryptionKey.generate(), EncryptionKey.generate()
+CIPHER = ValueCipher(Keyring([("a", KEY_A), ("b", KEY_B)]))
 
 
-def documented_vectors() -> list[tuple[str, str, str]]:
+def _table(version: str) -> str:
     text = FORMAT_DOC.read_text()
-    table = text.split("<!-- test-vectors:v1 -->")[1].split("<!-- /test-vectors:v1 -->")[0]
-    rows = re.findall(r"^\| `(.*)` \| `([0-9a-f]{24})` \| `(enc:v1:[^`]+)` \|$", table, re.MULTILINE)
+    return text.split(f"<!-- test-vectors:{version} -->")[1].split(f"<!-- /test-vectors:{version} -->")[0]
+
+
+def v1_vectors() -> list[tuple[str, str, str]]:
+    rows = re.findall(r"^\| `(.*)` \| `([0-9a-f]{24})` \| `(enc:v1:[^`]+)` \|$", _table("v1"), re.MULTILINE)
     return [(json.loads(plain), nonce, stored) for plain, nonce, stored in rows]
 
 
+def v2_vectors() -> list[tuple[str, ValueContext, str, str, str]]:
+    pattern = r"^\| `(.*)` \| `(\[.*\])` \| `([0-9a-f]{24})` \| `([0-9a-f]+)` \| `(enc:v2:[^`]+)` \|$"
+    rows = re.findall(pattern, _table("v2"), re.MULTILINE)
+    return [(json.loads(p), ValueContext(*json.loads(c)), n, aad, s) for p, c, n, aad, s in rows]
+
+
 def test_the_doc_has_vectors() -> None:
-    assert len(documented_vectors()) == 3
+    assert len(v1_vectors()) == 3
+    assert len(v2_vectors()) == 2
 
 
-@pytest.mark.parametrize(("plaintext", "nonce_hex", "stored"), documented_vectors())
+@pytest.mark.parametrize(("plaintext", "nonce_hex", "stored"), v1_vectors())
 @pytest.mark.parametrize("key_text", [VECTOR_KEY_HEX, VECTOR_KEY_B64])
-def test_documented_vectors_both_ways(key_text: str, plaintext: str, nonce_hex: str, stored: str) -> None:
-    cipher = ValueCipher(EncryptionKey.from_text(key_text))
-    assert cipher.encrypt_with_nonce(plaintext, bytes.fromhex(nonce_hex)) == stored
-    assert cipher.decrypt(stored) == plaintext
+def test_v1_vectors_both_ways(key_text: str, plaintext: str, nonce_hex: str, stored: str) -> None:
+    key = EncryptionKey.from_text(key_text)
+    assert seal_v1(key, plaintext, bytes.fromhex(nonce_hex)) == stored
+    assert ValueCipher(Keyring.single(key)).decrypt(stored, CONTEXT) == plaintext
+
+
+@pytest.mark.parametrize(("plaintext", "context", "nonce_hex", "aad_hex", "stored"), v2_vectors())
+def test_v2_vectors_both_ways(plaintext: str, context: ValueContext, nonce_hex: str, aad_hex: str, stored: str) -> None:
+    cipher = ValueCipher(Keyring.parse(f"k2026:{VECTOR_KEY_HEX}"))
+    assert associated_data("k2026", context).hex() == aad_hex
+    assert cipher.encrypt_with_nonce(plaintext, context, bytes.fromhex(nonce_hex)) == stored
+    assert cipher.decrypt(stored, context) == plaintext
+
+
+def test_documented_key_check_value() -> None:
+    cipher = ValueCipher(Keyring.parse(f"k2026:{VECTOR_KEY_HEX}"))
+    assert cipher.check_values()["k2026"] in FORMAT_DOC.read_text()
 
 
 @given(st.text(max_size=4096))
-def test_round_trip_any_unicode(plaintext: str) -> None:
-    stored = CIPHER.encrypt(plaintext)
-    assert stored.startswith("enc:v1:")
-    assert CIPHER.decrypt(stored) == plaintext
+def test_v2_round_trip_any_unicode(plaintext: str) -> None:
+    stored = CIPHER.encrypt(plaintext, CONTEXT)
+    assert stored.startswith("enc:v2:a:")
+    assert CIPHER.decrypt(stored, CONTEXT) == plaintext
 
 
-def test_two_encryptions_differ() -> None:
-    assert CIPHER.encrypt("sk_test_same") != CIPHER.encrypt("sk_test_same")
+def test_two_encryptions_differ_and_are_counted_per_key() -> None:
+    cipher = ValueCipher(Keyring([("a", KEY_A)]))
+    assert cipher.encrypt("sk_test_same", CONTEXT) != cipher.encrypt("sk_test_same", CONTEXT)
+    assert cipher.encryptions == {"a": 2}
 
 
-def test_wrong_key_is_rejected() -> None:
-    stored = CIPHER.encrypt("sk_live_secret_value")
-    with pytest.raises(InvalidCiphertext, match="wrong key or tampered"):
-        ValueCipher(EncryptionKey.generate()).decrypt(stored)
+@pytest.mark.parametrize(
+    "moved_to",
+    [
+        ValueContext("org_2", "stripe", "secretKey"),
+        ValueContext("org_1", "easypay", "secretKey"),
+        ValueContext("org_1", "stripe", "webhookSecret"),
+        ValueContext("org_1s", "tripe", "secretKey"),  # same concatenation, different parts
+    ],
+)
+def test_a_value_moved_to_another_organization_provider_or_field_is_rejected(moved_to: ValueContext) -> None:
+    stored = CIPHER.encrypt("sk_live_moving_value", CONTEXT)
+    with pytest.raises(InvalidCiphertext, match="moved"):
+        CIPHER.decrypt(stored, moved_to)
 
 
 def test_every_single_bit_flip_is_rejected() -> None:
-    stored = CIPHER.encrypt("whsec_0123456789")
-    blob = base64.b64decode(stored.removeprefix("enc:v1:"))
+    stored = CIPHER.encrypt("whsec_0123456789", CONTEXT)
+    blob = base64.b64decode(stored.removeprefix("enc:v2:a:"))
     for bit in range(len(blob) * 8):
         flipped = bytearray(blob)
         flipped[bit // 8] ^= 1 << (bit % 8)
         with pytest.raises(InvalidCiphertext):
-            CIPHER.decrypt("enc:v1:" + base64.b64encode(bytes(flipped)).decode())
+            CIPHER.decrypt("enc:v2:a:" + base64.b64encode(bytes(flipped)).decode(), CONTEXT)
 
 
-@pytest.mark.parametrize("cut", [1, 16, 27])
+@pytest.mark.parametrize("cut", [1, 16, 27, 40])
 def test_truncation_is_rejected(cut: int) -> None:
-    blob = base64.b64decode(CIPHER.encrypt("sk_test_abcdef").removeprefix("enc:v1:"))
+    stored = CIPHER.encrypt("sk_test_abcdef", CONTEXT)
     with pytest.raises(InvalidCiphertext):
-        CIPHER.decrypt("enc:v1:" + base64.b64encode(blob[:-cut]).decode())
+        CIPHER.decrypt(stored[:-cut], CONTEXT)
+
+
+def test_a_value_relabelled_with_another_key_id_is_rejected() -> None:
+    stored = CIPHER.encrypt("sk_test_abcdef", CONTEXT)
+    with pytest.raises(InvalidCiphertext):
+        CIPHER.decrypt(stored.replace("enc:v2:a:", "enc:v2:b:"), CONTEXT)
 
 
 @pytest.mark.parametrize(
-    ("stored", "says"),
+    ("stored", "error", "says"),
     [
-        ("enc:v1:not base64!", "base64"),
-        ("enc:v1:AAAA", "too short"),
-        ("enc:v1:", "too short"),
-        ("enc:v9:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "unknown encrypted value format"),
-        ("enc:", "unknown encrypted value format"),
+        ("enc:v2:a:not base64!", InvalidCiphertext, "base64"),
+        ("enc:v2:a:AAAA", InvalidCiphertext, "too short"),
+        ("enc:v1:not base64!", UnknownKeyId, "'default'"),  # no key with the v1 id in this keyring
+        ("enc:v9:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", InvalidCiphertext, "unknown encrypted value format"),
+        ("enc:v2:AAAA", InvalidCiphertext, "unknown encrypted value format"),
+        ("enc:v2:Bad-Id:AAAA", InvalidCiphertext, "unknown encrypted value format"),
+        ("enc:", InvalidCiphertext, "unknown encrypted value format"),
+        ("enc:v2:zz:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", UnknownKeyId, "key id 'zz'"),
     ],
 )
-def test_malformed_values_are_rejected(stored: str, says: str) -> None:
-    with pytest.raises(InvalidCiphertext, match=says):
-        CIPHER.decrypt(stored)
+def test_malformed_values_are_rejected(stored: str, error: type[Exception], says: str) -> None:
+    with pytest.raises(error, match=says):
+        CIPHER.decrypt(stored, CONTEXT)
+
+
+def test_v1_values_decrypt_with_the_default_key_beside_newer_keys() -> None:
+    legacy_key = EncryptionKey.generate()
+    stored = seal_v1(legacy_key, "sk_test_from_the_dashboard", b"\x01" * 12)
+    cipher = ValueCipher(Keyring([("k2", KEY_A), ("default", legacy_key)]))
+    assert cipher.decrypt(stored, CONTEXT) == "sk_test_from_the_dashboard"
+    assert not cipher.is_current(stored)
+    with pytest.raises(InvalidCiphertext, match="wrong key"):
+        ValueCipher(Keyring([("default", KEY_B)])).decrypt(stored, CONTEXT)
+
+
+def test_wrong_key_under_the_right_id_is_rejected() -> None:
+    stored = CIPHER.encrypt("sk_live_secret_value", CONTEXT)
+    with pytest.raises(InvalidCiphertext, match="wrong key"):
+        ValueCipher(Keyring([("a", KEY_B)])).decrypt(stored, CONTEXT)
 
 
 @pytest.mark.parametrize("legacy", ["sk_test_plain_from_the_dashboard", "", "https://api.easypay.pt", "enc-v1"])
 def test_plaintext_without_prefix_reads_as_is(legacy: str) -> None:
-    assert CIPHER.decrypt(legacy) == legacy
+    assert CIPHER.decrypt(legacy, CONTEXT) == legacy
+    assert key_id_of(legacy) is None
+
+
+def test_key_ids_of_stored_values_and_currency() -> None:
+    older = ValueCipher(Keyring([("b", KEY_B), ("a", KEY_A)]))
+    under_b = older.encrypt("x", CONTEXT)
+    assert key_id_of(under_b) == "b"
+    assert key_id_of(seal_v1(KEY_A, "x", bytes(12))) == "default"
+    assert CIPHER.is_current(CIPHER.encrypt("x", CONTEXT))
+    assert not CIPHER.is_current(under_b)
+    assert CIPHER.decrypt(under_b, CONTEXT) == "x"  # decrypt-only keys still read
+
+
+def test_fingerprints_correlate_without_revealing() -> None:
+    assert CIPHER.fingerprint("sk_live_x") == CIPHER.fingerprint("sk_live_x")
+    assert CIPHER.fingerprint("sk_live_x") != CIPHER.fingerprint("sk_live_y")
+    assert CIPHER.fingerprint("sk_live_x") != ValueCipher(Keyring([("a", KEY_B)])).fingerprint("sk_live_x")
+
+
+# --- keys and keyrings ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -120,10 +212,40 @@ def test_key_parsing_accepts_hex_and_both_base64_alphabets() -> None:
         assert EncryptionKey.from_text(text).to_text() == standard
 
 
-def test_key_never_shows_in_repr_or_errors() -> None:
-    key = EncryptionKey.from_text(VECTOR_KEY_B64)
-    assert VECTOR_KEY_B64 not in repr(key)
-    assert VECTOR_KEY_B64 not in str(key)
+@pytest.mark.parametrize(
+    ("text", "ids", "active"),
+    [
+        (VECTOR_KEY_B64, ["default"], "default"),
+        (f"k2:{VECTOR_KEY_HEX},k1:{VECTOR_KEY_B64}", ["k2", "k1"], "k2"),
+        (f"# rotated 2026-11\nk2:{VECTOR_KEY_HEX}\n\nk1:{VECTOR_KEY_B64}\n", ["k2", "k1"], "k2"),
+        (f"new:{VECTOR_KEY_HEX}, default:{VECTOR_KEY_B64}", ["new", "default"], "new"),
+    ],
+)
+def test_keyring_text(text: str, ids: list[str], active: str) -> None:
+    keyring = Keyring.parse(text)
+    assert list(keyring.ids) == ids
+    assert keyring.active_id == active
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("", "at least one key"),
+        (f"{VECTOR_KEY_B64},{VECTOR_KEY_HEX}", "must be id:key"),
+        (f"K1:{VECTOR_KEY_HEX}", "must be 1-32 characters"),
+        (f"k1:{VECTOR_KEY_HEX},k1:{VECTOR_KEY_B64}", "unique"),
+        ("k1:abc", "entry 1 ('k1')"),
+    ],
+)
+def test_bad_keyring_text(text: str, says: str) -> None:
+    with pytest.raises(InvalidKey, match=re.escape(says)):
+        Keyring.parse(text)
+
+
+def test_keys_never_show_in_repr_or_errors() -> None:
+    keyring = Keyring.parse(f"k1:{VECTOR_KEY_B64}")
+    for shown in (repr(keyring), repr(keyring.active), str(keyring.active)):
+        assert VECTOR_KEY_B64 not in shown
     with pytest.raises(InvalidKey) as caught:
-        EncryptionKey.from_text(VECTOR_KEY_HEX[:-2])
+        Keyring.parse(f"k1:{VECTOR_KEY_HEX[:-2]}")
     assert VECTOR_KEY_HEX[:20] not in str(caught.value)

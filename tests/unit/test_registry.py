@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from integrations_service.domain.registry import PROVIDERS, Category, find_provider, providers_in
 
 # (provider, field key, env fallback, description, secret, required), as the seed's tables have them
@@ -51,9 +50,7 @@ def test_catalog_order_names_categories_and_runtime_support() -> None:
 
 
 def test_every_field_matches_the_table_in_order() -> None:
-    actual = [
-        (p.id, f.key, f.env_var, f.description, f.secret, f.required) for p in PROVIDERS for f in p.fields
-    ]
+    actual = [(p.id, f.key, f.env_var, f.description, f.secret, f.required) for p in PROVIDERS for f in p.fields]
     assert actual == EXPECTED_FIELDS
 
 

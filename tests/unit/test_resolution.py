@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from integrations_service.domain.masking import mask_secret
 from integrations_service.domain.registry import find_provider
 from integrations_service.domain.resolution import ConfigView, ValueSource, is_ready, resolve_values
@@ -43,8 +42,14 @@ def test_organization_beats_environment_beats_unset() -> None:
     org = {"publishableKey": "pk_test_org"}
     values = resolve_values(STRIPE, org, ENV, ConfigView.DECRYPTED)
     assert list(values) == ["secretKey", "webhookSecret", "publishableKey"]
-    assert (values["publishableKey"].value, values["publishableKey"].source) == ("pk_test_org", ValueSource.ORGANIZATION)
-    assert (values["secretKey"].value, values["secretKey"].source) == (ENV["STRIPE_SECRET_KEY"], ValueSource.ENVIRONMENT)
+    assert (values["publishableKey"].value, values["publishableKey"].source) == (
+        "pk_test_org",
+        ValueSource.ORGANIZATION,
+    )
+    assert (values["secretKey"].value, values["secretKey"].source) == (
+        ENV["STRIPE_SECRET_KEY"],
+        ValueSource.ENVIRONMENT,
+    )
     # An empty environment variable counts as unset.
     assert (values["webhookSecret"].value, values["webhookSecret"].source) == ("", ValueSource.UNSET)
     assert [v.secret for v in values.values()] == [True, True, False]
@@ -66,7 +71,11 @@ def test_masked_view_masks_organization_and_environment_secrets_alike() -> None:
         ({"secretKey", "webhookSecret", "publishableKey"}, {}, True),
         ({"secretKey"}, {"STRIPE_WEBHOOK_SECRET": "whsec_1", "NEXT_PUBLIC_STRIPE_PUBLISHABLE_KEY": "pk_test_1"}, True),
         ({"secretKey"}, {"STRIPE_WEBHOOK_SECRET": "whsec_1"}, False),
-        (set(), {"STRIPE_SECRET_KEY": "sk_test_1", "STRIPE_WEBHOOK_SECRET": "w", "NEXT_PUBLIC_STRIPE_PUBLISHABLE_KEY": ""}, False),
+        (
+            set(),
+            {"STRIPE_SECRET_KEY": "sk_test_1", "STRIPE_WEBHOOK_SECRET": "w", "NEXT_PUBLIC_STRIPE_PUBLISHABLE_KEY": ""},
+            False,
+        ),
     ],
 )
 def test_ready_when_every_required_field_resolves(stored: set[str], env: dict[str, str], ready: bool) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from integrations_service.domain import validation
 from integrations_service.domain.registry import find_provider
 from integrations_service.errors import FieldViolation, InvalidArgument, NotFound
@@ -123,7 +122,9 @@ def test_bad_organization_ids(organization_id: str, says: str) -> None:
     assert says in violation.description
 
 
-@pytest.mark.parametrize("organization_id", ["o", "a" * 128, "org_123", "ôrg/é:1", "00000000-0000-0000-0000-000000000000"])
+@pytest.mark.parametrize(
+    "organization_id", ["o", "a" * 128, "org_123", "ôrg/é:1", "00000000-0000-0000-0000-000000000000"]
+)
 def test_good_organization_ids(organization_id: str) -> None:
     assert validation.check_target(organization_id, "stripe") is STRIPE
 

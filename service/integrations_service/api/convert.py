@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from integrations.v1 import integrations_pb2 as pb
 
+from integrations_service.domain.audit import AuditEntry
 from integrations_service.domain.registry import Category, ProviderSpec
 from integrations_service.domain.resolution import ConfigView, EffectiveConfig, ValueSource
 from integrations_service.domain.service import ProviderStatus
@@ -73,3 +74,20 @@ def config_to_pb(config: EffectiveConfig) -> pb.ProviderConfig:
     if config.update_time is not None:
         message.update_time.FromDatetime(config.update_time)
     return message
+
+
+def audit_to_pb(entry: AuditEntry) -> pb.AuditEvent:
+    record = entry.record
+    event = pb.AuditEvent(
+        id=entry.id,
+        caller=record.caller,
+        action=record.rpc,
+        outcome=record.outcome,
+        organization_id=record.organization_id,
+        provider=record.provider,
+        fields=list(record.fields),
+        request_id=record.request_id,
+        details=dict(record.details),
+    )
+    event.time.FromDatetime(record.time)
+    return event

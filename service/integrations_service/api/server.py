@@ -1,4 +1,4 @@
-"""Assembles the grpc.aio server: the service, health checking and reflection."""
+"""Assembles the grpc.aio server: the service, health checking and reflection, plaintext or mutual TLS."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from grpc_reflection.v1alpha import reflection
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
 
+from integrations_service.api.auth import Authorizer
+from integrations_service.api.interceptor import RpcInterceptor
 from integrations_service.api.servicer import IntegrationServicer
-from integrations_service.api.status import RpcInterceptor
+from integrations_service.domain.audit import AuditTrail
 from integrations_service.domain.service import CredentialService
+from integrations_service.errors import ConfigurationError
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["IntegrationService"].full_name
 # Keepalive the client's defaults can meet: pings every 30 s are welcome, even between calls.
@@ -25,10 +28,10 @@ _SERVER_OPTIONS = (
 
 
 def build_server(
-    service: CredentialService, *, reflection_enabled: bool
+    service: CredentialService, audit: AuditTrail, authorizer: Authorizer, *, reflection_enabled: bool
 ) -> tuple[grpc.aio.Server, HealthServicer]:
-    server = grpc.aio.server(interceptors=[RpcInterceptor()], options=_SERVER_OPTIONS)
-    pb_grpc.add_IntegrationServiceServicer_to_server(IntegrationServicer(service), server)
+    server = grpc.aio.server(interceptors=[RpcInterceptor(authorizer, audit)], options=_SERVER_OPTIONS)
+    pb_grpc.add_IntegrationServiceServicer_to_server(IntegrationServicer(service, audit), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled:
@@ -36,6 +39,20 @@ def build_server(
         names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
     return server, health_servicer
+
+
+def listen(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind the address; the port actually bound (useful with port 0)."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise ConfigurationError(f"INTEGRATIONS_LISTEN_ADDRESS: cannot listen on {address} (address in use?)")
+    return port
 
 
 async def mark_serving(health_servicer: HealthServicer) -> None:

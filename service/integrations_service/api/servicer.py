@@ -1,53 +1,64 @@
 """The IntegrationService servicer: translate, call the domain, translate back.
 
 Errors are not handled here: they propagate as `errors.ServiceError` and the
-interceptor in `api.status` turns them into gRPC statuses.
+interceptor turns them into gRPC statuses. The caller (identity and request
+id) comes from the interceptor, which authorized the call before it got here.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import grpc
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
 
 from integrations_service.api import convert
-from integrations_service.domain.resolution import ConfigView
+from integrations_service.api.interceptor import current_caller
+from integrations_service.domain.audit import AuditTrail
 from integrations_service.domain.service import CredentialService
+
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class IntegrationServicer(pb_grpc.IntegrationServiceServicer):
-    def __init__(self, service: CredentialService) -> None:
+    def __init__(self, service: CredentialService, audit: AuditTrail) -> None:
         self._service = service
+        self._audit = audit
 
-    async def ListProviders(
-        self, request: pb.ListProvidersRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.ListProvidersResponse:
-        statuses = await self._service.list_providers(
-            request.organization_id, convert.category_from_pb(request.category)
-        )
+    async def ListProviders(self, request: pb.ListProvidersRequest, context: Context) -> pb.ListProvidersResponse:
+        category = convert.category_from_pb(request.category)
+        statuses = await self._service.list_providers(request.organization_id, category)
         return pb.ListProvidersResponse(providers=[convert.provider_to_pb(s) for s in statuses])
 
     async def GetProviderConfig(
-        self, request: pb.GetProviderConfigRequest, context: grpc.aio.ServicerContext[object, object]
+        self, request: pb.GetProviderConfigRequest, context: Context
     ) -> pb.GetProviderConfigResponse:
-        view: ConfigView = convert.view_from_pb(request.view)
-        config = await self._service.get_config(request.organization_id, request.provider, view)
+        view = convert.view_from_pb(request.view)
+        config = await self._service.get_config(request.organization_id, request.provider, view, current_caller())
         return pb.GetProviderConfigResponse(config=convert.config_to_pb(config))
 
-    async def SaveIntegration(
-        self, request: pb.SaveIntegrationRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.SaveIntegrationResponse:
+    async def SaveIntegration(self, request: pb.SaveIntegrationRequest, context: Context) -> pb.SaveIntegrationResponse:
         config = await self._service.save(
             request.organization_id,
             request.provider,
             dict(request.values),
             list(request.clear_fields),
             request.etag,
+            current_caller(),
         )
         return pb.SaveIntegrationResponse(config=convert.config_to_pb(config))
 
     async def DeleteIntegration(
-        self, request: pb.DeleteIntegrationRequest, context: grpc.aio.ServicerContext[object, object]
+        self, request: pb.DeleteIntegrationRequest, context: Context
     ) -> pb.DeleteIntegrationResponse:
-        await self._service.delete(request.organization_id, request.provider, request.allow_missing, request.etag)
+        await self._service.delete(
+            request.organization_id, request.provider, request.allow_missing, request.etag, current_caller()
+        )
         return pb.DeleteIntegrationResponse()
+
+    async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:
+        page = await self._audit.page(request.organization_id, request.page_size, request.page_token)
+        return pb.ListAuditEventsResponse(
+            events=[convert.audit_to_pb(entry) for entry in page.entries], next_page_token=page.next_page_token
+        )

@@ -1,10 +1,26 @@
-"""Authenticated encryption of single credential values (the `enc:` formats)."""
+"""Authenticated encryption of single credential values (the `enc:` formats) and the keyring."""
 
 from integrations_service.crypto.aead import (
-    EncryptionKey,
+    NONCE_LIMIT,
     InvalidCiphertext,
-    InvalidKey,
+    UnknownKeyId,
     ValueCipher,
+    ValueContext,
+    key_id_of,
+    seal_v1,
 )
+from integrations_service.crypto.keys import DEFAULT_KEY_ID, EncryptionKey, InvalidKey, Keyring
 
-__all__ = ["EncryptionKey", "InvalidCiphertext", "InvalidKey", "ValueCipher"]
+__all__ = [
+    "DEFAULT_KEY_ID",
+    "NONCE_LIMIT",
+    "EncryptionKey",
+    "InvalidCiphertext",
+    "InvalidKey",
+    "Keyring",
+    "UnknownKeyId",
+    "ValueCipher",
+    "ValueContext",
+    "key_id_of",
+    "seal_v1",
+]

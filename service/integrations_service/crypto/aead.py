@@ -1,127 +1,194 @@
-"""AES-256-GCM encryption of single values in the dashboard's `enc:v1:` format.
+"""AES-256-GCM encryption of single credential values: the `enc:` formats.
 
-`enc:v1:` + base64(nonce[12] || ciphertext || tag[16]), standard alphabet with
-padding, a fresh random 96-bit nonce per value, no associated data. Values
-without an `enc:` prefix are legacy plaintext and read as they are. The
-format, with test vectors, is written down in docs/encryption-format.md.
+- `enc:v2:<key id>:` + base64(nonce[12] || ciphertext || tag[16]): written by
+  this service. The AES key is a subkey derived by HKDF-SHA256 from the master
+  key, and the associated data binds the value to its key id, organization,
+  provider and field, so a value copied into another row, provider or field
+  fails to decrypt.
+- `enc:v1:` + base64(nonce || ciphertext || tag): the dashboard's format,
+  AES-256-GCM under the master key itself, no associated data; read with the
+  key whose id is `default`, never written any more.
+- no `enc:` prefix: legacy plaintext, read as it is.
 
-The API follows pyca/cryptography: a key type that cannot be built from bad
-material, one cipher object per key (built once, reused on every call), and
-typed errors whose messages never carry key or value bytes.
+docs/encryption-format.md has the details and test vectors. The API follows
+pyca/cryptography: keys that cannot be built from bad material, ciphers set
+up once per key (never per call), and typed errors whose messages never carry
+key or value bytes.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import os
-import re
+import struct
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-KEY_BYTES = 32
+from integrations_service.crypto.keys import DEFAULT_KEY_ID, KEY_ID_PATTERN, EncryptionKey, Keyring
+
 NONCE_BYTES = 12
 TAG_BYTES = 16
-V1_PREFIX = "enc:v1:"
 ENCRYPTED_MARKER = "enc:"
-_HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
-
-
-class InvalidKey(ValueError):
-    """The key material is not 32 bytes given as base64 or 64 hex characters."""
+V1_PREFIX = "enc:v1:"
+V2_PREFIX = "enc:v2:"
+# NIST SP 800-38D caps random 96-bit nonces at 2**32 encryptions per key.
+NONCE_LIMIT = 2**32
+_HKDF_INFO_VALUES = b"integrations-credential-service/value-encryption/v2"
+_HKDF_INFO_CHECK = b"integrations-credential-service/key-check/v1"
+_HKDF_INFO_FINGERPRINT = b"integrations-credential-service/audit-fingerprint/v1"
+_AAD_LABEL = b"integrations/v2"
 
 
 class InvalidCiphertext(Exception):
-    """A stored value is malformed, tampered with, or under another key."""
+    """A stored value is malformed, tampered with, moved, or under another key."""
 
 
-class EncryptionKey:
-    """A 256-bit AES key. Its repr and str never show the key bytes."""
+class UnknownKeyId(InvalidCiphertext):
+    """A stored value names a key id that is not in the keyring."""
 
-    __slots__ = ("_material",)
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"encrypted under key id {key_id!r}, which is not configured")
+        self.key_id = key_id
 
-    def __init__(self, material: bytes) -> None:
-        if len(material) != KEY_BYTES:
-            raise InvalidKey(f"an encryption key must be {KEY_BYTES} bytes, got {len(material)}")
-        self._material = bytes(material)
 
-    @classmethod
-    def generate(cls) -> EncryptionKey:
-        return cls(os.urandom(KEY_BYTES))
+@dataclass(frozen=True)
+class ValueContext:
+    """Where a value belongs; bound into its ciphertext as associated data."""
 
-    @classmethod
-    def from_text(cls, text: str) -> EncryptionKey:
-        """Parse 64 hex characters or base64 (standard or URL-safe) of 32 bytes."""
-        text = text.strip()
-        if _HEX_KEY.fullmatch(text):
-            return cls(bytes.fromhex(text))
-        try:
-            material = base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidKey(
-                "an encryption key must be 32 bytes given as base64 or as 64 hex characters"
-            ) from None
-        return cls(material)
+    organization_id: str
+    provider: str
+    field: str
 
-    def to_text(self) -> str:
-        """The key as standard base64, the form `gen-key` prints."""
-        return base64.b64encode(self._material).decode("ascii")
 
-    def __repr__(self) -> str:
-        return "EncryptionKey(<redacted>)"
+def derive_subkey(key: EncryptionKey, info: bytes) -> bytes:
+    return HKDF(algorithm=SHA256(), length=32, salt=None, info=info).derive(key.material)
 
-    __str__ = __repr__
+
+def associated_data(key_id: str, context: ValueContext) -> bytes:
+    """Length-prefixed parts, so no two different contexts encode alike."""
+    parts = (key_id, context.organization_id, context.provider, context.field)
+    encoded = [part.encode("utf-8") for part in parts]
+    return _AAD_LABEL + b"".join(struct.pack(">I", len(e)) + e for e in encoded)
+
+
+def key_id_of(stored: str) -> str | None:
+    """The key id a stored value needs: None for plaintext, `default` for v1."""
+    if not stored.startswith(ENCRYPTED_MARKER):
+        return None
+    if stored.startswith(V1_PREFIX):
+        return DEFAULT_KEY_ID
+    if stored.startswith(V2_PREFIX):
+        key_id, sep, _ = stored[len(V2_PREFIX) :].partition(":")
+        if sep and KEY_ID_PATTERN.fullmatch(key_id):
+            return key_id
+    raise InvalidCiphertext("unknown encrypted value format version")
+
+
+def seal_v1(key: EncryptionKey, plaintext: str, nonce: bytes) -> str:
+    """The dashboard's format. Only for test vectors and tests: the service writes v2."""
+    sealed = AESGCM(key.material).encrypt(_checked_nonce(nonce), plaintext.encode("utf-8"), None)
+    return V1_PREFIX + base64.b64encode(nonce + sealed).decode("ascii")
+
+
+class _KeyMaterial:
+    """Everything derived from one master key, computed once."""
+
+    __slots__ = ("check_value", "fingerprint_key", "v1", "v2")
+
+    def __init__(self, key: EncryptionKey) -> None:
+        self.v1 = AESGCM(key.material)
+        self.v2 = AESGCM(derive_subkey(key, _HKDF_INFO_VALUES))
+        check_key = derive_subkey(key, _HKDF_INFO_CHECK)
+        self.check_value = hmac.new(check_key, b"integrations key check", hashlib.sha256).hexdigest()
+        self.fingerprint_key = derive_subkey(key, _HKDF_INFO_FINGERPRINT)
 
 
 class ValueCipher:
-    """Encrypts and decrypts single values under one key.
+    """Encrypts under the keyring's active key; decrypts under any of its keys.
 
-    Build it once at start-up: the AES key schedule is set up here, not per call.
+    Build it once at start-up: key derivation and AES key schedules happen here.
     """
 
-    __slots__ = ("_aead",)
+    def __init__(self, keyring: Keyring) -> None:
+        self._keyring = keyring
+        self._keys = {key_id: _KeyMaterial(key) for key_id, key in keyring}
+        self._active = self._keys[keyring.active_id]
+        self.encryptions: Counter[str] = Counter()
 
-    def __init__(self, key: EncryptionKey) -> None:
-        self._aead = AESGCM(key._material)
+    @property
+    def active_key_id(self) -> str:
+        return self._keyring.active_id
 
-    def encrypt(self, plaintext: str) -> str:
-        """Encrypt under a fresh random nonce; two calls never give the same text."""
-        return self.encrypt_with_nonce(plaintext, os.urandom(NONCE_BYTES))
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        return self._keyring.ids
 
-    def encrypt_with_nonce(self, plaintext: str, nonce: bytes) -> str:
+    def check_values(self) -> Mapping[str, str]:
+        """Per key id, a value that proves which key it is without revealing it."""
+        return {key_id: material.check_value for key_id, material in self._keys.items()}
+
+    def encrypt(self, plaintext: str, context: ValueContext) -> str:
+        """enc:v2 under the active key and a fresh random nonce."""
+        return self.encrypt_with_nonce(plaintext, context, os.urandom(NONCE_BYTES))
+
+    def encrypt_with_nonce(self, plaintext: str, context: ValueContext, nonce: bytes) -> str:
         """Encrypt with a given nonce. Only for test vectors: a reused nonce breaks GCM."""
-        if len(nonce) != NONCE_BYTES:
-            raise ValueError(f"a nonce must be {NONCE_BYTES} bytes")
-        sealed = self._aead.encrypt(nonce, plaintext.encode("utf-8"), None)
-        return V1_PREFIX + base64.b64encode(nonce + sealed).decode("ascii")
+        key_id = self._keyring.active_id
+        aad = associated_data(key_id, context)
+        sealed = self._active.v2.encrypt(_checked_nonce(nonce), plaintext.encode("utf-8"), aad)
+        self.encryptions[key_id] += 1
+        return f"{V2_PREFIX}{key_id}:" + base64.b64encode(nonce + sealed).decode("ascii")
 
-    def decrypt(self, stored: str) -> str:
-        """Return the clear text of a stored value; legacy plaintext passes through."""
-        if not stored.startswith(ENCRYPTED_MARKER):
+    def decrypt(self, stored: str, context: ValueContext) -> str:
+        """The clear text of a stored value; legacy plaintext passes through."""
+        key_id = key_id_of(stored)
+        if key_id is None:
             return stored
-        if not stored.startswith(V1_PREFIX):
-            raise InvalidCiphertext("unknown encrypted value format version")
-        blob = _decode_blob(stored[len(V1_PREFIX) :])
-        try:
-            clear = self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], None)
-        except InvalidTag:
-            raise InvalidCiphertext("authentication failed: wrong key or tampered value") from None
-        try:
-            return clear.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidCiphertext("decrypted value is not UTF-8") from None
+        material = self._keys.get(key_id)
+        if material is None:
+            raise UnknownKeyId(key_id)
+        if stored.startswith(V1_PREFIX):
+            return _open(material.v1, stored[len(V1_PREFIX) :], None)
+        body = stored[len(V2_PREFIX) + len(key_id) + 1 :]
+        return _open(material.v2, body, associated_data(key_id, context))
 
-    @staticmethod
-    def is_encrypted(stored: str) -> bool:
-        return stored.startswith(ENCRYPTED_MARKER)
+    def is_current(self, stored: str) -> bool:
+        """True when the value is enc:v2 under the active key: rotation leaves it alone."""
+        return stored.startswith(f"{V2_PREFIX}{self._keyring.active_id}:")
+
+    def fingerprint(self, plaintext: str) -> str:
+        """A keyed HMAC of a value, to correlate values in audit records without storing them."""
+        digest = hmac.new(self._active.fingerprint_key, plaintext.encode("utf-8"), hashlib.sha256)
+        return digest.hexdigest()[:32]
 
 
-def _decode_blob(encoded: str) -> bytes:
+def _checked_nonce(nonce: bytes) -> bytes:
+    if len(nonce) != NONCE_BYTES:
+        raise ValueError(f"a nonce must be {NONCE_BYTES} bytes")
+    return nonce
+
+
+def _open(aead: AESGCM, encoded: str, aad: bytes | None) -> str:
     try:
         blob = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidCiphertext("encrypted value is not valid base64") from None
     if len(blob) < NONCE_BYTES + TAG_BYTES:
         raise InvalidCiphertext("encrypted value is too short")
-    return blob
+    try:
+        clear = aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+    except InvalidTag:
+        raise InvalidCiphertext("authentication failed: wrong key, tampered value, or value moved") from None
+    try:
+        return clear.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidCiphertext("decrypted value is not UTF-8") from None

@@ -62,7 +62,5 @@ def resolve_values(
 def is_ready(spec: ProviderSpec, stored_keys: frozenset[str], environment: Mapping[str, str]) -> bool:
     """Every required field resolves. Needs only which keys are stored, not their values."""
     return all(
-        field.key in stored_keys or bool(environment.get(field.env_var))
-        for field in spec.fields
-        if field.required
+        field.key in stored_keys or bool(environment.get(field.env_var)) for field in spec.fields if field.required
     )

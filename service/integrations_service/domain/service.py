@@ -2,7 +2,8 @@
 
 Sits above the crypto layer and the store: values are encrypted here before
 the store sees them and decrypted here after it returns them, so the store
-(and its database) only ever hold ciphertext.
+(and its database) only ever hold ciphertext. Every change, every decrypted
+read and every refusal of either leaves an audit record.
 """
 
 from __future__ import annotations
@@ -11,17 +12,17 @@ import hashlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from integrations_service.crypto import InvalidCiphertext, ValueCipher
+from integrations_service.crypto import InvalidCiphertext, ValueCipher, ValueContext
 from integrations_service.domain import validation
+from integrations_service.domain.audit import OUTCOME_OK, AuditTrail, Caller
 from integrations_service.domain.registry import Category, ProviderSpec, providers_in
-from integrations_service.domain.resolution import (
-    ConfigView,
-    EffectiveConfig,
-    is_ready,
-    resolve_values,
-)
-from integrations_service.errors import Conflict, CorruptCredential, NotFound
+from integrations_service.domain.resolution import ConfigView, EffectiveConfig, is_ready, resolve_values
+from integrations_service.errors import Conflict, CorruptCredential, NotFound, ServiceError
 from integrations_service.store import IntegrationStore, StoredIntegration
+
+RPC_GET = "GetProviderConfig"
+RPC_SAVE = "SaveIntegration"
+RPC_DELETE = "DeleteIntegration"
 
 
 @dataclass(frozen=True)
@@ -35,15 +36,17 @@ class ProviderStatus:
 
 def etag_of(row: StoredIntegration) -> str:
     """Opaque, changes with every write, and never repeats after a delete and re-create."""
-    digest = hashlib.blake2b(f"{row.id}:{row.version}".encode(), digest_size=9).hexdigest()
-    return f'"{digest}"'
+    return hashlib.blake2b(f"{row.id}:{row.version}".encode(), digest_size=9).hexdigest()
 
 
 class CredentialService:
-    def __init__(self, store: IntegrationStore, cipher: ValueCipher, environment: Mapping[str, str]) -> None:
+    def __init__(
+        self, store: IntegrationStore, cipher: ValueCipher, environment: Mapping[str, str], audit: AuditTrail
+    ) -> None:
         self._store = store
         self._cipher = cipher
         self._environment = dict(environment)
+        self._audit = audit
 
     async def list_providers(self, organization_id: str, category: Category | None) -> list[ProviderStatus]:
         if not organization_id:
@@ -52,10 +55,20 @@ class CredentialService:
         rows = {row.provider: row for row in await self._store.list_for_organization(organization_id)}
         return [self._status(spec, rows.get(spec.id)) for spec in providers_in(category)]
 
-    async def get_config(self, organization_id: str, provider_id: str, view: ConfigView) -> EffectiveConfig:
+    async def get_config(
+        self, organization_id: str, provider_id: str, view: ConfigView, caller: Caller
+    ) -> EffectiveConfig:
         spec = validation.check_target(organization_id, provider_id)
         row = await self._store.get(organization_id, provider_id)
-        clear = self._decrypt(spec, row, skip=()) if row else {}
+        try:
+            clear = self._decrypt(spec, row, skip=()) if row else {}
+        except CorruptCredential as error:
+            if view is ConfigView.DECRYPTED:
+                self._audit.refused(caller, RPC_GET, error, organization_id, spec.id, [error.field])
+            raise
+        if view is ConfigView.DECRYPTED:
+            fields = [f.key for f in spec.fields]
+            self._audit.enqueue(self._audit.record(caller, RPC_GET, OUTCOME_OK, organization_id, spec.id, fields))
         return self._effective(spec, organization_id, row, clear, view)
 
     async def save(
@@ -65,36 +78,54 @@ class CredentialService:
         values: Mapping[str, str],
         clear_fields: Sequence[str],
         etag: str,
+        caller: Caller,
     ) -> EffectiveConfig:
-        spec = validation.check_target(organization_id, provider_id)
-        validation.check_changes(spec, values, clear_fields)
-        merged_clear: dict[str, str] = {}
+        touched = set(values) | set(clear_fields)
+        try:
+            spec = validation.check_target(organization_id, provider_id)
+            validation.check_changes(spec, values, clear_fields)
+            merged_clear: dict[str, str] = {}
 
-        def merge(current: StoredIntegration | None) -> dict[str, str]:
-            _check_etag(current, etag)
-            touched = set(values) | set(clear_fields)
-            kept_clear = self._decrypt(spec, current, skip=touched) if current else {}
-            merged_clear.clear()
-            merged_clear.update(kept_clear)
-            merged_clear.update(values)
-            validation.check_cross_field_rules(spec, merged_clear)
-            # Untouched fields keep their stored ciphertext: nothing is re-encrypted needlessly.
-            kept = {k: v for k, v in current.config.items() if k not in touched} if current else {}
-            return kept | {key: self._cipher.encrypt(value) for key, value in values.items()}
+            def merge(current: StoredIntegration | None) -> dict[str, str]:
+                _check_etag(current, etag)
+                kept_clear = self._decrypt(spec, current, skip=touched) if current else {}
+                merged_clear.clear()
+                merged_clear.update(kept_clear)
+                merged_clear.update(values)
+                validation.check_cross_field_rules(spec, merged_clear)
+                # Untouched fields keep their stored ciphertext: nothing is re-encrypted needlessly.
+                kept = {k: v for k, v in current.config.items() if k not in touched} if current else {}
+                return kept | {
+                    key: self._cipher.encrypt(value, ValueContext(organization_id, spec.id, key))
+                    for key, value in values.items()
+                }
 
-        row = await self._store.upsert(organization_id, provider_id, merge)
+            fingerprints = {f"fingerprint.{key}": self._cipher.fingerprint(value) for key, value in values.items()}
+            cleared = {f"cleared.{key}": "true" for key in clear_fields}
+            audit = self._audit.record(
+                caller, RPC_SAVE, OUTCOME_OK, organization_id, spec.id, touched, fingerprints | cleared
+            )
+            row = await self._store.upsert(organization_id, spec.id, merge, audit)
+        except ServiceError as error:
+            self._audit.refused(caller, RPC_SAVE, error, organization_id, provider_id, touched)
+            raise
         return self._effective(spec, organization_id, row, merged_clear, ConfigView.MASKED)
 
-    async def delete(self, organization_id: str, provider_id: str, allow_missing: bool, etag: str) -> None:
-        spec = validation.check_target(organization_id, provider_id)
+    async def delete(
+        self, organization_id: str, provider_id: str, allow_missing: bool, etag: str, caller: Caller
+    ) -> None:
+        try:
+            spec = validation.check_target(organization_id, provider_id)
 
-        def check(current: StoredIntegration) -> None:
-            _check_etag(current, etag)
+            def check(current: StoredIntegration) -> None:
+                _check_etag(current, etag)
 
-        if not await self._store.delete(organization_id, spec.id, check) and not allow_missing:
-            raise NotFound(
-                f"organization {organization_id!r} has no stored credentials for provider {spec.id!r}"
-            )
+            audit = self._audit.record(caller, RPC_DELETE, OUTCOME_OK, organization_id, spec.id)
+            if not await self._store.delete(organization_id, spec.id, check, audit) and not allow_missing:
+                raise NotFound(f"organization {organization_id!r} has no stored credentials for provider {spec.id!r}")
+        except ServiceError as error:
+            self._audit.refused(caller, RPC_DELETE, error, organization_id, provider_id)
+            raise
 
     def _status(self, spec: ProviderSpec, row: StoredIntegration | None) -> ProviderStatus:
         stored_keys = frozenset(k for k, v in row.config.items() if v and spec.field(k)) if row else frozenset()
@@ -107,9 +138,9 @@ class CredentialService:
             if key in skip or spec.field(key) is None:
                 continue
             try:
-                clear[key] = self._cipher.decrypt(stored)
-            except InvalidCiphertext:
-                raise CorruptCredential(row.organization_id, row.provider, key) from None
+                clear[key] = self._cipher.decrypt(stored, ValueContext(row.organization_id, row.provider, key))
+            except InvalidCiphertext as error:
+                raise CorruptCredential(row.organization_id, row.provider, key, reason=str(error)) from None
         return clear
 
     def _effective(

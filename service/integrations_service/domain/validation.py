@@ -85,8 +85,9 @@ def _value_violation(spec: ProviderSpec, key: str, value: str) -> FieldViolation
     if not value:
         return FieldViolation(path, "is empty; to remove a value name the field in clear_fields")
     if MASK_CHAR in value:
-        return FieldViolation(path, "contains '•', so it looks like a masked value sent back; "
-                                    "omit the field to keep the stored secret")
+        return FieldViolation(
+            path, "contains '•', so it looks like a masked value sent back; omit the field to keep the stored secret"
+        )
     if len(value.encode("utf-8")) > MAX_VALUE_BYTES:
         return FieldViolation(path, f"is longer than {MAX_VALUE_BYTES} bytes")
     if field.check and (problem := field.check(value)):

@@ -1,5 +1,23 @@
 """Persistence of encrypted integration rows. The store only ever sees ciphertext."""
 
-from integrations_service.store.base import IntegrationStore, Mutation, Precondition, StoredIntegration
+from integrations_service.store.base import (
+    AuditEntry,
+    AuditRecord,
+    IntegrationStore,
+    KeyRecord,
+    Mutation,
+    Precondition,
+    Rewrite,
+    StoredIntegration,
+)
 
-__all__ = ["IntegrationStore", "Mutation", "Precondition", "StoredIntegration"]
+__all__ = [
+    "AuditEntry",
+    "AuditRecord",
+    "IntegrationStore",
+    "KeyRecord",
+    "Mutation",
+    "Precondition",
+    "Rewrite",
+    "StoredIntegration",
+]

@@ -14,8 +14,8 @@ lose a field. A callback that raises aborts the transaction: nothing changes.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 
 
@@ -32,11 +32,47 @@ class StoredIntegration:
     updated_at: datetime
 
 
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audit event. Never holds a credential value: at most keyed HMAC fingerprints."""
+
+    time: datetime
+    caller: str
+    rpc: str
+    outcome: str
+    organization_id: str = ""
+    provider: str = ""
+    fields: tuple[str, ...] = ()
+    request_id: str = ""
+    # Small, non-secret facts: value fingerprints, rotation batch counts, the reason of a refusal.
+    details: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """An audit record as stored, with its position in the trail (grows with every record)."""
+
+    id: int
+    record: AuditRecord
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """What the store knows of one encryption key: never the key, only its check value."""
+
+    key_id: str
+    check_value: str
+    encryptions: int
+    retired: bool
+
+
 # Given the current row (None when there is none), return the new config to
 # store, or raise to abort the write.
 Mutation = Callable[[StoredIntegration | None], Mapping[str, str]]
 # Given the current row, raise to refuse the delete.
 Precondition = Callable[[StoredIntegration], None]
+# Given a row, return its re-encrypted config, or None to leave it as it is.
+Rewrite = Callable[[StoredIntegration], Mapping[str, str] | None]
 
 
 class IntegrationStore(abc.ABC):
@@ -55,17 +91,68 @@ class IntegrationStore(abc.ABC):
         """Every row of one organization, in one query."""
 
     @abc.abstractmethod
-    async def upsert(self, organization_id: str, provider: str, mutate: Mutation) -> StoredIntegration:
+    async def upsert(
+        self, organization_id: str, provider: str, mutate: Mutation, audit: AuditRecord | None = None
+    ) -> StoredIntegration:
         """Atomically replace the row's config with `mutate(current)`.
 
         Inserts the row (version 1) when there is none, else bumps its version
         and update time. `mutate` runs with the row locked against concurrent
-        writers of the same organization and provider.
+        writers of the same organization and provider. `audit`, when given, is
+        appended in the same transaction, so it exists exactly when the change does.
         """
 
     @abc.abstractmethod
-    async def delete(self, organization_id: str, provider: str, check: Precondition) -> bool:
-        """Delete the row after `check(current)` passes; False when there was none."""
+    async def delete(
+        self, organization_id: str, provider: str, check: Precondition, audit: AuditRecord | None = None
+    ) -> bool:
+        """Delete the row after `check(current)` passes; False when there was none.
+
+        `audit` is appended in the same transaction when a row was deleted.
+        """
+
+    # --- rotation -----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def scan(self, after_id: str, limit: int) -> list[StoredIntegration]:
+        """Up to `limit` rows with id > `after_id` ("" for the start), in id order."""
+
+    @abc.abstractmethod
+    async def rewrap(self, ids: Sequence[str], rewrite: Rewrite, audit: AuditRecord | None = None) -> int:
+        """In one transaction, lock the rows with these ids, store `rewrite(row)` where it is not None.
+
+        Returns how many rows changed. Only the ciphertext changes: version,
+        etag and update time stay, since the values are the same. Rows deleted
+        meanwhile are skipped. `audit` is appended in the same transaction.
+        """
+
+    # --- keys ---------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def register_keys(self, check_values: Mapping[str, str]) -> list[KeyRecord]:
+        """Record keys not known yet (with 0 encryptions); return every key record, retired ones too.
+
+        A key id already known keeps its stored check value: the caller compares.
+        """
+
+    @abc.abstractmethod
+    async def add_encryptions(self, counts: Mapping[str, int]) -> None:
+        """Add to the per-key encryption counters (the NIST SP 800-38D nonce budget)."""
+
+    @abc.abstractmethod
+    async def retire_key(self, key_id: str) -> None:
+        """Mark a key retired: no longer needed to read any row."""
+
+    # --- audit --------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def append_audit(self, records: Sequence[AuditRecord]) -> None:
+        """Append records that are not part of a change (reads, refusals, denials)."""
+
+    @abc.abstractmethod
+    async def list_audit(self, organization_id: str, before_id: int, limit: int) -> list[AuditEntry]:
+        """Newest first: up to `limit` entries with id < `before_id` (0: from the newest),
+        only those of `organization_id` unless it is empty."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -56,10 +56,9 @@ def sqlite_path(database_url: str) -> Path:
     """The file path of a `sqlite:///<path>` URL; ConfigurationError for any other URL."""
     if not database_url.lower().startswith(_SQLITE_PREFIX):
         raise errors.ConfigurationError(
-            "DATABASE_URL must start with postgresql://, postgres:// or sqlite:///, "
-            f"got {_scheme(database_url)}"
+            f"DATABASE_URL must start with postgresql://, postgres:// or sqlite:///, got {_scheme(database_url)}"
         )
-    path = database_url[len(_SQLITE_PREFIX):]
+    path = database_url[len(_SQLITE_PREFIX) :]
     if not path or "?" in path or "#" in path or path.endswith("/"):
         raise errors.ConfigurationError(
             "DATABASE_URL sqlite:///<path> must name a file (no query string), e.g. sqlite:///data/x.sqlite3"

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -20,9 +20,13 @@ import asyncpg  # type: ignore[import-untyped]
 
 from integrations_service import errors
 from integrations_service.store.base import (
+    AuditEntry,
+    AuditRecord,
     IntegrationStore,
+    KeyRecord,
     Mutation,
     Precondition,
+    Rewrite,
     StoredIntegration,
 )
 from integrations_service.store.migrate import migrate_postgres
@@ -101,6 +105,50 @@ _UPDATE = (
     "RETURNING id, organization_id, provider, config, version, created_at, updated_at"
 )
 _DELETE = "DELETE FROM integration_config WHERE id = $1"
+
+# Rotation. Byte order of id (COLLATE "C", served by the integration_config_id_bytes index):
+# the same order as the SQLite store and Python's sorted().
+_SCAN = (
+    "SELECT id, organization_id, provider, config, version, created_at, updated_at "
+    'FROM integration_config WHERE id > $1 COLLATE "C" ORDER BY id COLLATE "C" LIMIT $2'
+)
+# The locking clause runs after the sort, so rows are locked in id order: two
+# batches sharing rows cannot deadlock. Rows deleted meanwhile are not returned,
+# and a row updated meanwhile is returned as committed by that update.
+_SELECT_FOR_REWRAP = (
+    "SELECT id, organization_id, provider, config, version, created_at, updated_at "
+    'FROM integration_config WHERE id = ANY($1::text[]) ORDER BY id COLLATE "C" FOR UPDATE'
+)
+# Only the ciphertext: version and updated_at stay, since the values are the same.
+_REWRAP = "UPDATE integration_config SET config = $2::jsonb WHERE id = $1"
+
+# Keys.
+_REGISTER_KEY = "INSERT INTO encryption_keys (key_id, check_value) VALUES ($1, $2) ON CONFLICT (key_id) DO NOTHING"
+_SELECT_KEYS = (
+    "SELECT key_id, check_value, encryptions, retired_at IS NOT NULL AS retired "
+    'FROM encryption_keys ORDER BY key_id COLLATE "C"'
+)
+_ADD_ENCRYPTIONS = "UPDATE encryption_keys SET encryptions = encryptions + $2 WHERE key_id = $1"
+# COALESCE: retiring again keeps the first retirement time.
+_RETIRE_KEY = "UPDATE encryption_keys SET retired_at = COALESCE(retired_at, now()) WHERE key_id = $1"
+
+# Audit.
+_INSERT_AUDIT = (
+    "INSERT INTO audit_events "
+    "(time, caller, rpc, outcome, organization_id, provider, fields, request_id, details) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9::jsonb)"
+)
+_SELECT_AUDIT = (
+    "SELECT id, time, caller, rpc, outcome, organization_id, provider, fields, request_id, details "
+    "FROM audit_events WHERE id < $1 ORDER BY id DESC LIMIT $2"
+)
+# Served by the (organization_id, id) index, read backwards.
+_SELECT_AUDIT_ORGANIZATION = (
+    "SELECT id, time, caller, rpc, outcome, organization_id, provider, fields, request_id, details "
+    "FROM audit_events WHERE organization_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+)
+# list_audit's before_id 0 ("from the newest"): above every BIGINT id.
+_NEWEST = 2**63 - 1
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -201,10 +249,12 @@ class PostgresStore(IntegrationStore):
 
         return await self._read(query)
 
-    async def upsert(self, organization_id: str, provider: str, mutate: Mutation) -> StoredIntegration:
+    async def upsert(
+        self, organization_id: str, provider: str, mutate: Mutation, audit: AuditRecord | None = None
+    ) -> StoredIntegration:
         for attempt in range(1, _UPSERT_ATTEMPTS + 1):
             try:
-                return await self._upsert_once(organization_id, provider, mutate)
+                return await self._upsert_once(organization_id, provider, mutate, audit)
             except asyncpg.UniqueViolationError:
                 if attempt == _UPSERT_ATTEMPTS:
                     break
@@ -213,7 +263,9 @@ class PostgresStore(IntegrationStore):
             "keep being created concurrently; retry"
         )
 
-    async def delete(self, organization_id: str, provider: str, check: Precondition) -> bool:
+    async def delete(
+        self, organization_id: str, provider: str, check: Precondition, audit: AuditRecord | None = None
+    ) -> bool:
         async with self._transaction() as conn:
             current = await self._lock_row(conn, organization_id, provider)
             if current is None:
@@ -221,14 +273,98 @@ class PostgresStore(IntegrationStore):
             check(current)  # raising rolls back: the row stays
             with _unavailable_on_connection_error():
                 await conn.execute(_DELETE, current.id)
+                if audit is not None:
+                    await _insert_audit(conn, [audit])
         return True
+
+    # --- rotation -------------------------------------------------------------------------------
+
+    async def scan(self, after_id: str, limit: int) -> list[StoredIntegration]:
+        if limit < 1:
+            return []
+
+        async def query(conn: Any) -> list[StoredIntegration]:
+            records = await conn.fetch(_SCAN, after_id, limit)
+            return [_to_stored(record) for record in records]
+
+        return await self._read(query)
+
+    async def rewrap(self, ids: Sequence[str], rewrite: Rewrite, audit: AuditRecord | None = None) -> int:
+        wanted = sorted(set(ids))
+        if not wanted and audit is None:
+            return 0
+        async with self._transaction() as conn:
+            with _unavailable_on_connection_error():
+                records = await conn.fetch(_SELECT_FOR_REWRAP, wanted)
+            changes: list[tuple[str, dict[str, str]]] = []
+            for record in records:
+                row = _to_stored(record)
+                config = rewrite(row)  # raising rolls back: nothing changes
+                if config is not None:
+                    changes.append((row.id, dict(config)))
+            with _unavailable_on_connection_error():
+                if changes:
+                    await conn.executemany(_REWRAP, changes)
+                if audit is not None:
+                    await _insert_audit(conn, [audit])
+        return len(changes)
+
+    # --- keys -----------------------------------------------------------------------------------
+
+    async def register_keys(self, check_values: Mapping[str, str]) -> list[KeyRecord]:
+        if not check_values:
+            return await self._read(_fetch_keys)
+        # Sorted: two replicas registering the same new keys take their locks in the same order.
+        parameters = [(key_id, check_values[key_id]) for key_id in sorted(check_values)]
+        async with self._transaction() as conn:
+            with _unavailable_on_connection_error():
+                await conn.executemany(_REGISTER_KEY, parameters)
+                return await _fetch_keys(conn)
+
+    async def add_encryptions(self, counts: Mapping[str, int]) -> None:
+        parameters = _encryption_counts(counts)
+        if not parameters:
+            return
+        async with self._transaction() as conn:
+            with _unavailable_on_connection_error():
+                await conn.executemany(_ADD_ENCRYPTIONS, parameters)
+
+    async def retire_key(self, key_id: str) -> None:
+        async with self._transaction() as conn:
+            with _unavailable_on_connection_error():
+                await conn.execute(_RETIRE_KEY, key_id)
+
+    # --- audit ----------------------------------------------------------------------------------
+
+    async def append_audit(self, records: Sequence[AuditRecord]) -> None:
+        if not records:
+            return
+        async with self._transaction() as conn:
+            with _unavailable_on_connection_error():
+                await _insert_audit(conn, records)
+
+    async def list_audit(self, organization_id: str, before_id: int, limit: int) -> list[AuditEntry]:
+        if limit < 1:
+            return []
+        before = before_id if before_id > 0 else _NEWEST
+
+        async def query(conn: Any) -> list[AuditEntry]:
+            if organization_id:
+                records = await conn.fetch(_SELECT_AUDIT_ORGANIZATION, organization_id, before, limit)
+            else:
+                records = await conn.fetch(_SELECT_AUDIT, before, limit)
+            return [_to_audit_entry(record) for record in records]
+
+        return await self._read(query)
 
     async def close(self) -> None:
         try:
             await asyncio.wait_for(self._pool.close(), timeout=self._close_timeout)
         except Exception:  # a timeout, or a connection that fails while closing
-            log.warning("closing the PostgreSQL pool did not finish; terminating its connections",
-                        extra={"event": "pool_terminated"})
+            log.warning(
+                "closing the PostgreSQL pool did not finish; terminating its connections",
+                extra={"event": "pool_terminated"},
+            )
             self._pool.terminate()
 
     # --- internals ------------------------------------------------------------------------------
@@ -254,15 +390,19 @@ class PostgresStore(IntegrationStore):
         await self._give_back(conn, None)
         return result
 
-    async def _upsert_once(self, organization_id: str, provider: str, mutate: Mutation) -> StoredIntegration:
+    async def _upsert_once(
+        self, organization_id: str, provider: str, mutate: Mutation, audit: AuditRecord | None
+    ) -> StoredIntegration:
         async with self._transaction() as conn:
             current = await self._lock_row(conn, organization_id, provider)
-            config = dict(mutate(current))  # raising rolls back: nothing changes
+            config = dict(mutate(current))  # raising rolls back: nothing changes, no audit
             with _unavailable_on_connection_error():
                 if current is None:
                     record = await conn.fetchrow(_INSERT, uuid.uuid4().hex, organization_id, provider, config)
                 else:
                     record = await conn.fetchrow(_UPDATE, current.id, config)
+                if audit is not None:
+                    await _insert_audit(conn, [audit])
         return _to_stored(record)
 
     async def _lock_row(self, conn: Any, organization_id: str, provider: str) -> StoredIntegration | None:
@@ -425,11 +565,74 @@ def _to_stored(record: Any) -> StoredIntegration:
 def _config_of(value: object, organization_id: str, provider: str) -> dict[str, str]:
     if not isinstance(value, Mapping):
         raise errors.FailedPrecondition(
-            f"the stored config of organization {organization_id!r} for provider {provider!r} "
-            "is not a JSON object"
+            f"the stored config of organization {organization_id!r} for provider {provider!r} is not a JSON object"
         )
     # Rows written by the dashboard are string-valued; anything else is kept as its JSON text.
     return {str(key): item if isinstance(item, str) else _encode_json(item) for key, item in value.items()}
+
+
+async def _fetch_keys(conn: Any) -> list[KeyRecord]:
+    records = await conn.fetch(_SELECT_KEYS)
+    return [
+        KeyRecord(
+            key_id=str(record["key_id"]),
+            check_value=str(record["check_value"]),
+            encryptions=int(record["encryptions"]),
+            retired=bool(record["retired"]),
+        )
+        for record in records
+    ]
+
+
+def _encryption_counts(counts: Mapping[str, int]) -> list[tuple[str, int]]:
+    """(key id, count) to add, sorted so concurrent writers lock keys in the same order; zeros dropped."""
+    for key_id, count in counts.items():
+        if count < 0:
+            raise ValueError(f"the encryption count of key {key_id!r} cannot go down (got {count})")
+    return [(key_id, counts[key_id]) for key_id in sorted(counts) if counts[key_id]]
+
+
+async def _insert_audit(conn: Any, records: Sequence[AuditRecord]) -> None:
+    """In the caller's transaction: one statement, executed for every record."""
+    await conn.executemany(_INSERT_AUDIT, [_audit_parameters(record) for record in records])
+
+
+def _audit_parameters(record: AuditRecord) -> tuple[object, ...]:
+    return (
+        _utc(record.time),
+        record.caller,
+        record.rpc,
+        record.outcome,
+        record.organization_id,
+        record.provider,
+        list(record.fields),
+        record.request_id,
+        dict(record.details),
+    )
+
+
+def _to_audit_entry(record: Any) -> AuditEntry:
+    fields = record["fields"] or []
+    details = record["details"] or {}
+    return AuditEntry(
+        id=int(record["id"]),
+        record=AuditRecord(
+            time=_utc(record["time"]),
+            caller=str(record["caller"]),
+            rpc=str(record["rpc"]),
+            outcome=str(record["outcome"]),
+            organization_id=str(record["organization_id"]),
+            provider=str(record["provider"]),
+            fields=tuple(item if isinstance(item, str) else _encode_json(item) for item in fields),
+            request_id=str(record["request_id"]),
+            details={str(key): item if isinstance(item, str) else _encode_json(item) for key, item in details.items()},
+        ),
+    )
+
+
+def _utc(value: datetime) -> datetime:
+    """Aware UTC; a naive datetime is taken to be UTC already (as the SQLite store does)."""
+    return _aware(value).astimezone(UTC)
 
 
 def _aware(value: datetime) -> datetime:

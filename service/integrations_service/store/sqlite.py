@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,13 @@ import aiosqlite
 
 from integrations_service import errors
 from integrations_service.store.base import (
+    AuditEntry,
+    AuditRecord,
     IntegrationStore,
+    KeyRecord,
     Mutation,
     Precondition,
+    Rewrite,
     StoredIntegration,
 )
 from integrations_service.store.migrate import migrate_sqlite
@@ -37,16 +41,18 @@ UNAVAILABLE_MESSAGE = "the credential store (SQLite) is unavailable"
 BUSY_TIMEOUT_MS = 5000
 
 # Primary result codes meaning the file cannot be used right now, as opposed to a bug in our SQL.
-_UNAVAILABLE_CODES = frozenset({
-    sqlite3.SQLITE_BUSY,
-    sqlite3.SQLITE_LOCKED,
-    sqlite3.SQLITE_NOMEM,
-    sqlite3.SQLITE_READONLY,
-    sqlite3.SQLITE_IOERR,
-    sqlite3.SQLITE_FULL,
-    sqlite3.SQLITE_CANTOPEN,
-    sqlite3.SQLITE_PROTOCOL,
-})
+_UNAVAILABLE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
 
 # Plain literals (no string building): every value travels as a bind parameter.
 _SELECT_ONE = (
@@ -65,6 +71,47 @@ _INSERT = (
 )
 _UPDATE = "UPDATE integration_config SET config = ?, version = ?, updated_at = ? WHERE id = ?"
 _DELETE = "DELETE FROM integration_config WHERE id = ?"
+
+# Rotation, in id order (BINARY: byte order, as on PostgreSQL).
+_SCAN = (
+    "SELECT id, organization_id, provider, config, version, created_at, updated_at "
+    "FROM integration_config WHERE id > ? ORDER BY id LIMIT ?"
+)
+# The ids travel as one JSON array parameter, so the statement stays a literal.
+_SELECT_FOR_REWRAP = (
+    "SELECT id, organization_id, provider, config, version, created_at, updated_at "
+    "FROM integration_config WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id"
+)
+# Only the ciphertext: version and updated_at stay, since the values are the same.
+_REWRAP = "UPDATE integration_config SET config = ? WHERE id = ?"
+
+# Keys.
+_REGISTER_KEY = (
+    "INSERT INTO encryption_keys (key_id, check_value, encryptions, created_at) VALUES (?, ?, 0, ?) "
+    "ON CONFLICT (key_id) DO NOTHING"
+)
+_SELECT_KEYS = "SELECT key_id, check_value, encryptions, retired_at IS NOT NULL FROM encryption_keys ORDER BY key_id"
+_ADD_ENCRYPTIONS = "UPDATE encryption_keys SET encryptions = encryptions + ? WHERE key_id = ?"
+# COALESCE: retiring again keeps the first retirement time.
+_RETIRE_KEY = "UPDATE encryption_keys SET retired_at = COALESCE(retired_at, ?) WHERE key_id = ?"
+
+# Audit.
+_INSERT_AUDIT = (
+    "INSERT INTO audit_events "
+    "(time, caller, rpc, outcome, organization_id, provider, fields, request_id, details) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SELECT_AUDIT = (
+    "SELECT id, time, caller, rpc, outcome, organization_id, provider, fields, request_id, details "
+    "FROM audit_events WHERE id < ? ORDER BY id DESC LIMIT ?"
+)
+# Served by the (organization_id, id) index, read backwards.
+_SELECT_AUDIT_ORGANIZATION = (
+    "SELECT id, time, caller, rpc, outcome, organization_id, provider, fields, request_id, details "
+    "FROM audit_events WHERE organization_id = ? AND id < ? ORDER BY id DESC LIMIT ?"
+)
+# list_audit's before_id 0 ("from the newest"): above every INTEGER id.
+_NEWEST = 2**63 - 1
 
 
 def is_unavailable_error(exc: BaseException) -> bool:
@@ -129,33 +176,105 @@ class SqliteStore(IntegrationStore):
                     rows = await cursor.fetchall()
         return [_to_stored(row) for row in rows]
 
-    async def upsert(self, organization_id: str, provider: str, mutate: Mutation) -> StoredIntegration:
-        async with self._lock:
-            await self._begin()
-            try:
-                current = await self._fetch_row(organization_id, provider)
-                config = dict(mutate(current))  # raising rolls back: nothing changes
-                row = await self._write(organization_id, provider, current, config)
-                await self._commit()
-            except BaseException:
-                await self._rollback_quietly()
-                raise
+    async def upsert(
+        self, organization_id: str, provider: str, mutate: Mutation, audit: AuditRecord | None = None
+    ) -> StoredIntegration:
+        async with self._write_transaction():
+            current = await self._fetch_row(organization_id, provider)
+            config = dict(mutate(current))  # raising rolls back: nothing changes, no audit
+            row = await self._write(organization_id, provider, current, config)
+            if audit is not None:
+                await self._insert_audit([audit])
         return row
 
-    async def delete(self, organization_id: str, provider: str, check: Precondition) -> bool:
-        async with self._lock:
-            await self._begin()
-            try:
-                current = await self._fetch_row(organization_id, provider)
-                if current is not None:
-                    check(current)  # raising rolls back: the row stays
-                    with _unavailable_on_io_error():
-                        await self._execute(_DELETE, (current.id,))
-                await self._commit()
-            except BaseException:
-                await self._rollback_quietly()
-                raise
+    async def delete(
+        self, organization_id: str, provider: str, check: Precondition, audit: AuditRecord | None = None
+    ) -> bool:
+        async with self._write_transaction():
+            current = await self._fetch_row(organization_id, provider)
+            if current is not None:
+                check(current)  # raising rolls back: the row stays
+                with _unavailable_on_io_error():
+                    await self._execute(_DELETE, (current.id,))
+                if audit is not None:
+                    await self._insert_audit([audit])
         return current is not None
+
+    # --- rotation -------------------------------------------------------------------------------
+
+    async def scan(self, after_id: str, limit: int) -> list[StoredIntegration]:
+        if limit < 1:
+            return []
+        async with self._lock:
+            rows = await self._fetch_all(_SCAN, (after_id, limit))
+        return [_to_stored(row) for row in rows]
+
+    async def rewrap(self, ids: Sequence[str], rewrite: Rewrite, audit: AuditRecord | None = None) -> int:
+        wanted = sorted(set(ids))
+        if not wanted and audit is None:
+            return 0
+        async with self._write_transaction():
+            # BEGIN IMMEDIATE holds the write lock: no row read here changes before the commit.
+            rows = await self._fetch_all(_SELECT_FOR_REWRAP, (json.dumps(wanted),))
+            changes: list[tuple[str, str]] = []
+            for raw in rows:
+                row = _to_stored(raw)
+                config = rewrite(row)  # raising rolls back: nothing changes
+                if config is not None:
+                    changes.append((_encode(config), row.id))
+            if changes:
+                await self._execute_many(_REWRAP, changes)
+            if audit is not None:
+                await self._insert_audit([audit])
+        return len(changes)
+
+    # --- keys -----------------------------------------------------------------------------------
+
+    async def register_keys(self, check_values: Mapping[str, str]) -> list[KeyRecord]:
+        if not check_values:
+            async with self._lock:
+                rows = await self._fetch_all(_SELECT_KEYS)
+            return [_to_key(row) for row in rows]
+        created = _text(datetime.now(UTC))
+        parameters = [(key_id, check_values[key_id], created) for key_id in sorted(check_values)]
+        async with self._write_transaction():
+            await self._execute_many(_REGISTER_KEY, parameters)
+            rows = await self._fetch_all(_SELECT_KEYS)
+        return [_to_key(row) for row in rows]
+
+    async def add_encryptions(self, counts: Mapping[str, int]) -> None:
+        for key_id, count in counts.items():
+            if count < 0:
+                raise ValueError(f"the encryption count of key {key_id!r} cannot go down (got {count})")
+        parameters = [(counts[key_id], key_id) for key_id in sorted(counts) if counts[key_id]]
+        if not parameters:
+            return
+        async with self._write_transaction():
+            await self._execute_many(_ADD_ENCRYPTIONS, parameters)
+
+    async def retire_key(self, key_id: str) -> None:
+        async with self._write_transaction():
+            with _unavailable_on_io_error():
+                await self._execute(_RETIRE_KEY, (_text(datetime.now(UTC)), key_id))
+
+    # --- audit ----------------------------------------------------------------------------------
+
+    async def append_audit(self, records: Sequence[AuditRecord]) -> None:
+        if not records:
+            return
+        async with self._write_transaction():
+            await self._insert_audit(records)
+
+    async def list_audit(self, organization_id: str, before_id: int, limit: int) -> list[AuditEntry]:
+        if limit < 1:
+            return []
+        before = before_id if before_id > 0 else _NEWEST
+        async with self._lock:
+            if organization_id:
+                rows = await self._fetch_all(_SELECT_AUDIT_ORGANIZATION, (organization_id, before, limit))
+            else:
+                rows = await self._fetch_all(_SELECT_AUDIT, (before, limit))
+        return [_to_audit_entry(row) for row in rows]
 
     async def close(self) -> None:
         # Safe to call twice; a failure to close is not worth failing shutdown over.
@@ -173,6 +292,32 @@ class SqliteStore(IntegrationStore):
     async def _execute(self, sql: str, parameters: tuple[object, ...] = ()) -> None:
         async with self._conn.execute(sql, parameters):
             pass  # closes the cursor right away
+
+    async def _execute_many(self, sql: str, parameters: Iterable[tuple[object, ...]]) -> None:
+        with _unavailable_on_io_error():
+            async with self._conn.executemany(sql, parameters):
+                pass  # closes the cursor right away
+
+    async def _fetch_all(self, sql: str, parameters: tuple[object, ...] = ()) -> list[Any]:
+        with _unavailable_on_io_error():
+            async with self._conn.execute(sql, parameters) as cursor:
+                return list(await cursor.fetchall())
+
+    async def _insert_audit(self, records: Sequence[AuditRecord]) -> None:
+        """In the caller's transaction: one statement, executed for every record."""
+        await self._execute_many(_INSERT_AUDIT, [_audit_parameters(record) for record in records])
+
+    @contextlib.asynccontextmanager
+    async def _write_transaction(self) -> AsyncIterator[None]:
+        """Under the lock, BEGIN IMMEDIATE; commit when the block ends, else roll back and re-raise unchanged."""
+        async with self._lock:
+            await self._begin()
+            try:
+                yield
+                await self._commit()
+            except BaseException:
+                await self._rollback_quietly()
+                raise
 
     async def _begin(self) -> None:
         # IMMEDIATE takes the write lock now, so the row read next cannot change before our write.
@@ -207,13 +352,19 @@ class SqliteStore(IntegrationStore):
         if current is None:
             row = StoredIntegration(uuid.uuid4().hex, organization_id, provider, config, 1, now, now)
             parameters: tuple[object, ...] = (
-                row.id, organization_id, provider, _encode(config), _text(now), _text(now)
+                row.id,
+                organization_id,
+                provider,
+                _encode(config),
+                _text(now),
+                _text(now),
             )
         else:
             # updated_at grows with every write even if the clock stalls or steps back.
             updated = max(now, current.updated_at + timedelta(microseconds=1))
-            row = StoredIntegration(current.id, organization_id, provider, config, current.version + 1,
-                                    current.created_at, updated)
+            row = StoredIntegration(
+                current.id, organization_id, provider, config, current.version + 1, current.created_at, updated
+            )
             parameters = (_encode(config), row.version, _text(updated), current.id)
         with _unavailable_on_io_error():
             await self._execute(_INSERT if current is None else _UPDATE, parameters)
@@ -236,6 +387,11 @@ def _text(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+def _utc_text(moment: datetime) -> str:
+    """Like _text, but a naive datetime is taken to be UTC already (as the PostgreSQL store does)."""
+    return _text(moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC))
+
+
 def _parse_time(text: str) -> datetime:
     moment = datetime.fromisoformat(text)
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
@@ -254,12 +410,52 @@ def _to_stored(row: Iterable[Any]) -> StoredIntegration:
     )
 
 
+def _to_key(row: Iterable[Any]) -> KeyRecord:
+    key_id, check_value, encryptions, retired = tuple(row)
+    return KeyRecord(
+        key_id=str(key_id), check_value=str(check_value), encryptions=int(encryptions), retired=bool(retired)
+    )
+
+
+def _audit_parameters(record: AuditRecord) -> tuple[object, ...]:
+    return (
+        _utc_text(record.time),
+        record.caller,
+        record.rpc,
+        record.outcome,
+        record.organization_id,
+        record.provider,
+        json.dumps(list(record.fields), ensure_ascii=False, separators=(",", ":")),
+        record.request_id,
+        _encode(record.details),
+    )
+
+
+def _to_audit_entry(row: Iterable[Any]) -> AuditEntry:
+    id_, time, caller, rpc, outcome, organization_id, provider, fields, request_id, details = tuple(row)
+    field_list = json.loads(str(fields)) if fields is not None else []
+    detail_map = json.loads(str(details)) if details is not None else {}
+    return AuditEntry(
+        id=int(id_),
+        record=AuditRecord(
+            time=_parse_time(str(time)).astimezone(UTC),
+            caller=str(caller),
+            rpc=str(rpc),
+            outcome=str(outcome),
+            organization_id=str(organization_id),
+            provider=str(provider),
+            fields=tuple(item if isinstance(item, str) else json.dumps(item) for item in field_list),
+            request_id=str(request_id),
+            details={str(key): item if isinstance(item, str) else json.dumps(item) for key, item in detail_map.items()},
+        ),
+    )
+
+
 def _decode(text: str, organization_id: str, provider: str) -> dict[str, str]:
     value = json.loads(text)
     if not isinstance(value, dict):
         raise errors.FailedPrecondition(
-            f"the stored config of organization {organization_id!r} for provider {provider!r} "
-            "is not a JSON object"
+            f"the stored config of organization {organization_id!r} for provider {provider!r} is not a JSON object"
         )
     # The store only writes strings; anything else is kept as its JSON text.
     return {str(key): item if isinstance(item, str) else json.dumps(item) for key, item in value.items()}

@@ -58,6 +58,11 @@ class IntegrationServiceStub:
                 request_serializer=integrations_dot_v1_dot_integrations__pb2.DeleteIntegrationRequest.SerializeToString,
                 response_deserializer=integrations_dot_v1_dot_integrations__pb2.DeleteIntegrationResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/integrations.v1.IntegrationService/ListAuditEvents',
+                request_serializer=integrations_dot_v1_dot_integrations__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=integrations_dot_v1_dot_integrations__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class IntegrationServiceServicer:
@@ -100,6 +105,14 @@ class IntegrationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """Lists audit events, newest first: changes, decrypted reads, refusals,
+        permission denials and key rotation batches. Admin callers only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IntegrationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +135,11 @@ def add_IntegrationServiceServicer_to_server(servicer, server):
                     servicer.DeleteIntegration,
                     request_deserializer=integrations_dot_v1_dot_integrations__pb2.DeleteIntegrationRequest.FromString,
                     response_serializer=integrations_dot_v1_dot_integrations__pb2.DeleteIntegrationResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=integrations_dot_v1_dot_integrations__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=integrations_dot_v1_dot_integrations__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -236,6 +254,33 @@ class IntegrationService:
             '/integrations.v1.IntegrationService/DeleteIntegration',
             integrations_dot_v1_dot_integrations__pb2.DeleteIntegrationRequest.SerializeToString,
             integrations_dot_v1_dot_integrations__pb2.DeleteIntegrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/integrations.v1.IntegrationService/ListAuditEvents',
+            integrations_dot_v1_dot_integrations__pb2.ListAuditEventsRequest.SerializeToString,
+            integrations_dot_v1_dot_integrations__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

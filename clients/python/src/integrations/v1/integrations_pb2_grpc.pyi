@@ -54,6 +54,10 @@ class IntegrationServiceStub:
     """Removes one organization's stored credentials for one provider, so every
     field falls back to the environment default.
     """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_integrations_pb2.ListAuditEventsRequest, _integrations_pb2.ListAuditEventsResponse]
+    """Lists audit events, newest first: changes, decrypted reads, refusals,
+    permission denials and key rotation batches. Admin callers only.
+    """
 
 @_typing.type_check_only
 class IntegrationServiceAsyncStub(IntegrationServiceStub):
@@ -80,6 +84,10 @@ class IntegrationServiceAsyncStub(IntegrationServiceStub):
     DeleteIntegration: _aio.UnaryUnaryMultiCallable[_integrations_pb2.DeleteIntegrationRequest, _integrations_pb2.DeleteIntegrationResponse]  # type: ignore[assignment]
     """Removes one organization's stored credentials for one provider, so every
     field falls back to the environment default.
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_integrations_pb2.ListAuditEventsRequest, _integrations_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """Lists audit events, newest first: changes, decrypted reads, refusals,
+    permission denials and key rotation batches. Admin callers only.
     """
 
 class IntegrationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -128,6 +136,16 @@ class IntegrationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_integrations_pb2.DeleteIntegrationResponse, _abc.Awaitable[_integrations_pb2.DeleteIntegrationResponse]]:
         """Removes one organization's stored credentials for one provider, so every
         field falls back to the environment default.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _integrations_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_integrations_pb2.ListAuditEventsResponse, _abc.Awaitable[_integrations_pb2.ListAuditEventsResponse]]:
+        """Lists audit events, newest first: changes, decrypted reads, refusals,
+        permission denials and key rotation batches. Admin callers only.
         """
 
 def add_IntegrationServiceServicer_to_server(servicer: IntegrationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,139 @@
+"""One interceptor around every unary RPC.
+
+For each call it: takes or makes a request id; names the caller from the TLS
+auth context; checks the caller's permission for this RPC (and view);
+turns `errors.ServiceError` into its status (`api.status`) and anything
+unexpected into INTERNAL, logged with the request id (never UNKNOWN); and
+writes one log line with identifiers only, never request values.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+
+from integrations_service import errors
+from integrations_service.api.auth import DEVELOPMENT_IDENTITY, Authorizer, identity_of
+from integrations_service.api.status import status_code_of, to_grpc_status
+from integrations_service.domain.audit import AuditTrail, Caller
+
+log = logging.getLogger("integrations.rpc")
+
+REQUEST_ID_KEY = "x-request-id"
+_CALLER_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller")
+
+Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+if TYPE_CHECKING:  # the stubs make it generic; the runtime class is not subscriptable
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+def current_caller() -> Caller:
+    """The caller of the RPC being served (set by the interceptor for the handler's task)."""
+    return _current_caller.get()
+
+
+class RpcInterceptor(_ServerInterceptor):
+    def __init__(self, authorizer: Authorizer, audit: AuditTrail) -> None:
+        self._authorizer = authorizer
+        self._audit = audit
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        # Under grpc.aio the unary behaviour is a coroutine function taking an aio context.
+        behaviour = cast(Handler, handler.unary_unary)
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(handler_call_details.method, behaviour),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(self, method: str, inner: Handler) -> Handler:
+        async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            caller = Caller(identity_of(context) or DEVELOPMENT_IDENTITY, _request_id(context))
+            _current_caller.set(caller)
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                self._authorize(caller, method, request)
+                response = await inner(request, context)
+                context.set_trailing_metadata(((REQUEST_ID_KEY, caller.request_id),))
+                return response
+            except errors.ServiceError as error:
+                code = status_code_of(error)
+                await _abort(context, to_grpc_status(code, error.message, caller.request_id, error), caller.request_id)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unexpected error", extra={"request_id": caller.request_id, "rpc": method})
+                message = f"internal error; the service logged it with request id {caller.request_id}"
+                await _abort(context, to_grpc_status(code, message, caller.request_id, None), caller.request_id)
+            finally:
+                _log_rpc(method, request, code, started, caller)
+            raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+        return handle
+
+    def _authorize(self, caller: Caller, method: str, request: Any) -> None:
+        try:
+            self._authorizer.check(caller.identity, method, request)
+        except errors.PermissionDenied as error:
+            log.warning(
+                "permission denied",
+                extra={
+                    "event": "permission_denied",
+                    "caller": caller.identity,
+                    "rpc": method,
+                    "request_id": caller.request_id,
+                },
+            )
+            organization_id = getattr(request, "organization_id", "")
+            provider = getattr(request, "provider", "")
+            rpc = method.rsplit("/", 1)[-1]
+            self._audit.refused(caller, rpc, error, organization_id, provider)
+            raise
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _CALLER_REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status, request_id: str) -> None:
+    trailing = (*status.trailing_metadata, (REQUEST_ID_KEY, request_id))
+    await context.abort(status.code, status.details, trailing)
+
+
+def _log_rpc(method: str, request: Any, code: grpc.StatusCode, started: float, caller: Caller) -> None:
+    log.info(
+        "rpc finished",
+        extra={
+            "rpc": method,
+            "code": code.name,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "request_id": caller.request_id,
+            "caller": caller.identity,
+            # Identifiers only: requests carry secrets in other fields, which are never logged.
+            "organization_id": getattr(request, "organization_id", "") or None,
+            "provider": getattr(request, "provider", "") or None,
+        },
+    )

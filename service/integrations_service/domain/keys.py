@@ -1,0 +1,107 @@
+"""Keeping the keyring honest against the data: the start-up key check and the nonce budget.
+
+At start-up every configured key is registered with its check value (an HMAC
+that proves which key it is without revealing it). A configured key whose
+check value differs from the stored one, or a key the data still needs that
+is not configured, stops the start with a message naming the key ids.
+
+Random 96-bit nonces allow 2**32 encryptions per key (NIST SP 800-38D). The
+count of each key's encryptions is kept in the store (flushed every few
+seconds and at shutdown) and a warning is logged from a quarter of the budget on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+
+from integrations_service.crypto import NONCE_LIMIT, ValueCipher
+from integrations_service.errors import ConfigurationError, Unavailable
+from integrations_service.store import IntegrationStore, KeyRecord
+
+log = logging.getLogger("integrations.keys")
+
+WARN_AT_ENCRYPTIONS = NONCE_LIMIT // 4
+FLUSH_INTERVAL_SECONDS = 10.0
+
+
+def check_keys(records: list[KeyRecord], cipher: ValueCipher) -> None:
+    """Raise ConfigurationError unless the configured keys are those the data was written with."""
+    mine = cipher.check_values()
+    problems = [
+        f"configured key {r.key_id!r} is not the key the stored data was encrypted with (check value differs)"
+        for r in records
+        if r.key_id in mine and r.check_value != mine[r.key_id]
+    ]
+    if missing := sorted(r.key_id for r in records if not r.retired and r.key_id not in mine):
+        problems.append(
+            f"keys {', '.join(map(repr, missing))} are not configured but not retired either: stored values "
+            "may still need them (configure them, or rotate and then retire them)"
+        )
+    if problems:
+        raise ConfigurationError("encryption keys do not match the store:\n  " + "\n  ".join(problems))
+
+
+class KeyUsage:
+    """Registers keys at start-up, then keeps the per-key encryption counts in the store."""
+
+    def __init__(self, store: IntegrationStore, cipher: ValueCipher) -> None:
+        self._store = store
+        self._cipher = cipher
+        self._flushed: Counter[str] = Counter()
+        self._stored_totals: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def verify(self) -> None:
+        records = await self._store.register_keys(self._cipher.check_values())
+        check_keys(records, self._cipher)
+        self._stored_totals = {r.key_id: r.encryptions for r in records}
+        self._warn_if_worn()
+
+    def totals(self) -> dict[str, int]:
+        """Encryptions per key over its whole life: stored count plus this process's unflushed ones."""
+        unflushed = self._cipher.encryptions - self._flushed
+        return {
+            key_id: self._stored_totals.get(key_id, 0) + unflushed.get(key_id, 0) for key_id in self._cipher.key_ids
+        }
+
+    async def flush(self) -> None:
+        delta = self._cipher.encryptions - self._flushed
+        if not delta:
+            return
+        try:
+            await self._store.add_encryptions(dict(delta))
+        except Unavailable:
+            return  # counted again at the next flush
+        self._flushed.update(delta)
+        for key_id, count in delta.items():
+            self._stored_totals[key_id] = self._stored_totals.get(key_id, 0) + count
+        self._warn_if_worn()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._flush_periodically(), name="key-usage-flush")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.flush()
+
+    def _warn_if_worn(self) -> None:
+        active = self._cipher.active_key_id
+        used = self._stored_totals.get(active, 0)
+        if used >= WARN_AT_ENCRYPTIONS:
+            log.warning(
+                "the active encryption key has used %.1f%% of its random-nonce budget (2**32, NIST SP 800-38D): "
+                "rotate to a new key",
+                100 * used / NONCE_LIMIT,
+                extra={"event": "key_wear", "key_id": active, "count": used},
+            )
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
+            await self.flush()
