@@ -36,6 +36,7 @@ class Running:
 async def start_service(database_url: str, data_dir: Path, extra_env: Mapping[str, str] = ()) -> Running:  # type: ignore[assignment]
     environ = {
         "INTEGRATIONS_LISTEN_ADDRESS": "127.0.0.1:0",
+        "INTEGRATIONS_METRICS_ADDRESS": "127.0.0.1:0",
         "INTEGRATION_ENCRYPTION_KEY": TEST_KEY,
         "DATABASE_URL": database_url,
         "INTEGRATIONS_DATA_DIR": str(data_dir),

@@ -24,6 +24,7 @@ from integrations_service.domain.audit import AuditTrail
 from integrations_service.domain.keys import KeyUsage
 from integrations_service.domain.service import CredentialService
 from integrations_service.errors import ConfigurationError
+from integrations_service.metrics import InstrumentedStore, Metrics
 from integrations_service.store import IntegrationStore
 from integrations_service.store.factory import open_store
 
@@ -38,6 +39,8 @@ class RunningService:
     audit: AuditTrail
     key_usage: KeyUsage
     port: int
+    metrics: Metrics
+    metrics_port: int | None
 
     async def stop(self, grace: float) -> None:
         """Health goes NOT_SERVING, new calls are refused, in-flight ones get `grace` seconds."""
@@ -76,6 +79,11 @@ def load_or_create_dev_key(path: Path) -> Keyring:
         raise ConfigurationError(f"development key file {path} is invalid: {error}") from None
 
 
+def check_security_files(settings: Settings) -> None:
+    """Load the policy and TLS files as `start` would, without opening the store or a port (`serve --check`)."""
+    _security(settings)
+
+
 def _security(settings: Settings) -> tuple[grpc.ServerCredentials | None, Authorizer]:
     """Mutual TLS with the policy, or plaintext that trusts every caller (development, loopback)."""
     policy = Policy.load(settings.authz_policy) if settings.authz_policy else None
@@ -89,10 +97,12 @@ def _security(settings: Settings) -> tuple[grpc.ServerCredentials | None, Author
 
 
 async def open_checked_store(
-    settings: Settings, cipher: ValueCipher, pool_size: int
+    settings: Settings, cipher: ValueCipher, pool_size: int, metrics: Metrics | None = None
 ) -> tuple[IntegrationStore, KeyUsage]:
     """The store, migrated, with the configured keys proven to be the ones its data was written with."""
     store = await open_store(settings.database_url, settings.data_dir, timeout=settings.db_timeout, pool_size=pool_size)
+    if metrics is not None:
+        store = InstrumentedStore(store, metrics)
     key_usage = KeyUsage(store, cipher)
     try:
         await key_usage.verify()
@@ -105,12 +115,16 @@ async def open_checked_store(
 async def start(settings: Settings) -> RunningService:
     cipher = ValueCipher(resolve_keyring(settings))
     credentials, authorizer = _security(settings)  # bad TLS files or policy stop us before the store opens
-    store, key_usage = await open_checked_store(settings, cipher, settings.db_pool_size)
+    metrics = Metrics()
+    store, key_usage = await open_checked_store(settings, cipher, settings.db_pool_size, metrics)
     audit = AuditTrail(store)
     try:
         service = CredentialService(store, cipher, settings.provider_defaults, audit)
-        server, health_servicer = build_server(service, audit, authorizer, reflection_enabled=settings.reflection)
+        server, health_servicer = build_server(
+            service, audit, authorizer, metrics, reflection_enabled=settings.reflection
+        )
         port = listen(server, settings.listen_address, credentials)
+        metrics_port = _serve_metrics(metrics, settings.metrics_address, store, audit, key_usage)
         await server.start()
     except BaseException:
         await store.close()
@@ -128,4 +142,20 @@ async def start(settings: Settings) -> RunningService:
             "key_id": cipher.active_key_id,
         },
     )
-    return RunningService(server, health_servicer, store, audit, key_usage, port)
+    return RunningService(server, health_servicer, store, audit, key_usage, port, metrics, metrics_port)
+
+
+def _serve_metrics(
+    metrics: Metrics, address: str | None, store: IntegrationStore, audit: AuditTrail, key_usage: KeyUsage
+) -> int | None:
+    metrics.watch(store, key_usage.totals)
+    metrics.audit_buffered.set_function(lambda: audit.buffered)
+    metrics.audit_dropped.set_function(lambda: audit.dropped)
+    if address is None:
+        return None
+    try:
+        return metrics.serve(address)
+    except OSError as error:
+        raise ConfigurationError(
+            f"INTEGRATIONS_METRICS_ADDRESS: cannot listen on {address}: {error.strerror}"
+        ) from None

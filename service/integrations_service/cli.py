@@ -1,4 +1,4 @@
-"""`integrations-service`: serve, migrate, gen-key, rotate, retire-key, dev-certs."""
+"""`integrations-service`: serve, migrate, gen-key, rotate, retire-key, dev-certs, healthcheck."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from integrations_service import app, logs
+from integrations_service import app, healthcheck, logs
 from integrations_service.config import KEY_MATERIAL_ENVS, Settings, add_flags, load_settings
 from integrations_service.crypto import EncryptionKey, ValueCipher
 from integrations_service.devcerts import make_dev_certs
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     retire = commands.add_parser("retire-key", help="retire a key once no stored value needs it")
     add_flags(retire)
     retire.add_argument("key_id", help="the id of the key to retire")
+    health = commands.add_parser("healthcheck", help="exit 0 when the local service reports SERVING")
+    health.add_argument("--address", help="host:port (default: INTEGRATIONS_LISTEN_ADDRESS)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds (default: 3)")
     certs = commands.add_parser("dev-certs", help="write a development CA, server and per-role client certificates")
     certs.add_argument("--out", type=Path, default=Path(".data/dev-certs"), help="folder (default: .data/dev-certs)")
     return parser
@@ -136,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "dev-certs":
         return _dev_certs(args.out)
+    if args.command == "healthcheck":
+        return healthcheck.check(os.environ, args.address, args.timeout)
     try:
         settings = load_settings(args, os.environ)
     except ConfigurationError as error:
@@ -146,6 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.environ.pop(name, None)
     logs.configure(json_lines=settings.json_logs)
     if getattr(args, "check", False):
+        try:
+            app.check_security_files(settings)
+        except ConfigurationError as error:
+            print(f"integrations-service: {error}", file=sys.stderr)
+            return 2
         print("configuration is valid", file=sys.stderr)
         return 0
     try:

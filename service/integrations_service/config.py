@@ -95,9 +95,16 @@ INSECURE_PLAINTEXT = Setting(
     "false",
     "DANGER: serve plaintext, trusting every caller, on a non-loopback address (development mode only)",
 )
+METRICS_ADDRESS = Setting(
+    "INTEGRATIONS_METRICS_ADDRESS",
+    "--metrics-address",
+    "127.0.0.1:9464",
+    "host:port of the Prometheus /metrics endpoint; empty turns it off",
+)
 
 SETTINGS = (
     LISTEN_ADDRESS,
+    METRICS_ADDRESS,
     DATABASE_URL,
     MODE,
     DATA_DIR,
@@ -137,6 +144,8 @@ class Settings:
     # None: plaintext (loopback, development only, unless the insecure setting says otherwise).
     tls: TlsFiles | None
     authz_policy: Path | None
+    # None: no metrics endpoint.
+    metrics_address: str | None
     provider_defaults: Mapping[str, str] = field(repr=False)
 
     @property
@@ -177,6 +186,7 @@ def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str]) -
         keyring=keyring,
         tls=tls,
         authz_policy=Path(policy) if policy else None,
+        metrics_address=reader.metrics_address(),
         provider_defaults={var: environ[var] for var in all_env_vars() if environ.get(var)},
     )
     reader.raise_problems()
@@ -270,6 +280,17 @@ class _Reader:
                 f"address (127.0.0.1, ::1, localhost); set {TLS_CERT.env}, "
                 f"{TLS_KEY.env} and {TLS_CLIENT_CA.env}",
             )
+        return address
+
+    def metrics_address(self) -> str | None:
+        from_flag = getattr(self._args, _dest(METRICS_ADDRESS), None) if self._args else None
+        address = str(from_flag) if from_flag is not None else self._environ.get(METRICS_ADDRESS.env, "127.0.0.1:9464")
+        if not address:
+            return None
+        try:
+            split_address(address)
+        except ValueError:
+            self.problem(METRICS_ADDRESS.env, f"must be host:port or empty, got {address!r}")
         return address
 
     def tls_files(self, required: bool) -> TlsFiles | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 from integrations.v1 import integrations_pb2 as pb
 
@@ -138,9 +139,11 @@ def identity_from_pem(pem: bytes) -> str:
         uris = names.get_values_for_type(x509.UniformResourceIdentifier)
         if spiffe := [u for u in uris if u.startswith("spiffe://")]:
             return spiffe[0]
-        if uris:
-            return uris[0]
         if dns := names.get_values_for_type(x509.DNSName):
             return dns[0]
     common_names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(common_names[0].value) if common_names else ""
+    if common_names and common_names[0].value:
+        return str(common_names[0].value)
+    # A verified certificate that names nobody: never "" (that would read as a plaintext development caller),
+    # but its fingerprint, which no policy names unless it pins this very certificate.
+    return f"x509-sha256:{certificate.fingerprint(hashes.SHA256()).hex()}"

@@ -23,6 +23,7 @@ from integrations_service import errors
 from integrations_service.api.auth import DEVELOPMENT_IDENTITY, Authorizer, identity_of
 from integrations_service.api.status import status_code_of, to_grpc_status
 from integrations_service.domain.audit import AuditTrail, Caller
+from integrations_service.metrics import Metrics
 
 log = logging.getLogger("integrations.rpc")
 
@@ -44,9 +45,10 @@ def current_caller() -> Caller:
 
 
 class RpcInterceptor(_ServerInterceptor):
-    def __init__(self, authorizer: Authorizer, audit: AuditTrail) -> None:
+    def __init__(self, authorizer: Authorizer, audit: AuditTrail, metrics: Metrics) -> None:
         self._authorizer = authorizer
         self._audit = audit
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -77,6 +79,8 @@ class RpcInterceptor(_ServerInterceptor):
                 return response
             except errors.ServiceError as error:
                 code = status_code_of(error)
+                if isinstance(error, errors.CorruptCredential):
+                    self._metrics.decryption_failures.labels(error.provider).inc()
                 await _abort(context, to_grpc_status(code, error.message, caller.request_id, error), caller.request_id)
             except grpc.aio.AbortError:
                 raise
@@ -86,7 +90,10 @@ class RpcInterceptor(_ServerInterceptor):
                 message = f"internal error; the service logged it with request id {caller.request_id}"
                 await _abort(context, to_grpc_status(code, message, caller.request_id, None), caller.request_id)
             finally:
-                _log_rpc(method, request, code, started, caller)
+                elapsed = time.perf_counter() - started
+                self._metrics.rpcs.labels(method, code.name).inc()
+                self._metrics.rpc_seconds.labels(method).observe(elapsed)
+                _log_rpc(method, request, code, elapsed, caller)
             raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
         return handle
@@ -123,13 +130,13 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Statu
     await context.abort(status.code, status.details, trailing)
 
 
-def _log_rpc(method: str, request: Any, code: grpc.StatusCode, started: float, caller: Caller) -> None:
+def _log_rpc(method: str, request: Any, code: grpc.StatusCode, elapsed: float, caller: Caller) -> None:
     log.info(
         "rpc finished",
         extra={
             "rpc": method,
             "code": code.name,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "duration_ms": round(elapsed * 1000, 3),
             "request_id": caller.request_id,
             "caller": caller.identity,
             # Identifiers only: requests carry secrets in other fields, which are never logged.

@@ -15,6 +15,7 @@ from integrations_service.api.servicer import IntegrationServicer
 from integrations_service.domain.audit import AuditTrail
 from integrations_service.domain.service import CredentialService
 from integrations_service.errors import ConfigurationError
+from integrations_service.metrics import Metrics
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["IntegrationService"].full_name
 # Keepalive the client's defaults can meet: pings every 30 s are welcome, even between calls.
@@ -28,9 +29,15 @@ _SERVER_OPTIONS = (
 
 
 def build_server(
-    service: CredentialService, audit: AuditTrail, authorizer: Authorizer, *, reflection_enabled: bool
+    service: CredentialService,
+    audit: AuditTrail,
+    authorizer: Authorizer,
+    metrics: Metrics,
+    *,
+    reflection_enabled: bool,
 ) -> tuple[grpc.aio.Server, HealthServicer]:
-    server = grpc.aio.server(interceptors=[RpcInterceptor(authorizer, audit)], options=_SERVER_OPTIONS)
+    interceptor = RpcInterceptor(authorizer, audit, metrics)
+    server = grpc.aio.server(interceptors=[interceptor], options=_SERVER_OPTIONS)
     pb_grpc.add_IntegrationServiceServicer_to_server(IntegrationServicer(service, audit), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -88,6 +88,10 @@ class AuditTrail:
         )
         return audit
 
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
     def enqueue(self, audit: AuditRecord) -> None:
         if len(self._buffer) >= MAX_BUFFERED:
             self._buffer.popleft()

@@ -57,6 +57,13 @@ class AuditEntry:
 
 
 @dataclass(frozen=True)
+class PoolStats:
+    size: int
+    idle: int
+    max_size: int
+
+
+@dataclass(frozen=True)
 class KeyRecord:
     """What the store knows of one encryption key: never the key, only its check value."""
 
@@ -153,6 +160,10 @@ class IntegrationStore(abc.ABC):
     async def list_audit(self, organization_id: str, before_id: int, limit: int) -> list[AuditEntry]:
         """Newest first: up to `limit` entries with id < `before_id` (0: from the newest),
         only those of `organization_id` unless it is empty."""
+
+    def pool_stats(self) -> PoolStats | None:
+        """Connection pool use, for metrics; None for stores without a pool."""
+        return None
 
     @abc.abstractmethod
     async def close(self) -> None:

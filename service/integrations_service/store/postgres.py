@@ -25,6 +25,7 @@ from integrations_service.store.base import (
     IntegrationStore,
     KeyRecord,
     Mutation,
+    PoolStats,
     Precondition,
     Rewrite,
     StoredIntegration,
@@ -356,6 +357,9 @@ class PostgresStore(IntegrationStore):
             return [_to_audit_entry(record) for record in records]
 
         return await self._read(query)
+
+    def pool_stats(self) -> PoolStats:
+        return PoolStats(self._pool.get_size(), self._pool.get_idle_size(), self._pool.get_max_size())
 
     async def close(self) -> None:
         try:

@@ -1,0 +1,67 @@
+"""`integrations-service healthcheck`: exit 0 when the local service answers SERVING.
+
+The container's HEALTHCHECK runs it, so no extra binary is needed. It reads
+the same environment as the service: INTEGRATIONS_LISTEN_ADDRESS (a wildcard
+host is reached on loopback) and, when the service serves mutual TLS, a
+client certificate of its own from INTEGRATIONS_HEALTHCHECK_CERT / _KEY and
+the CA of the server's certificate from INTEGRATIONS_HEALTHCHECK_CA. Health
+checking is open to any authenticated caller, so that certificate needs no
+role in the policy.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from integrations_service.config import LISTEN_ADDRESS, TLS_CERT, split_address
+
+HEALTHCHECK_FILES = ("INTEGRATIONS_HEALTHCHECK_CA", "INTEGRATIONS_HEALTHCHECK_CERT", "INTEGRATIONS_HEALTHCHECK_KEY")
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}  # noqa: S104 (mapped away from)
+
+
+def target_of(address: str) -> str:
+    host, port = split_address(address)
+    return f"{_WILDCARDS.get(host, host)}:{port}"
+
+
+def _channel(target: str, environ: Mapping[str, str]) -> grpc.Channel:
+    if not environ.get(TLS_CERT.env):
+        return grpc.insecure_channel(target)
+    missing = [name for name in HEALTHCHECK_FILES if not environ.get(name)]
+    if missing:
+        raise SystemExit(f"healthcheck: the service serves TLS; set {', '.join(missing)}")
+    ca, cert, key = (Path(environ[name]).read_bytes() for name in HEALTHCHECK_FILES)
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    options = []
+    if name := environ.get("INTEGRATIONS_HEALTHCHECK_SERVER_NAME"):
+        options.append(("grpc.ssl_target_name_override", name))
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def _check_method(
+    channel: grpc.Channel,
+) -> grpc.UnaryUnaryMultiCallable[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]:
+    # Built by hand: the grpc_health stubs do not declare HealthStub's methods.
+    return channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+
+
+def check(environ: Mapping[str, str], address: str | None, timeout: float) -> int:
+    target = target_of(address or environ.get(LISTEN_ADDRESS.env) or str(LISTEN_ADDRESS.default))
+    with _channel(target, environ) as channel:
+        try:
+            reply = _check_method(channel)(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError as error:
+            print(f"healthcheck: {target}: {error.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"healthcheck: {target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1

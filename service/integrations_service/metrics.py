@@ -1,0 +1,169 @@
+"""Prometheus metrics, on their own HTTP address (INTEGRATIONS_METRICS_ADDRESS).
+
+Labels are bounded sets only: RPC method, status code, store operation,
+provider id, key id. Never an organization id, a value or anything else that
+grows without bound or could be secret.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from integrations_service import errors
+from integrations_service.store import (
+    AuditEntry,
+    AuditRecord,
+    IntegrationStore,
+    KeyRecord,
+    Mutation,
+    PoolStats,
+    Precondition,
+    Rewrite,
+    StoredIntegration,
+)
+
+T = TypeVar("T")
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.rpcs = Counter(
+            "integrations_rpc_requests", "RPCs handled, by method and status code", ["method", "code"], registry=r
+        )
+        self.rpc_seconds = Histogram(
+            "integrations_rpc_duration_seconds",
+            "RPC latency in the server, by method",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decryption_failures = Counter(
+            "integrations_decryption_failures",
+            "Stored values that failed to decrypt (wrong key, tampering), by provider",
+            ["provider"],
+            registry=r,
+        )
+        self.store_seconds = Histogram(
+            "integrations_store_operation_duration_seconds",
+            "Store call latency, by operation",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_unavailable = Counter(
+            "integrations_store_unavailable",
+            "Store calls that found the database unreachable, by operation",
+            ["operation"],
+            registry=r,
+        )
+        self.audit_buffered = Gauge(
+            "integrations_audit_buffered_records", "Audit records waiting to be stored", registry=r
+        )
+        self.audit_dropped = Gauge(
+            "integrations_audit_dropped_records",
+            "Audit records dropped because the buffer was full while the store was down",
+            registry=r,
+        )
+
+    def watch(self, store: IntegrationStore, key_totals: Callable[[], Mapping[str, int]]) -> None:
+        """Expose pool use and per-key encryption counts, read at scrape time."""
+        self.registry.register(_StateCollector(store, key_totals))
+
+    def serve(self, address: str) -> int:
+        """Start the /metrics HTTP server in a thread; the port actually bound."""
+        host, _, port = address.rpartition(":")
+        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        return int(server.server_port)
+
+
+class _StateCollector(Collector):
+    def __init__(self, store: IntegrationStore, key_totals: Callable[[], Mapping[str, int]]) -> None:
+        self._store = store
+        self._key_totals = key_totals
+
+    def collect(self) -> Iterator[Metric]:
+        encryptions = GaugeMetricFamily(
+            "integrations_key_encryptions", "Encryptions under each key over its life (limit 2**32)", labels=["key_id"]
+        )
+        for key_id, count in sorted(self._key_totals().items()):
+            encryptions.add_metric([key_id], count)
+        yield encryptions
+        stats: PoolStats | None = self._store.pool_stats()
+        if stats is not None:
+            pool = GaugeMetricFamily(
+                "integrations_store_pool_connections", "PostgreSQL pool connections by state", labels=["state"]
+            )
+            pool.add_metric(["in_use"], stats.size - stats.idle)
+            pool.add_metric(["idle"], stats.idle)
+            pool.add_metric(["max"], stats.max_size)
+            yield pool
+
+
+class InstrumentedStore(IntegrationStore):
+    """Times every store call; otherwise passes everything through unchanged."""
+
+    def __init__(self, inner: IntegrationStore, metrics: Metrics) -> None:
+        self._inner = inner
+        self._metrics = metrics
+
+    async def _timed(self, operation: str, call: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        try:
+            return await call
+        except errors.Unavailable:
+            self._metrics.store_unavailable.labels(operation).inc()
+            raise
+        finally:
+            self._metrics.store_seconds.labels(operation).observe(time.perf_counter() - started)
+
+    async def get(self, organization_id: str, provider: str) -> StoredIntegration | None:
+        return await self._timed("get", self._inner.get(organization_id, provider))
+
+    async def list_for_organization(self, organization_id: str) -> list[StoredIntegration]:
+        return await self._timed("list_for_organization", self._inner.list_for_organization(organization_id))
+
+    async def upsert(
+        self, organization_id: str, provider: str, mutate: Mutation, audit: AuditRecord | None = None
+    ) -> StoredIntegration:
+        return await self._timed("upsert", self._inner.upsert(organization_id, provider, mutate, audit))
+
+    async def delete(
+        self, organization_id: str, provider: str, check: Precondition, audit: AuditRecord | None = None
+    ) -> bool:
+        return await self._timed("delete", self._inner.delete(organization_id, provider, check, audit))
+
+    async def scan(self, after_id: str, limit: int) -> list[StoredIntegration]:
+        return await self._timed("scan", self._inner.scan(after_id, limit))
+
+    async def rewrap(self, ids: Sequence[str], rewrite: Rewrite, audit: AuditRecord | None = None) -> int:
+        return await self._timed("rewrap", self._inner.rewrap(ids, rewrite, audit))
+
+    async def register_keys(self, check_values: Mapping[str, str]) -> list[KeyRecord]:
+        return await self._timed("register_keys", self._inner.register_keys(check_values))
+
+    async def add_encryptions(self, counts: Mapping[str, int]) -> None:
+        await self._timed("add_encryptions", self._inner.add_encryptions(counts))
+
+    async def retire_key(self, key_id: str) -> None:
+        await self._timed("retire_key", self._inner.retire_key(key_id))
+
+    async def append_audit(self, records: Sequence[AuditRecord]) -> None:
+        await self._timed("append_audit", self._inner.append_audit(records))
+
+    async def list_audit(self, organization_id: str, before_id: int, limit: int) -> list[AuditEntry]:
+        return await self._timed("list_audit", self._inner.list_audit(organization_id, before_id, limit))
+
+    def pool_stats(self) -> PoolStats | None:
+        return self._inner.pool_stats()
+
+    async def close(self) -> None:
+        await self._inner.close()
