@@ -1,0 +1,238 @@
+"""Immutable results of the client's calls, converted from the integrations.v1 messages."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+
+from integrations.v1 import integrations_pb2 as pb
+
+__all__ = [
+    "Category",
+    "ConfigValue",
+    "Provider",
+    "ProviderConfig",
+    "ProviderCredentials",
+    "ProviderField",
+    "ValueSource",
+]
+
+
+class ValueSource(enum.Enum):
+    """Where an effective value came from."""
+
+    ORGANIZATION = "organization"  # the organization's own stored value
+    ENVIRONMENT = "environment"  # the service's environment default
+    UNSET = "unset"  # neither has a value
+    UNSPECIFIED = "unspecified"  # a source this client version does not know
+
+    def __repr__(self) -> str:
+        return f"ValueSource.{self.name}"
+
+
+class Category(enum.Enum):
+    """The group the dashboard shows a provider in."""
+
+    PAYMENTS = "payments"
+    NOTIFICATIONS = "notifications"
+    ANALYTICS = "analytics"
+    UNSPECIFIED = "unspecified"  # a category this client version does not know
+
+
+_SOURCES: dict[int, ValueSource] = {
+    pb.VALUE_SOURCE_ORGANIZATION: ValueSource.ORGANIZATION,
+    pb.VALUE_SOURCE_ENVIRONMENT: ValueSource.ENVIRONMENT,
+    pb.VALUE_SOURCE_UNSET: ValueSource.UNSET,
+}
+_CATEGORIES: dict[int, Category] = {
+    pb.CATEGORY_PAYMENTS: Category.PAYMENTS,
+    pb.CATEGORY_NOTIFICATIONS: Category.NOTIFICATIONS,
+    pb.CATEGORY_ANALYTICS: Category.ANALYTICS,
+}
+_CATEGORY_NUMBERS: dict[Category, pb.Category.ValueType] = {
+    Category.PAYMENTS: pb.CATEGORY_PAYMENTS,
+    Category.NOTIFICATIONS: pb.CATEGORY_NOTIFICATIONS,
+    Category.ANALYTICS: pb.CATEGORY_ANALYTICS,
+}
+
+
+class _SecretValues(Mapping[str, str]):
+    """A read-only mapping of clear-text values whose repr names the keys only."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, str]) -> None:
+        self._data = dict(data)
+
+    def __getitem__(self, key: str) -> str:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"<secret values: {', '.join(self._data) or 'none'}>"
+
+
+@dataclass(frozen=True, repr=False)
+class ProviderCredentials:
+    """One organization's effective, DECRYPTED configuration of one provider (from `get_config`).
+
+    `creds["secretKey"]` or `creds.values["secretKey"]` is the clear-text value;
+    only fields that resolve (from the organization or the environment) are in
+    `values`, so an unset field raises KeyError (`creds.get(key)` gives None).
+    `creds.source(key)` tells where any field of the provider comes from,
+    unset ones included. The repr shows keys and sources, never a value.
+    """
+
+    organization_id: str
+    provider: str
+    values: Mapping[str, str]
+    sources: Mapping[str, ValueSource]
+    etag: str
+    update_time: datetime | None
+
+    def __getitem__(self, key: str) -> str:
+        return self.values[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.values
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return self.values.get(key, default)
+
+    def source(self, key: str) -> ValueSource:
+        """Where the field's value comes from; KeyError for a key the provider does not have."""
+        return self.sources[key]
+
+    def __hash__(self) -> int:
+        return hash((self.organization_id, self.provider, self.etag))
+
+    def __repr__(self) -> str:
+        sources = ", ".join(f"{key}={source.value}" for key, source in self.sources.items())
+        return (
+            f"ProviderCredentials(organization_id={self.organization_id!r}, provider={self.provider!r}, "
+            f"sources={{{sources}}}, etag={self.etag!r})"
+        )
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class ConfigValue:
+    """One field of a masked configuration: the displayable value, its source, and whether it is secret."""
+
+    value: str  # clear text for non-secret fields, "••••••••4242"-style for secrets, "" when unset
+    source: ValueSource
+    secret: bool
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """An organization's effective configuration of one provider, secrets masked (dashboard side)."""
+
+    organization_id: str
+    provider: str
+    values: Mapping[str, ConfigValue]
+    etag: str  # send back with save()/delete() to refuse concurrent changes; "" when nothing is stored
+    update_time: datetime | None
+
+    def __hash__(self) -> int:
+        return hash((self.organization_id, self.provider, self.etag))
+
+
+@dataclass(frozen=True)
+class ProviderField:
+    """One configurable field of a provider."""
+
+    key: str
+    env_var: str
+    description: str
+    secret: bool
+    required: bool
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A catalog entry; `configured` and `ready` only mean something when listed for an organization."""
+
+    id: str
+    display_name: str
+    category: Category
+    runtime_supported: bool
+    fields: tuple[ProviderField, ...] = field(default=())
+    configured: bool = False
+    ready: bool = False
+
+
+# --- conversion from the wire messages -----------------------------------------------------------------
+
+
+def _time(config: pb.ProviderConfig) -> datetime | None:
+    if not config.HasField("update_time"):
+        return None
+    return config.update_time.ToDatetime(tzinfo=UTC)
+
+
+def _source(number: int) -> ValueSource:
+    return _SOURCES.get(number, ValueSource.UNSPECIFIED)
+
+
+def credentials_from_pb(config: pb.ProviderConfig) -> ProviderCredentials:
+    resolved = {key: value.value for key, value in config.values.items() if _source(value.source) in _RESOLVED}
+    return ProviderCredentials(
+        organization_id=config.organization_id,
+        provider=config.provider,
+        values=_SecretValues(resolved),
+        sources=MappingProxyType({key: _source(value.source) for key, value in config.values.items()}),
+        etag=config.etag,
+        update_time=_time(config),
+    )
+
+
+_RESOLVED = frozenset({ValueSource.ORGANIZATION, ValueSource.ENVIRONMENT})
+
+
+def config_from_pb(config: pb.ProviderConfig) -> ProviderConfig:
+    values = {
+        key: ConfigValue(value=value.value, source=_source(value.source), secret=value.secret)
+        for key, value in config.values.items()
+    }
+    return ProviderConfig(
+        organization_id=config.organization_id,
+        provider=config.provider,
+        values=MappingProxyType(values),
+        etag=config.etag,
+        update_time=_time(config),
+    )
+
+
+def provider_from_pb(provider: pb.Provider) -> Provider:
+    return Provider(
+        id=provider.id,
+        display_name=provider.display_name,
+        category=_CATEGORIES.get(provider.category, Category.UNSPECIFIED),
+        runtime_supported=provider.runtime_supported,
+        fields=tuple(
+            ProviderField(key=f.key, env_var=f.env_var, description=f.description, secret=f.secret,
+                          required=f.required)
+            for f in provider.fields
+        ),
+        configured=provider.configured,
+        ready=provider.ready,
+    )
+
+
+def category_to_pb(category: Category | str | None) -> pb.Category.ValueType:
+    if category is None:
+        return pb.CATEGORY_UNSPECIFIED
+    resolved = Category(category)  # ValueError for an unknown name
+    if resolved is Category.UNSPECIFIED:
+        return pb.CATEGORY_UNSPECIFIED
+    return _CATEGORY_NUMBERS[resolved]
