@@ -7,6 +7,7 @@ organizations, providers and fields, and never a credential value.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -56,21 +57,27 @@ class Unavailable(ServiceError):
 
 
 class CorruptCredential(ServiceError):
-    """A stored value cannot be decrypted: wrong key or tampered row.
+    """Stored values cannot be decrypted: wrong key, tampered row, or a value moved from elsewhere.
 
-    Names where the value sits, never the value.
+    Names every such field (so one save can replace them all), never a value.
     """
 
-    def __init__(self, organization_id: str, provider: str, field: str, reason: str) -> None:
+    def __init__(self, organization_id: str, provider: str, fields: Sequence[str], reason: str) -> None:
         # `reason` comes from crypto's typed errors, whose texts never carry values or keys.
-        super().__init__(
-            f"stored value of field {field!r} for organization {organization_id!r}, "
-            f"provider {provider!r} cannot be decrypted ({reason}); "
+        names = ", ".join(repr(name) for name in fields)
+        which = f"field {names}" if len(fields) == 1 else f"fields {names}"
+        advice = (
             "save a new value for the field to replace it"
+            if len(fields) == 1
+            else "save new values for all of these fields in one SaveIntegration to replace them"
+        )
+        super().__init__(
+            f"stored value of {which} for organization {organization_id!r}, provider {provider!r} "
+            f"cannot be decrypted ({reason}); {advice}"
         )
         self.organization_id = organization_id
         self.provider = provider
-        self.field = field
+        self.fields = tuple(fields)
 
 
 class ConfigurationError(Exception):

@@ -64,7 +64,7 @@ class CredentialService:
             clear = self._decrypt(spec, row, skip=()) if row else {}
         except CorruptCredential as error:
             if view is ConfigView.DECRYPTED:
-                self._audit.refused(caller, RPC_GET, error, organization_id, spec.id, [error.field])
+                self._audit.refused(caller, RPC_GET, error, organization_id, spec.id, error.fields)
             raise
         if view is ConfigView.DECRYPTED:
             fields = [f.key for f in spec.fields]
@@ -133,14 +133,18 @@ class CredentialService:
 
     def _decrypt(self, spec: ProviderSpec, row: StoredIntegration, skip: Collection[str]) -> dict[str, str]:
         """Clear text of the row's registry fields, except those in `skip`."""
-        clear = {}
+        clear: dict[str, str] = {}
+        broken: dict[str, str] = {}
         for key, stored in row.config.items():
             if key in skip or spec.field(key) is None:
                 continue
             try:
                 clear[key] = self._cipher.decrypt(stored, ValueContext(row.organization_id, row.provider, key))
             except InvalidCiphertext as error:
-                raise CorruptCredential(row.organization_id, row.provider, key, reason=str(error)) from None
+                broken[key] = str(error)
+        if broken:
+            fields = sorted(broken)
+            raise CorruptCredential(row.organization_id, row.provider, fields, reason=broken[fields[0]])
         return clear
 
     def _effective(
