@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BUF := tools/node_modules/.bin/buf
 
-.PHONY: install run run-mtls test lint gen gen-check buf-lint buf-breaking bench clean
+.PHONY: install run run-mtls test lint gen gen-check buf-lint buf-breaking buf-baseline bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,13 +42,14 @@ $(BUF): tools/package.json tools/package-lock.json
 buf-lint: $(BUF)
 	$(BUF) lint
 
-# Compares protos/ with main's: no wire- or source-breaking change once v1 has landed.
+# The wire and source contract of v1: protos/v1-baseline.binpb is the API as released
+# (`make buf-baseline` records it). Any change must be compatible with it.
 buf-breaking: $(BUF)
-	@if git rev-parse --verify --quiet origin/main >/dev/null; then against=origin/main; \
-	  elif git rev-parse --verify --quiet main >/dev/null; then against=main; else against=; fi; \
-	if [ -n "$$against" ] && git cat-file -e "$$against:protos" 2>/dev/null; then \
-	  $(BUF) breaking --against ".git#ref=$$against"; \
-	else echo "buf breaking: no protos on main yet, nothing to compare"; fi
+	$(BUF) breaking --against protos/v1-baseline.binpb
+
+# Only after a reviewed, compatible API change has landed: record it as the new baseline.
+buf-baseline: $(BUF)
+	$(BUF) build -o protos/v1-baseline.binpb
 
 lint: install buf-lint gen-check
 	$(BIN)/ruff check .
