@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import trustme
+
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
 

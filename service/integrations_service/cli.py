@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "healthcheck":
         return healthcheck.check(os.environ, args.address, args.timeout)
     try:
-        settings = load_settings(args, os.environ)
+        settings = load_settings(args, os.environ, serving=args.command == "serve")
     except ConfigurationError as error:
         print(f"integrations-service: {error}", file=sys.stderr)
         return 2

@@ -161,17 +161,16 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str]) -> Settings:
+def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str], serving: bool = True) -> Settings:
+    """All settings; `serving=False` (migrate, rotate, retire-key) skips what only a server needs (TLS, policy)."""
     reader = _Reader(args, environ)
     mode = reader.choice(MODE, Mode)
     production = mode is Mode.PRODUCTION
     keyring = reader.keyring(required=production)
-    database_url = reader.text(DATABASE_URL) or None
-    if production and not database_url:
-        reader.problem(DATABASE_URL.env, "is required in production mode (PostgreSQL is the production store)")
-    tls = reader.tls_files(required=production)
+    database_url = reader.database_url(required=production)
+    tls = reader.tls_files(required=production and serving)
     policy = reader.text(AUTHZ_POLICY) or None
-    if (tls or production) and not policy:
+    if (tls or (production and serving)) and not policy:
         reader.problem(AUTHZ_POLICY.env, "is required with TLS and in production mode: it says who may do what")
     settings = Settings(
         listen_address=reader.listen_address(plaintext=tls is None, production=production),
@@ -281,6 +280,19 @@ class _Reader:
                 f"{TLS_KEY.env} and {TLS_CLIENT_CA.env}",
             )
         return address
+
+    def database_url(self, required: bool) -> str | None:
+        url = self.text(DATABASE_URL)
+        if not url:
+            if required:
+                self.problem(DATABASE_URL.env, "is required in production mode (PostgreSQL is the production store)")
+            return None
+        if not url.lower().startswith(("postgresql://", "postgres://", "sqlite:///")):
+            # Only a plain scheme is repeated: the rest of the URL may hold a password.
+            scheme, sep, _ = url.partition("://")
+            got = f" (got scheme {scheme!r})" if sep and scheme.replace("+", "").isalnum() else ""
+            self.problem(DATABASE_URL.env, f"must start with postgresql://, postgres:// or sqlite:///{got}")
+        return url
 
     def metrics_address(self) -> str | None:
         from_flag = getattr(self._args, _dest(METRICS_ADDRESS), None) if self._args else None

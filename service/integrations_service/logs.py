@@ -66,3 +66,6 @@ def configure(json_lines: bool, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # These log every bound query parameter at DEBUG: ciphertexts, organization ids.
+    for chatty in ("aiosqlite", "asyncpg"):
+        logging.getLogger(chatty).setLevel(max(level, logging.INFO))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from integrations_client import (
     Category,
     ConfigurationError,
@@ -44,7 +45,6 @@ from integrations_client import (
 )
 from integrations_client.config import SERVICE_CONFIG, channel_options
 from integrations_service.api import server as service_server
-
 from tests.client_fixtures import (
     ENV_DEFAULTS,
     PK,

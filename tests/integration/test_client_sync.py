@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import grpc
 import pytest
+
 from integrations_client import (
     Category,
     Conflict,
@@ -25,7 +26,6 @@ from integrations_client import (
     Unavailable,
     ValueSource,
 )
-
 from tests.client_fixtures import (
     ENV_DEFAULTS,
     PK,

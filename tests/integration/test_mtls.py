@@ -24,13 +24,13 @@ import pytest
 from google.protobuf import text_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
 from integrations_service import app
 from integrations_service.config import load_settings
 from integrations_service.devcerts import Issued, make_dev_certs, spiffe_id
 from integrations_service.errors import ConfigurationError
-
 from tests.harness import TEST_KEY, Running, new_org, start_service
 from tests.processes import GRPCURL, clean_env, run_cli
 from tests.tls_fixtures import CertificateAuthority, Pair, replace_file

@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from integrations.v1 import integrations_pb2 as pb
 
+from integrations.v1 import integrations_pb2 as pb
 from tests.harness import OTHER_KEY, TEST_KEY, Running, new_org, start_service
 from tests.integration.raw_rows import (
     DEFAULT_KEY_ID,

@@ -9,10 +9,10 @@ from pathlib import Path
 import asyncpg  # type: ignore[import-untyped]
 import grpc
 import pytest
+
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
 from integrations_service.store.postgres import ROW_LOCK_NAMESPACE
-
 from tests.harness import TEST_KEY
 from tests.processes import Processes, clean_env, health_status
 

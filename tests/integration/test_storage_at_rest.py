@@ -14,8 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from integrations.v1 import integrations_pb2 as pb
 
+from integrations.v1 import integrations_pb2 as pb
 from tests.harness import OTHER_KEY, TEST_KEY, Running, new_org, rich_error, start_service, values_of
 from tests.integration.raw_rows import (
     V2_PREFIX,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
+
 from integrations_service import errors
 from integrations_service.store import IntegrationStore, StoredIntegration
 from integrations_service.store.factory import open_store

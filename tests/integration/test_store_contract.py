@@ -16,6 +16,7 @@ from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
+
 from integrations_service.store import AuditEntry, AuditRecord, IntegrationStore, KeyRecord, StoredIntegration
 from integrations_service.store.postgres import PostgresStore
 from integrations_service.store.sqlite import SqliteStore

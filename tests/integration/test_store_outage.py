@@ -20,8 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg  # type: ignore[import-untyped]
 import grpc
 import pytest
-from integrations.v1 import integrations_pb2 as pb
 
+from integrations.v1 import integrations_pb2 as pb
 from tests.conftest import CreateDatabase
 from tests.harness import Running, new_org, rich_error, start_service, values_of
 

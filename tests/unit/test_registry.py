@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from integrations_service.domain.registry import PROVIDERS, Category, find_provider, providers_in
 
 # (provider, field key, env fallback, description, secret, required), as the seed's tables have them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from integrations_service.domain.masking import mask_secret
 from integrations_service.domain.registry import find_provider
 from integrations_service.domain.resolution import ConfigView, ValueSource, is_ready, resolve_values

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from integrations_service.domain import validation
 from integrations_service.domain.registry import find_provider
 from integrations_service.errors import FieldViolation, InvalidArgument, NotFound

@@ -21,8 +21,8 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
-from integrations.v1 import integrations_pb2 as pb
 
+from integrations.v1 import integrations_pb2 as pb
 from integrations_service.errors import ConfigurationError, PermissionDenied
 
 SERVICE_PREFIX = "/integrations.v1.IntegrationService/"

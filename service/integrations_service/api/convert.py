@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from integrations.v1 import integrations_pb2 as pb
-
 from integrations_service.domain.audit import AuditEntry
 from integrations_service.domain.registry import Category, ProviderSpec
 from integrations_service.domain.resolution import ConfigView, EffectiveConfig, ValueSource

@@ -6,9 +6,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # grpc_health exports it as health.aio
 from grpc_reflection.v1alpha import reflection
+
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
-
 from integrations_service.api.auth import Authorizer
 from integrations_service.api.interceptor import RpcInterceptor
 from integrations_service.api.servicer import IntegrationServicer

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
-
 from integrations_service.api import convert
 from integrations_service.api.interceptor import current_caller
 from integrations_service.domain.audit import AuditTrail

@@ -6,6 +6,7 @@ from integrations_service.crypto.aead import (
     UnknownKeyId,
     ValueCipher,
     ValueContext,
+    is_encrypted,
     key_id_of,
     seal_v1,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "UnknownKeyId",
     "ValueCipher",
     "ValueContext",
+    "is_encrypted",
     "key_id_of",
     "seal_v1",
 ]

@@ -93,6 +93,11 @@ def key_id_of(stored: str) -> str | None:
     raise InvalidCiphertext("unknown encrypted value format version")
 
 
+def is_encrypted(stored: str) -> bool:
+    """False for legacy plaintext."""
+    return stored.startswith(ENCRYPTED_MARKER)
+
+
 def seal_v1(key: EncryptionKey, plaintext: str, nonce: bytes) -> str:
     """The dashboard's format. Only for test vectors and tests: the service writes v2."""
     sealed = AESGCM(key.material).encrypt(_checked_nonce(nonce), plaintext.encode("utf-8"), None)

@@ -76,7 +76,8 @@ class Keyring:
         ids = [key_id for key_id, _ in keys]
         for key_id in ids:
             if not KEY_ID_PATTERN.fullmatch(key_id):
-                raise InvalidKey(f"key id {key_id!r} must be 1-32 characters of a-z, 0-9, '_' or '-'")
+                # Not echoed: a malformed id may well be key material pasted in the wrong place.
+                raise InvalidKey("key ids must be 1-32 characters of a-z, 0-9, '_' or '-'")
         if len(set(ids)) != len(ids):
             raise InvalidKey("key ids must be unique")
         self._keys = dict(keys)
@@ -105,7 +106,8 @@ class Keyring:
             try:
                 keys.append((key_id.strip(), EncryptionKey.from_text(material)))
             except InvalidKey as error:
-                raise InvalidKey(f"keyring entry {position} ({key_id.strip()!r}): {error}") from None
+                label = repr(key_id.strip()) if KEY_ID_PATTERN.fullmatch(key_id.strip()) else "an invalid key id"
+                raise InvalidKey(f"keyring entry {position} ({label}): {error}") from None
         return cls(keys)
 
     def get(self, key_id: str) -> EncryptionKey | None:

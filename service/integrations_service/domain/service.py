@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from integrations_service.crypto import InvalidCiphertext, ValueCipher, ValueContext
+from integrations_service.crypto import InvalidCiphertext, ValueCipher, ValueContext, is_encrypted
 from integrations_service.domain import validation
 from integrations_service.domain.audit import OUTCOME_OK, AuditTrail, Caller
 from integrations_service.domain.registry import Category, ProviderSpec, providers_in
@@ -93,11 +93,13 @@ class CredentialService:
                 merged_clear.update(kept_clear)
                 merged_clear.update(values)
                 validation.check_cross_field_rules(spec, merged_clear)
-                # Untouched fields keep their stored ciphertext: nothing is re-encrypted needlessly.
+                # Untouched fields keep their stored ciphertext (nothing is re-encrypted needlessly),
+                # except legacy plaintext, which a write never carries back in the clear.
                 kept = {k: v for k, v in current.config.items() if k not in touched} if current else {}
+                to_encrypt = {k: kept_clear[k] for k, v in kept.items() if not is_encrypted(v) and k in kept_clear}
                 return kept | {
                     key: self._cipher.encrypt(value, ValueContext(organization_id, spec.id, key))
-                    for key, value in values.items()
+                    for key, value in (to_encrypt | dict(values)).items()
                 }
 
             fingerprints = {f"fingerprint.{key}": self._cipher.fingerprint(value) for key, value in values.items()}
