@@ -146,6 +146,7 @@ class AuditTrail:
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 _TOKEN_PREFIX = "before:"  # noqa: S105 (a page token, not a password)
+_MAX_ID = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -191,9 +192,14 @@ def _decode_token(token: str) -> int | None:
     except (ValueError, UnicodeDecodeError):
         return None
     number = text.removeprefix(_TOKEN_PREFIX)
-    if text == number or not number.isdigit() or int(number) <= 0:
+    # isascii: str.isdigit also accepts digits int() refuses (e.g. '²').
+    if text == number or not number.isascii() or not number.isdigit():
         return None
-    return int(number)
+    before_id = int(number)
+    # Audit ids are BIGINT (PostgreSQL) / INTEGER (SQLite): a larger one cannot be a token we gave out.
+    if not 0 < before_id <= _MAX_ID:
+        return None
+    return before_id
 
 
 __all__ = ["OUTCOME_OK", "AuditEntry", "AuditPage", "AuditRecord", "AuditTrail", "Caller", "list_audit"]

@@ -35,6 +35,12 @@ def check_keys(records: list[KeyRecord], cipher: ValueCipher) -> None:
         for r in records
         if r.key_id in mine and r.check_value != mine[r.key_id]
     ]
+    active = cipher.active_key_id
+    if any(r.key_id == active and r.retired for r in records):
+        problems.append(
+            f"the active key {active!r} is retired: values it encrypts would become unreadable once it is "
+            "dropped from the keyring, which a retired key may be; make a new key active instead"
+        )
     if missing := sorted(r.key_id for r in records if not r.retired and r.key_id not in mine):
         problems.append(
             f"keys {', '.join(map(repr, missing))} are not configured but not retired either: stored values "
@@ -55,6 +61,10 @@ class KeyUsage:
         self._task: asyncio.Task[None] | None = None
 
     async def verify(self) -> None:
+        # Check against what is stored before recording anything: a start refused for another reason must not
+        # leave a new key's (possibly mistyped) check value behind. Then check again, in case another replica
+        # registered the same new key id at the same time.
+        check_keys(await self._store.register_keys({}), self._cipher)
         records = await self._store.register_keys(self._cipher.check_values())
         check_keys(records, self._cipher)
         self._stored_totals = {r.key_id: r.encryptions for r in records}

@@ -1,0 +1,468 @@
+"""Online key rotation (`integrations-service rotate` / `retire-key`) against a real PostgreSQL.
+
+Every test gets a FRESH database (postgres_database_factory), so report counts
+and raw-row checks are exact. The rotate and retire-key commands run as real
+processes; the concurrent writer and reader talk to a real in-process service
+over a socket. Rows of the legacy dashboard (plaintext and `enc:v1:`) are
+inserted with raw SQL, the way the dashboard wrote them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg  # type: ignore[import-untyped]
+import grpc
+import pytest
+
+from integrations.v1 import integrations_pb2 as pb
+from integrations_service.crypto import EncryptionKey, seal_v1
+from integrations_service.errors import ConfigurationError
+from integrations_service.store.postgres import PostgresStore
+from tests.conftest import CreateDatabase
+from tests.harness import OTHER_KEY, TEST_KEY, Running, rich_error, start_service, values_of
+from tests.integration.raw_rows import tampered
+from tests.processes import SERVICE, clean_env
+
+pytestmark = pytest.mark.postgres
+
+# The dashboard's old single key: `enc:v1:` values are read with the key whose id is "default".
+V1_KEY = OTHER_KEY
+# The key the service wrote with before the rotation, id k1.
+K1_KEY = TEST_KEY
+# The new key, id k2 (fixed test material, never used outside tests).
+K2_KEY = base64.b64encode(b"k2-rotation-test-key-of-32-bytes").decode()
+assert len(base64.b64decode(K2_KEY)) == 32
+
+BEFORE = f"k1:{K1_KEY}"
+ROTATING = f"k2:{K2_KEY},k1:{K1_KEY},default:{V1_KEY}"
+WITHOUT_K1 = f"k2:{K2_KEY},default:{V1_KEY}"
+ALL_KEY_TEXTS = (V1_KEY, K1_KEY, K2_KEY)
+
+ORG = pb.VALUE_SOURCE_ORGANIZATION
+DECRYPTED = pb.CONFIG_VIEW_DECRYPTED
+BATCH = "3"
+
+
+@pytest.fixture
+async def database(postgres_database_factory: CreateDatabase) -> str:
+    """A fresh, empty (and migrated) database of its own."""
+    url = await postgres_database_factory()
+    store = await PostgresStore.connect(url)
+    await store.close()
+    return url
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def report(self) -> dict[str, object]:
+        parsed = json.loads(self.stdout)
+        assert isinstance(parsed, dict)
+        return parsed
+
+
+async def cli(args: Sequence[str], url: str, keys: str, cwd: Path, seconds: float = 60) -> CliResult:
+    """`integrations-service <args>` as a real process, without blocking the event loop (the service runs in it)."""
+    env = clean_env({"DATABASE_URL": url, "INTEGRATION_ENCRYPTION_KEYS": keys, "INTEGRATIONS_LOG_FORMAT": "text"})
+    process = await asyncio.create_subprocess_exec(
+        str(SERVICE),
+        *args,
+        cwd=cwd,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), seconds)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    result = CliResult(process.returncode, stdout.decode(), stderr.decode())
+    for key in ALL_KEY_TEXTS:
+        assert key not in result.stdout + result.stderr, "a CLI command printed key material"
+    return result
+
+
+async def start(url: str, keys: str, tmp_path: Path) -> Running:
+    return await start_service(url, tmp_path, {"INTEGRATION_ENCRYPTION_KEY": "", "INTEGRATION_ENCRYPTION_KEYS": keys})
+
+
+async def insert_rows(url: str, rows: Sequence[tuple[str, str, str, Mapping[str, str]]]) -> None:
+    """(id, organization, provider, config) the way the dashboard inserts them: its own columns, now()."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.executemany(
+            "INSERT INTO integration_config (id, organization_id, provider, config, created_at, updated_at) "
+            "VALUES ($1, $2, $3, $4::jsonb, now(), now())",
+            [(row_id, org, provider, json.dumps(dict(config))) for row_id, org, provider, config in rows],
+        )
+    finally:
+        await conn.close()
+
+
+async def raw_rows(url: str) -> list[dict[str, object]]:
+    """Every row as the database holds it, config as its stored JSON text, in id order."""
+    conn = await asyncpg.connect(url)
+    try:
+        records = await conn.fetch(
+            "SELECT id, organization_id, provider, config::text AS config, version, created_at, updated_at "
+            'FROM integration_config ORDER BY id COLLATE "C"'
+        )
+    finally:
+        await conn.close()
+    return [dict(record.items()) for record in records]
+
+
+def stored_values(rows: Sequence[Mapping[str, object]]) -> dict[tuple[str, str], str]:
+    """(row id, field) -> stored string."""
+    return {
+        (str(row["id"]), name): value
+        for row in rows
+        for name, value in json.loads(str(row["config"])).items()
+    }
+
+
+def v1(plaintext: str) -> str:
+    return seal_v1(EncryptionKey.from_text(V1_KEY), plaintext, os.urandom(12))
+
+
+async def read_clear(running: Running, org: str, provider: str) -> dict[str, str]:
+    reply = await running.stub.GetProviderConfig(
+        pb.GetProviderConfigRequest(organization_id=org, provider=provider, view=DECRYPTED)
+    )
+    return {key: value for key, (value, source) in values_of(reply.config).items() if source == ORG}
+
+
+async def etag_of(running: Running, org: str, provider: str) -> str:
+    reply = await running.stub.GetProviderConfig(pb.GetProviderConfigRequest(organization_id=org, provider=provider))
+    return reply.config.etag
+
+
+# --- rotation under load ----------------------------------------------------------------------------
+
+
+@dataclass
+class Seed:
+    # org -> (provider, the clear values it must keep)
+    expected: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
+    from_keys: dict[str, int] = field(default_factory=lambda: {"plaintext": 0, "default": 0, "k1": 0})
+
+
+async def seed(url: str, running_k1: Running) -> tuple[Seed, list[str]]:
+    """Legacy plaintext rows, legacy enc:v1 rows, mixed rows, rows saved under k1, and the writers' rows."""
+    result = Seed()
+    raw: list[tuple[str, str, str, Mapping[str, str]]] = []
+    for i in range(60):
+        org, clear = f"legacy_plain_{i:03d}", {"secretKey": f"sk_test_plain_{i:04d}", "publishableKey": f"pk_{i}"}
+        raw.append((f"plain-{i:03d}", org, "stripe", clear))
+        result.expected[org] = ("stripe", clear)
+        result.from_keys["plaintext"] += 2
+    for i in range(60):
+        org, clear = f"legacy_v1_{i:03d}", {"accountId": f"acc-v1-{i:04d}", "apiKey": f"easypay-key-v1-{i:04d}"}
+        raw.append((f"v1-{i:03d}", org, "easypay", {k: v1(v) for k, v in clear.items()}))
+        result.expected[org] = ("easypay", clear)
+        result.from_keys["default"] += 2
+    for i in range(20):
+        org = f"legacy_mixed_{i:03d}"
+        clear = {"antiPhishingKey": f"anti-mixed-{i:04d}", "mbKey": f"MB-mixed-{i:04d}"}
+        raw.append((f"mixed-{i:03d}", org, "ifthenpay", {"antiPhishingKey": v1(clear["antiPhishingKey"]),
+                                                       "mbKey": clear["mbKey"]}))
+        result.expected[org] = ("ifthenpay", clear)
+        result.from_keys["default"] += 1
+        result.from_keys["plaintext"] += 1
+    await insert_rows(url, raw)
+
+    for i in range(10):
+        org = f"k1_org_{i:03d}"
+        clear = {"secretKey": f"sk_test_k1_{i:04d}_abcdef", "publishableKey": f"pk_test_k1_{i:04d}"}
+        await running_k1.stub.SaveIntegration(
+            pb.SaveIntegrationRequest(organization_id=org, provider="stripe", values=clear)
+        )
+        result.expected[org] = ("stripe", clear)
+        result.from_keys["k1"] += 2
+    # The writers' rows: antiPhishingKey under k1 (the writer never touches it, so rotation rewraps it
+    # exactly once); the writer saves mbKey, always under the active key.
+    writers = [f"writer_{i:02d}" for i in range(6)]
+    for org in writers:
+        clear = {"antiPhishingKey": f"anti-writer-{org}"}
+        await running_k1.stub.SaveIntegration(
+            pb.SaveIntegrationRequest(organization_id=org, provider="ifthenpay", values=clear)
+        )
+        result.expected[org] = ("ifthenpay", clear)
+        result.from_keys["k1"] += 1
+    return result, writers
+
+
+async def test_rotation_under_concurrent_writes_and_reads_rewraps_everything_and_loses_nothing(
+    database: str, tmp_path: Path
+) -> None:
+    before = await start(database, BEFORE, tmp_path)
+    try:
+        seeded, writers = await seed(database, before)
+    finally:
+        await before.close()
+    rows_before = await raw_rows(database)
+    assert len(rows_before) == 156
+    assert {v.split(":")[1] if v.startswith("enc:") else "plain" for v in stored_values(rows_before).values()} == {
+        "plain",
+        "v1",
+        "v2",
+    }
+
+    running = await start(database, ROTATING, tmp_path)
+    stop = asyncio.Event()
+    last_written: dict[str, str] = {}
+    writes = 0
+    failures: list[str] = []
+    reads = 0
+
+    async def writer(org: str) -> None:
+        nonlocal writes
+        for n in itertools.count():
+            value = f"MB-{org}-{n:06d}"
+            try:
+                await running.stub.SaveIntegration(
+                    pb.SaveIntegrationRequest(organization_id=org, provider="ifthenpay", values={"mbKey": value})
+                )
+            except grpc.aio.AioRpcError as error:
+                failures.append(f"write {org}: {error.code().name} {error.details()}")
+                return
+            last_written[org] = value
+            writes += 1
+            # Read-your-write: this writer is the only one of this org, so an acknowledged value that a
+            # rotation batch overwrote with an older one (a lost write) shows up here.
+            try:
+                got = (await read_clear(running, org, "ifthenpay")).get("mbKey")
+            except grpc.aio.AioRpcError as error:
+                failures.append(f"read {org}: {error.code().name} {error.details()}")
+                return
+            if got != value:
+                failures.append(f"lost write {org}: wrote {value}, read back {got}")
+            if stop.is_set():
+                return
+
+    async def reader() -> None:
+        nonlocal reads
+        for org in itertools.cycle(list(seeded.expected)):
+            if stop.is_set():
+                return
+            provider, clear = seeded.expected[org]
+            try:
+                got = await read_clear(running, org, provider)
+            except grpc.aio.AioRpcError as error:
+                failures.append(f"read {org}: {error.code().name} {error.details()}")
+                continue
+            reads += 1
+            mb = got.pop("mbKey", None) if org in writers else None
+            if got != clear or (mb is not None and not mb.startswith(f"MB-{org}-")):
+                failures.append(f"read {org}: unexpected values for fields {sorted(got)}")
+
+    try:
+        etags_before = {org: await etag_of(running, org, p) for org, (p, _) in seeded.expected.items()}
+        tasks = [asyncio.create_task(writer(org)) for org in writers]
+        tasks += [asyncio.create_task(reader()) for _ in range(2)]
+        await asyncio.sleep(0.05)  # writers and readers are under way before the rotation starts
+        try:
+            rotated = await cli(["rotate", "--batch-size", BATCH], database, ROTATING, tmp_path)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+        assert rotated.returncode == 0, rotated.stderr
+
+        assert failures == []
+        assert reads > 0
+        assert writes >= 2 * len(writers)
+        # Zero lost writes: what each writer wrote last is what is read back.
+        for org in writers:
+            got = await read_clear(running, org, "ifthenpay")
+            assert got == {"antiPhishingKey": f"anti-writer-{org}", "mbKey": last_written[org]}
+        # Every other value is still what was seeded, and its etag did not change.
+        for org, (provider, clear) in seeded.expected.items():
+            if org in writers:
+                continue
+            assert await read_clear(running, org, provider) == clear
+            assert await etag_of(running, org, provider) == etags_before[org], org
+    finally:
+        await running.close()
+
+    report = rotated.report()
+    assert report == {
+        "rows_scanned": 156,
+        "rows_rewrapped": 156,
+        "values_rewrapped": sum(seeded.from_keys.values()),
+        "from_keys": seeded.from_keys,
+        "active_key_id": "k2",
+        "undecryptable": [],
+    }
+    assert seeded.from_keys == {"plaintext": 140, "default": 140, "k1": 26}
+
+    rows_after = await raw_rows(database)
+    values_after = stored_values(rows_after)
+    not_rewrapped = sorted(key for key, value in values_after.items() if not value.startswith("enc:v2:k2:"))
+    assert not_rewrapped == []
+    assert len(values_after) == 306 + len(writers)  # plus each writer's mbKey
+    # Rotation only changes ciphertext: version and update time stay (the writers' rows moved on by themselves).
+    untouched_before = {r["id"]: (r["version"], r["updated_at"]) for r in rows_before}
+    for row in rows_after:
+        if row["organization_id"] not in writers:
+            assert (row["version"], row["updated_at"]) == untouched_before[row["id"]], row["organization_id"]
+
+    # The rotation batches and the writers' saves overlapped in time, so the test did test concurrency.
+    conn = await asyncpg.connect(database)
+    try:
+        window = await conn.fetchrow(
+            "SELECT min(time) AS first, max(time) AS last, count(*) AS batches "
+            "FROM audit_events WHERE rpc = 'RotateKeys'"
+        )
+        overlapping = await conn.fetchval(
+            "SELECT count(*) FROM audit_events WHERE rpc = 'SaveIntegration' AND outcome = 'OK' "
+            "AND organization_id = ANY($1::text[]) AND time BETWEEN $2 AND $3",
+            writers,
+            window["first"],
+            window["last"],
+        )
+        callers = await conn.fetch("SELECT DISTINCT caller FROM audit_events WHERE rpc = 'RotateKeys'")
+    finally:
+        await conn.close()
+    assert window["batches"] == 52  # 156 rows in batches of 3, every batch had rows to rewrap
+    assert overlapping > 0, "no save landed while the rotation was running"
+    assert len(callers) == 1
+    assert str(callers[0]["caller"]).startswith("cli:rotate@")
+
+    # A second run changes nothing, byte for byte.
+    again = await cli(["rotate", "--batch-size", BATCH], database, ROTATING, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.report() == {
+        "rows_scanned": 156,
+        "rows_rewrapped": 0,
+        "values_rewrapped": 0,
+        "from_keys": {},
+        "active_key_id": "k2",
+        "undecryptable": [],
+    }
+    assert await raw_rows(database) == rows_after
+
+
+# --- retiring the old key ---------------------------------------------------------------------------
+
+
+async def test_retire_key_only_once_nothing_needs_it_and_restart_without_it(database: str, tmp_path: Path) -> None:
+    before = await start(database, BEFORE, tmp_path)
+    try:
+        for i in range(4):
+            await before.stub.SaveIntegration(
+                pb.SaveIntegrationRequest(
+                    organization_id=f"org_{i}", provider="stripe", values={"secretKey": f"sk_test_retire_{i:04d}"}
+                )
+            )
+    finally:
+        await before.close()
+    await insert_rows(database, [("legacy-1", "org_legacy", "easypay", {"apiKey": v1("easypay-legacy-key")})])
+
+    # Before rotation: k1 still encrypts 4 values.
+    refused = await cli(["retire-key", "k1"], database, ROTATING, tmp_path)
+    assert refused.returncode != 0
+    assert "'k1'" in refused.stderr
+    assert "still encrypts 4 stored values" in refused.stderr
+    assert "rotate" in refused.stderr
+    # ...and starting without k1 fails, naming it.
+    with pytest.raises(ConfigurationError) as caught:
+        await start(database, WITHOUT_K1, tmp_path)
+    assert "'k1'" in str(caught.value)
+    assert "not configured but not retired" in str(caught.value)
+    assert not any(key in str(caught.value) for key in ALL_KEY_TEXTS)
+
+    # The active key can never be retired.
+    active = await cli(["retire-key", "k2"], database, ROTATING, tmp_path)
+    assert active.returncode != 0
+    assert "'k2' is the active key" in active.stderr
+
+    rotated = await cli(["rotate", "--batch-size", BATCH], database, ROTATING, tmp_path)
+    assert rotated.returncode == 0, rotated.stderr
+    assert rotated.report()["from_keys"] == {"k1": 4, "default": 1}
+
+    # Rotated, but not retired yet: the store still says values may need k1.
+    with pytest.raises(ConfigurationError, match="'k1'"):
+        await start(database, WITHOUT_K1, tmp_path)
+
+    retired = await cli(["retire-key", "k1"], database, ROTATING, tmp_path)
+    assert retired.returncode == 0, retired.stderr
+
+    after = await start(database, WITHOUT_K1, tmp_path)
+    try:
+        for i in range(4):
+            assert await read_clear(after, f"org_{i}", "stripe") == {"secretKey": f"sk_test_retire_{i:04d}"}
+        assert await read_clear(after, "org_legacy", "easypay") == {"apiKey": "easypay-legacy-key"}
+    finally:
+        await after.close()
+
+    conn = await asyncpg.connect(database)
+    try:
+        keys = {r["key_id"]: r["retired"] for r in await conn.fetch(
+            "SELECT key_id, retired_at IS NOT NULL AS retired FROM encryption_keys"
+        )}
+        retire_events = await conn.fetch("SELECT caller, outcome, details::text AS details FROM audit_events "
+                                         "WHERE rpc = 'RetireKey'")
+    finally:
+        await conn.close()
+    assert keys == {"k1": True, "k2": False, "default": False}
+    assert len(retire_events) == 1
+    assert retire_events[0]["outcome"] == "OK"
+    assert json.loads(retire_events[0]["details"]) == {"key_id": "k1"}
+
+
+# --- values that cannot be decrypted ----------------------------------------------------------------
+
+
+async def test_an_undecryptable_value_is_reported_and_the_rest_of_its_batch_still_rotates(
+    database: str, tmp_path: Path
+) -> None:
+    clear = {f"row-{i:02d}": {"secretKey": f"sk_test_batch_{i:04d}", "publishableKey": f"pk_test_batch_{i:04d}"}
+             for i in range(1, 10)}
+    configs = {row_id: {k: v1(v) for k, v in values.items()} for row_id, values in clear.items()}
+    bad = tampered(configs["row-05"]["secretKey"])
+    configs["row-05"]["secretKey"] = bad
+    # Batches of 3 by id: row-05 sits in the middle of the second batch.
+    await insert_rows(database, [(row_id, f"org_{row_id}", "stripe", config) for row_id, config in configs.items()])
+
+    result = await cli(["rotate", "--batch-size", BATCH], database, WITHOUT_K1, tmp_path)
+    assert result.returncode != 0
+    report = result.report()
+    assert report["undecryptable"] == [{"row_id": "row-05", "field": "secretKey"}]
+    assert report["rows_rewrapped"] == 9
+    assert report["values_rewrapped"] == 17
+    assert report["from_keys"] == {"default": 17}
+    output = result.stdout + result.stderr
+    assert bad not in output
+    assert bad[len("enc:v1:"):][:16] not in output
+    assert not any(value in output for values in clear.values() for value in values.values())
+
+    values = stored_values(await raw_rows(database))
+    assert values.pop(("row-05", "secretKey")) == bad  # left exactly as it was
+    assert all(value.startswith("enc:v2:k2:") for value in values.values())
+
+    running = await start(database, WITHOUT_K1, tmp_path)
+    try:
+        for row_id in ("row-04", "row-06", "row-09"):
+            assert await read_clear(running, f"org_{row_id}", "stripe") == clear[row_id]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await read_clear(running, "org_row-05", "stripe")
+        error = rich_error(caught.value)
+        assert error.code is grpc.StatusCode.DATA_LOSS
+        assert "secretKey" in error.message
+    finally:
+        await running.close()
