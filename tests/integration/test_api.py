@@ -8,8 +8,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from integrations.v1 import integrations_pb2 as pb
 
+from integrations.v1 import integrations_pb2 as pb
 from tests.harness import Running, new_org, rich_error, start_service, values_of
 
 ENV_DEFAULTS = {

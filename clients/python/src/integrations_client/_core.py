@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
-from integrations.v1 import integrations_pb2 as pb
 
+from integrations.v1 import integrations_pb2 as pb
 from integrations_client._cache import CacheStats, CredentialCache, Key
 from integrations_client.config import TlsConfig, channel_options
 from integrations_client.errors import DeadlineExceeded, IntegrationsError, error_from_rpc

@@ -10,9 +10,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import grpc
+
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
-
 from integrations_client._cache import Key
 from integrations_client._core import (
     DEFAULT_CACHE_MAX_ENTRIES,
