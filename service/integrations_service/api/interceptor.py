@@ -15,7 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import grpc
 
@@ -33,18 +33,12 @@ _current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller
 
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
-if TYPE_CHECKING:  # the stubs make it generic; the runtime class is not subscriptable
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    _ServerInterceptor = grpc.aio.ServerInterceptor
-
-
 def current_caller() -> Caller:
     """The caller of the RPC being served (set by the interceptor for the handler's task)."""
     return _current_caller.get()
 
 
-class RpcInterceptor(_ServerInterceptor):
+class RpcInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authorizer: Authorizer, audit: AuditTrail, metrics: Metrics) -> None:
         self._authorizer = authorizer
         self._audit = audit
@@ -52,9 +46,9 @@ class RpcInterceptor(_ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
