@@ -1,0 +1,77 @@
+"""Baseline server for the benchmark: the service's gRPC setup, handlers that do nothing.
+
+A grpc.aio server with the service's options, health checking, and generic
+handlers for IntegrationService's GetProviderConfig and SaveIntegration that
+parse the request and return an empty response. Whatever the real service
+costs on top of this is the service's own work (interceptor, logging, domain,
+crypto, store).
+
+Usage: empty_server.py --listen-address 127.0.0.1:PORT (stops on SIGTERM/SIGINT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from integrations.v1 import integrations_pb2 as pb
+
+# The real server's options, so both servers differ only in what their handlers do.
+from integrations_service.api.server import _SERVER_OPTIONS, SERVICE_NAME
+
+
+async def get_provider_config(request: pb.GetProviderConfigRequest, context: Any) -> pb.GetProviderConfigResponse:
+    return pb.GetProviderConfigResponse()
+
+
+async def save_integration(request: pb.SaveIntegrationRequest, context: Any) -> pb.SaveIntegrationResponse:
+    return pb.SaveIntegrationResponse()
+
+
+def empty_handler() -> grpc.GenericRpcHandler:
+    methods = {
+        "GetProviderConfig": grpc.unary_unary_rpc_method_handler(
+            get_provider_config,
+            request_deserializer=pb.GetProviderConfigRequest.FromString,
+            response_serializer=pb.GetProviderConfigResponse.SerializeToString,
+        ),
+        "SaveIntegration": grpc.unary_unary_rpc_method_handler(
+            save_integration,
+            request_deserializer=pb.SaveIntegrationRequest.FromString,
+            response_serializer=pb.SaveIntegrationResponse.SerializeToString,
+        ),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
+
+
+async def serve(listen_address: str) -> None:
+    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((empty_handler(),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if server.add_insecure_port(listen_address) == 0:
+        raise SystemExit(f"empty_server: cannot listen on {listen_address}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen-address", required=True, help="host:port, loopback only")
+    asyncio.run(serve(parser.parse_args().listen_address))
+
+
+if __name__ == "__main__":
+    main()
