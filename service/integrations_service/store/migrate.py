@@ -13,7 +13,6 @@ and re-checks what is applied once it holds the write lock.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import sqlite3
 from dataclasses import dataclass
@@ -100,10 +99,12 @@ async def migrate_postgres(conn: Any) -> list[int]:
             done.append(migration.version)
         return done
     finally:
-        # Best effort: a failure here must not hide the real error, and the lock
-        # goes anyway with the session (or with the pool's reset on release).
-        with contextlib.suppress(Exception):
+        try:
             await conn.execute("SELECT pg_advisory_unlock($1::bigint)", MIGRATION_LOCK_KEY)
+        except Exception:
+            # The lock must not outlive this run on a pooled connection (the pool does not reset sessions):
+            # the connection goes, and the lock with it. Not raised: it would hide the real error.
+            conn.terminate()
 
 
 # --- SQLite -------------------------------------------------------------------------------------
