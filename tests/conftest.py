@@ -19,6 +19,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
+from tests.leakwatch import leak_watch, no_secret_in_logs  # noqa: F401 (fixtures: the suite-wide leak check)
+
 POSTGRES_URL_ENV = "INTEGRATIONS_TEST_POSTGRES_URL"
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
