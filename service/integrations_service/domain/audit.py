@@ -10,15 +10,14 @@ where one must be correlated, its keyed HMAC fingerprint.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from integrations_service.domain.periodic import PeriodicFlush
 from integrations_service.domain.validation import organization_id_problem
 from integrations_service.errors import FieldViolation, InvalidArgument, ServiceError, Unavailable
 from integrations_service.store import AuditEntry, AuditRecord, IntegrationStore
@@ -48,7 +47,7 @@ class AuditTrail:
         self._store = store
         self._clock = clock
         self._buffer: deque[AuditRecord] = deque()
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = PeriodicFlush(self.flush, FLUSH_INTERVAL_SECONDS, "audit-flush")
         self.dropped = 0
 
     def record(
@@ -125,22 +124,14 @@ class AuditTrail:
             self._buffer.popleft()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._flush_periodically(), name="audit-flush")
+        self._periodic.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.flush()
+        await self._periodic.close()
 
     async def page(self, organization_id: str, page_size: int, page_token: str) -> AuditPage:
         return await list_audit(self._store, organization_id, page_size, page_token)
 
-    async def _flush_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
-            await self.flush()
 
 
 DEFAULT_PAGE_SIZE = 50

@@ -12,12 +12,11 @@ seconds and at shutdown) and a warning is logged from a quarter of the budget on
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import Counter
 
 from integrations_service.crypto import NONCE_LIMIT, ValueCipher
+from integrations_service.domain.periodic import PeriodicFlush
 from integrations_service.errors import ConfigurationError, Unavailable
 from integrations_service.store import IntegrationStore, KeyRecord
 
@@ -58,7 +57,7 @@ class KeyUsage:
         self._cipher = cipher
         self._flushed: Counter[str] = Counter()
         self._stored_totals: dict[str, int] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = PeriodicFlush(self.flush, FLUSH_INTERVAL_SECONDS, "key-usage-flush")
 
     async def verify(self) -> None:
         # Check against what is stored before recording anything: a start refused for another reason must not
@@ -91,14 +90,10 @@ class KeyUsage:
         self._warn_if_worn()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._flush_periodically(), name="key-usage-flush")
+        self._periodic.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.flush()
+        await self._periodic.close()
 
     def _warn_if_worn(self) -> None:
         active = self._cipher.active_key_id
@@ -111,7 +106,3 @@ class KeyUsage:
                 extra={"event": "key_wear", "key_id": active, "count": used},
             )
 
-    async def _flush_periodically(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
-            await self.flush()
