@@ -20,7 +20,7 @@ from typing import Any, cast
 import grpc
 
 from integrations_service import errors
-from integrations_service.api.auth import DEVELOPMENT_IDENTITY, Authorizer, identity_of
+from integrations_service.api.auth import DEVELOPMENT_IDENTITY, SERVICE_PREFIX, Authorizer, identity_of
 from integrations_service.api.status import status_code_of, to_grpc_status
 from integrations_service.domain.audit import AuditTrail, Caller
 from integrations_service.metrics import Metrics
@@ -50,8 +50,14 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
+        if handler is None:
+            return None
+        if handler.unary_unary is None:
+            if handler_call_details.method.startswith(SERVICE_PREFIX):
+                # Fail closed: a streaming method would bypass the checks this wrapper makes.
+                log.error("streaming methods are not authorized; refusing", extra={"rpc": handler_call_details.method})
+                return None
+            return handler  # reflection's stream: open to every authenticated caller
         # Under grpc.aio the unary behaviour is a coroutine function taking an aio context.
         behaviour = cast(Handler, handler.unary_unary)
         return grpc.unary_unary_rpc_method_handler(
