@@ -59,22 +59,28 @@ class RichError:
     message: str
     violations: dict[str, str]
     request_id: str
+    resource: tuple[str, str] = ("", "")
 
 
 def rich_error(error: grpc.aio.AioRpcError) -> RichError:
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     violations: dict[str, str] = {}
     request_id = ""
+    resource = ("", "")
     for detail in status.details if status else ():
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations.update({v.field: v.description for v in bad.field_violations})
+        elif detail.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
+            info_resource = error_details_pb2.ResourceInfo()
+            detail.Unpack(info_resource)
+            resource = (info_resource.resource_type, info_resource.resource_name)
         elif detail.Is(error_details_pb2.RequestInfo.DESCRIPTOR):
             info = error_details_pb2.RequestInfo()
             detail.Unpack(info)
             request_id = info.request_id
-    return RichError(error.code(), error.details() or "", violations, request_id)
+    return RichError(error.code(), error.details() or "", violations, request_id, resource)
 
 
 def values_of(config: pb.ProviderConfig) -> dict[str, tuple[str, int]]:

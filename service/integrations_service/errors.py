@@ -37,7 +37,15 @@ class InvalidArgument(ServiceError):
 
 
 class NotFound(ServiceError):
-    """The named provider or stored integration does not exist."""
+    """The named provider or stored integration does not exist.
+
+    `resource_type` and `resource_name` say which (a `google.rpc.ResourceInfo` detail).
+    """
+
+    def __init__(self, message: str, resource_type: str, resource_name: str) -> None:
+        super().__init__(message)
+        self.resource_type = resource_type
+        self.resource_name = resource_name
 
 
 class Conflict(ServiceError):

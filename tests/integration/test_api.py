@@ -231,6 +231,7 @@ async def test_unknown_provider_is_not_found(svc: Running) -> None:
         error = rich_error(await refused(call))
         assert error.code is grpc.StatusCode.NOT_FOUND
         assert "paypal" in error.message
+        assert error.resource == ("integrations.v1.Provider", "paypal")
 
 
 async def test_get_rejects_missing_fields_and_unknown_view(svc: Running) -> None:
@@ -291,6 +292,7 @@ async def test_delete_missing_is_not_found_unless_allowed(svc: Running) -> None:
     error = rich_error(await refused(svc.stub.DeleteIntegration(request)))
     assert error.code is grpc.StatusCode.NOT_FOUND
     assert org in error.message
+    assert error.resource == ("integrations.v1.Integration", f"organizations/{org}/integrations/stripe")
     await svc.stub.DeleteIntegration(
         pb.DeleteIntegrationRequest(organization_id=org, provider="stripe", allow_missing=True)
     )

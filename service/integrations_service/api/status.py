@@ -40,6 +40,10 @@ def to_grpc_status(code: grpc.StatusCode, message: str, request_id: str, error: 
             for v in error.violations
         ]
         details.insert(0, error_details_pb2.BadRequest(field_violations=violations))
+    if isinstance(error, errors.NotFound):
+        details.insert(
+            0, error_details_pb2.ResourceInfo(resource_type=error.resource_type, resource_name=error.resource_name)
+        )
     packed = []
     for detail in details:
         any_detail = any_pb2.Any()

@@ -124,7 +124,11 @@ class CredentialService:
 
             audit = self._audit.record(caller, RPC_DELETE, OUTCOME_OK, organization_id, spec.id)
             if not await self._store.delete(organization_id, spec.id, check, audit) and not allow_missing:
-                raise NotFound(f"organization {organization_id!r} has no stored credentials for provider {spec.id!r}")
+                raise NotFound(
+                    f"organization {organization_id!r} has no stored credentials for provider {spec.id!r}",
+                    resource_type=validation.INTEGRATION_RESOURCE,
+                    resource_name=f"organizations/{organization_id}/integrations/{spec.id}",
+                )
         except ServiceError as error:
             self._audit.refused(caller, RPC_DELETE, error, organization_id, provider_id)
             raise

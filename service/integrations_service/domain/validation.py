@@ -14,6 +14,9 @@ from integrations_service.domain.registry import ProviderSpec, find_provider
 from integrations_service.errors import FieldViolation, InvalidArgument, NotFound
 
 MAX_ORGANIZATION_ID_LENGTH = 128
+# google.rpc.ResourceInfo types of NOT_FOUND errors.
+PROVIDER_RESOURCE = "integrations.v1.Provider"
+INTEGRATION_RESOURCE = "integrations.v1.Integration"
 MAX_VALUE_BYTES = 4096
 
 
@@ -43,7 +46,11 @@ def check_target(organization_id: str, provider_id: str) -> ProviderSpec:
         raise InvalidArgument(violations)
     spec = find_provider(provider_id)
     if spec is None:
-        raise NotFound(f"provider {provider_id!r} does not exist; ListProviders shows the catalog")
+        raise NotFound(
+            f"provider {provider_id!r} does not exist; ListProviders shows the catalog",
+            resource_type=PROVIDER_RESOURCE,
+            resource_name=provider_id,
+        )
     return spec
 
 

@@ -163,6 +163,7 @@ _CLASSES: dict[grpc.StatusCode, type[IntegrationsError]] = {
 # The service words an unknown provider this way (domain/validation.py); the
 # other NOT_FOUND (DeleteIntegration of missing credentials) names the organization.
 _UNKNOWN_PROVIDER_PREFIX = "provider "
+_PROVIDER_RESOURCE = "integrations.v1.Provider"
 
 
 class _StatusCarrier(Protocol):
@@ -187,6 +188,7 @@ def error_from_rpc(error: grpc.RpcError, *, method: str = "") -> IntegrationsErr
     message = (call.details() if callable(getattr(error, "details", None)) else None) or code.name
     violations: list[tuple[str, str]] = []
     request_id = ""
+    resource_type = ""
     try:
         status = rpc_status.from_call(cast(grpc.Call, error))
     except (ValueError, AttributeError, TypeError):  # inconsistent or undecodable rich status: keep the basics
@@ -196,6 +198,10 @@ def error_from_rpc(error: grpc.RpcError, *, method: str = "") -> IntegrationsErr
             bad_request = error_details_pb2.BadRequest()
             detail.Unpack(bad_request)
             violations.extend((v.field, v.description) for v in bad_request.field_violations)
+        elif detail.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
+            resource = error_details_pb2.ResourceInfo()
+            detail.Unpack(resource)
+            resource_type = resource.resource_type
         elif detail.Is(error_details_pb2.RequestInfo.DESCRIPTOR):
             info = error_details_pb2.RequestInfo()
             detail.Unpack(info)
@@ -204,11 +210,18 @@ def error_from_rpc(error: grpc.RpcError, *, method: str = "") -> IntegrationsErr
         request_id = _trailer(call, REQUEST_ID_KEY)
 
     cls = _CLASSES.get(code, InternalError)
-    if cls is NotFound and (method != "DeleteIntegration" or message.startswith(_UNKNOWN_PROVIDER_PREFIX)):
+    if cls is NotFound and _is_unknown_provider(resource_type, method, message):
         cls = ProviderNotFound
     if cls is InvalidArgument:
         return InvalidArgument(message, code=code, request_id=request_id, field_violations=violations)
     return cls(message, code=code, request_id=request_id)
+
+
+def _is_unknown_provider(resource_type: str, method: str, message: str) -> bool:
+    if resource_type:  # the service's ResourceInfo detail says which resource is missing
+        return resource_type == _PROVIDER_RESOURCE
+    # An older service without the detail: only DeleteIntegration has another NOT_FOUND, worded differently.
+    return method != "DeleteIntegration" or message.startswith(_UNKNOWN_PROVIDER_PREFIX)
 
 
 def _trailer(call: _StatusCarrier, key: str) -> str:
