@@ -134,11 +134,23 @@ _ADD_ENCRYPTIONS = "UPDATE encryption_keys SET encryptions = encryptions + $2 WH
 _RETIRE_KEY = "UPDATE encryption_keys SET retired_at = COALESCE(retired_at, now()) WHERE key_id = $1"
 
 # Audit.
-_INSERT_AUDIT = (
-    "INSERT INTO audit_events "
-    "(time, caller, rpc, outcome, organization_id, provider, fields, request_id, details) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9::jsonb)"
-)
+_AUDIT_COLUMNS = "(time, caller, rpc, outcome, organization_id, provider, fields, request_id, details)"
+_INSERT_AUDIT = f"INSERT INTO audit_events {_AUDIT_COLUMNS} VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9::jsonb)"  # noqa: S608 (constants only)
+
+
+def _with_audit(statement: str, first_parameter: int) -> str:
+    """`statement` and the audit row it records, in one round trip while the row lock is held.
+
+    A data-modifying WITH clause always runs to completion, in the same transaction.
+    """
+    numbers = range(first_parameter, first_parameter + 9)
+    values = ", ".join(f"${n}::jsonb" if n - first_parameter in (6, 8) else f"${n}" for n in numbers)
+    # Built from this module's constants only; every value travels as a parameter.
+    return f"WITH audited AS (INSERT INTO audit_events {_AUDIT_COLUMNS} VALUES ({values})) {statement}"  # noqa: S608
+
+
+_INSERT_AUDITED = _with_audit(_INSERT, 5)
+_UPDATE_AUDITED = _with_audit(_UPDATE, 3)
 _SELECT_AUDIT = (
     "SELECT id, time, caller, rpc, outcome, organization_id, provider, fields, request_id, details "
     "FROM audit_events WHERE id < $1 ORDER BY id DESC LIMIT $2"
@@ -400,13 +412,14 @@ class PostgresStore(IntegrationStore):
         async with self._transaction() as conn:
             current = await self._lock_row(conn, organization_id, provider)
             config = dict(mutate(current))  # raising rolls back: nothing changes, no audit
+            logged = _audit_parameters(audit) if audit is not None else ()
             with _unavailable_on_connection_error():
                 if current is None:
-                    record = await conn.fetchrow(_INSERT, uuid.uuid4().hex, organization_id, provider, config)
+                    insert = _INSERT_AUDITED if logged else _INSERT
+                    record = await conn.fetchrow(insert, uuid.uuid4().hex, organization_id, provider, config, *logged)
                 else:
-                    record = await conn.fetchrow(_UPDATE, current.id, config)
-                if audit is not None:
-                    await _insert_audit(conn, [audit])
+                    update = _UPDATE_AUDITED if logged else _UPDATE
+                    record = await conn.fetchrow(update, current.id, config, *logged)
         return _to_stored(record)
 
     async def _lock_row(self, conn: Any, organization_id: str, provider: str) -> StoredIntegration | None:
