@@ -303,3 +303,25 @@ async def test_a_decrypted_read_of_a_corrupt_value_is_recorded_as_refused(
     assert list(event.fields) == ["secretKey"]
     assert "secretKey" in event.details["reason"]
     assert json.dumps(dict(event.details)).find(stored["secretKey"][8:40]) == -1
+
+
+async def test_the_audit_log_line_says_ok_only_for_changes_that_happened(
+    svc: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    org = new_org()
+    first = await save(svc, org, request_id("first"), secretKey="sk_test_audit_log_0001")
+    await save(svc, org, request_id("second"), publishableKey="pk_test_audit_log")
+    stale = request_id("stale")
+    caplog.set_level("INFO", logger="integrations.audit")
+    await refused(save(svc, org, stale, etag=first.etag, publishableKey="pk_test_lost"))
+    missing = request_id("missing")
+    await refused(svc.stub.DeleteIntegration(
+        pb.DeleteIntegrationRequest(organization_id=new_org(), provider="stripe"), metadata=metadata(missing)
+    ))
+
+    def outcomes(rid: str) -> list[str]:
+        audit_lines = (r for r in caplog.records if r.name == "integrations.audit")
+        return [str(r.outcome) for r in audit_lines if getattr(r, "request_id", None) == rid]  # type: ignore[attr-defined]
+
+    assert outcomes(stale) == ["Conflict"]
+    assert outcomes(missing) == ["NotFound"]

@@ -60,8 +60,8 @@ class AuditTrail:
         fields: Iterable[str] = (),
         details: Mapping[str, str] | None = None,
     ) -> AuditRecord:
-        """Build a record and log it; the caller stores it (in its transaction) or `enqueue`s it."""
-        audit = AuditRecord(
+        """Build a record; nothing is logged until it is `enqueue`d, or `written` by the change's transaction."""
+        return AuditRecord(
             time=self._clock(),
             caller=caller.identity,
             rpc=rpc,
@@ -72,6 +72,9 @@ class AuditTrail:
             request_id=caller.request_id,
             details=dict(details or {}),
         )
+
+    def written(self, audit: AuditRecord) -> None:
+        """The store wrote the record with its change: emit its log line, now that it is true."""
         log.info(
             "audit",
             extra={
@@ -85,13 +88,14 @@ class AuditTrail:
                 "request_id": audit.request_id or None,
             },
         )
-        return audit
 
     @property
     def buffered(self) -> int:
         return len(self._buffer)
 
     def enqueue(self, audit: AuditRecord) -> None:
+        """Log the record and buffer it for the next flush (events that are not part of a change)."""
+        self.written(audit)
         if len(self._buffer) >= MAX_BUFFERED:
             self._buffer.popleft()
             self.dropped += 1

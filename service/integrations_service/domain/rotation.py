@@ -113,6 +113,7 @@ class Rotator:
         details = {"rows": str(len(ids)), "active_key_id": self._cipher.active_key_id}
         audit = self._audit.record(self._caller, ROTATE_ACTION, OUTCOME_OK, details=details)
         report.rows_rewrapped += await self._store.rewrap(ids, rewrite, audit)
+        self._audit.written(audit)
         report.batches += 1
         for row_id, (rewrapped, failed) in outcomes.items():
             report.values_rewrapped += sum(rewrapped.values())

@@ -108,6 +108,7 @@ class CredentialService:
                 caller, RPC_SAVE, OUTCOME_OK, organization_id, spec.id, touched, fingerprints | cleared
             )
             row = await self._store.upsert(organization_id, spec.id, merge, audit)
+            self._audit.written(audit)
         except ServiceError as error:
             self._audit.refused(caller, RPC_SAVE, error, organization_id, provider_id, touched)
             raise
@@ -123,7 +124,9 @@ class CredentialService:
                 _check_etag(current, etag)
 
             audit = self._audit.record(caller, RPC_DELETE, OUTCOME_OK, organization_id, spec.id)
-            if not await self._store.delete(organization_id, spec.id, check, audit) and not allow_missing:
+            if await self._store.delete(organization_id, spec.id, check, audit):
+                self._audit.written(audit)
+            elif not allow_missing:
                 raise NotFound(
                     f"organization {organization_id!r} has no stored credentials for provider {spec.id!r}",
                     resource_type=validation.INTEGRATION_RESOURCE,
