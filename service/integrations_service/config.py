@@ -227,10 +227,13 @@ class _Reader:
         if self._problems:
             raise ConfigurationError("invalid configuration:\n  " + "\n  ".join(self._problems))
 
-    def text(self, setting: Setting) -> str:
+    def text(self, setting: Setting, empty_is_a_value: bool = False) -> str:
+        """Flag, else env, else default. An empty env var counts as unset unless `empty_is_a_value`."""
         from_flag = getattr(self._args, _dest(setting), None) if self._args else None
         if from_flag is not None:
             return str(from_flag)
+        if empty_is_a_value and setting.env in self._environ:
+            return self._environ[setting.env]
         return self._environ.get(setting.env) or setting.default or ""
 
     def choice(self, setting: Setting, kind: type[Mode]) -> Mode | None:
@@ -295,8 +298,7 @@ class _Reader:
         return url
 
     def metrics_address(self) -> str | None:
-        from_flag = getattr(self._args, _dest(METRICS_ADDRESS), None) if self._args else None
-        address = str(from_flag) if from_flag is not None else self._environ.get(METRICS_ADDRESS.env, "127.0.0.1:9464")
+        address = self.text(METRICS_ADDRESS, empty_is_a_value=True)  # empty turns the endpoint off
         if not address:
             return None
         try:
