@@ -1,0 +1,40 @@
+"""Text that came from a request, made safe to store, log or echo.
+
+Anything a caller sends (organization ids, provider ids, field keys, request
+ids) may be huge, or hold control characters that would forge a log line or
+make PostgreSQL refuse a row (NUL). `bounded` is applied before such text
+goes into an audit record, a log line or an error message: the result is
+short, printable, valid UTF-8, and shows plainly that it was changed.
+"""
+
+from __future__ import annotations
+
+# Enough for every legitimate identifier (organization ids are at most 128 characters).
+DEFAULT_LIMIT = 160
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def _unsafe(char: str) -> bool:
+    code = ord(char)
+    # C0 controls, DEL, C1 controls, lone surrogates, and the Unicode line and paragraph separators.
+    return code < 0x20 or 0x7F <= code <= 0x9F or 0xD800 <= code <= 0xDFFF or code in (0x2028, 0x2029)
+
+
+def bounded(text: str, limit: int = DEFAULT_LIMIT) -> str:
+    """At most `limit` characters of `text` (plus a marker saying how many were cut), control characters escaped.
+
+    A backslash is escaped too, so an escaped result can never be mistaken for one that was not.
+    """
+    cut = max(len(text) - limit, 0)
+    head = text[:limit] if cut else text
+    if head.isprintable() and "\\" not in head and not any(map(_unsafe, head)):
+        safe = head
+    else:
+        safe = "".join("\\\\" if c == "\\" else _escape(c) if _unsafe(c) else c for c in head)
+    return f"{safe}…[+{cut} chars]" if cut else safe
