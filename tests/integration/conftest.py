@@ -9,18 +9,25 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 from integrations_service.store import IntegrationStore
+from integrations_service.store.memory import MemoryDatabase, MemoryStore
 from integrations_service.store.postgres import PostgresStore
 from integrations_service.store.sqlite import SqliteStore
 
+# The in-memory store's "databases", by name: a second MemoryStore on one of them is another replica.
+MEMORY_DATABASES: dict[str, MemoryDatabase] = {}
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
-    """(kind, where): a fresh SQLite file, or this run's PostgreSQL database.
+    """(kind, where): a fresh in-memory database, a fresh SQLite file, or this run's PostgreSQL database.
 
     Sync on purpose: it asks for the PostgreSQL fixture only for the postgres
     parameter (so SQLite tests run without a server), and getfixturevalue
     cannot be used from inside a running event loop.
     """
+    if request.param == "memory":
+        MEMORY_DATABASES[request.node.nodeid] = MemoryDatabase()
+        return "memory", request.node.nodeid
     if request.param == "sqlite":
         return "sqlite", str(tmp_path / "store.sqlite3")
     return "postgres", str(request.getfixturevalue("postgres_database_url"))
@@ -31,7 +38,9 @@ async def store(store_location: tuple[str, str]) -> AsyncIterator[IntegrationSto
     """An open, migrated, empty store of each kind; closed after the test."""
     kind, where = store_location
     opened: IntegrationStore
-    if kind == "sqlite":
+    if kind == "memory":
+        opened = MemoryStore(MEMORY_DATABASES.pop(where))
+    elif kind == "sqlite":
         opened = await SqliteStore.open(where)
     else:
         opened = await _empty_postgres_store(where)
