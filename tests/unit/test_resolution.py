@@ -158,6 +158,13 @@ def test_an_empty_stored_binding_value_does_not_count_as_stored() -> None:
     assert sources(easypay, {"baseUrl": ""})["apiKey"] is ENVIRONMENT
 
 
+def test_a_stored_binding_value_equal_to_the_environment_still_counts() -> None:
+    easypay = find_provider("easypay")
+    assert easypay is not None
+    assert sources(easypay, {"baseUrl": PLATFORM["EASYPAY_BASE_URL"]})["apiKey"] is UNSET
+    assert not is_ready(easypay, frozenset({"baseUrl"}), PLATFORM)
+
+
 def test_ifthenpay_has_no_binding_field_so_each_key_falls_back_alone() -> None:
     ifthenpay = find_provider("ifthenpay")
     assert ifthenpay is not None
