@@ -90,8 +90,15 @@ async def test_list_providers_by_category(svc: Running, category: int, ids: list
 
 async def test_list_providers_with_organization_status(svc: Running) -> None:
     org = new_org()
-    await save(svc, org, secretKey=SK, publishableKey=PK)  # webhookSecret comes from the environment
+    await save(svc, org, secretKey=SK)  # webhookSecret comes from the environment, publishableKey from nowhere
     await save(svc, org, "easypay", accountId="acc-1")  # apiKey missing: configured, not ready
+    reply = await svc.stub.ListProviders(pb.ListProvidersRequest(organization_id=org))
+    status = {p.id: (p.configured, p.ready) for p in reply.providers}
+    assert status["stripe"] == (True, False)
+    await save(svc, org, publishableKey=PK)  # its own account: the environment's webhookSecret no longer counts
+    reply = await svc.stub.ListProviders(pb.ListProvidersRequest(organization_id=org))
+    assert {p.id: p.ready for p in reply.providers}["stripe"] is False
+    await save(svc, org, webhookSecret="whsec_organization_own_5678")
     reply = await svc.stub.ListProviders(pb.ListProvidersRequest(organization_id=org))
     status = {p.id: (p.configured, p.ready) for p in reply.providers}
     assert status["stripe"] == (True, True)
@@ -115,9 +122,10 @@ async def test_list_providers_rejects_bad_organization_and_category(svc: Running
 async def test_save_then_get_masked_and_decrypted(svc: Running) -> None:
     org = new_org()
     saved = await save(svc, org, secretKey=SK, publishableKey=PK)
+    # The organization's publishableKey names its Stripe account: the environment's webhook secret is withheld.
     assert values_of(saved) == {
         "secretKey": ("••••••••4242", ORG),
-        "webhookSecret": ("••••••••7777", ENV),
+        "webhookSecret": ("", UNSET),
         "publishableKey": (PK, ORG),
     }
     assert saved.etag
@@ -130,7 +138,7 @@ async def test_save_then_get_masked_and_decrypted(svc: Running) -> None:
     clear = await get(svc, org, view=pb.CONFIG_VIEW_DECRYPTED)
     assert values_of(clear) == {
         "secretKey": (SK, ORG),
-        "webhookSecret": (ENV_DEFAULTS["STRIPE_WEBHOOK_SECRET"], ENV),
+        "webhookSecret": ("", UNSET),
         "publishableKey": (PK, ORG),
     }
     explicit_masked = await get(svc, org, view=pb.CONFIG_VIEW_MASKED)
@@ -156,7 +164,10 @@ async def test_save_keeps_fields_not_named_and_clears_named_ones(svc: Running) -
     assert after["secretKey"] == (SK, ORG)
     assert after["publishableKey"] == ("pk_test_replaced_0002", ORG)
     cleared = await save(svc, org, clear=("webhookSecret",))
-    assert values_of(cleared)["webhookSecret"] == ("••••••••7777", ENV)  # falls back to the environment
+    # Not to the environment: the stored publishableKey withholds the environment's secrets.
+    assert values_of(cleared)["webhookSecret"] == ("", UNSET)
+    await save(svc, org, clear=("publishableKey",))
+    assert values_of(await get(svc, org))["webhookSecret"] == ("••••••••7777", ENV)  # falls back to the environment
     assert values_of(await get(svc, org, view=pb.CONFIG_VIEW_DECRYPTED))["secretKey"] == (SK, ORG)
 
 

@@ -63,7 +63,9 @@ from tests.client_fixtures import (
 from tests.harness import TEST_KEY, Running, new_org, start_service
 from tests.processes import Processes, clean_env, free_port
 
-STRIPE = {"secretKey": SK, "publishableKey": PK}
+# The organization's own secret key; the publishable key and webhook secret are the environment's defaults
+# (a stored publishableKey would withhold the environment's webhook secret: see docs/api.md).
+STRIPE = {"secretKey": SK}
 
 
 @pytest.fixture
@@ -162,6 +164,7 @@ async def test_list_providers(svc_any_store: Running) -> None:
         assert (secret_key.key, secret_key.env_var, secret_key.secret, secret_key.required) == (
             "secretKey", "STRIPE_SECRET_KEY", True, True,
         )
+        assert [f.key for f in stripe.fields if f.binds_secrets] == ["publishableKey"]
         payments = await client.list_providers(category=Category.PAYMENTS)
         assert [p.id for p in payments] == ["stripe", "easypay", "ifthenpay"]
         assert [p.id for p in await client.list_providers(category="notifications")] == ["resend", "smtp"]
@@ -175,9 +178,9 @@ async def test_list_providers(svc_any_store: Running) -> None:
 async def test_save_clear_fields_and_etags(svc_any_store: Running) -> None:
     org = new_org()
     async with IntegrationsClient(svc_any_store.target) as client:
-        first = await client.save(org, "stripe", values=STRIPE)
+        first = await client.save(org, "stripe", values={**STRIPE, "publishableKey": "pk_test_51ClientOwnKey0002"})
         second = await client.save(org, "stripe", clear_fields=["publishableKey"], etag=first.etag)
-        assert second.values["publishableKey"].source is ValueSource.UNSET
+        assert second.values["publishableKey"].source is ValueSource.ENVIRONMENT
         assert second.etag != first.etag
         masked = await client.get_masked_config(org, "stripe")
         assert masked.etag == second.etag

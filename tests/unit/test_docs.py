@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from integrations_service.config import SETTINGS, Setting
-from integrations_service.domain.registry import all_env_vars
+from integrations_service.domain.registry import PROVIDERS, ProviderSpec, all_env_vars
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
 CONFIG_ROWS = {
     match.group(1): line
     for line in README.splitlines()
@@ -37,3 +38,20 @@ def test_every_readme_setting_exists_in_the_code() -> None:
 @pytest.mark.parametrize("env_var", all_env_vars())
 def test_every_provider_fallback_is_in_the_readme(env_var: str) -> None:
     assert f"`{env_var}`" in README
+
+
+def _cells(text: str, first_cell: str) -> list[str]:
+    """The cells of the table row of `text` whose first cell is `first_cell`."""
+    rows = [line for line in text.splitlines() if line.startswith(f"| {first_cell} |")]
+    assert len(rows) == 1, f"no single table row for {first_cell} in the docs"
+    return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS, ids=lambda p: p.id)
+def test_docs_mark_exactly_the_endpoint_and_account_fields(provider: ProviderSpec) -> None:
+    """README's † marks and docs/api.md's Environment fallback table name the registry's binds_secrets fields."""
+    binding = sorted(provider.binding_keys)
+    readme_fields = _cells(README, f"`{provider.id}`")[2]
+    assert sorted(re.findall(r"`(\w+)`\**†", readme_fields)) == binding
+    api_cell = _cells((ROOT / "docs" / "api.md").read_text(), f"`{provider.id}`")[1]
+    assert sorted(re.findall(r"`(\w+)`", api_cell)) == binding

@@ -9,28 +9,31 @@ import pytest
 
 from integrations_service.domain.registry import PROVIDERS, Category, find_provider, providers_in
 
-# (provider, field key, env fallback, description, secret, required), as the seed's tables have them
-# for Stripe, Easypay and Ifthenpay, and as this service chose for the others.
+# (provider, field key, env fallback, description, secret, required, binds_secrets), as the seed's tables
+# have them for Stripe, Easypay and Ifthenpay, and as this service chose for the others. binds_secrets marks
+# the fields that decide where a secret is sent or which account it belongs to (issue 7 §2).
+SENDER = "Sender address, e.g. 'Shop <orders@shop.example>'"
 EXPECTED_FIELDS = [
-    ("stripe", "secretKey", "STRIPE_SECRET_KEY", "Server-side secret key", True, True),
-    ("stripe", "webhookSecret", "STRIPE_WEBHOOK_SECRET", "Webhook signing secret", True, True),
-    ("stripe", "publishableKey", "NEXT_PUBLIC_STRIPE_PUBLISHABLE_KEY", "Client-side publishable key", False, True),
-    ("easypay", "accountId", "EASYPAY_ACCOUNT_ID", "Easypay account ID", False, True),
-    ("easypay", "apiKey", "EASYPAY_API_KEY", "API key", True, True),
-    ("easypay", "baseUrl", "EASYPAY_BASE_URL", "API base URL (prod/sandbox)", False, True),
-    ("ifthenpay", "antiPhishingKey", "IFTHENPAY_ANTIPHISHING_KEY", "Anti-phishing key", True, True),
-    ("ifthenpay", "mbKey", "IFTHENPAY_MB_KEY", "Multibanco key", True, False),
-    ("ifthenpay", "mbwayKey", "IFTHENPAY_MBWAY_KEY", "MB WAY key", True, False),
-    ("ifthenpay", "ccKey", "IFTHENPAY_CC_KEY", "Credit card key", True, False),
-    ("resend", "apiKey", "RESEND_API_KEY", "API key", True, True),
-    ("resend", "fromAddress", "RESEND_FROM_ADDRESS", "Sender address, e.g. 'Shop <orders@shop.example>'", False, True),
-    ("smtp", "host", "SMTP_HOST", "SMTP server host name", False, True),
-    ("smtp", "port", "SMTP_PORT", "SMTP server port", False, True),
-    ("smtp", "username", "SMTP_USERNAME", "SMTP user name", False, False),
-    ("smtp", "password", "SMTP_PASSWORD", "SMTP password", True, False),
-    ("smtp", "fromAddress", "SMTP_FROM_ADDRESS", "Sender address, e.g. 'Shop <orders@shop.example>'", False, True),
-    ("google_analytics", "measurementId", "GA4_MEASUREMENT_ID", "Measurement ID (G-XXXXXXXXXX)", False, True),
-    ("google_analytics", "apiSecret", "GA4_API_SECRET", "Measurement Protocol API secret", True, True),
+    ("stripe", "secretKey", "STRIPE_SECRET_KEY", "Server-side secret key", True, True, False),
+    ("stripe", "webhookSecret", "STRIPE_WEBHOOK_SECRET", "Webhook signing secret", True, True, False),
+    ("stripe", "publishableKey", "NEXT_PUBLIC_STRIPE_PUBLISHABLE_KEY", "Client-side publishable key", False, True,
+     True),
+    ("easypay", "accountId", "EASYPAY_ACCOUNT_ID", "Easypay account ID", False, True, True),
+    ("easypay", "apiKey", "EASYPAY_API_KEY", "API key", True, True, False),
+    ("easypay", "baseUrl", "EASYPAY_BASE_URL", "API base URL (prod/sandbox)", False, True, True),
+    ("ifthenpay", "antiPhishingKey", "IFTHENPAY_ANTIPHISHING_KEY", "Anti-phishing key", True, True, False),
+    ("ifthenpay", "mbKey", "IFTHENPAY_MB_KEY", "Multibanco key", True, False, False),
+    ("ifthenpay", "mbwayKey", "IFTHENPAY_MBWAY_KEY", "MB WAY key", True, False, False),
+    ("ifthenpay", "ccKey", "IFTHENPAY_CC_KEY", "Credit card key", True, False, False),
+    ("resend", "apiKey", "RESEND_API_KEY", "API key", True, True, False),
+    ("resend", "fromAddress", "RESEND_FROM_ADDRESS", SENDER, False, True, True),
+    ("smtp", "host", "SMTP_HOST", "SMTP server host name", False, True, True),
+    ("smtp", "port", "SMTP_PORT", "SMTP server port", False, True, True),
+    ("smtp", "username", "SMTP_USERNAME", "SMTP user name", False, False, True),
+    ("smtp", "password", "SMTP_PASSWORD", "SMTP password", True, False, False),
+    ("smtp", "fromAddress", "SMTP_FROM_ADDRESS", SENDER, False, True, True),
+    ("google_analytics", "measurementId", "GA4_MEASUREMENT_ID", "Measurement ID (G-XXXXXXXXXX)", False, True, True),
+    ("google_analytics", "apiSecret", "GA4_API_SECRET", "Measurement Protocol API secret", True, True, False),
 ]
 
 EXPECTED_PROVIDERS = [
@@ -51,17 +54,37 @@ def test_catalog_order_names_categories_and_runtime_support() -> None:
 
 
 def test_every_field_matches_the_table_in_order() -> None:
-    actual = [(p.id, f.key, f.env_var, f.description, f.secret, f.required) for p in PROVIDERS for f in p.fields]
+    actual = [
+        (p.id, f.key, f.env_var, f.description, f.secret, f.required, f.binds_secrets)
+        for p in PROVIDERS
+        for f in p.fields
+    ]
     assert actual == EXPECTED_FIELDS
 
 
-@pytest.mark.parametrize(("provider", "key", "env_var", "description", "secret", "required"), EXPECTED_FIELDS)
-def test_field_lookup(provider: str, key: str, env_var: str, description: str, secret: bool, required: bool) -> None:
+@pytest.mark.parametrize(
+    ("provider", "key", "env_var", "description", "secret", "required", "binds_secrets"), EXPECTED_FIELDS
+)
+def test_field_lookup(
+    provider: str, key: str, env_var: str, description: str, secret: bool, required: bool, binds_secrets: bool
+) -> None:
     spec = find_provider(provider)
     assert spec is not None
     field = spec.field(key)
     assert field is not None
-    assert (field.env_var, field.description, field.secret, field.required) == (env_var, description, secret, required)
+    assert (field.env_var, field.description, field.secret, field.required, field.binds_secrets) == (
+        env_var,
+        description,
+        secret,
+        required,
+        binds_secrets,
+    )
+    assert (key in spec.binding_keys) is binds_secrets
+
+
+def test_a_binding_field_is_never_a_secret() -> None:
+    """The rule withholds secrets once a binding field is stored; a secret that binds would withhold itself."""
+    assert [(p.id, f.key) for p in PROVIDERS for f in p.fields if f.secret and f.binds_secrets] == []
 
 
 def test_env_vars_are_unique_across_the_catalog() -> None:
@@ -103,5 +126,5 @@ def _seed_rows() -> list[tuple[str, str, str, str]]:
 def test_registry_matches_the_seed_design_page() -> None:
     seed = _seed_rows()
     assert len(seed) == 10
-    ours = [(p, k, e, d) for p, k, e, d, _, _ in EXPECTED_FIELDS if p in ("stripe", "easypay", "ifthenpay")]
+    ours = [(p, k, e, d) for p, k, e, d, *_ in EXPECTED_FIELDS if p in ("stripe", "easypay", "ifthenpay")]
     assert ours == seed

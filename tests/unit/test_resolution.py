@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 
 from integrations_service.domain.masking import mask_secret
-from integrations_service.domain.registry import find_provider
-from integrations_service.domain.resolution import ConfigView, ValueSource, is_ready, resolve_values
+from integrations_service.domain.registry import PROVIDERS, ProviderSpec, find_provider
+from integrations_service.domain.resolution import (
+    ConfigView,
+    ValueSource,
+    is_ready,
+    resolve_values,
+    secrets_inherited,
+)
 
 STRIPE = find_provider("stripe")
 assert STRIPE is not None
@@ -40,15 +46,12 @@ ENV = {
 
 def test_organization_beats_environment_beats_unset() -> None:
     assert STRIPE is not None
-    org = {"publishableKey": "pk_test_org"}
+    org = {"secretKey": "sk_test_from_organization_1111"}
     values = resolve_values(STRIPE, org, ENV, ConfigView.DECRYPTED)
     assert list(values) == ["secretKey", "webhookSecret", "publishableKey"]
+    assert (values["secretKey"].value, values["secretKey"].source) == (org["secretKey"], ValueSource.ORGANIZATION)
     assert (values["publishableKey"].value, values["publishableKey"].source) == (
-        "pk_test_org",
-        ValueSource.ORGANIZATION,
-    )
-    assert (values["secretKey"].value, values["secretKey"].source) == (
-        ENV["STRIPE_SECRET_KEY"],
+        ENV["NEXT_PUBLIC_STRIPE_PUBLISHABLE_KEY"],
         ValueSource.ENVIRONMENT,
     )
     # An empty environment variable counts as unset.
@@ -72,6 +75,10 @@ def test_masked_view_masks_organization_and_environment_secrets_alike() -> None:
         ({"secretKey", "webhookSecret", "publishableKey"}, {}, True),
         ({"secretKey"}, {"STRIPE_WEBHOOK_SECRET": "whsec_1", "NEXT_PUBLIC_STRIPE_PUBLISHABLE_KEY": "pk_test_1"}, True),
         ({"secretKey"}, {"STRIPE_WEBHOOK_SECRET": "whsec_1"}, False),
+        # The organization's publishable key: the environment's secrets no longer count.
+        ({"publishableKey"}, {"STRIPE_SECRET_KEY": "sk_test_1", "STRIPE_WEBHOOK_SECRET": "whsec_1"}, False),
+        ({"publishableKey", "secretKey"}, {"STRIPE_WEBHOOK_SECRET": "whsec_1"}, False),
+        ({"publishableKey", "secretKey", "webhookSecret"}, {"STRIPE_WEBHOOK_SECRET": "whsec_1"}, True),
         (
             set(),
             {"STRIPE_SECRET_KEY": "sk_test_1", "STRIPE_WEBHOOK_SECRET": "w", "NEXT_PUBLIC_STRIPE_PUBLISHABLE_KEY": ""},
@@ -82,3 +89,89 @@ def test_masked_view_masks_organization_and_environment_secrets_alike() -> None:
 def test_ready_when_every_required_field_resolves(stored: set[str], env: dict[str, str], ready: bool) -> None:
     assert STRIPE is not None
     assert is_ready(STRIPE, frozenset(stored), env) is ready
+
+
+# --- the environment never pairs a platform secret with an organization's endpoint or account ---------
+
+# A platform default for every field of every provider.
+PLATFORM = {f.env_var: f"platform0{f.env_var.lower()}0value0XYZ9" for p in PROVIDERS for f in p.fields}
+BINDING = [(p, f.key) for p in PROVIDERS for f in p.fields if f.binds_secrets]
+ORGANIZATION = ValueSource.ORGANIZATION
+ENVIRONMENT = ValueSource.ENVIRONMENT
+UNSET = ValueSource.UNSET
+
+
+def own_value(key: str) -> str:
+    return f"own0{key}0value0ABC1"
+
+
+def sources(spec: ProviderSpec, stored: dict[str, str]) -> dict[str, ValueSource]:
+    return {key: v.source for key, v in resolve_values(spec, stored, PLATFORM, ConfigView.DECRYPTED).items()}
+
+
+@pytest.mark.parametrize(("spec", "key"), BINDING, ids=[f"{p.id}.{key}" for p, key in BINDING])
+def test_a_stored_binding_field_withholds_every_environment_secret(spec: ProviderSpec, key: str) -> None:
+    values = resolve_values(spec, {key: own_value(key)}, PLATFORM, ConfigView.DECRYPTED)
+    expected = {f.key: ORGANIZATION if f.key == key else UNSET if f.secret else ENVIRONMENT for f in spec.fields}
+    assert {k: v.source for k, v in values.items()} == expected
+    assert not any(v.value for v in values.values() if v.secret)
+    assert values[key].value == own_value(key)
+    assert is_ready(spec, frozenset({key}), PLATFORM) is not any(f.secret and f.required for f in spec.fields)
+
+
+@pytest.mark.parametrize(("spec", "key"), BINDING, ids=[f"{p.id}.{key}" for p, key in BINDING])
+def test_masked_view_of_a_withheld_secret_is_empty_not_a_mask(spec: ProviderSpec, key: str) -> None:
+    values = resolve_values(spec, {key: own_value(key)}, PLATFORM, ConfigView.MASKED)
+    assert [(v.value, v.source) for v in values.values() if v.secret] == [("", UNSET)] * sum(
+        f.secret for f in spec.fields
+    )
+
+
+@pytest.mark.parametrize("spec", PROVIDERS, ids=[p.id for p in PROVIDERS])
+def test_own_secrets_still_inherit_the_platform_endpoint_and_account(spec: ProviderSpec) -> None:
+    """An organization's own secret may go to the platform's configured endpoint: it is the organization's choice."""
+    stored = {f.key: own_value(f.key) for f in spec.fields if f.secret}
+    expected = {f.key: ORGANIZATION if f.secret else ENVIRONMENT for f in spec.fields}
+    assert sources(spec, stored) == expected
+    assert is_ready(spec, frozenset(stored), PLATFORM)
+
+
+@pytest.mark.parametrize("spec", PROVIDERS, ids=[p.id for p in PROVIDERS])
+def test_nothing_stored_inherits_every_field(spec: ProviderSpec) -> None:
+    values = resolve_values(spec, {}, PLATFORM, ConfigView.DECRYPTED)
+    assert {k: (v.value, v.source) for k, v in values.items()} == {
+        f.key: (PLATFORM[f.env_var], ENVIRONMENT) for f in spec.fields
+    }
+    assert is_ready(spec, frozenset(), PLATFORM)
+    assert secrets_inherited(spec, ())
+
+
+@pytest.mark.parametrize("spec", PROVIDERS, ids=[p.id for p in PROVIDERS])
+def test_every_binding_field_and_own_secrets_resolve_wholly_from_the_organization(spec: ProviderSpec) -> None:
+    stored = {f.key: own_value(f.key) for f in spec.fields if f.binds_secrets or f.secret}
+    assert sources(spec, stored) == {f.key: ORGANIZATION if f.key in stored else ENVIRONMENT for f in spec.fields}
+
+
+def test_an_empty_stored_binding_value_does_not_count_as_stored() -> None:
+    easypay = find_provider("easypay")
+    assert easypay is not None
+    assert sources(easypay, {"baseUrl": ""})["apiKey"] is ENVIRONMENT
+
+
+def test_a_stored_binding_value_equal_to_the_environment_still_counts() -> None:
+    easypay = find_provider("easypay")
+    assert easypay is not None
+    assert sources(easypay, {"baseUrl": PLATFORM["EASYPAY_BASE_URL"]})["apiKey"] is UNSET
+    assert not is_ready(easypay, frozenset({"baseUrl"}), PLATFORM)
+
+
+def test_ifthenpay_has_no_binding_field_so_each_key_falls_back_alone() -> None:
+    ifthenpay = find_provider("ifthenpay")
+    assert ifthenpay is not None
+    assert ifthenpay.binding_keys == frozenset()
+    assert sources(ifthenpay, {"antiPhishingKey": own_value("antiPhishingKey")}) == {
+        "antiPhishingKey": ORGANIZATION,
+        "mbKey": ENVIRONMENT,
+        "mbwayKey": ENVIRONMENT,
+        "ccKey": ENVIRONMENT,
+    }

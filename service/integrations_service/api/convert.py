@@ -51,7 +51,12 @@ def provider_to_pb(status: ProviderStatus) -> pb.Provider:
         runtime_supported=spec.runtime_supported,
         fields=[
             pb.ProviderField(
-                key=f.key, env_var=f.env_var, description=f.description, secret=f.secret, required=f.required
+                key=f.key,
+                env_var=f.env_var,
+                description=f.description,
+                secret=f.secret,
+                required=f.required,
+                binds_secrets=f.binds_secrets,
             )
             for f in spec.fields
         ],

@@ -28,12 +28,23 @@ class Category(enum.Enum):
 
 @dataclass(frozen=True)
 class FieldSpec:
+    """One configurable field.
+
+    `binds_secrets` marks a field that decides where the provider's secrets are
+    sent or which account they belong to (an endpoint, host, port, account id,
+    user name, sender address, publishable key or measurement id). Once an
+    organization stores such a field, the provider's secrets never come from
+    the environment for it (see resolution.py): otherwise a dashboard save of
+    only `baseUrl` would pair the platform's API key with that URL.
+    """
+
     key: str
     env_var: str
     description: str
     secret: bool
     required: bool
     check: FormatCheck | None = None
+    binds_secrets: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,10 @@ class ProviderSpec:
 
     def field(self, key: str) -> FieldSpec | None:
         return self._by_key.get(key)
+
+    @property
+    def binding_keys(self) -> frozenset[str]:
+        return frozenset(f.key for f in self.fields if f.binds_secrets)
 
     @property
     def env_vars(self) -> tuple[str, ...]:
@@ -143,6 +158,7 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
                 secret=False,
                 required=True,
                 check=_prefix("pk_test_", "pk_live_"),
+                binds_secrets=True,
             ),
         ),
         cross_checks=(_stripe_keys_share_mode,),
@@ -153,7 +169,9 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
         category=Category.PAYMENTS,
         runtime_supported=True,
         fields=(
-            FieldSpec("accountId", "EASYPAY_ACCOUNT_ID", "Easypay account ID", secret=False, required=True),
+            FieldSpec(
+                "accountId", "EASYPAY_ACCOUNT_ID", "Easypay account ID", secret=False, required=True, binds_secrets=True
+            ),
             FieldSpec("apiKey", "EASYPAY_API_KEY", "API key", secret=True, required=True),
             FieldSpec(
                 "baseUrl",
@@ -162,6 +180,7 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
                 secret=False,
                 required=True,
                 check=_https_url,
+                binds_secrets=True,
             ),
         ),
     ),
@@ -191,6 +210,7 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
                 secret=False,
                 required=True,
                 check=_sender,
+                binds_secrets=True,
             ),
         ),
     ),
@@ -200,9 +220,11 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
         category=Category.NOTIFICATIONS,
         runtime_supported=False,
         fields=(
-            FieldSpec("host", "SMTP_HOST", "SMTP server host name", secret=False, required=True),
-            FieldSpec("port", "SMTP_PORT", "SMTP server port", secret=False, required=True, check=_port),
-            FieldSpec("username", "SMTP_USERNAME", "SMTP user name", secret=False, required=False),
+            FieldSpec("host", "SMTP_HOST", "SMTP server host name", secret=False, required=True, binds_secrets=True),
+            FieldSpec(
+                "port", "SMTP_PORT", "SMTP server port", secret=False, required=True, check=_port, binds_secrets=True
+            ),
+            FieldSpec("username", "SMTP_USERNAME", "SMTP user name", secret=False, required=False, binds_secrets=True),
             FieldSpec("password", "SMTP_PASSWORD", "SMTP password", secret=True, required=False),
             FieldSpec(
                 "fromAddress",
@@ -211,6 +233,7 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
                 secret=False,
                 required=True,
                 check=_sender,
+                binds_secrets=True,
             ),
         ),
     ),
@@ -227,6 +250,7 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
                 secret=False,
                 required=True,
                 check=_measurement_id,
+                binds_secrets=True,
             ),
             FieldSpec("apiSecret", "GA4_API_SECRET", "Measurement Protocol API secret", secret=True, required=True),
         ),

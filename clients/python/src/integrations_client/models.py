@@ -149,13 +149,19 @@ class ProviderConfig:
 
 @dataclass(frozen=True)
 class ProviderField:
-    """One configurable field of a provider."""
+    """One configurable field of a provider.
+
+    `binds_secrets`: the field decides where the provider's secrets go or which account they belong to
+    (endpoint, host, account id, sender address, ...). Once an organization stores one, the provider's
+    secrets no longer fall back to the environment for it: they are the organization's or unset.
+    """
 
     key: str
     env_var: str
     description: str
     secret: bool
     required: bool
+    binds_secrets: bool = False  # defaulted, so code that builds a ProviderField without it keeps working
 
 
 @dataclass(frozen=True)
@@ -221,7 +227,7 @@ def provider_from_pb(provider: pb.Provider) -> Provider:
         runtime_supported=provider.runtime_supported,
         fields=tuple(
             ProviderField(key=f.key, env_var=f.env_var, description=f.description, secret=f.secret,
-                          required=f.required)
+                          required=f.required, binds_secrets=f.binds_secrets)
             for f in provider.fields
         ),
         configured=provider.configured,

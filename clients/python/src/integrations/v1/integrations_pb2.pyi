@@ -85,7 +85,10 @@ class _ValueSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ValueSour
     VALUE_SOURCE_ENVIRONMENT: _ValueSource.ValueType  # 2
     """The service's environment default (the field's env_var)."""
     VALUE_SOURCE_UNSET: _ValueSource.ValueType  # 3
-    """Neither the organization nor the environment has a value."""
+    """Neither the organization nor the environment has a value, or the field is
+    a secret the environment may not supply because the organization stored
+    a field marked ProviderField.binds_secrets.
+    """
 
 class ValueSource(_ValueSource, metaclass=_ValueSourceEnumTypeWrapper):
     """ValueSource says where an effective value came from."""
@@ -97,7 +100,10 @@ VALUE_SOURCE_ORGANIZATION: ValueSource.ValueType  # 1
 VALUE_SOURCE_ENVIRONMENT: ValueSource.ValueType  # 2
 """The service's environment default (the field's env_var)."""
 VALUE_SOURCE_UNSET: ValueSource.ValueType  # 3
-"""Neither the organization nor the environment has a value."""
+"""Neither the organization nor the environment has a value, or the field is
+a secret the environment may not supply because the organization stored
+a field marked ProviderField.binds_secrets.
+"""
 Global___ValueSource: _TypeAlias = ValueSource  # noqa: Y015
 
 @_typing.final
@@ -131,7 +137,9 @@ class Provider(_message.Message):
     """
     ready: _builtins.bool
     """Only with an organization id in the request: every required field
-    resolves, from the organization or from the environment.
+    resolves, from the organization or from the environment (a secret
+    resolves from the environment only while the organization has stored no
+    field marked ProviderField.binds_secrets).
     """
     @_builtins.property
     def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProviderField]:
@@ -167,6 +175,7 @@ class ProviderField(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
     REQUIRED_FIELD_NUMBER: _builtins.int
+    BINDS_SECRETS_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """Field key as the dashboard and the stored config use it, e.g. secretKey."""
     env_var: _builtins.str
@@ -177,6 +186,16 @@ class ProviderField(_message.Message):
     """True when the value is a secret: masked unless decrypted view."""
     required: _builtins.bool
     """True when the provider cannot work without a value for this field."""
+    binds_secrets: _builtins.bool
+    """True when the field decides where the provider's secrets are sent or
+    which account they belong to: an endpoint, host, port, account id, user
+    name, sender address, publishable key or measurement id. Never true for a
+    secret. Once an organization has stored any such field of a provider, none
+    of that provider's secret fields falls back to the environment for that
+    organization: each comes from the organization or is unset
+    (VALUE_SOURCE_UNSET), so a platform default secret is never paired with
+    an organization's endpoint or account. Non-secret fields still fall back.
+    """
     def __init__(
         self,
         *,
@@ -185,10 +204,11 @@ class ProviderField(_message.Message):
         description: _builtins.str = ...,
         secret: _builtins.bool = ...,
         required: _builtins.bool = ...,
+        binds_secrets: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "env_var", b"env_var", "key", b"key", "required", b"required", "secret", b"secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["binds_secrets", b"binds_secrets", "description", b"description", "env_var", b"env_var", "key", b"key", "required", b"required", "secret", b"secret"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -445,7 +465,9 @@ class SaveIntegrationRequest(_message.Message):
 
     @_builtins.property
     def clear_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Field keys to remove, so they fall back to the environment default."""
+        """Field keys to remove, so they fall back to the environment default (for a
+        secret, only while no field marked ProviderField.binds_secrets is stored).
+        """
 
     def __init__(
         self,

@@ -83,7 +83,9 @@ class IntegrationServiceServicer:
     def GetProviderConfig(self, request, context):
         """Returns the effective configuration of one organization for one provider:
         for every field, the organization's value, else the environment default,
-        else unset. Secrets are masked unless the decrypted view is asked for.
+        else unset. Secrets never fall back to the environment once the
+        organization has stored a field marked ProviderField.binds_secrets.
+        Secrets are masked unless the decrypted view is asked for.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,7 +44,9 @@ class IntegrationServiceStub:
     GetProviderConfig: _grpc.UnaryUnaryMultiCallable[_integrations_pb2.GetProviderConfigRequest, _integrations_pb2.GetProviderConfigResponse]
     """Returns the effective configuration of one organization for one provider:
     for every field, the organization's value, else the environment default,
-    else unset. Secrets are masked unless the decrypted view is asked for.
+    else unset. Secrets never fall back to the environment once the
+    organization has stored a field marked ProviderField.binds_secrets.
+    Secrets are masked unless the decrypted view is asked for.
     """
     SaveIntegration: _grpc.UnaryUnaryMultiCallable[_integrations_pb2.SaveIntegrationRequest, _integrations_pb2.SaveIntegrationResponse]
     """Sets and clears fields of one organization's credentials for one provider,
@@ -75,7 +77,9 @@ class IntegrationServiceAsyncStub(IntegrationServiceStub):
     GetProviderConfig: _aio.UnaryUnaryMultiCallable[_integrations_pb2.GetProviderConfigRequest, _integrations_pb2.GetProviderConfigResponse]  # type: ignore[assignment]
     """Returns the effective configuration of one organization for one provider:
     for every field, the organization's value, else the environment default,
-    else unset. Secrets are masked unless the decrypted view is asked for.
+    else unset. Secrets never fall back to the environment once the
+    organization has stored a field marked ProviderField.binds_secrets.
+    Secrets are masked unless the decrypted view is asked for.
     """
     SaveIntegration: _aio.UnaryUnaryMultiCallable[_integrations_pb2.SaveIntegrationRequest, _integrations_pb2.SaveIntegrationResponse]  # type: ignore[assignment]
     """Sets and clears fields of one organization's credentials for one provider,
@@ -115,7 +119,9 @@ class IntegrationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_integrations_pb2.GetProviderConfigResponse, _abc.Awaitable[_integrations_pb2.GetProviderConfigResponse]]:
         """Returns the effective configuration of one organization for one provider:
         for every field, the organization's value, else the environment default,
-        else unset. Secrets are masked unless the decrypted view is asked for.
+        else unset. Secrets never fall back to the environment once the
+        organization has stored a field marked ProviderField.binds_secrets.
+        Secrets are masked unless the decrypted view is asked for.
         """
 
     @_abc_1.abstractmethod
