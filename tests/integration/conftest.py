@@ -13,30 +13,41 @@ from integrations_service.store.memory import MemoryDatabase, MemoryStore
 from integrations_service.store.postgres import PostgresStore
 from integrations_service.store.sqlite import SqliteStore
 
-# The in-memory store's "databases", by name: a second MemoryStore on one of them is another replica.
-MEMORY_DATABASES: dict[str, MemoryDatabase] = {}
 
-
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
-    """(kind, where): a fresh in-memory database, a fresh SQLite file, or this run's PostgreSQL database.
+    """(kind, where) of a database a service can run on: a fresh SQLite file, or this run's PostgreSQL database.
 
     Sync on purpose: it asks for the PostgreSQL fixture only for the postgres
     parameter (so SQLite tests run without a server), and getfixturevalue
     cannot be used from inside a running event loop.
     """
+    return _location(request.param, request, tmp_path)
+
+
+# The in-memory store's "databases", by test: a second MemoryStore on one of them is another replica.
+MEMORY_DATABASES: dict[str, MemoryDatabase] = {}
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def contract_location(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+    """(kind, where) of every store the repository contract is proven on: the in-memory one too."""
     if request.param == "memory":
         MEMORY_DATABASES[request.node.nodeid] = MemoryDatabase()
         return "memory", request.node.nodeid
-    if request.param == "sqlite":
+    return _location(request.param, request, tmp_path)
+
+
+def _location(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+    if kind == "sqlite":
         return "sqlite", str(tmp_path / "store.sqlite3")
     return "postgres", str(request.getfixturevalue("postgres_database_url"))
 
 
 @pytest.fixture
-async def store(store_location: tuple[str, str]) -> AsyncIterator[IntegrationStore]:
+async def store(contract_location: tuple[str, str]) -> AsyncIterator[IntegrationStore]:
     """An open, migrated, empty store of each kind; closed after the test."""
-    kind, where = store_location
+    kind, where = contract_location
     opened: IntegrationStore
     if kind == "memory":
         opened = MemoryStore(MEMORY_DATABASES.pop(where))

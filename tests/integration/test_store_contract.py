@@ -256,9 +256,9 @@ async def test_concurrent_upserts_lose_no_field(store: IntegrationStore) -> None
 
 
 async def test_concurrent_upserts_from_two_replicas_lose_no_field(
-    store: IntegrationStore, store_location: tuple[str, str]
+    store: IntegrationStore, contract_location: tuple[str, str]
 ) -> None:
-    replica = await open_like(store, store_location)
+    replica = await open_like(store, contract_location)
     try:
         writers = 20
         await asyncio.gather(
@@ -401,11 +401,11 @@ async def test_audit_ids_grow_with_every_record(store: IntegrationStore) -> None
 
 
 async def test_appending_no_audit_records_does_not_touch_the_database(
-    store: IntegrationStore, store_location: tuple[str, str]
+    store: IntegrationStore, contract_location: tuple[str, str]
 ) -> None:
     await store.append_audit([])
     assert await trail(store) == []
-    closed = await open_like(store, store_location)
+    closed = await open_like(store, contract_location)
     await closed.close()
     await closed.append_audit([])  # a closed store would fail any database call
 
