@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +215,12 @@ def test_only_a_connection_without_certificate_is_the_development_caller() -> No
     # No policy entry can name the development caller.
     with pytest.raises(ConfigurationError):
         policy('identity = "development-plaintext"\nrole = "admin"')
+
+
+def test_the_example_policy_loads() -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "authz-policy.example.toml"
+    assert Policy.load(example).roles_by_name == {
+        spiffe_name("spiffe://shop.example/dashboard"): "dashboard",
+        spiffe_name(COMMERCE): "commerce",
+        dns_name("oncall.shop.example"): "admin",
+    }
