@@ -150,8 +150,10 @@ def _entry_name(entry: Mapping[str, Any], where: str) -> CallerName:
     keys = [key for key in entry if key != "role"]
     allowed = ", ".join(_POLICY_KINDS)
     if unknown := [key for key in keys if key not in _POLICY_KINDS and key != _LEGACY_KEY]:
-        raise ConfigurationError(f"{where} has unknown keys {', '.join(map(repr, unknown))}; a caller is named by "
-                                 f"exactly one of {allowed}, and has a role")
+        raise ConfigurationError(
+            f"{where} has unknown keys {', '.join(map(repr, unknown))}; a caller is named by exactly one of "
+            f"{allowed}, and has a role"
+        )
     if len(keys) != 1:
         raise ConfigurationError(f"{where} needs exactly one of {allowed} (it has {len(keys)}), and a role")
     key, value = keys[0], entry[keys[0]]
@@ -168,22 +170,26 @@ def _entry_name(entry: Mapping[str, Any], where: str) -> CallerName:
 def _legacy_name(value: str, where: str) -> CallerName:
     """`identity = "spiffe://…"` (the shape before typed names) is a SPIFFE ID; anything else is refused."""
     shown = f"identity = {_toml(value)}"
-    if value.startswith("spiffe://"):
+    if value.lower().startswith("spiffe:"):
         if reason := spiffe_id_problem(value):
             raise ConfigurationError(f"{where}: {shown} is not a valid SPIFFE ID: {reason}")
         return spiffe_name(value)
+    raise ConfigurationError(
+        f"{where}: {shown} is not a SPIFFE ID, and identity names SPIFFE IDs (URI SANs) only: {_legacy_advice(value)}"
+    )
+
+
+def _legacy_advice(value: str) -> str:
+    """Which typed key an old `identity` meant: it matched a DNS SAN, a common name or a fingerprint alike."""
     if value == str(DEVELOPMENT):
-        advice = "plaintext development callers are trusted without a policy, and no certificate is named so: " \
-                 "remove this entry"
-    elif value.startswith("x509-sha256:") and not fingerprint_problem(pinned := value.replace("x509-", "", 1)):
-        advice = f"to pin that certificate write fingerprint = {_toml(pinned)}"
-    elif dns_name_problem(value) is None:
-        advice = (f"write dns = {_toml(value)} for a certificate with that DNS SAN, or "
-                  f"common_name = {_toml(value)} for one with that subject common name")
-    else:
-        advice = f"write common_name = {_toml(value)} for a certificate with that subject common name"
-    raise ConfigurationError(f"{where}: {shown} is not a SPIFFE ID, and identity names SPIFFE IDs (URI SANs) "
-                             f"only: {advice}")
+        return "plaintext development callers are trusted without a policy, and no certificate is named so: remove it"
+    pinned = value.replace("x509-sha256:", "sha256:", 1)
+    if value.startswith("x509-sha256:") and fingerprint_problem(pinned) is None:
+        return f"to pin that certificate write fingerprint = {_toml(pinned)}"
+    common = f"common_name = {_toml(value)} for a certificate with that subject common name"
+    if dns_name_problem(value) is None:
+        return f"write dns = {_toml(value)} for a certificate with that DNS SAN, or {common}"
+    return f"write {common}"
 
 
 def _toml(value: str) -> str:
@@ -209,9 +215,11 @@ class Authorizer:
             return
         action = f"{needed.value.replace('_', ' ')} ({method.removeprefix(SERVICE_PREFIX)})"
         if caller.conflicts:
-            log.warning("caller refused: the policy gives its names different roles",
-                        extra={"event": "ambiguous_caller", "caller": str(caller.name)})
-            shown = ", ".join(f"{name} → {role!r}" for name, role in caller.conflicts[:_MAX_SHOWN_MATCHES])
+            log.warning(
+                "caller refused: the policy gives its names different roles",
+                extra={"event": "ambiguous_caller", "caller": str(caller.name)},
+            )
+            shown = ", ".join(f"{name} as {role!r}" for name, role in caller.conflicts[:_MAX_SHOWN_MATCHES])
             more = len(caller.conflicts) - _MAX_SHOWN_MATCHES
             raise PermissionDenied(
                 f"caller {str(caller.name)!r} is ambiguous: the policy gives its names different roles "

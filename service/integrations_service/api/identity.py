@@ -133,8 +133,10 @@ def names_from_pem(pem: bytes) -> tuple[CallerName, ...]:
         names = [*_san_names(certificate), *_common_names(certificate)]
     except ValueError:
         # OpenSSL verified it, but cryptography cannot read its names: only its fingerprint names it.
-        log.warning("a client certificate's names cannot be read; it is named by its fingerprint only",
-                    extra={"event": "unreadable_certificate", "caller": str(fingerprint)})
+        log.warning(
+            "a client certificate's names cannot be read; it is named by its fingerprint only",
+            extra={"event": "unreadable_certificate", "caller": str(fingerprint)},
+        )
         names = []
     return tuple(dict.fromkeys((*names, fingerprint)))  # a name listed twice is one name
 
