@@ -38,6 +38,11 @@ class Pair:
     cert_pem: bytes
     key_pem: bytes
 
+    @property
+    def fingerprint(self) -> str:
+        """The SHA-256 of the certificate's DER, in lower-case hex (what a `fingerprint =` policy entry pins)."""
+        return x509.load_pem_x509_certificate(self.cert_pem).fingerprint(hashes.SHA256()).hex()
+
     def write(self, directory: Path, stem: str) -> tuple[Path, Path]:
         """Write `<stem>.crt` and `<stem>.key` (0600); return their paths."""
         directory.mkdir(parents=True, exist_ok=True)

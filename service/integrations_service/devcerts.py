@@ -109,6 +109,6 @@ def make_dev_certs(directory: Path) -> dict[str, Issued]:
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id(role))]
         pair = issue(ca_cert, ca_key, f"{role}.{TRUST_DOMAIN}", names, ExtendedKeyUsageOID.CLIENT_AUTH)
         issued[role] = _save(directory, role, *pair)
-    policy = "".join(f'[[callers]]\nidentity = "{spiffe_id(role)}"\nrole = "{role}"\n\n' for role in ROLES)
+    policy = "".join(f'[[callers]]\nspiffe = "{spiffe_id(role)}"\nrole = "{role}"\n\n' for role in ROLES)
     _write(directory / "policy.toml", policy.encode(), private=False)
     return issued

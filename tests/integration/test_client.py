@@ -647,8 +647,8 @@ async def test_mutual_tls_with_the_real_service(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     policy = tmp_path / "policy.toml"
     policy.write_text(
-        '[[callers]]\nidentity = "commerce.internal"\nrole = "commerce"\n\n'
-        '[[callers]]\nidentity = "dashboard.internal"\nrole = "dashboard"\n'
+        '[[callers]]\ndns = "commerce.internal"\nrole = "commerce"\n\n'
+        '[[callers]]\ndns = "dashboard.internal"\nrole = "dashboard"\n'
     )
     tls_env = {
         "INTEGRATIONS_TLS_CERT": str(pki.server_cert),

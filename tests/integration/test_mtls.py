@@ -88,6 +88,7 @@ class MtlsService:
 
 
 StartMtls = Callable[..., Awaitable[MtlsService]]
+PolicyText = str | Callable[[CertificateAuthority], str]
 
 
 @pytest.fixture
@@ -95,13 +96,19 @@ async def start_mtls(tmp_path: Path) -> AsyncIterator[StartMtls]:
     """Starts mutual-TLS services (dev-certs set, SQLite in tmp_path unless told); stops them after the test."""
     started: list[MtlsService] = []
 
-    async def start(database_url: str | None = None, extra_policy: str = "") -> MtlsService:
+    async def start(
+        database_url: str | None = None, extra_policy: PolicyText = "", replace_policy: bool = False
+    ) -> MtlsService:
+        """`extra_policy` is added to the dev-certs policy (or replaces it); a function of the dev CA can issue
+        the certificates it names (to pin a fingerprint)."""
         where = tmp_path / f"svc{len(started)}"
         certs = where / "certs"
         dev = make_dev_certs(certs)
+        ca = CertificateAuthority.load(dev["ca"].cert, dev["ca"].key)
         policy = certs / "policy.toml"
-        if extra_policy:
-            policy.write_text(policy.read_text() + extra_policy)
+        added = extra_policy(ca) if callable(extra_policy) else extra_policy
+        if added or replace_policy:
+            policy.write_text(added if replace_policy else policy.read_text() + added)
         env = {
             "INTEGRATIONS_TLS_CERT": str(dev["server"].cert),
             "INTEGRATIONS_TLS_KEY": str(dev["server"].key),
@@ -109,7 +116,7 @@ async def start_mtls(tmp_path: Path) -> AsyncIterator[StartMtls]:
             "INTEGRATIONS_AUTHZ_POLICY": str(policy),
         }
         running = await start_service(database_url or f"sqlite:///{where / 'store.sqlite3'}", where / "data", env)
-        service = MtlsService(running, certs, dev, CertificateAuthority.load(dev["ca"].cert, dev["ca"].key))
+        service = MtlsService(running, certs, dev, ca)
         started.append(service)
         return service
 
@@ -252,7 +259,7 @@ async def test_roles_from_client_certificates(start_mtls: StartMtls, store_locat
     assert not gone.config.etag
 
     # admin reads the trail: every denial, with its caller, and no value anywhere.
-    d, c = spiffe_id("dashboard"), spiffe_id("commerce")
+    d, c = f"spiffe:{spiffe_id('dashboard')}", f"spiffe:{spiffe_id('commerce')}"
     expected = {
         ("SaveIntegration", "OK", d),
         ("GetProviderConfig", "PermissionDenied", d),
@@ -303,7 +310,7 @@ async def test_identity_the_policy_does_not_name_gets_no_rpc_but_health_and_refl
         assert "no role in the policy" in (error.details() or "")
     denials = [r for r in caplog.records if getattr(r, "event", None) == "permission_denied"]
     assert len(denials) == len(calls)
-    assert {getattr(r, "caller", None) for r in denials} == {"spiffe://integrations.local/stranger"}
+    assert {getattr(r, "caller", None) for r in denials} == {"spiffe:spiffe://integrations.local/stranger"}
     assert SK not in caplog.text
 
     health = health_pb2_grpc.HealthStub(channel)
@@ -320,74 +327,193 @@ async def test_identity_the_policy_does_not_name_gets_no_rpc_but_health_and_refl
     assert {SERVICE, "grpc.health.v1.Health"} <= names
 
 
-IDENTITY_POLICY = """
+# The policy of the identity tests (added to the dev-certs one, which names the three SPIFFE IDs).
+TYPED_POLICY = """
 [[callers]]
-identity = "billing.example.internal"
+dns = "billing.example.internal"
 role = "commerce"
 
 [[callers]]
-identity = "ops-console"
+common_name = "ops-console"
 role = "dashboard"
 """
 
 
-async def test_identity_is_spiffe_then_dns_san_then_common_name(start_mtls: StartMtls) -> None:
-    svc = await start_mtls(extra_policy=IDENTITY_POLICY)
-    org = new_org()
-    await svc.stub("dashboard").SaveIntegration(save_request(org, secretKey=SK), timeout=CALL_TIMEOUT)
+def typed(kind: str, value: str) -> str:
+    """How logs, errors and the audit trail show a caller name of a kind."""
+    return f"{kind}:{value}"
 
-    async def decrypted_read(client: Pair) -> tuple[grpc.StatusCode, str]:
+
+@dataclass
+class Probe:
+    """What a client certificate may do on `svc`, whose `org` holds SK for stripe."""
+
+    svc: MtlsService
+    org: str
+
+    async def read(self, client: Client) -> tuple[grpc.StatusCode, str]:
+        """A decrypted read: (OK, the secret key) or (the code, the details)."""
         try:
-            reply = await svc.stub(client).GetProviderConfig(get_request(org, decrypted=True), timeout=CALL_TIMEOUT)
+            reply = await self.svc.stub(client).GetProviderConfig(
+                get_request(self.org, decrypted=True), timeout=CALL_TIMEOUT
+            )
         except grpc.aio.AioRpcError as error:
             return error.code(), error.details() or ""
         return grpc.StatusCode.OK, values(reply.config)["secretKey"]
 
-    async def write(client: Pair) -> tuple[grpc.StatusCode, str]:
+    async def write(self, client: Client) -> tuple[grpc.StatusCode, str]:
         try:
-            await svc.stub(client).SaveIntegration(save_request(org, publishableKey=PK), timeout=CALL_TIMEOUT)
+            await self.svc.stub(client).SaveIntegration(save_request(self.org, publishableKey=PK), timeout=CALL_TIMEOUT)
         except grpc.aio.AioRpcError as error:
             return error.code(), error.details() or ""
         return grpc.StatusCode.OK, ""
 
-    # Only a DNS SAN (no common name at all): the DNS name is the identity → commerce.
-    dns_only = svc.ca.issue(None, dns=("billing.example.internal",))
-    assert await decrypted_read(dns_only) == (grpc.StatusCode.OK, SK)
-    code, details = await write(dns_only)
-    assert (code, "caller 'billing.example.internal' (role 'commerce')" in details) == (DENIED, True)
-
-    # Only a common name (no SAN extension): the CN is the identity → dashboard.
-    cn_only = svc.ca.issue("ops-console")
-    assert (await write(cn_only))[0] is grpc.StatusCode.OK
-    code, details = await decrypted_read(cn_only)
-    assert (code, "caller 'ops-console' (role 'dashboard')" in details) == (DENIED, True)
-
-    # The DNS SAN wins over the CN, even when the CN is the one the policy names.
-    dns_and_cn = svc.ca.issue("ops-console", dns=("billing.example.internal",))
-    assert (await write(dns_and_cn))[0] is DENIED
-    unnamed_dns = svc.ca.issue("ops-console", dns=("unknown.example.internal",))
-    code, details = await write(unnamed_dns)
-    assert (code, "'unknown.example.internal' (no role in the policy)" in details) == (DENIED, True)
-
-    # The SPIFFE ID wins over both.
-    spiffe_dns_cn = svc.ca.issue("ops-console", uris=(spiffe_id("admin"),), dns=("billing.example.internal",))
-    trail = await svc.stub(spiffe_dns_cn).ListAuditEvents(pb.ListAuditEventsRequest(), timeout=CALL_TIMEOUT)
-    assert isinstance(trail, pb.ListAuditEventsResponse)  # admin only
-    assert (await write(spiffe_dns_cn))[0] is grpc.StatusCode.OK
+    async def audit(self, client: Client) -> tuple[grpc.StatusCode, str]:
+        try:
+            await self.svc.stub(client).ListAuditEvents(pb.ListAuditEventsRequest(), timeout=CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as error:
+            return error.code(), error.details() or ""
+        return grpc.StatusCode.OK, ""
 
 
-async def test_certificate_without_any_name_is_not_the_development_identity(start_mtls: StartMtls) -> None:
-    svc = await start_mtls(extra_policy='\n[[callers]]\nidentity = "development-plaintext"\nrole = "admin"\n')
-    nameless = svc.ca.issue(None, dns=())
-    error = await refused(svc.stub(nameless).ListAuditEvents(pb.ListAuditEventsRequest(), timeout=CALL_TIMEOUT))
-    assert error.code() is DENIED
+async def probe(svc: MtlsService) -> Probe:
+    org = new_org()
+    await svc.stub("dashboard").SaveIntegration(save_request(org, secretKey=SK), timeout=CALL_TIMEOUT)
+    return Probe(svc, org)
 
 
-async def test_a_uri_san_that_is_not_spiffe_does_not_hide_the_dns_san(start_mtls: StartMtls) -> None:
-    svc = await start_mtls(extra_policy=IDENTITY_POLICY)
-    client = svc.ca.issue("ops-console", uris=("urn:example:billing",), dns=("billing.example.internal",))
-    error = await refused(svc.stub(client).SaveIntegration(save_request(new_org(), secretKey=SK), timeout=CALL_TIMEOUT))
-    assert "caller 'billing.example.internal' (role 'commerce')" in (error.details() or "")
+async def test_names_of_other_kinds_never_pass_for_a_spiffe_id(start_mtls: StartMtls) -> None:
+    svc = await start_mtls()  # the dev-certs policy: spiffe = "spiffe://integrations.local/<role>"
+    p = await probe(svc)
+    commerce_id, admin_id = spiffe_id("commerce"), spiffe_id("admin")
+    assert await p.read("commerce") == (grpc.StatusCode.OK, SK)  # the control
+    assert (await p.audit("admin"))[0] is grpc.StatusCode.OK
+
+    # No SAN, and a common name that spells commerce's SPIFFE ID: a common name, with no role.
+    cn_forgery = svc.ca.issue(commerce_id)
+    code, details = await p.read(cn_forgery)
+    assert (code, f"caller '{typed('cn', commerce_id)}' (no role in the policy)" in details) == (DENIED, True)
+
+    # A DNS SAN that spells admin's SPIFFE ID: a DNS name, with no role.
+    dns_forgery = svc.ca.issue(None, dns=(admin_id,))
+    code, details = await p.audit(dns_forgery)
+    assert (code, f"caller '{typed('dns', admin_id)}' (no role in the policy)" in details) == (DENIED, True)
+    assert (await p.read(dns_forgery))[0] is DENIED
+
+    # Two URI SANs: no SPIFFE ID at all (as gRPC's peer_spiffe_id), even when one of them is admin's.
+    for uris in ((admin_id, commerce_id), (admin_id, "https://integrations.local/admin")):
+        two_uris = svc.ca.issue(None, uris=uris)
+        code, details = await p.audit(two_uris)
+        assert (code, "caller 'sha256:" in details) == (DENIED, True), uris
+        assert (await p.read(two_uris))[0] is DENIED
+    # A URI SAN that is no valid SPIFFE ID (a trailing slash, an upper-case trust domain) names nobody either.
+    for uri in (f"{admin_id}/", "spiffe://Integrations.local/admin", "spiffe://integrations.local"):
+        assert (await p.audit(svc.ca.issue("admin", uris=(uri,))))[0] is DENIED, uri
+
+
+async def test_legacy_identity_entries_keep_working_for_spiffe_ids_only(start_mtls: StartMtls) -> None:
+    legacy = "".join(f'[[callers]]\nidentity = "{spiffe_id(r)}"\nrole = "{r}"\n\n' for r in ("dashboard", "commerce"))
+    svc = await start_mtls(extra_policy=legacy, replace_policy=True)
+    p = await probe(svc)  # the dashboard's save: its legacy entry works
+    assert await p.read("commerce") == (grpc.StatusCode.OK, SK)
+    code, details = await p.read(svc.ca.issue(spiffe_id("commerce")))
+    assert (code, typed("cn", spiffe_id("commerce")) in details) == (DENIED, True)
+    assert (await p.read(svc.ca.issue(None, dns=(spiffe_id("commerce"),))))[0] is DENIED
+
+
+async def test_typed_policy_entries_match_names_of_their_own_kind_only(start_mtls: StartMtls) -> None:
+    pinned: list[Pair] = []
+
+    def policy(ca: CertificateAuthority) -> str:
+        pinned.append(ca.issue(None))  # no SAN, no subject: only its fingerprint names it
+        return f'{TYPED_POLICY}\n[[callers]]\nfingerprint = "sha256:{pinned[0].fingerprint.upper()}"\nrole = "admin"\n'
+
+    svc = await start_mtls(extra_policy=policy)
+    p = await probe(svc)
+    billing, ops = "billing.example.internal", "ops-console"
+
+    # dns = "billing.example.internal": a DNS SAN of that name is commerce; a common name of that name is nobody.
+    dns_billing = svc.ca.issue(None, dns=(billing,))
+    assert await p.read(dns_billing) == (grpc.StatusCode.OK, SK)
+    code, details = await p.write(dns_billing)
+    assert (code, f"caller '{typed('dns', billing)}' (role 'commerce')" in details) == (DENIED, True)
+    code, details = await p.read(svc.ca.issue(billing))
+    assert (code, f"caller '{typed('cn', billing)}' (no role in the policy)" in details) == (DENIED, True)
+    # DNS names compare case-insensitively, as DNS does.
+    assert await p.read(svc.ca.issue(None, dns=("Billing.Example.Internal",))) == (grpc.StatusCode.OK, SK)
+
+    # common_name = "ops-console": the subject CN is dashboard; a DNS SAN of that name is nobody.
+    cn_ops = svc.ca.issue(ops)
+    assert (await p.write(cn_ops))[0] is grpc.StatusCode.OK
+    code, details = await p.read(cn_ops)
+    assert (code, f"caller '{typed('cn', ops)}' (role 'dashboard')" in details) == (DENIED, True)
+    code, details = await p.write(svc.ca.issue(None, dns=(ops,)))
+    assert (code, f"caller '{typed('dns', ops)}' (no role in the policy)" in details) == (DENIED, True)
+
+    # A URI SAN the policy does not name (SPIFFE or not) does not hide the DNS name it does.
+    for uri in ("urn:example:billing", "spiffe://integrations.local/stranger"):
+        client = svc.ca.issue("unnamed-console", uris=(uri,), dns=(billing,))
+        assert await p.read(client) == (grpc.StatusCode.OK, SK), uri
+
+    # fingerprint = "sha256:…" pins one certificate: that one is admin, a nameless twin (another key) nobody.
+    assert (await p.audit(pinned[0]))[0] is grpc.StatusCode.OK
+    twin = svc.ca.issue(None)
+    code, details = await p.audit(twin)
+    assert (code, f"caller 'sha256:{twin.fingerprint}' (no role in the policy)" in details) == (DENIED, True)
+
+
+async def test_names_the_policy_gives_different_roles_are_ambiguous_and_denied(
+    start_mtls: StartMtls, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    svc = await start_mtls(extra_policy=TYPED_POLICY)
+    p = await probe(svc)
+    # admin by its SPIFFE ID, commerce by its DNS SAN: neither role is picked, not even for what both allow.
+    both = svc.ca.issue("ops-console", uris=(spiffe_id("admin"),), dns=("billing.example.internal",))
+    for code, details in (await p.audit(both), await p.read(both), await p.write(both)):
+        assert code is DENIED
+        assert "ambiguous" in details
+        for role in ("admin", "commerce", "dashboard"):
+            assert f"'{role}'" in details
+        assert SK not in details
+    ambiguous = [r for r in caplog.records if getattr(r, "event", None) == "ambiguous_caller"]
+    assert ambiguous
+    assert {getattr(r, "caller", None) for r in ambiguous} == {typed("spiffe", spiffe_id("admin"))}
+
+    # Names that agree on the role are no ambiguity: the caller is shown by the first name that matched.
+    agreeing = svc.ca.issue(None, uris=(spiffe_id("commerce"),), dns=("billing.example.internal",))
+    assert await p.read(agreeing) == (grpc.StatusCode.OK, SK)
+    code, details = await p.write(agreeing)
+    assert (code, f"caller '{typed('spiffe', spiffe_id('commerce'))}' (role 'commerce')" in details) == (DENIED, True)
+
+
+async def test_callers_are_shown_with_their_kind_in_logs_and_the_audit_trail(
+    start_mtls: StartMtls, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="integrations")
+    svc = await start_mtls(extra_policy=TYPED_POLICY)
+    p = await probe(svc)
+    forgery = svc.ca.issue(spiffe_id("commerce"))
+    assert (await p.write(svc.ca.issue("ops-console")))[0] is grpc.StatusCode.OK
+    assert (await p.read(forgery))[0] is DENIED
+    assert (await p.read("commerce"))[0] is grpc.StatusCode.OK
+
+    shown_forgery, shown_commerce = typed("cn", spiffe_id("commerce")), typed("spiffe", spiffe_id("commerce"))
+    expected = {
+        ("SaveIntegration", "OK", typed("spiffe", spiffe_id("dashboard"))),
+        ("SaveIntegration", "OK", typed("cn", "ops-console")),
+        ("GetProviderConfig", "PermissionDenied", shown_forgery),
+        ("GetProviderConfig", "OK", shown_commerce),
+    }
+    events = await admin_events(svc.stub("admin"), p.org, expected)
+    assert {e.caller for e in events} == {c for _, _, c in expected}
+
+    finished = {getattr(r, "caller", None) for r in caplog.records if r.getMessage() == "rpc finished"}
+    assert {typed("cn", "ops-console"), shown_forgery, shown_commerce} <= finished
+    denied = [r for r in caplog.records if getattr(r, "event", None) == "permission_denied"]
+    assert [getattr(r, "caller", None) for r in denied] == [shown_forgery]
+    audit_lines = {getattr(r, "caller", None) for r in caplog.records if r.getMessage() == "audit"}
+    assert {shown_forgery, shown_commerce} <= audit_lines
 
 
 # --- certificate rotation on disk ------------------------------------------------------------------------
@@ -582,13 +708,42 @@ async def test_bad_tls_files_stop_the_start_before_the_store_opens(
         (tmp_path / "ca.pem").write_text("not a certificate\n")
         env["INTEGRATIONS_TLS_CLIENT_CA"] = str(tmp_path / "ca.pem")
     else:
-        (tmp_path / "policy.toml").write_text('[[callers]]\nidentity = "x"\nrole = "superuser"\n')
+        (tmp_path / "policy.toml").write_text(f'[[callers]]\nspiffe = "{spiffe_id("x")}"\nrole = "superuser"\n')
         env["INTEGRATIONS_AUTHZ_POLICY"] = str(tmp_path / "policy.toml")
     settings = load_settings(None, env)  # the settings are complete; the files are what is wrong
     with pytest.raises(ConfigurationError) as caught:
         await app.start(settings)
     assert named in str(caught.value)
     assert "PRIVATE KEY" not in str(caught.value)
+    assert not (tmp_path / "store.sqlite3").exists()
+
+
+@pytest.mark.parametrize(
+    ("identity", "suggested"),
+    [
+        ("commerce.internal", ('dns = "commerce.internal"', 'common_name = "commerce.internal"')),
+        ("Ops Console", ('common_name = "Ops Console"',)),
+        ("x509-sha256:" + "ab" * 32, ('fingerprint = "sha256:' + "ab" * 32 + '"',)),
+        ("development-plaintext", ("plaintext development callers are trusted without a policy",)),
+        ("spiffe://integrations.local/admin/", ("not a valid SPIFFE ID",)),
+    ],
+)
+async def test_an_identity_entry_that_is_not_a_spiffe_id_stops_the_start(
+    tmp_path: Path, dev_certs: dict[str, Issued], identity: str, suggested: tuple[str, ...]
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        f'[[callers]]\nspiffe = "{spiffe_id("admin")}"\nrole = "admin"\n\n'
+        f'[[callers]]\nidentity = "{identity}"\nrole = "commerce"\n'
+    )
+    settings = load_settings(None, base_env(tmp_path, **tls_env(dev_certs, INTEGRATIONS_AUTHZ_POLICY=str(policy))))
+    with pytest.raises(ConfigurationError) as caught:
+        await app.start(settings)
+    message = str(caught.value)
+    assert "INTEGRATIONS_AUTHZ_POLICY" in message
+    assert "callers[1]" in message
+    for text in suggested:
+        assert text in message, message
     assert not (tmp_path / "store.sqlite3").exists()
 
 

@@ -1,33 +1,52 @@
 """Who is calling, and what they may do.
 
-The identity comes only from the TLS auth context of the connection: the
-SPIFFE (URI) SAN of the client certificate when there is one, else its first
-DNS SAN, else its common name. A TOML policy maps identities to built-in
-roles; a role is a set of permissions, and each RPC (and, for
-GetProviderConfig, each view) needs one.
+The caller is named only by the TLS auth context of the connection: the
+typed names of its verified client certificate (`api.identity`: a SPIFFE ID
+from its one URI SAN, its DNS SANs, its common name, its fingerprint). A TOML
+policy maps names of a stated kind to built-in roles; a role is a set of
+permissions, and each RPC (and, for GetProviderConfig, each view) needs one.
+
+Matching: the policy roles of all the certificate's names are collected. One
+distinct role is the caller's role, and the name that matched first (SPIFFE
+ID, then DNS, then common name, then fingerprint) is how the caller is
+shown; no role means no permission (shown by its first name); names that the
+policy gives different roles make the caller ambiguous, and it is refused
+every permission rather than given the "best" one.
 """
 
 from __future__ import annotations
 
 import enum
-import functools
+import json
+import logging
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import NameOID
 
 from integrations.v1 import integrations_pb2 as pb
+from integrations_service.api.identity import (
+    DEVELOPMENT,
+    CallerName,
+    common_name,
+    common_name_problem,
+    dns_name,
+    dns_name_problem,
+    fingerprint_name,
+    fingerprint_problem,
+    names_from_pem,
+    spiffe_id_problem,
+    spiffe_name,
+)
 from integrations_service.errors import ConfigurationError, PermissionDenied
+from integrations_service.untrusted import bounded
+
+log = logging.getLogger("integrations.auth")
 
 SERVICE_PREFIX = "/integrations.v1.IntegrationService/"
-# Callers over plaintext loopback in development mode: there is no certificate to name them.
-DEVELOPMENT_IDENTITY = "development-plaintext"
 
 
 class Permission(enum.Enum):
@@ -64,11 +83,31 @@ _METHOD_PERMISSIONS = {
 }
 
 
+# The policy key of each kind of name: its value's check, and the name it stands for.
+_POLICY_KINDS: Mapping[str, tuple[Callable[[str], str | None], Callable[[str], CallerName]]] = {
+    "spiffe": (spiffe_id_problem, spiffe_name),
+    "dns": (dns_name_problem, dns_name),
+    "common_name": (common_name_problem, common_name),
+    "fingerprint": (fingerprint_problem, fingerprint_name),
+}
+_LEGACY_KEY = "identity"  # before names were typed; now a SPIFFE ID only
+_MAX_SHOWN_MATCHES = 3
+
+
+@dataclass(frozen=True)
+class Identified:
+    """A caller as the policy sees it: the name it is shown by, its role, and any conflicting entries."""
+
+    name: CallerName
+    role: str | None = None
+    conflicts: tuple[tuple[CallerName, str], ...] = field(default=())
+
+
 @dataclass(frozen=True)
 class Policy:
-    """Identity → role. An identity the policy does not name has no permission at all."""
+    """Typed name → role. A caller none of whose names the policy names has no permission at all."""
 
-    roles_by_identity: Mapping[str, str]
+    roles_by_name: Mapping[CallerName, str]
 
     @classmethod
     def load(cls, path: Path) -> Policy:
@@ -83,22 +122,79 @@ class Policy:
         callers = document.get("callers", [])
         if not isinstance(callers, list):
             raise ConfigurationError(f"INTEGRATIONS_AUTHZ_POLICY: {source}: [[callers]] must be an array of tables")
-        roles: dict[str, str] = {}
+        roles: dict[CallerName, str] = {}
         for index, entry in enumerate(callers):
-            where = f"{source}: callers[{index}]"
-            identity, role = entry.get("identity"), entry.get("role")
-            if not isinstance(identity, str) or not identity:
-                raise ConfigurationError(f"INTEGRATIONS_AUTHZ_POLICY: {where} needs an identity")
-            if role not in ROLES:
+            where = f"INTEGRATIONS_AUTHZ_POLICY: {source}: callers[{index}]"
+            if not isinstance(entry, dict):
+                raise ConfigurationError(f"{where} must be a table")
+            name, role = _entry_name(entry, where), entry.get("role")
+            if not isinstance(role, str) or role not in ROLES:
                 known = ", ".join(ROLES)
-                raise ConfigurationError(f"INTEGRATIONS_AUTHZ_POLICY: {where} has role {role!r}; roles: {known}")
-            if identity in roles and roles[identity] != role:
-                raise ConfigurationError(f"INTEGRATIONS_AUTHZ_POLICY: {where}: {identity!r} is given two roles")
-            roles[identity] = role
+                raise ConfigurationError(f"{where} has role {role!r}; roles: {known}")
+            if name in roles and roles[name] != role:
+                raise ConfigurationError(f"{where}: {name} is given two roles")
+            roles[name] = role
         return cls(roles)
 
-    def role_of(self, identity: str) -> str | None:
-        return self.roles_by_identity.get(identity)
+    def identify(self, names: Sequence[CallerName]) -> Identified:
+        """`names` in precedence order, never empty (a certificate always has its fingerprint)."""
+        matches = tuple((name, self.roles_by_name[name]) for name in names if name in self.roles_by_name)
+        if not matches:
+            return Identified(names[0])
+        if len({role for _, role in matches}) == 1:
+            return Identified(*matches[0])
+        return Identified(names[0], conflicts=matches)
+
+
+def _entry_name(entry: Mapping[str, Any], where: str) -> CallerName:
+    keys = [key for key in entry if key != "role"]
+    allowed = ", ".join(_POLICY_KINDS)
+    if unknown := [key for key in keys if key not in _POLICY_KINDS and key != _LEGACY_KEY]:
+        raise ConfigurationError(
+            f"{where} has unknown keys {', '.join(map(repr, unknown))}; a caller is named by exactly one of "
+            f"{allowed}, and has a role"
+        )
+    if len(keys) != 1:
+        raise ConfigurationError(f"{where} needs exactly one of {allowed} (it has {len(keys)}), and a role")
+    key, value = keys[0], entry[keys[0]]
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{where}: {key} must be a non-empty string")
+    if key == _LEGACY_KEY:
+        return _legacy_name(value, where)
+    problem, make = _POLICY_KINDS[key]
+    if reason := problem(value):
+        raise ConfigurationError(f"{where}: {key} = {_toml(value)} is invalid: {reason}")
+    return make(value)
+
+
+def _legacy_name(value: str, where: str) -> CallerName:
+    """`identity = "spiffe://…"` (the shape before typed names) is a SPIFFE ID; anything else is refused."""
+    shown = f"identity = {_toml(value)}"
+    if value.lower().startswith("spiffe:"):
+        if reason := spiffe_id_problem(value):
+            raise ConfigurationError(f"{where}: {shown} is not a valid SPIFFE ID: {reason}")
+        return spiffe_name(value)
+    raise ConfigurationError(
+        f"{where}: {shown} is not a SPIFFE ID, and identity names SPIFFE IDs (URI SANs) only: {_legacy_advice(value)}"
+    )
+
+
+def _legacy_advice(value: str) -> str:
+    """Which typed key an old `identity` meant: it matched a DNS SAN, a common name or a fingerprint alike."""
+    if value == str(DEVELOPMENT):
+        return "plaintext development callers are trusted without a policy, and no certificate is named so: remove it"
+    pinned = value.replace("x509-sha256:", "sha256:", 1)
+    if value.startswith("x509-sha256:") and fingerprint_problem(pinned) is None:
+        return f"to pin that certificate write fingerprint = {_toml(pinned)}"
+    common = f"common_name = {_toml(value)} for a certificate with that subject common name"
+    if dns_name_problem(value) is None:
+        return f"write dns = {_toml(value)} for a certificate with that DNS SAN, or {common}"
+    return f"write {common}"
+
+
+def _toml(value: str) -> str:
+    """`value` as a TOML basic string, bounded: policy text is shown in start-up errors."""
+    return json.dumps(bounded(value), ensure_ascii=False)
 
 
 class Authorizer:
@@ -107,43 +203,35 @@ class Authorizer:
     def __init__(self, policy: Policy | None) -> None:
         self._policy = policy
 
-    def check(self, identity: str, method: str, request: Any) -> None:
+    def identify(self, names: Sequence[CallerName]) -> Identified:
+        """The caller of a connection whose certificate has `names` (none: a plaintext development caller)."""
+        if not names:
+            return Identified(DEVELOPMENT)
+        return self._policy.identify(names) if self._policy else Identified(names[0])
+
+    def check(self, caller: Identified, method: str, request: Any) -> None:
         needed = required_permission(method, request)
         if needed is None or self._policy is None:
             return
-        role = self._policy.role_of(identity)
-        if role is None or needed not in ROLES[role]:
-            as_role = f"role {role!r}" if role else "no role in the policy"
-            raise PermissionDenied(
-                f"caller {identity!r} ({as_role}) may not {needed.value.replace('_', ' ')} "
-                f"({method.removeprefix(SERVICE_PREFIX)})"
+        action = f"{needed.value.replace('_', ' ')} ({method.removeprefix(SERVICE_PREFIX)})"
+        if caller.conflicts:
+            log.warning(
+                "caller refused: the policy gives its names different roles",
+                extra={"event": "ambiguous_caller", "caller": str(caller.name)},
             )
+            shown = ", ".join(f"{name} as {role!r}" for name, role in caller.conflicts[:_MAX_SHOWN_MATCHES])
+            more = len(caller.conflicts) - _MAX_SHOWN_MATCHES
+            raise PermissionDenied(
+                f"caller {str(caller.name)!r} is ambiguous: the policy gives its names different roles "
+                f"({shown}{f' and {more} more' if more > 0 else ''}); it may not {action}"
+            )
+        if caller.role is None or needed not in ROLES[caller.role]:
+            as_role = f"role {caller.role!r}" if caller.role else "no role in the policy"
+            raise PermissionDenied(f"caller {str(caller.name)!r} ({as_role}) may not {action}")
 
 
-def identity_of(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The caller's identity from the TLS auth context; empty when the connection has no client certificate."""
+def peer_names(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[CallerName, ...]:
+    """The typed names of the connection's verified client certificate; none without a certificate."""
     auth = context.auth_context()
     pem = next(iter(auth.get("x509_pem_cert", ())), b"")
-    return identity_from_pem(pem) if pem else ""
-
-
-@functools.lru_cache(maxsize=256)
-def identity_from_pem(pem: bytes) -> str:
-    """Parsed once per certificate, not per call."""
-    certificate = x509.load_pem_x509_certificate(pem)
-    try:
-        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        names = None
-    if names is not None:
-        uris = names.get_values_for_type(x509.UniformResourceIdentifier)
-        if spiffe := [u for u in uris if u.startswith("spiffe://")]:
-            return spiffe[0]
-        if dns := names.get_values_for_type(x509.DNSName):
-            return dns[0]
-    common_names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if common_names and common_names[0].value:
-        return str(common_names[0].value)
-    # A verified certificate that names nobody: never "" (that would read as a plaintext development caller),
-    # but its fingerprint, which no policy names unless it pins this very certificate.
-    return f"x509-sha256:{certificate.fingerprint(hashes.SHA256()).hex()}"
+    return names_from_pem(pem) if pem else ()

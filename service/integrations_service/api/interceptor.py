@@ -20,7 +20,7 @@ from typing import Any, cast
 import grpc
 
 from integrations_service import errors
-from integrations_service.api.auth import DEVELOPMENT_IDENTITY, SERVICE_PREFIX, Authorizer, identity_of
+from integrations_service.api.auth import SERVICE_PREFIX, Authorizer, Identified, peer_names
 from integrations_service.api.status import status_code_of, to_grpc_status
 from integrations_service.domain.audit import AuditTrail, Caller
 from integrations_service.metrics import Metrics
@@ -68,12 +68,13 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, inner: Handler) -> Handler:
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            caller = Caller(identity_of(context) or DEVELOPMENT_IDENTITY, _request_id(context))
+            identified = self._authorizer.identify(peer_names(context))
+            caller = Caller(str(identified.name), _request_id(context))  # the typed rendering, e.g. spiffe:…
             _current_caller.set(caller)
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                self._authorize(caller, method, request)
+                self._authorize(caller, identified, method, request)
                 response = await inner(request, context)
                 context.set_trailing_metadata(((REQUEST_ID_KEY, caller.request_id),))
                 return response
@@ -98,9 +99,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
         return handle
 
-    def _authorize(self, caller: Caller, method: str, request: Any) -> None:
+    def _authorize(self, caller: Caller, identified: Identified, method: str, request: Any) -> None:
         try:
-            self._authorizer.check(caller.identity, method, request)
+            self._authorizer.check(identified, method, request)
         except errors.PermissionDenied as error:
             log.warning(
                 "permission denied",

@@ -32,7 +32,8 @@ MAX_BUFFERED = 10_000
 
 @dataclass(frozen=True)
 class Caller:
-    """Who makes a call: the identity from the TLS certificate (or the CLI), and the request id."""
+    """Who makes a call, as shown everywhere (spiffe:…, dns:…, cn:…, sha256:…, development-plaintext, cli:…@user),
+    and the request id."""
 
     identity: str
     request_id: str = ""

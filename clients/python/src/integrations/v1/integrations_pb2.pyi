@@ -602,8 +602,11 @@ class AuditEvent(_message.Message):
     id: _builtins.int
     """Position in the trail; grows with every event."""
     caller: _builtins.str
-    """The caller's identity: a certificate's SPIFFE ID, DNS name or common
-    name, or the command that acted (e.g. cli:rotate).
+    """The caller, by a typed name that says where it came from: spiffe:<SPIFFE
+    ID> (the certificate's URI SAN), dns:<DNS SAN>, cn:<subject common name>,
+    sha256:<certificate fingerprint>, development-plaintext, or the command
+    that acted (cli:<command>@<user>, e.g. cli:rotate@ops). Records written
+    before names were typed show the bare name.
     """
     action: _builtins.str
     """What was done, e.g. SaveIntegration or RotateKeys."""
