@@ -71,6 +71,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             caller = Caller(identity_of(context) or DEVELOPMENT_IDENTITY, _request_id(context))
             _current_caller.set(caller)
             started = time.perf_counter()
+            rpc_metrics = self._metrics.rpc(method)
+            rpc_metrics.started()
             code = grpc.StatusCode.OK
             try:
                 self._authorize(caller, method, request)
@@ -91,8 +93,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 await _abort(context, to_grpc_status(code, message, caller.request_id, None), caller.request_id)
             finally:
                 elapsed = time.perf_counter() - started
-                self._metrics.rpcs.labels(method, code.name).inc()
-                self._metrics.rpc_seconds.labels(method).observe(elapsed)
+                rpc_metrics.handled(code, elapsed)
                 _log_rpc(method, request, code, elapsed, caller)
             raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
