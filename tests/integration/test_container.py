@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import re
 import shlex
 import subprocess
@@ -32,6 +33,35 @@ def instructions(name: str) -> list[str]:
 def test_hadolint_finds_nothing() -> None:
     result = subprocess.run([BIN / "hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def dockerignored(path: str) -> bool:
+    """Whether the build context leaves `path` out: the last .dockerignore rule matching it or a parent wins."""
+    rules = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for rule in (r for r in rules if r and not r.startswith("#")):
+        negated, pattern = rule.startswith("!"), rule.removeprefix("!")
+        if any(fnmatch.fnmatchcase(prefix, pattern) or fnmatch.fnmatchcase(prefix, pattern.removeprefix("**/"))
+               for prefix in prefixes):
+            ignored = not negated
+    return ignored
+
+
+def test_build_context_has_what_copy_needs_and_nothing_private() -> None:
+    sources = [s for line in instructions("COPY") if not line.startswith("--") for s in line.split()[:-1]]
+    assert sources, "the Dockerfile copies something"
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert not dockerignored(source), f"COPY {source} but .dockerignore leaves it out"
+    for needed in ("service/integrations_service/app.py", "clients/python/src/integrations/v1/integrations_pb2.py",
+                   "service/integrations_service/store/migrations/postgres/0001_integration_config.sql"):
+        assert not dockerignored(needed), needed
+    for private in (".venv/bin/python", ".git/HEAD", ".data/dev-encryption.key", ".data/dev-certs/ca.key",
+                    "tools/node_modules/x/index.js", "tests/conftest.py", "bench/results/run.json",
+                    "service/integrations_service/__pycache__/app.cpython-311.pyc", "deploy/kubernetes/secret.yaml"):
+        assert dockerignored(private), private
 
 
 def test_base_image_is_pinned_slim_python() -> None:
