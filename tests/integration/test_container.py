@@ -186,4 +186,5 @@ def test_wheels_carry_migrations_and_type_markers(tmp_path: Path) -> None:
     assert any(f.endswith("migrations/postgres/0001_integration_config.sql") for f in service_files)
     assert any(f.endswith("migrations/sqlite/0002_keys_and_audit.sql") for f in service_files)
     assert "integrations_service/py.typed" in service_files
-    assert {"integrations/v1/integrations_pb2.pyi", "integrations_client/py.typed"} <= set(client_files)
+    assert {"integrations/v1/integrations_pb2.pyi", "integrations_client/py.typed",
+            "integrations/v1/integrations_descriptor_set.binpb"} <= set(client_files)  # reflection serves it

@@ -9,6 +9,7 @@ from grpc_reflection.v1alpha import reflection
 
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
+from integrations_service.api import reflection as documented_reflection
 from integrations_service.api.auth import Authorizer
 from integrations_service.api.interceptor import RpcInterceptor
 from integrations_service.api.servicer import IntegrationServicer
@@ -46,7 +47,7 @@ def build_server(
     if reflection_enabled:
         # grpcio-reflection speaks the v1alpha protocol: grpcurl 1.8 asks for it, newer ones fall back to it.
         names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
+        documented_reflection.enable(names, server)
     return server, health_servicer
 
 
