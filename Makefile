@@ -19,9 +19,10 @@ install: $(STAMP)
 run: install
 	$(BIN)/integrations-service serve
 
-# The same, over mutual TLS with development certificates in .data/dev-certs (see README).
+# The same, over mutual TLS with development certificates in .data/dev-certs (see README),
+# written anew when missing or expiring within a day.
 run-mtls: install
-	test -f .data/dev-certs/server.crt || $(BIN)/integrations-service dev-certs
+	$(BIN)/integrations-service dev-certs --if-expiring
 	INTEGRATIONS_TLS_CERT=.data/dev-certs/server.crt INTEGRATIONS_TLS_KEY=.data/dev-certs/server.key \
 	INTEGRATIONS_TLS_CLIENT_CA=.data/dev-certs/ca.crt INTEGRATIONS_AUTHZ_POLICY=.data/dev-certs/policy.toml \
 	$(BIN)/integrations-service serve
