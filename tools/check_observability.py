@@ -96,7 +96,7 @@ def scrape() -> str:
             "INTEGRATIONS_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}",
         }
         with open(Path(folder) / "serve.log", "wb") as log:
-            process = subprocess.Popen(
+            process = subprocess.Popen(  # noqa: S603 (our own console script)
                 [str(SERVICE), "serve"], cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
             )
             try:
@@ -104,7 +104,7 @@ def scrape() -> str:
                     _wait_serving(channel, process)
                     _exercise(channel)
                 url = f"http://127.0.0.1:{metrics_port}/metrics"
-                with urllib.request.urlopen(url, timeout=10) as reply:  # noqa: S310 (a loopback http URL of ours)
+                with urllib.request.urlopen(url, timeout=10) as reply:
                     return str(reply.read().decode())
             finally:
                 process.send_signal(signal.SIGTERM)
@@ -128,7 +128,8 @@ def _concrete(expr: str, dashboard: dict[str, Any]) -> str:
         value = variable.get("current", {}).get("value", "")
         if value == "$__all":
             value = variable.get("allValue", ".*")
-        expr = re.sub(rf"\$\{{{variable['name']}\}}|\${variable['name']}\b", lambda _: str(value), expr)
+        name, value = variable["name"], str(value)
+        expr = re.sub(rf"\${re.escape(name)}\b", value.replace("\\", "\\\\"), expr.replace(f"${{{name}}}", value))
     return expr
 
 
@@ -144,24 +145,25 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return queries
 
 
-def _promtool(*args: str, stdin: str | None = None) -> None:
-    result = subprocess.run(["promtool", *args], input=stdin, capture_output=True, text=True, check=False)
+def _promtool(promtool: str, *args: str, stdin: str | None = None) -> None:
+    result = subprocess.run([promtool, *args], input=stdin, capture_output=True, text=True, check=False)  # noqa: S603
     print(f"promtool {' '.join(args)}: {'ok' if result.returncode == 0 else 'FAILED'}")
     if result.returncode != 0:
         raise SystemExit(result.stdout + result.stderr)
 
 
 def check() -> None:
-    if shutil.which("promtool") is None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
         raise SystemExit("promtool not found: apt-get install prometheus (Debian), or see .ci/run")
-    _promtool("check", "metrics", stdin=scrape())
-    _promtool("check", "rules", str(ALERTS))
+    _promtool(promtool, "check", "metrics", stdin=scrape())
+    _promtool(promtool, "check", "rules", str(ALERTS))
     rules = [{"record": f"dashboard:query:{n}", "expr": expr} for n, (_, expr) in enumerate(dashboard_queries())]
     with tempfile.NamedTemporaryFile("w", suffix=".yml") as file:
         # JSON is YAML: no YAML library needed to write the rules file.
         json.dump({"groups": [{"name": "dashboard-queries", "rules": rules}]}, file)
         file.flush()
-        _promtool("check", "rules", file.name)
+        _promtool(promtool, "check", "rules", file.name)
 
 
 def main() -> int:
