@@ -20,7 +20,9 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
     start_http_server,
@@ -51,7 +53,10 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # What prometheus_client's default registry has: process_*, python_info, python_gc_*.
         ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self._grpc = _GrpcServerMetrics(r)
         self._rpcs: dict[str, RpcMetrics] = {}
         self.rpcs = Counter(

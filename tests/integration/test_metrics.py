@@ -122,7 +122,7 @@ async def test_process_metrics_are_exported_and_no_created_series(svc: Running) 
     text = await scrape(svc)
     names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
     assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
-            "process_start_time_seconds"} <= names
+            "process_start_time_seconds", "python_info", "python_gc_collections_total"} <= names
     assert float(next(line.split()[1] for line in text.splitlines()
                       if line.startswith("process_resident_memory_bytes "))) > 0
     assert not [line for line in text.splitlines() if "_created" in line], "no _created series"
