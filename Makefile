@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BUF := tools/node_modules/.bin/buf
 
-.PHONY: install run run-mtls test lint gen gen-check buf-lint buf-breaking buf-baseline bench clean
+.PHONY: install run run-mtls test lint gen gen-check buf-lint buf-breaking buf-baseline observability-check \
+	kubernetes-validate bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +20,10 @@ install: $(STAMP)
 run: install
 	$(BIN)/integrations-service serve
 
-# The same, over mutual TLS with development certificates in .data/dev-certs (see README).
+# The same, over mutual TLS with development certificates in .data/dev-certs (see README),
+# written anew when missing or expiring within a day.
 run-mtls: install
-	test -f .data/dev-certs/server.crt || $(BIN)/integrations-service dev-certs
+	$(BIN)/integrations-service dev-certs --if-expiring
 	INTEGRATIONS_TLS_CERT=.data/dev-certs/server.crt INTEGRATIONS_TLS_KEY=.data/dev-certs/server.key \
 	INTEGRATIONS_TLS_CLIENT_CA=.data/dev-certs/ca.crt INTEGRATIONS_AUTHZ_POLICY=.data/dev-certs/policy.toml \
 	$(BIN)/integrations-service serve
@@ -51,7 +53,19 @@ buf-breaking: $(BUF)
 buf-baseline: $(BUF)
 	$(BUF) build -o protos/v1-baseline.binpb
 
-lint: install buf-lint gen-check
+# The operator kit against a real scrape: promtool check metrics on it, promtool check rules
+# on the alerts and on every dashboard query (promtool: Debian package prometheus, see .ci/run).
+observability-check: install
+	$(BIN)/python tools/check_observability.py
+
+# The manifests against the API schemas of the oldest and newest Kubernetes we support (offline).
+KUBERNETES_VERSIONS := 1.30.0 1.37.0
+kubernetes-validate: install
+	for version in $(KUBERNETES_VERSIONS); do \
+	  $(BIN)/kubernetes-validate --strict --quiet -k $$version deploy/kubernetes/*.yaml || exit 1; \
+	done
+
+lint: install buf-lint gen-check observability-check kubernetes-validate
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 

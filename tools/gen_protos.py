@@ -4,6 +4,10 @@ The output lives in the client package only, so the commerce service can
 install it without the server's dependencies. Run through `make gen`; never
 edit the output by hand. `--check` regenerates into a temporary folder and
 fails when the committed code differs (CI runs it).
+
+Besides the code, a FileDescriptorSet with the proto comments
+(`--include_source_info`, which the generated _pb2 modules drop): the server's
+reflection answers from it, so `grpcurl describe` shows the documentation.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 OUT_ROOT = ROOT / "clients" / "python" / "src"
 PACKAGE_DIR = Path("integrations") / "v1"
-GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+DESCRIPTOR_SET = "integrations_descriptor_set.binpb"
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi", DESCRIPTOR_SET)
 
 
 def generate(out_root: Path) -> None:
@@ -38,6 +43,9 @@ def generate(out_root: Path) -> None:
         f"--grpc_python_out={out_root}",
         f"--mypy_out={out_root}",
         f"--mypy_grpc_out={out_root}",
+        f"--descriptor_set_out={out_root / PACKAGE_DIR / DESCRIPTOR_SET}",
+        "--include_source_info",
+        "--include_imports",
         *protos,
     ]
     if protoc.main(args) != 0:

@@ -17,7 +17,7 @@ from pathlib import Path
 from integrations_service import app, healthcheck, logs
 from integrations_service.config import KEY_MATERIAL_ENVS, Settings, add_flags, load_settings
 from integrations_service.crypto import EncryptionKey, ValueCipher
-from integrations_service.devcerts import make_dev_certs
+from integrations_service.devcerts import expiring, make_dev_certs
 from integrations_service.domain.audit import AuditTrail, Caller
 from integrations_service.domain.rotation import RotationReport, Rotator
 from integrations_service.errors import ConfigurationError, FailedPrecondition, Unavailable
@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0, help="seconds (default: 3)")
     certs = commands.add_parser("dev-certs", help="write a development CA, server and per-role client certificates")
     certs.add_argument("--out", type=Path, default=Path(".data/dev-certs"), help="folder (default: .data/dev-certs)")
+    certs.add_argument(
+        "--if-expiring", action="store_true", help="only when a certificate is missing or expires within a day"
+    )
     return parser
 
 
@@ -123,7 +126,13 @@ async def _retire(settings: Settings, key_id: str) -> int:
     return 0
 
 
-def _dev_certs(directory: Path) -> int:
+def _dev_certs(directory: Path, if_expiring: bool) -> int:
+    if if_expiring:
+        reason = expiring(directory)
+        if reason is None:
+            print(f"development certificates in {directory}/ are valid for more than a day: kept")
+            return 0
+        print(f"renewing the development certificates: {reason}")
     issued = make_dev_certs(directory)
     print(f"wrote a development CA, server and client certificates to {directory}/")
     print("serve mutual TLS with:")
@@ -138,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(EncryptionKey.generate().to_text())
         return 0
     if args.command == "dev-certs":
-        return _dev_certs(args.out)
+        return _dev_certs(args.out, args.if_expiring)
     if args.command == "healthcheck":
         return healthcheck.check(os.environ, args.address, args.timeout)
     try:

@@ -352,8 +352,12 @@ class _Reader:
         path = Path(path_text)
         try:
             mode = path.stat().st_mode
-            if mode & 0o077:
-                self.problem(ENCRYPTION_KEY_FILE_ENV, f"names {path}, which is readable by others: chmod 600 it")
+            # Group read is how a Kubernetes Secret reaches a non-root pod (defaultMode 0440 + fsGroup).
+            if mode & 0o027:
+                self.problem(
+                    ENCRYPTION_KEY_FILE_ENV,
+                    f"names {path}, which is readable by others or group-writable: chmod 600 it (or 0440)",
+                )
                 return None
             return path.read_text()
         except OSError as error:

@@ -2,6 +2,8 @@
 
 For development and the README's mutual-TLS grpcurl session only: the CA key
 sits next to the certificates, and everything is valid for 30 days.
+`--if-expiring` (what `make run-mtls` runs) writes a new set only when one is
+missing, unreadable, expired or expiring within a day.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 ROLES = ("dashboard", "commerce", "admin")
 TRUST_DOMAIN = "integrations.local"
 VALIDITY = datetime.timedelta(days=30)
+RENEW_BEFORE = datetime.timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,24 @@ def issue(
         .sign(ca_key, hashes.SHA256())
     )
     return cert, key
+
+
+def expiring(directory: Path, margin: datetime.timedelta = RENEW_BEFORE) -> str | None:
+    """Why the set in `directory` needs renewing (missing, unreadable, expiring), or None while it is good."""
+    deadline = datetime.datetime.now(datetime.UTC) + margin
+    for stem in ("ca", "server", *ROLES):
+        path = directory / f"{stem}.crt"
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError):
+            return f"{path} is missing or unreadable"
+        if not (directory / f"{stem}.key").is_file():
+            return f"{directory / stem}.key is missing"
+        if cert.not_valid_after_utc <= deadline:
+            return f"{path} expires {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    if not (directory / "policy.toml").is_file():
+        return f"{directory / 'policy.toml'} is missing"
+    return None
 
 
 def make_dev_certs(directory: Path) -> dict[str, Issued]:

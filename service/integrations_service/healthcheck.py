@@ -6,7 +6,10 @@ host is reached on loopback) and, when the service serves mutual TLS, a
 client certificate of its own from INTEGRATIONS_HEALTHCHECK_CERT / _KEY and
 the CA of the server's certificate from INTEGRATIONS_HEALTHCHECK_CA. Health
 checking is open to any authenticated caller, so that certificate needs no
-role in the policy.
+role in the policy. The name it verifies is INTEGRATIONS_HEALTHCHECK_SERVER_NAME
+or, unset, the first DNS name of the service's own certificate
+(INTEGRATIONS_TLS_CERT): a production certificate names `integrations.internal`
+or the like, never the loopback address the check dials.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 from grpc_health.v1 import health_pb2
 
 from integrations_service.config import LISTEN_ADDRESS, TLS_CERT, split_address
@@ -38,9 +42,23 @@ def _channel(target: str, environ: Mapping[str, str]) -> grpc.Channel:
     ca, cert, key = (Path(environ[name]).read_bytes() for name in HEALTHCHECK_FILES)
     credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
     options = []
-    if name := environ.get("INTEGRATIONS_HEALTHCHECK_SERVER_NAME"):
+    if name := environ.get("INTEGRATIONS_HEALTHCHECK_SERVER_NAME") or server_dns_name(Path(environ[TLS_CERT.env])):
         options.append(("grpc.ssl_target_name_override", name))
     return grpc.secure_channel(target, credentials, options=options)
+
+
+def server_dns_name(cert_path: Path) -> str | None:
+    """The first DNS subject alternative name of the (leaf) certificate in `cert_path`, if any."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return None  # then the dialled host is verified, as before
+    dns = names.get_values_for_type(x509.DNSName)
+    if not dns:
+        return None
+    # A wildcard is not a host name: any one label under it is what the certificate stands for.
+    return "healthcheck" + dns[0][1:] if dns[0].startswith("*.") else dns[0]
 
 
 def _check_method(

@@ -3,6 +3,10 @@
 Labels are bounded sets only: RPC method, status code, store operation,
 provider id, key id. Never an organization id, a value or anything else that
 grows without bound or could be secret.
+
+The gRPC server metrics carry the names and labels of go-grpc-prometheus and
+py-grpc-prometheus (`grpc_server_handled_total{grpc_type,grpc_service,
+grpc_method,grpc_code}`, ...), so stock dashboards and alerts work unchanged.
 """
 
 from __future__ import annotations
@@ -11,7 +15,18 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -34,8 +49,16 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # `_created` series double every counter and histogram and no dashboard reads them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # What prometheus_client's default registry has: process_*, python_info, python_gc_*.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self._grpc = _GrpcServerMetrics(r)
+        self._rpcs: dict[str, RpcMetrics] = {}
         self.rpcs = Counter(
             "integrations_rpc_requests", "RPCs handled, by method and status code", ["method", "code"], registry=r
         )
@@ -74,6 +97,13 @@ class Metrics:
             registry=r,
         )
 
+    def rpc(self, method: str) -> RpcMetrics:
+        """The instruments of one unary RPC (`/package.Service/Method`), made once and kept."""
+        instruments = self._rpcs.get(method)
+        if instruments is None:
+            instruments = self._rpcs[method] = RpcMetrics(method, self._grpc, self)
+        return instruments
+
     def watch(self, store: IntegrationStore, key_totals: Callable[[], Mapping[str, int]]) -> None:
         """Expose pool use and per-key encryption counts, read at scrape time."""
         self.registry.register(_StateCollector(store, key_totals))
@@ -83,6 +113,56 @@ class Metrics:
         host, _, port = address.rpartition(":")
         server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
         return int(server.server_port)
+
+
+class _GrpcServerMetrics:
+    """The families go-grpc-prometheus defines for a server."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter("grpc_server_started", "RPCs started on the server", labels, registry=r)
+        self.handled = Counter(
+            "grpc_server_handled", "RPCs completed on the server, regardless of outcome", [*labels, "grpc_code"],
+            registry=r,
+        )
+        self.seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Response latency of RPCs handled by the server, until the status is sent",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.received = Counter("grpc_server_msg_received", "Messages received by the server", labels, registry=r)
+        self.sent = Counter("grpc_server_msg_sent", "Messages sent by the server", labels, registry=r)
+
+
+class RpcMetrics:
+    """One unary method's label children, resolved once: recording a call is a few increments."""
+
+    def __init__(self, method: str, grpc_metrics: _GrpcServerMetrics, metrics: Metrics) -> None:
+        service, _, name = method.lstrip("/").rpartition("/")
+        labels = ("unary", service, name)
+        self._started = grpc_metrics.started.labels(*labels)
+        self._received = grpc_metrics.received.labels(*labels)
+        self._sent = grpc_metrics.sent.labels(*labels)
+        self._seconds = grpc_metrics.seconds.labels(*labels)
+        # Every code exists from the start, as go-grpc-prometheus does: ratios and increase() see zeros, not gaps.
+        self._handled = {code: grpc_metrics.handled.labels(*labels, code.name) for code in grpc.StatusCode}
+        self._method = method
+        self._own_seconds = metrics.rpc_seconds.labels(method)
+        self._own_requests = metrics.rpcs
+
+    def started(self) -> None:
+        self._started.inc()
+        self._received.inc()
+
+    def handled(self, code: grpc.StatusCode, seconds: float) -> None:
+        if code is grpc.StatusCode.OK:
+            self._sent.inc()
+        self._handled[code].inc()
+        self._seconds.observe(seconds)
+        self._own_requests.labels(self._method, code.name).inc()
+        self._own_seconds.observe(seconds)
 
 
 class _StateCollector(Collector):

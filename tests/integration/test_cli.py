@@ -8,6 +8,7 @@ or provider fallbacks are inherited from the shell running the tests.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import stat
 import time
@@ -16,12 +17,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
 from integrations_service.crypto import EncryptionKey
 from tests.harness import TEST_KEY
 from tests.processes import Processes, ServeProcess, clean_env, free_port, health_status, run_cli
+from tests.tls_fixtures import CertificateAuthority
 
 SK = "sk_test_51CliRestartSecret00009876"
 PRODUCTION_URL = "postgresql://integrations@db.internal:5432/integrations"
@@ -326,3 +329,35 @@ def test_environment_is_used_when_no_flag_is_given(workdir: Path, processes: Pro
     assert not (workdir / ".data").exists()
     assert process.terminate() == 0
     assert all(isinstance(json.loads(line), dict) for line in process.stderr().splitlines())
+
+
+def test_dev_certs_if_expiring_keeps_a_good_set_and_renews_an_expiring_one(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    first = run_cli(["dev-certs", "--if-expiring", "--out", str(certs)], tmp_path, clean_env())
+    assert first.returncode == 0, first.stderr
+    assert "renewing" in first.stdout
+    assert "missing" in first.stdout
+    written = (certs / "server.crt").read_bytes()
+
+    kept = run_cli(["dev-certs", "--if-expiring", "--out", str(certs)], tmp_path, clean_env())
+    assert kept.returncode == 0, kept.stderr
+    assert "kept" in kept.stdout
+    assert (certs / "server.crt").read_bytes() == written
+
+    # A server certificate that ends in 12 hours (or has ended): the whole set is written anew.
+    ca = CertificateAuthority.load(certs / "ca.crt", certs / "ca.key")
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=12)
+    ca.issue("localhost", dns=("localhost",), server=True, not_after=soon).write(certs, "server")
+    renewed = run_cli(["dev-certs", "--if-expiring", "--out", str(certs)], tmp_path, clean_env())
+    assert renewed.returncode == 0, renewed.stderr
+    assert "server.crt expires" in renewed.stdout
+    cert = x509.load_pem_x509_certificate((certs / "server.crt").read_bytes())
+    assert cert.not_valid_after_utc > soon + datetime.timedelta(days=20)
+    assert CertificateAuthority.load(certs / "ca.crt", certs / "ca.key").cert != ca.cert  # a new CA: all re-issued
+
+
+def test_make_run_mtls_renews_expiring_certificates() -> None:
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    recipe = makefile.split("\nrun-mtls:", 1)[1].split("\n\n", 1)[0]
+    assert "$(BIN)/integrations-service dev-certs --if-expiring" in recipe
+    assert "test -f" not in recipe

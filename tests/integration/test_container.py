@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import re
 import shlex
 import subprocess
 import sys
 import tomllib
 import zipfile
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.harness import Running
+from integrations_service.devcerts import make_dev_certs
+from tests.harness import Running, start_service
+from tests.tls_fixtures import CertificateAuthority
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -28,6 +33,35 @@ def instructions(name: str) -> list[str]:
 def test_hadolint_finds_nothing() -> None:
     result = subprocess.run([BIN / "hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def dockerignored(path: str) -> bool:
+    """Whether the build context leaves `path` out: the last .dockerignore rule matching it or a parent wins."""
+    rules = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for rule in (r for r in rules if r and not r.startswith("#")):
+        negated, pattern = rule.startswith("!"), rule.removeprefix("!")
+        if any(fnmatch.fnmatchcase(prefix, pattern) or fnmatch.fnmatchcase(prefix, pattern.removeprefix("**/"))
+               for prefix in prefixes):
+            ignored = not negated
+    return ignored
+
+
+def test_build_context_has_what_copy_needs_and_nothing_private() -> None:
+    sources = [s for line in instructions("COPY") if not line.startswith("--") for s in line.split()[:-1]]
+    assert sources, "the Dockerfile copies something"
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert not dockerignored(source), f"COPY {source} but .dockerignore leaves it out"
+    for needed in ("service/integrations_service/app.py", "clients/python/src/integrations/v1/integrations_pb2.py",
+                   "service/integrations_service/store/migrations/postgres/0001_integration_config.sql"):
+        assert not dockerignored(needed), needed
+    for private in (".venv/bin/python", ".git/HEAD", ".data/dev-encryption.key", ".data/dev-certs/ca.key",
+                    "tools/node_modules/x/index.js", "tests/conftest.py", "bench/results/run.json",
+                    "service/integrations_service/__pycache__/app.cpython-311.pyc", "deploy/kubernetes/secret.yaml"):
+        assert dockerignored(private), private
 
 
 def test_base_image_is_pinned_slim_python() -> None:
@@ -75,11 +109,11 @@ async def plaintext_service(tmp_path: Path) -> Running:
     await running.close()
 
 
-async def healthcheck(target: str) -> tuple[int, str, str]:
+async def healthcheck(target: str, env: Mapping[str, str] = {}) -> tuple[int, str, str]:
     # Not subprocess.run: the server under test shares this event loop and must keep answering.
     process = await asyncio.create_subprocess_exec(
         str(BIN / "integrations-service"), "healthcheck",
-        env={"PATH": str(BIN), "INTEGRATIONS_LISTEN_ADDRESS": target},
+        env={"PATH": str(BIN), "INTEGRATIONS_LISTEN_ADDRESS": target, **env},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=30)
@@ -92,6 +126,49 @@ async def test_healthcheck_command_says_serving_then_fails_when_the_service_is_g
     assert (code, out) == (0, f"healthcheck: {plaintext_service.target}: SERVING")
     await plaintext_service.service.stop(0)
     code, _, err = await healthcheck(plaintext_service.target)
+    assert code == 1
+    assert "UNAVAILABLE" in err
+
+
+@dataclass
+class ProductionTls:
+    running: Running
+    env: dict[str, str]  # what the container sets for the service and its HEALTHCHECK
+
+
+@pytest.fixture
+async def dns_named_mtls_service(tmp_path: Path) -> AsyncIterator[ProductionTls]:
+    """Mutual TLS with a server certificate that names only `integrations.internal`, as production's do."""
+    dev = make_dev_certs(tmp_path / "dev")
+    ca = CertificateAuthority.load(dev["ca"].cert, dev["ca"].key)
+    server_cert, server_key = ca.issue("integrations.internal", dns=("integrations.internal",), server=True).write(
+        tmp_path / "tls", "server"
+    )
+    health_cert, health_key = ca.issue("healthcheck", dns=("healthcheck.internal",)).write(tmp_path / "tls", "health")
+    env = {
+        "INTEGRATIONS_TLS_CERT": str(server_cert),
+        "INTEGRATIONS_TLS_KEY": str(server_key),
+        "INTEGRATIONS_TLS_CLIENT_CA": str(dev["ca"].cert),
+        "INTEGRATIONS_AUTHZ_POLICY": str(tmp_path / "dev" / "policy.toml"),
+    }
+    running = await start_service(f"sqlite:///{tmp_path / 's.sqlite3'}", tmp_path / "data", env)
+    env |= {
+        "INTEGRATIONS_HEALTHCHECK_CA": str(dev["ca"].cert),
+        "INTEGRATIONS_HEALTHCHECK_CERT": str(health_cert),
+        "INTEGRATIONS_HEALTHCHECK_KEY": str(health_key),
+    }
+    yield ProductionTls(running, env)
+    await running.close()
+
+
+async def test_healthcheck_verifies_the_dns_name_of_a_production_certificate(
+    dns_named_mtls_service: ProductionTls,
+) -> None:
+    target, env = dns_named_mtls_service.running.target, dns_named_mtls_service.env
+    code, out, err = await healthcheck(target, env)
+    assert (code, out) == (0, f"healthcheck: {target}: SERVING"), err
+    # The name is still verified: one the certificate does not carry is refused.
+    code, _, err = await healthcheck(target, {**env, "INTEGRATIONS_HEALTHCHECK_SERVER_NAME": "other.internal"})
     assert code == 1
     assert "UNAVAILABLE" in err
 
@@ -109,4 +186,5 @@ def test_wheels_carry_migrations_and_type_markers(tmp_path: Path) -> None:
     assert any(f.endswith("migrations/postgres/0001_integration_config.sql") for f in service_files)
     assert any(f.endswith("migrations/sqlite/0002_keys_and_audit.sql") for f in service_files)
     assert "integrations_service/py.typed" in service_files
-    assert {"integrations/v1/integrations_pb2.pyi", "integrations_client/py.typed"} <= set(client_files)
+    assert {"integrations/v1/integrations_pb2.pyi", "integrations_client/py.typed",
+            "integrations/v1/integrations_descriptor_set.binpb"} <= set(client_files)  # reflection serves it

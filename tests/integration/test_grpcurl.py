@@ -27,12 +27,23 @@ from integrations.v1 import integrations_pb2 as pb
 from tests.processes import GRPCURL, Processes, clean_env, own_store_location, run_cli
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+PROTO = Path(__file__).resolve().parents[2] / "protos" / "integrations" / "v1" / "integrations.proto"
 SESSION_HEADING = "## A grpcurl session"
 README_ADDRESS = "127.0.0.1:50051"
 README_GRPCURL = ".venv/bin/grpcurl"
 SERVICE = "integrations.v1.IntegrationService"
 RPCS = [method.name for method in pb.DESCRIPTOR.services_by_name["IntegrationService"].methods]
 DEMO_SECRET = "sk_test_51DemoSecretKey000000004242"
+
+
+def proto_comment_above(declaration: str) -> list[str]:
+    """The `//` lines right above `declaration` in the proto, as grpcurl prints them."""
+    lines = PROTO.read_text(encoding="utf-8").splitlines()
+    index = next(i for i, line in enumerate(lines) if line.strip().startswith(declaration))
+    comment: list[str] = []
+    while lines[index - 1 - len(comment)].strip().startswith("//"):
+        comment.insert(0, lines[index - 1 - len(comment)].strip())
+    return comment
 
 
 def readme_section() -> str:
@@ -147,6 +158,12 @@ def test_readme_grpcurl_sessions(own_store: tuple[str, str], tmp_path: Path, pro
     described_rpcs = re.findall(r"\brpc (\w+)", described.stdout)
     assert {"ListProviders", "GetProviderConfig", "SaveIntegration", "DeleteIntegration"} <= set(described_rpcs)
     assert sorted(described_rpcs) == sorted(RPCS)
+    # The proto's documentation comes through reflection, for the service and each of its RPCs.
+    described_lines = [line.strip() for line in described.stdout.splitlines()]
+    for declaration in ("service IntegrationService", "rpc GetProviderConfig(", "rpc SaveIntegration("):
+        comment = proto_comment_above(declaration)
+        assert comment, declaration
+        assert all(line in described_lines for line in comment), (declaration, described.stdout)
 
     assert json.loads(health.stdout) == {"status": "SERVING"}
 

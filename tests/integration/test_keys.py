@@ -228,6 +228,31 @@ def test_a_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("mode", [0o604, 0o602, 0o601, 0o660, 0o444])
+def test_a_key_file_open_to_others_or_writable_by_its_group_is_refused(tmp_path: Path, mode: int) -> None:
+    key_file = tmp_path / "keys.txt"
+    key_file.write_text(f"k1:{KEY_A}\n")
+    key_file.chmod(mode)
+    result = run_cli(["serve", "--check"], tmp_path, clean_env({"INTEGRATION_ENCRYPTION_KEY_FILE": str(key_file)}))
+    assert result.returncode != 0
+    assert "readable by others or group-writable" in result.stderr
+
+
+@pytest.mark.parametrize("mode", [0o440, 0o640, 0o400])
+def test_a_key_file_from_a_kubernetes_secret_with_fsgroup_is_accepted(tmp_path: Path, mode: int) -> None:
+    # The kubelet's layout: the file sits in a timestamped folder, reached through ..data symlinks.
+    mount = tmp_path / "secret"
+    version = mount / "..2026_12_01_08_00_00.000000001"
+    version.mkdir(parents=True)
+    (version / "keyring").write_text(f"k1:{KEY_A}\n")
+    (version / "keyring").chmod(mode)
+    (mount / "..data").symlink_to(version.name)
+    (mount / "keyring").symlink_to("..data/keyring")
+    env = clean_env({"INTEGRATION_ENCRYPTION_KEY_FILE": str(mount / "keyring")})
+    result = run_cli(["serve", "--check"], tmp_path, env)
+    assert result.returncode == 0, result.stderr
+
+
 async def test_a_private_key_file_serves(tmp_path: Path) -> None:
     key_file = tmp_path / "keys.txt"
     key_file.write_text(f"k2:{KEY_B}\nk1:{KEY_A}\n")

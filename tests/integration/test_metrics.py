@@ -90,3 +90,39 @@ async def test_pool_use_is_reported_for_postgresql(postgres_database_url: str, t
         assert sample(text, "integrations_store_pool_connections", state="idle") >= 0
     finally:
         await running.close()
+
+
+async def test_grpc_server_metrics_use_the_names_stock_dashboards_query(svc: Running) -> None:
+    org = new_org()
+    await svc.stub.SaveIntegration(pb.SaveIntegrationRequest(organization_id=org, provider="stripe",
+                                                             values={"secretKey": SECRET}))
+    for _ in range(2):
+        await svc.stub.GetProviderConfig(pb.GetProviderConfigRequest(organization_id=org, provider="stripe"))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await svc.stub.GetProviderConfig(pb.GetProviderConfigRequest(organization_id=org, provider="paypal"))
+
+    text = await scrape(svc)
+    get = {"grpc_type": "unary", "grpc_service": "integrations.v1.IntegrationService",
+           "grpc_method": "GetProviderConfig"}
+    assert sample(text, "grpc_server_started_total", **get) == 3
+    assert sample(text, "grpc_server_handled_total", **get, grpc_code="OK") == 2
+    assert sample(text, "grpc_server_handled_total", **get, grpc_code="NOT_FOUND") == 1
+    assert sample(text, "grpc_server_handling_seconds_count", **get) == 3
+    assert sample(text, "grpc_server_handling_seconds_bucket", **get, le="+Inf") == 3
+    assert sample(text, "grpc_server_msg_received_total", **get) == 3
+    assert sample(text, "grpc_server_msg_sent_total", **get) == 2
+    # Methods not called yet are there at zero, every code included, as go-grpc-prometheus initialises them.
+    delete = {**get, "grpc_method": "DeleteIntegration"}
+    assert sample(text, "grpc_server_handled_total", **delete, grpc_code="UNAVAILABLE") == 0
+    assert sample(text, "grpc_server_started_total", grpc_type="unary", grpc_service="grpc.health.v1.Health",
+                  grpc_method="Check") >= 0
+
+
+async def test_process_metrics_are_exported_and_no_created_series(svc: Running) -> None:
+    text = await scrape(svc)
+    names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
+            "process_start_time_seconds", "python_info", "python_gc_collections_total"} <= names
+    assert float(next(line.split()[1] for line in text.splitlines()
+                      if line.startswith("process_resident_memory_bytes "))) > 0
+    assert not [line for line in text.splitlines() if "_created" in line], "no _created series"

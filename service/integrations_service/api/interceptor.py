@@ -72,6 +72,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             caller = Caller(str(identified.name), _request_id(context))  # the typed rendering, e.g. spiffe:…
             _current_caller.set(caller)
             started = time.perf_counter()
+            rpc_metrics = self._metrics.rpc(method)
+            rpc_metrics.started()
             code = grpc.StatusCode.OK
             try:
                 self._authorize(caller, identified, method, request)
@@ -92,8 +94,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 await _abort(context, to_grpc_status(code, message, caller.request_id, None), caller.request_id)
             finally:
                 elapsed = time.perf_counter() - started
-                self._metrics.rpcs.labels(method, code.name).inc()
-                self._metrics.rpc_seconds.labels(method).observe(elapsed)
+                rpc_metrics.handled(code, elapsed)
                 _log_rpc(method, request, code, elapsed, caller)
             raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
