@@ -125,6 +125,10 @@ class InstrumentedStore(IntegrationStore):
         finally:
             self._metrics.store_seconds.labels(operation).observe(time.perf_counter() - started)
 
+    async def ping(self) -> None:
+        # Not timed or counted: the readiness probe's checks are not calls anyone waits for.
+        await self._inner.ping()
+
     async def get(self, organization_id: str, provider: str) -> StoredIntegration | None:
         return await self._timed("get", self._inner.get(organization_id, provider))
 

@@ -344,3 +344,83 @@ async def test_calls_recover_after_postgres_terminates_every_backend(
     assert values_of((await get(svc, org)).config)["secretKey"][0] == saved[-1]
     if rpc == "SaveIntegration":
         assert len(saved) >= 4
+
+
+# --- outages PostgreSQL reports with a SQLSTATE -------------------------------------------------------
+
+
+def unavailable_count(svc: Running) -> float:
+    registry = svc.service.metrics.registry
+    return sum(
+        registry.get_sample_value("integrations_store_unavailable_total", {"operation": operation}) or 0.0
+        for operation in ("get", "upsert", "list_for_organization")
+    )
+
+
+async def admin(admin_url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def assert_every_call_unavailable(svc: Running, org: str, database_url: str) -> None:
+    counted = unavailable_count(svc)
+    for name, call in (
+        ("GetProviderConfig", lambda: get(svc, org)),
+        ("SaveIntegration", lambda: save(svc, org, secretKey=SK_DURING)),
+        ("ListProviders", lambda: list_providers(svc, org)),
+    ):
+        result, elapsed = await timed(call())
+        try:
+            assert_unavailable(result, elapsed, svc, database_url)
+        except AssertionError as failure:
+            raise AssertionError(f"{name}: {failure}") from None
+    assert unavailable_count(svc) == counted + 3, "the unavailable metric did not count every refused call"
+
+
+async def assert_served_again(svc: Running, org: str) -> None:
+    assert values_of((await get(svc, org)).config)["secretKey"][0] == SK
+    await save(svc, org, secretKey=SK_AFTER)
+    assert values_of((await get(svc, org)).config)["secretKey"][0] == SK_AFTER
+
+
+async def test_a_database_that_refuses_connections_is_unavailable_until_it_allows_them_again(
+    direct: Running, postgres_server: str, database_url: str
+) -> None:
+    """SQLSTATE 55000 (`ALTER DATABASE … ALLOW_CONNECTIONS false`): an outage, not an internal error."""
+    svc = direct
+    org = new_org()
+    await save(svc, org, secretKey=SK)
+    name = urlsplit(database_url).path.lstrip("/")
+    await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    try:
+        await terminate_backends(postgres_server, database_url)
+        await assert_every_call_unavailable(svc, org, database_url)
+    finally:
+        await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    await assert_served_again(svc, org)
+
+
+async def test_a_database_renamed_away_is_unavailable_until_it_is_back(
+    direct: Running, postgres_server: str, database_url: str
+) -> None:
+    """SQLSTATE 3D000 after start-up (the database was renamed or dropped): an outage, not an internal error."""
+    svc = direct
+    org = new_org()
+    await save(svc, org, secretKey=SK)
+    name = urlsplit(database_url).path.lstrip("/")
+    moved = f"{name}_moved"
+    # No session may use a database being renamed: keep the service's pool out first.
+    await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    await terminate_backends(postgres_server, database_url)
+    await admin(postgres_server, f'ALTER DATABASE "{name}" RENAME TO "{moved}"',
+                f'ALTER DATABASE "{moved}" ALLOW_CONNECTIONS true')
+    try:
+        await assert_every_call_unavailable(svc, org, database_url)
+    finally:
+        await admin(postgres_server, f'ALTER DATABASE "{moved}" RENAME TO "{name}"')
+    await assert_served_again(svc, org)
+

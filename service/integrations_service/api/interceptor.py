@@ -22,6 +22,7 @@ import grpc
 from integrations_service import errors
 from integrations_service.api.auth import DEVELOPMENT_IDENTITY, SERVICE_PREFIX, Authorizer, identity_of
 from integrations_service.api.status import status_code_of, to_grpc_status
+from integrations_service.deadlines import set_call_deadline
 from integrations_service.domain.audit import AuditTrail, Caller
 from integrations_service.metrics import Metrics
 
@@ -70,6 +71,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             caller = Caller(identity_of(context) or DEVELOPMENT_IDENTITY, _request_id(context))
             _current_caller.set(caller)
+            set_call_deadline(context.time_remaining())  # the store waits no longer than the caller does
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
