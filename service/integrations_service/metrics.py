@@ -65,6 +65,8 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        # Called on every store call that found the database unreachable (readiness re-checks at once).
+        self.store_unavailable_listeners: list[Callable[[], None]] = []
         self.audit_buffered = Gauge(
             "integrations_audit_buffered_records", "Audit records waiting to be stored", registry=r
         )
@@ -121,6 +123,8 @@ class InstrumentedStore(IntegrationStore):
             return await call
         except errors.Unavailable:
             self._metrics.store_unavailable.labels(operation).inc()
+            for listener in self._metrics.store_unavailable_listeners:
+                listener()
             raise
         finally:
             self._metrics.store_seconds.labels(operation).observe(time.perf_counter() - started)

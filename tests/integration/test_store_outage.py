@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg  # type: ignore[import-untyped]
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from integrations.v1 import integrations_pb2 as pb
 from tests.conftest import CreateDatabase
@@ -424,3 +426,71 @@ async def test_a_database_renamed_away_is_unavailable_until_it_is_back(
         await admin(postgres_server, f'ALTER DATABASE "{moved}" RENAME TO "{name}"')
     await assert_served_again(svc, org)
 
+
+# --- readiness ------------------------------------------------------------------------------------------
+
+SERVICE_NAME = "integrations.v1.IntegrationService"
+# The probe runs at least every 5 s, and its check waits at most INTEGRATIONS_DB_TIMEOUT.
+READINESS_BOUND = 5.0 + DB_TIMEOUT + 1.0
+
+
+async def health(svc: Running, service: str) -> str:
+    stub = health_pb2_grpc.HealthStub(svc.channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=RPC_DEADLINE)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+async def wait_for_health(svc: Running, wanted: str, bound: float) -> float:
+    started = time.monotonic()
+    while (status := await health(svc, SERVICE_NAME)) != wanted:
+        assert time.monotonic() - started < bound, f"{SERVICE_NAME} still {status} after {bound} s"
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started
+
+
+async def healthcheck_exit_code(svc: Running, *flags: str) -> int:
+    # Not subprocess.run: the service under test shares this event loop and must keep answering.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "integrations_service", "healthcheck", "--address", svc.target, *flags,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    return await asyncio.wait_for(process.wait(), timeout=60)
+
+
+async def test_readiness_follows_the_store_while_liveness_stays_serving(
+    proxied: Running, proxy: TcpProxy
+) -> None:
+    svc = proxied
+    assert await health(svc, SERVICE_NAME) == "SERVING"
+    assert await healthcheck_exit_code(svc, "--ready") == 0
+
+    await proxy.stop()
+    try:
+        # No call needs the store meanwhile: the background probe finds the outage by itself.
+        await wait_for_health(svc, "NOT_SERVING", READINESS_BOUND)
+        assert await health(svc, "") == "SERVING"  # alive: restarting the process would not help
+        assert await healthcheck_exit_code(svc, "--ready") == 1
+        assert await healthcheck_exit_code(svc) == 0
+    finally:
+        await proxy.start()
+    await wait_for_health(svc, "SERVING", READINESS_BOUND)
+    assert await health(svc, "") == "SERVING"
+    assert await healthcheck_exit_code(svc, "--ready") == 0
+
+
+async def test_an_unavailable_call_makes_readiness_check_the_store_at_once(
+    proxied: Running, proxy: TcpProxy, database_url: str
+) -> None:
+    svc = proxied
+    org = new_org()
+    await save(svc, org, secretKey=SK)
+    await proxy.stop()
+    try:
+        result, elapsed = await timed(get(svc, org))
+        assert_unavailable(result, elapsed, svc, database_url)
+        # Well before the next periodic probe (5 s): the failed call triggered a check.
+        assert await wait_for_health(svc, "NOT_SERVING", DB_TIMEOUT + 1.5) < DB_TIMEOUT + 1.5
+    finally:
+        await proxy.start()
+    await get(svc, org)
+    await wait_for_health(svc, "SERVING", READINESS_BOUND)
