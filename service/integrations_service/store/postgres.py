@@ -203,7 +203,7 @@ def is_connection_error(exc: BaseException) -> bool:
 
 def _is_timeout(exc: BaseException | None) -> bool:
     """The wait ran out: asyncpg's command timeout, or the server's lock or statement timeout."""
-    return isinstance(exc, TimeoutError) or getattr(exc, "sqlstate", None) in _TIMEOUT_SQLSTATES
+    return isinstance(exc, TimeoutError) or _server_gave_up(exc)
 
 
 def _sqlstate_class(exc: BaseException) -> str:
@@ -584,11 +584,17 @@ def _may_be_broken(failure: BaseException) -> bool:
     A cancelled call (its budget ran out, or the client went away) may have left a
     statement running, or a lock wait queued, on the server.
     """
+    if isinstance(failure, errors.Unavailable) and _server_gave_up(failure.__cause__):
+        return False  # the server ended the wait itself: the connection is fine once rolled back
     return (
         isinstance(failure, errors.Unavailable)
         or is_connection_error(failure)
         or not isinstance(failure, Exception)
     )
+
+
+def _server_gave_up(exc: BaseException | None) -> bool:
+    return getattr(exc, "sqlstate", None) in _TIMEOUT_SQLSTATES
 
 
 def _worth_rolling_back(failure: BaseException) -> bool:
