@@ -61,7 +61,7 @@ class Metrics:
         )
         self.store_unavailable = Counter(
             "integrations_store_unavailable",
-            "Store calls that found the database unreachable, by operation",
+            "Store calls that answered UNAVAILABLE (database unreachable, or too slow to answer), by operation",
             ["operation"],
             registry=r,
         )

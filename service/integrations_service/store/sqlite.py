@@ -314,7 +314,8 @@ class SqliteStore(IntegrationStore):
         await self._execute(_busy_timeout(self._timeout))
         self._reader = await aiosqlite.connect(self._path, isolation_level=None)
         # A reader waits only in rare cases (a WAL being recovered), never beyond the timeout.
-        await self._reader.execute(_busy_timeout(self._timeout))
+        async with self._reader.execute(_busy_timeout(self._timeout)):
+            pass  # closes the cursor right away
 
     @contextlib.asynccontextmanager
     async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
