@@ -186,6 +186,34 @@ async def test_a_client_deadline_shorter_than_the_timeout_bounds_the_wait(
         await monitor.close()
 
 
+@pytest.mark.postgres
+async def test_a_call_waiting_for_a_pool_connection_answers_within_the_timeout(
+    database_url: str, tmp_path: Path
+) -> None:
+    """One pooled connection, taken by a save of a locked row: the wait for it counts against the budget."""
+    svc = await start_service(database_url, tmp_path, {**ENV, "INTEGRATIONS_DB_POOL_SIZE": "1"})
+    try:
+        locked_org, other_org = new_org(), new_org()
+        await svc.stub.SaveIntegration(save_request(locked_org, SK))
+        await svc.stub.SaveIntegration(save_request(other_org, SK_OTHER))
+        async with row_locked_from_sql(database_url, locked_org):
+            saves = [
+                asyncio.ensure_future(timed(svc.stub.SaveIntegration(save_request(locked_org, f"sk_test_51HxPool{i}"))))
+                for i in range(5)
+            ]
+            await asyncio.sleep(0.2)
+            read, elapsed = await timed(svc.stub.GetProviderConfig(
+                pb.GetProviderConfigRequest(organization_id=other_org, provider="stripe"), timeout=30
+            ))
+            results = await asyncio.gather(*saves)
+        assert elapsed < BOUND, f"a read waited {elapsed:.2f} s for a pooled connection"
+        if isinstance(read, grpc.aio.AioRpcError):
+            assert read.code() is grpc.StatusCode.UNAVAILABLE
+        assert max(seconds for _, seconds in results) < BOUND
+    finally:
+        await svc.close()
+
+
 # --- SQLite -----------------------------------------------------------------------------------------
 
 
