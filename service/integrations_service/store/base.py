@@ -95,9 +95,12 @@ class IntegrationStore(abc.ABC):
     runs out raises `errors.Unavailable` naming the timeout and changes nothing.
     """
 
-    @abc.abstractmethod
     async def ping(self) -> None:
-        """Return when the database answers a query; raise `errors.Unavailable` when it does not (readiness)."""
+        """Return when the database answers a query; raise `errors.Unavailable` when it does not (readiness).
+
+        By default, asks for a row that cannot exist; stores with a cheaper check override it.
+        """
+        await self.get("", "")
 
     @abc.abstractmethod
     async def get(self, organization_id: str, provider: str) -> StoredIntegration | None:
