@@ -24,6 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from integrations.v1 import integrations_pb2 as pb
+from integrations_service.api.readiness import PROBE_INTERVAL
 from tests.conftest import CreateDatabase
 from tests.harness import Running, new_org, rich_error, start_service, values_of
 
@@ -482,15 +483,22 @@ async def test_an_unavailable_call_makes_readiness_check_the_store_at_once(
     proxied: Running, proxy: TcpProxy, database_url: str
 ) -> None:
     svc = proxied
+    readiness = svc.service.readiness
     org = new_org()
     await save(svc, org, secretKey=SK)
+    # No periodic check from now on (once the current wait ends), so only a failed call can trigger one.
+    readiness.interval = 3600.0
+    await asyncio.sleep(PROBE_INTERVAL + 0.5)
     await proxy.stop()
     try:
+        await asyncio.sleep(1.0)
+        assert await health(svc, SERVICE_NAME) == "SERVING"  # nothing has checked yet
         result, elapsed = await timed(get(svc, org))
         assert_unavailable(result, elapsed, svc, database_url)
-        # Well before the next periodic probe (5 s): the failed call triggered a check.
-        assert await wait_for_health(svc, "NOT_SERVING", DB_TIMEOUT + 1.5) < DB_TIMEOUT + 1.5
+        assert await wait_for_health(svc, "NOT_SERVING", 1.5) < 1.5
     finally:
         await proxy.start()
+    readiness.interval = PROBE_INTERVAL
     await get(svc, org)
+    readiness.store_unavailable()  # ends the long wait; the next check finds the store back
     await wait_for_health(svc, "SERVING", READINESS_BOUND)

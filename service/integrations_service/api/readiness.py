@@ -38,7 +38,7 @@ class Readiness:
         self._health = health
         self._service_name = service_name
         self._check = check
-        self._interval = interval
+        self.interval = interval  # seconds between periodic checks; read before each wait
         self._wake = asyncio.Event()
         self._ready = True  # the store answered at start-up, or start() would have failed
         self._task: asyncio.Task[None] | None = None
@@ -60,7 +60,7 @@ class Readiness:
     async def _run(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval):
+                async with asyncio.timeout(self.interval):
                     await self._wake.wait()
             self._wake.clear()
             await self._probe()
