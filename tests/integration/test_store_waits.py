@@ -175,7 +175,7 @@ async def test_a_client_deadline_shorter_than_the_timeout_bounds_the_wait(
             if result.code() is grpc.StatusCode.UNAVAILABLE:
                 assert "before the call's deadline" in (result.details() or "")
             assert elapsed < 0.5 + 0.5
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.5)
             # The service gave up too: nothing of it still waits on the row for INTEGRATIONS_DB_TIMEOUT.
             waiting = await monitor.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",

@@ -35,6 +35,11 @@ class Budget:
         return errors.Unavailable(f"the credential store did not answer within {self.timeout:g} s")
 
 
+# gRPC cancels a call's handler at its deadline, and the call then ends as DEADLINE_EXCEEDED
+# (its honest status). The budget ends a moment later, so that it does not race gRPC's
+# cancellation into an UNAVAILABLE; it still ends the wait if nothing cancels it.
+CALL_DEADLINE_GRACE = 0.25
+
 _active: contextvars.ContextVar[Budget | None] = contextvars.ContextVar("store_budget", default=None)
 
 
@@ -47,7 +52,7 @@ def active_budget() -> Budget | None:
 
 @contextlib.asynccontextmanager
 async def bounded(timeout: float) -> AsyncIterator[Budget]:  # noqa: ASYNC109 (the store's setting, not a parameter of a call)
-    """The block runs within `timeout` (or the RPC's nearer deadline); nested blocks share the outer budget.
+    """The block runs within `timeout` (or just past the RPC's nearer deadline); nested blocks share the outer budget.
 
     Running out cancels what the block waits for and raises `errors.Unavailable`.
     """
@@ -58,6 +63,8 @@ async def bounded(timeout: float) -> AsyncIterator[Budget]:  # noqa: ASYNC109 (t
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     rpc_deadline = call_deadline()
+    if rpc_deadline is not None:
+        rpc_deadline += CALL_DEADLINE_GRACE
     call_deadline_first = rpc_deadline is not None and rpc_deadline < deadline
     if rpc_deadline is not None and call_deadline_first:
         deadline = rpc_deadline
