@@ -16,7 +16,8 @@ import grpc
 from grpc_health.v1._async import HealthServicer
 
 from integrations_service.api.auth import Authorizer, Policy
-from integrations_service.api.server import build_server, listen, mark_serving
+from integrations_service.api.readiness import Readiness
+from integrations_service.api.server import SERVICE_NAME, build_server, listen, mark_serving
 from integrations_service.api.tls import ReloadingCredentials
 from integrations_service.config import Mode, Settings
 from integrations_service.crypto import EncryptionKey, InvalidKey, Keyring, ValueCipher
@@ -41,9 +42,11 @@ class RunningService:
     port: int
     metrics: Metrics
     metrics_port: int | None
+    readiness: Readiness
 
     async def stop(self, grace: float) -> None:
         """Health goes NOT_SERVING, new calls are refused, in-flight ones get `grace` seconds."""
+        await self.readiness.close()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.audit.close()
@@ -132,6 +135,9 @@ async def start(settings: Settings) -> RunningService:
     audit.start()
     key_usage.start()
     await mark_serving(health_servicer)
+    readiness = Readiness(health_servicer, SERVICE_NAME, store.ping)
+    metrics.store_unavailable_listeners.append(readiness.store_unavailable)
+    readiness.start()
     log.info(
         "serving",
         extra={
@@ -142,7 +148,7 @@ async def start(settings: Settings) -> RunningService:
             "key_id": cipher.active_key_id,
         },
     )
-    return RunningService(server, health_servicer, store, audit, key_usage, port, metrics, metrics_port)
+    return RunningService(server, health_servicer, store, audit, key_usage, port, metrics, metrics_port, readiness)
 
 
 def _serve_metrics(

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from integrations_service import app, healthcheck, logs
+from integrations_service.api.server import SERVICE_NAME
 from integrations_service.config import KEY_MATERIAL_ENVS, Settings, add_flags, load_settings
 from integrations_service.crypto import EncryptionKey, ValueCipher
 from integrations_service.devcerts import expiring, make_dev_certs
@@ -44,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     health = commands.add_parser("healthcheck", help="exit 0 when the local service reports SERVING")
     health.add_argument("--address", help="host:port (default: INTEGRATIONS_LISTEN_ADDRESS)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds (default: 3)")
+    health.add_argument(
+        "--ready",
+        action="store_true",
+        help=f"readiness: check {SERVICE_NAME}, NOT_SERVING while the store is unreachable (default: liveness)",
+    )
     certs = commands.add_parser("dev-certs", help="write a development CA, server and per-role client certificates")
     certs.add_argument("--out", type=Path, default=Path(".data/dev-certs"), help="folder (default: .data/dev-certs)")
     certs.add_argument(
@@ -149,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "dev-certs":
         return _dev_certs(args.out, args.if_expiring)
     if args.command == "healthcheck":
-        return healthcheck.check(os.environ, args.address, args.timeout)
+        return healthcheck.check(os.environ, args.address, args.timeout, SERVICE_NAME if args.ready else "")
     try:
         settings = load_settings(args, os.environ, serving=args.command == "serve")
     except ConfigurationError as error:

@@ -71,7 +71,7 @@ DB_TIMEOUT = Setting(
     "INTEGRATIONS_DB_TIMEOUT",
     "--db-timeout",
     "5",
-    "seconds to connect to, or wait on, the database before answering UNAVAILABLE",
+    "seconds a store call may wait in all (queue, connection, locks, statements) before answering UNAVAILABLE",
 )
 TLS_CERT = Setting(
     "INTEGRATIONS_TLS_CERT",

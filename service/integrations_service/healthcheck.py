@@ -1,5 +1,9 @@
 """`integrations-service healthcheck`: exit 0 when the local service answers SERVING.
 
+Without `--ready` it asks for the overall status `""` (liveness: the process
+serves); with `--ready`, for `integrations.v1.IntegrationService` (readiness:
+NOT_SERVING while the credential store is unreachable).
+
 The container's HEALTHCHECK runs it, so no extra binary is needed. It reads
 the same environment as the service: INTEGRATIONS_LISTEN_ADDRESS (a wildcard
 host is reached on loopback) and, when the service serves mutual TLS, a
@@ -72,11 +76,11 @@ def _check_method(
     )
 
 
-def check(environ: Mapping[str, str], address: str | None, timeout: float) -> int:
+def check(environ: Mapping[str, str], address: str | None, timeout: float, service: str = "") -> int:
     target = target_of(address or environ.get(LISTEN_ADDRESS.env) or str(LISTEN_ADDRESS.default))
     with _channel(target, environ) as channel:
         try:
-            reply = _check_method(channel)(health_pb2.HealthCheckRequest(), timeout=timeout)
+            reply = _check_method(channel)(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as error:
             print(f"healthcheck: {target}: {error.code().name}", file=sys.stderr)
             return 1

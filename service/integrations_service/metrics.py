@@ -84,10 +84,12 @@ class Metrics:
         )
         self.store_unavailable = Counter(
             "integrations_store_unavailable",
-            "Store calls that found the database unreachable, by operation",
+            "Store calls that answered UNAVAILABLE (database unreachable, or too slow to answer), by operation",
             ["operation"],
             registry=r,
         )
+        # Called on every store call that found the database unreachable (readiness re-checks at once).
+        self.store_unavailable_listeners: list[Callable[[], None]] = []
         self.audit_buffered = Gauge(
             "integrations_audit_buffered_records", "Audit records waiting to be stored", registry=r
         )
@@ -201,9 +203,15 @@ class InstrumentedStore(IntegrationStore):
             return await call
         except errors.Unavailable:
             self._metrics.store_unavailable.labels(operation).inc()
+            for listener in self._metrics.store_unavailable_listeners:
+                listener()
             raise
         finally:
             self._metrics.store_seconds.labels(operation).observe(time.perf_counter() - started)
+
+    async def ping(self) -> None:
+        # Not timed or counted: the readiness probe's checks are not calls anyone waits for.
+        await self._inner.ping()
 
     async def get(self, organization_id: str, provider: str) -> StoredIntegration | None:
         return await self._timed("get", self._inner.get(organization_id, provider))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -20,8 +21,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg  # type: ignore[import-untyped]
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from integrations.v1 import integrations_pb2 as pb
+from integrations_service.api.readiness import PROBE_INTERVAL
 from tests.conftest import CreateDatabase
 from tests.harness import Running, new_org, rich_error, start_service, values_of
 
@@ -344,3 +347,158 @@ async def test_calls_recover_after_postgres_terminates_every_backend(
     assert values_of((await get(svc, org)).config)["secretKey"][0] == saved[-1]
     if rpc == "SaveIntegration":
         assert len(saved) >= 4
+
+
+# --- outages PostgreSQL reports with a SQLSTATE -------------------------------------------------------
+
+
+def unavailable_count(svc: Running) -> float:
+    registry = svc.service.metrics.registry
+    return sum(
+        registry.get_sample_value("integrations_store_unavailable_total", {"operation": operation}) or 0.0
+        for operation in ("get", "upsert", "list_for_organization")
+    )
+
+
+async def admin(admin_url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def assert_every_call_unavailable(svc: Running, org: str, database_url: str) -> None:
+    counted = unavailable_count(svc)
+    for name, call in (
+        ("GetProviderConfig", lambda: get(svc, org)),
+        ("SaveIntegration", lambda: save(svc, org, secretKey=SK_DURING)),
+        ("ListProviders", lambda: list_providers(svc, org)),
+    ):
+        result, elapsed = await timed(call())
+        try:
+            assert_unavailable(result, elapsed, svc, database_url)
+        except AssertionError as failure:
+            raise AssertionError(f"{name}: {failure}") from None
+    assert unavailable_count(svc) == counted + 3, "the unavailable metric did not count every refused call"
+
+
+async def assert_served_again(svc: Running, org: str) -> None:
+    assert values_of((await get(svc, org)).config)["secretKey"][0] == SK
+    await save(svc, org, secretKey=SK_AFTER)
+    assert values_of((await get(svc, org)).config)["secretKey"][0] == SK_AFTER
+
+
+async def test_a_database_that_refuses_connections_is_unavailable_until_it_allows_them_again(
+    direct: Running, postgres_server: str, database_url: str
+) -> None:
+    """SQLSTATE 55000 (`ALTER DATABASE … ALLOW_CONNECTIONS false`): an outage, not an internal error."""
+    svc = direct
+    org = new_org()
+    await save(svc, org, secretKey=SK)
+    name = urlsplit(database_url).path.lstrip("/")
+    await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    try:
+        await terminate_backends(postgres_server, database_url)
+        await assert_every_call_unavailable(svc, org, database_url)
+    finally:
+        await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    await assert_served_again(svc, org)
+
+
+async def test_a_database_renamed_away_is_unavailable_until_it_is_back(
+    direct: Running, postgres_server: str, database_url: str
+) -> None:
+    """SQLSTATE 3D000 after start-up (the database was renamed or dropped): an outage, not an internal error."""
+    svc = direct
+    org = new_org()
+    await save(svc, org, secretKey=SK)
+    name = urlsplit(database_url).path.lstrip("/")
+    moved = f"{name}_moved"
+    # No session may use a database being renamed: keep the service's pool out first.
+    await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    await terminate_backends(postgres_server, database_url)
+    await admin(postgres_server, f'ALTER DATABASE "{name}" RENAME TO "{moved}"',
+                f'ALTER DATABASE "{moved}" ALLOW_CONNECTIONS true')
+    try:
+        await assert_every_call_unavailable(svc, org, database_url)
+    finally:
+        await admin(postgres_server, f'ALTER DATABASE "{moved}" RENAME TO "{name}"')
+    await assert_served_again(svc, org)
+
+
+# --- readiness ------------------------------------------------------------------------------------------
+
+SERVICE_NAME = "integrations.v1.IntegrationService"
+# The probe runs at least every 5 s, and its check waits at most INTEGRATIONS_DB_TIMEOUT.
+READINESS_BOUND = 5.0 + DB_TIMEOUT + 1.0
+
+
+async def health(svc: Running, service: str) -> str:
+    stub = health_pb2_grpc.HealthStub(svc.channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=RPC_DEADLINE)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+async def wait_for_health(svc: Running, wanted: str, bound: float) -> float:
+    started = time.monotonic()
+    while (status := await health(svc, SERVICE_NAME)) != wanted:
+        assert time.monotonic() - started < bound, f"{SERVICE_NAME} still {status} after {bound} s"
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started
+
+
+async def healthcheck_exit_code(svc: Running, *flags: str) -> int:
+    # Not subprocess.run: the service under test shares this event loop and must keep answering.
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "integrations_service", "healthcheck", "--address", svc.target, *flags,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    return await asyncio.wait_for(process.wait(), timeout=60)
+
+
+async def test_readiness_follows_the_store_while_liveness_stays_serving(
+    proxied: Running, proxy: TcpProxy
+) -> None:
+    svc = proxied
+    assert await health(svc, SERVICE_NAME) == "SERVING"
+    assert await healthcheck_exit_code(svc, "--ready") == 0
+
+    await proxy.stop()
+    try:
+        # No call needs the store meanwhile: the background probe finds the outage by itself.
+        await wait_for_health(svc, "NOT_SERVING", READINESS_BOUND)
+        assert await health(svc, "") == "SERVING"  # alive: restarting the process would not help
+        assert await healthcheck_exit_code(svc, "--ready") == 1
+        assert await healthcheck_exit_code(svc) == 0
+    finally:
+        await proxy.start()
+    await wait_for_health(svc, "SERVING", READINESS_BOUND)
+    assert await health(svc, "") == "SERVING"
+    assert await healthcheck_exit_code(svc, "--ready") == 0
+
+
+async def test_an_unavailable_call_makes_readiness_check_the_store_at_once(
+    proxied: Running, proxy: TcpProxy, database_url: str
+) -> None:
+    svc = proxied
+    readiness = svc.service.readiness
+    org = new_org()
+    await save(svc, org, secretKey=SK)
+    # No periodic check from now on (once the current wait ends), so only a failed call can trigger one.
+    readiness.interval = 3600.0
+    await asyncio.sleep(PROBE_INTERVAL + 0.5)
+    await proxy.stop()
+    try:
+        await asyncio.sleep(1.0)
+        assert await health(svc, SERVICE_NAME) == "SERVING"  # nothing has checked yet
+        result, elapsed = await timed(get(svc, org))
+        assert_unavailable(result, elapsed, svc, database_url)
+        assert await wait_for_health(svc, "NOT_SERVING", 1.5) < 1.5
+    finally:
+        await proxy.start()
+    readiness.interval = PROBE_INTERVAL
+    await get(svc, org)
+    readiness.store_unavailable()  # ends the long wait; the next check finds the store back
+    await wait_for_health(svc, "SERVING", READINESS_BOUND)

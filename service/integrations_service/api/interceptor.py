@@ -22,6 +22,7 @@ import grpc
 from integrations_service import errors
 from integrations_service.api.auth import SERVICE_PREFIX, Authorizer, Identified, peer_names
 from integrations_service.api.status import status_code_of, to_grpc_status
+from integrations_service.deadlines import set_call_deadline
 from integrations_service.domain.audit import AuditTrail, Caller
 from integrations_service.metrics import Metrics
 
@@ -71,6 +72,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             identified = self._authorizer.identify(peer_names(context))
             caller = Caller(str(identified.name), _request_id(context))  # the typed rendering, e.g. spiffe:…
             _current_caller.set(caller)
+            set_call_deadline(context.time_remaining())  # the store waits no longer than the caller does
             started = time.perf_counter()
             rpc_metrics = self._metrics.rpc(method)
             rpc_metrics.started()

@@ -87,7 +87,20 @@ class IntegrationStore(abc.ABC):
 
     Every method raises `errors.Unavailable` when the backing database cannot be
     reached, and recovers by itself once it can be again.
+
+    Every method answers within the store's timeout (INTEGRATIONS_DB_TIMEOUT), or
+    sooner when the RPC's deadline (`deadlines.call_deadline`) is nearer: all of
+    its waits together (its turn behind writers of the same row, a connection,
+    locks, statements) count against one budget (`store.budget`). A call that
+    runs out raises `errors.Unavailable` naming the timeout and changes nothing.
     """
+
+    async def ping(self) -> None:
+        """Return when the database answers a query; raise `errors.Unavailable` when it does not (readiness).
+
+        By default, asks for a row that cannot exist; stores with a cheaper check override it.
+        """
+        await self.get("", "")
 
     @abc.abstractmethod
     async def get(self, organization_id: str, provider: str) -> StoredIntegration | None:

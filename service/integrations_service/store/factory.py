@@ -34,13 +34,13 @@ async def open_store(
 ) -> IntegrationStore:
     """Open the store named by `database_url`, migrated and ready.
 
-    `timeout` bounds connecting to PostgreSQL and each of its queries;
+    `timeout` bounds connecting to PostgreSQL and every later store call (all of its waits together);
     `pool_size` is its largest number of connections. Raises
     `errors.ConfigurationError` for a URL it cannot use and
     `errors.Unavailable` when the database cannot be reached.
     """
     if not database_url:
-        return await SqliteStore.open(data_dir / EMBEDDED_FILE_NAME)
+        return await SqliteStore.open(data_dir / EMBEDDED_FILE_NAME, timeout=timeout)
     if database_url.lower().startswith(_POSTGRES_PREFIXES):
         return await PostgresStore.connect(
             database_url,
@@ -49,7 +49,7 @@ async def open_store(
             connect_timeout=timeout,
             command_timeout=timeout,
         )
-    return await SqliteStore.open(sqlite_path(database_url))
+    return await SqliteStore.open(sqlite_path(database_url), timeout=timeout)
 
 
 def sqlite_path(database_url: str) -> Path:

@@ -3,6 +3,15 @@
 Connection failures of any kind surface as `errors.Unavailable` with a fixed
 message (never the DSN, never row content). The pool replaces dead connections
 by itself, so the store recovers once PostgreSQL is back without being rebuilt.
+
+Every call runs within one budget (`store.budget`): the wait for its turn
+behind other saves of the same row, for a pooled connection, for locks and for
+its statements together end within INTEGRATIONS_DB_TIMEOUT (or the RPC's nearer
+deadline). Inside a transaction PostgreSQL's own lock_timeout and
+statement_timeout are set to what is left, so the server gives up on its side too.
+Saves and deletes of one (organization, provider) queue in the process, so a
+row locked from outside holds at most one pooled connection, however many
+saves of it wait.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from integrations_service.store.base import (
     Rewrite,
     StoredIntegration,
 )
+from integrations_service.store.budget import Budget, KeyedLocks, bounded
 from integrations_service.store.migrate import migrate_postgres
 
 log = logging.getLogger("integrations.store.postgres")
@@ -43,10 +53,25 @@ UNAVAILABLE_MESSAGE = "the credential store (PostgreSQL) is unreachable"
 # A hash collision only makes two unrelated rows' writers wait for each other.
 ROW_LOCK_NAMESPACE = int.from_bytes(b"intg", "big")
 
-# SQLSTATE classes that mean "the server cannot serve us right now":
-# 08 connection exception, 53 insufficient resources, 57 operator intervention
-# (shutdown, restart in progress, statement cancelled by a timeout).
-_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57")
+# SQLSTATE classes that mean "the database cannot serve us right now" (an outage,
+# retryable once it is over), as opposed to a bug in our SQL or bad data:
+# 08 connection exception; 28 invalid authorization (the login was revoked or its
+#    password changed while running; at the first connect it is a ConfigurationError);
+# 3D invalid catalog name (the database was renamed or dropped while running; idem);
+# 53 insufficient resources (too many connections, disk full, out of memory);
+# 55 object not in prerequisite state (55000: the database does not allow
+#    connections; 55P03: a lock wait hit lock_timeout);
+# 57 operator intervention (shutdown, restart in progress, 57014: statement_timeout);
+# 58 system error (I/O error on the server).
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "28", "3D", "53", "55", "57", "58")
+# Single codes of other classes that mean the same: 25006, a read-only transaction
+# (connected to a standby, e.g. during a failover).
+_UNAVAILABLE_SQLSTATES = ("25006",)
+# The server gave up waiting because this call's budget ran out: lock_timeout, statement_timeout.
+_TIMEOUT_SQLSTATES = ("55P03", "57014")
+# Margin between the server-side timeouts and the call's own end, so the server
+# answers first and the connection stays usable.
+_SERVER_TIMEOUT_MARGIN = 0.1
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,  # asyncio.TimeoutError is the same class since Python 3.11
@@ -106,6 +131,8 @@ _UPDATE = (
     "RETURNING id, organization_id, provider, config, version, created_at, updated_at"
 )
 _DELETE = "DELETE FROM integration_config WHERE id = $1"
+# Readiness: the database answers a query.
+_PING = "SELECT 1"
 
 # Rotation. Byte order of id (COLLATE "C", served by the integration_config_id_bytes index):
 # the same order as the SQLite store and Python's sorted().
@@ -169,7 +196,14 @@ def is_connection_error(exc: BaseException) -> bool:
         return False
     if isinstance(exc, _CONNECTION_ERRORS):
         return True
-    return isinstance(exc, asyncpg.PostgresError) and _sqlstate_class(exc) in _UNAVAILABLE_SQLSTATE_CLASSES
+    if not isinstance(exc, asyncpg.PostgresError):
+        return False
+    return _sqlstate_class(exc) in _UNAVAILABLE_SQLSTATE_CLASSES or exc.sqlstate in _UNAVAILABLE_SQLSTATES
+
+
+def _is_timeout(exc: BaseException | None) -> bool:
+    """The wait ran out: asyncpg's command timeout, or the server's lock or statement timeout."""
+    return isinstance(exc, TimeoutError) or _server_gave_up(exc)
 
 
 def _sqlstate_class(exc: BaseException) -> str:
@@ -201,9 +235,11 @@ async def _init_connection(conn: Any) -> None:
 class PostgresStore(IntegrationStore):
     """Rows in PostgreSQL's `integration_config` table. Create with `PostgresStore.connect`."""
 
-    def __init__(self, pool: Any, *, close_timeout: float) -> None:
+    def __init__(self, pool: Any, *, close_timeout: float, timeout: float = 5.0) -> None:
         self._pool = pool
         self._close_timeout = close_timeout
+        self._timeout = timeout
+        self._writers = KeyedLocks()
 
     @classmethod
     async def connect(
@@ -230,7 +266,7 @@ class PostgresStore(IntegrationStore):
             command_timeout=command_timeout,
         )
         # In-flight calls end within command_timeout; give close a little more.
-        store = cls(pool, close_timeout=command_timeout + 1.0)
+        store = cls(pool, close_timeout=command_timeout + 1.0, timeout=command_timeout)
         if migrate:
             try:
                 await store.migrate()
@@ -265,12 +301,13 @@ class PostgresStore(IntegrationStore):
     async def upsert(
         self, organization_id: str, provider: str, mutate: Mutation, audit: AuditRecord | None = None
     ) -> StoredIntegration:
-        for attempt in range(1, _UPSERT_ATTEMPTS + 1):
-            try:
-                return await self._upsert_once(organization_id, provider, mutate, audit)
-            except asyncpg.UniqueViolationError:
-                if attempt == _UPSERT_ATTEMPTS:
-                    break
+        async with self._bounded(), self._writers.hold((organization_id, provider)):
+            for attempt in range(1, _UPSERT_ATTEMPTS + 1):
+                try:
+                    return await self._upsert_once(organization_id, provider, mutate, audit)
+                except asyncpg.UniqueViolationError:
+                    if attempt == _UPSERT_ATTEMPTS:
+                        break
         raise errors.Conflict(
             f"the credentials of organization {organization_id!r} for provider {provider!r} "
             "keep being created concurrently; retry"
@@ -279,7 +316,7 @@ class PostgresStore(IntegrationStore):
     async def delete(
         self, organization_id: str, provider: str, check: Precondition, audit: AuditRecord | None = None
     ) -> bool:
-        async with self._transaction() as conn:
+        async with self._bounded(), self._writers.hold((organization_id, provider)), self._transaction() as conn:
             current = await self._lock_row(conn, organization_id, provider)
             if current is None:
                 return False
@@ -370,6 +407,12 @@ class PostgresStore(IntegrationStore):
 
         return await self._read(query)
 
+    async def ping(self) -> None:
+        async def query(conn: Any) -> None:
+            await conn.execute(_PING)
+
+        await self._read(query)
+
     def pool_stats(self) -> PoolStats:
         return PoolStats(self._pool.get_size(), self._pool.get_idle_size(), self._pool.get_max_size())
 
@@ -387,13 +430,14 @@ class PostgresStore(IntegrationStore):
 
     async def _read(self, query: Callable[[Any], Awaitable[T]]) -> T:
         """Run a read-only query; once more on a fresh connection if the pooled one was dead."""
-        try:
+        async with self._bounded():
+            try:
+                return await self._read_once(query)
+            except errors.Unavailable as exc:
+                if not _dead_connection(exc):
+                    raise
+                log.info("retrying a read on a fresh connection", extra={"event": "read_retried"})
             return await self._read_once(query)
-        except errors.Unavailable as exc:
-            if not _dead_connection(exc):
-                raise
-            log.info("retrying a read on a fresh connection", extra={"event": "read_retried"})
-        return await self._read_once(query)
 
     async def _read_once(self, query: Callable[[Any], Awaitable[T]]) -> T:
         conn = await self._acquire()
@@ -447,41 +491,59 @@ class PostgresStore(IntegrationStore):
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Any]:
-        """A transaction that commits when the block ends, else rolls back and re-raises unchanged."""
-        conn, transaction = await self._begin()
-        try:
-            try:
-                yield conn
-            except BaseException:
-                await _rollback_quietly(transaction)
-                raise
-            with _unavailable_on_connection_error():
-                await transaction.commit()
-        except BaseException as exc:
-            await self._give_back(conn, exc)
-            raise
-        await self._give_back(conn, None)
+        """A transaction that commits when the block ends, else rolls back and re-raises unchanged.
 
-    async def _begin(self) -> tuple[Any, Any]:
+        Within the call's budget, which also bounds the server's lock and statement waits.
+        """
+        async with self._bounded() as budget:
+            conn, transaction = await self._begin(budget)
+            try:
+                try:
+                    yield conn
+                except BaseException as exc:
+                    if _worth_rolling_back(exc):
+                        await _rollback_quietly(transaction)
+                    raise
+                with _unavailable_on_connection_error():
+                    await transaction.commit()
+            except BaseException as exc:
+                await self._give_back(conn, exc)
+                raise
+            await self._give_back(conn, None)
+
+    @contextlib.asynccontextmanager
+    async def _bounded(self) -> AsyncIterator[Budget]:
+        """The call's budget; the server's and the driver's timeouts answer as running out of it."""
+        async with bounded(self._timeout) as budget:
+            try:
+                yield budget
+            except errors.Unavailable as exc:
+                if _is_timeout(exc.__cause__):
+                    raise budget.exceeded() from exc.__cause__
+                raise
+
+    async def _begin(self, budget: Budget) -> tuple[Any, Any]:
         """BEGIN on a pooled connection; once more on a fresh one if the pooled one was dead.
 
         Repeating is safe: nothing has run in the transaction yet, and the
         caller's callback runs only after this returns.
         """
         try:
-            return await self._begin_once()
+            return await self._begin_once(budget)
         except errors.Unavailable as exc:
             if not _dead_connection(exc):
                 raise
             log.info("retrying a transaction on a fresh connection", extra={"event": "begin_retried"})
-        return await self._begin_once()
+        return await self._begin_once(budget)
 
-    async def _begin_once(self) -> tuple[Any, Any]:
+    async def _begin_once(self, budget: Budget) -> tuple[Any, Any]:
         conn = await self._acquire()
         transaction = conn.transaction()
         try:
             with _unavailable_on_connection_error():
                 await transaction.start()
+                # Computed integers only (milliseconds); SET LOCAL ends with the transaction.
+                await conn.execute(_server_timeouts(budget))
         except BaseException as exc:
             await self._give_back(conn, exc)
             raise
@@ -493,7 +555,7 @@ class PostgresStore(IntegrationStore):
 
     async def _give_back(self, conn: Any, failure: BaseException | None) -> None:
         """Return a connection to the pool, or drop it if `failure` says it may be broken."""
-        if isinstance(failure, errors.Unavailable) or (failure is not None and is_connection_error(failure)):
+        if failure is not None and _may_be_broken(failure):
             # Never hand a connection that just failed back to the pool: it may
             # look open yet be unusable. The pool opens a new one when needed.
             with contextlib.suppress(asyncpg.InterfaceError):  # already detached by the pool
@@ -514,6 +576,36 @@ class PostgresStore(IntegrationStore):
 
 def _dead_connection(exc: errors.Unavailable) -> bool:
     return isinstance(exc.__cause__, _DEAD_CONNECTION_ERRORS)
+
+
+def _may_be_broken(failure: BaseException) -> bool:
+    """After this failure the connection's state is unknown: never hand it back to the pool.
+
+    A cancelled call (its budget ran out, or the client went away) may have left a
+    statement running, or a lock wait queued, on the server.
+    """
+    if isinstance(failure, errors.Unavailable) and _server_gave_up(failure.__cause__):
+        return False  # the server ended the wait itself: the connection is fine once rolled back
+    return (
+        isinstance(failure, errors.Unavailable)
+        or is_connection_error(failure)
+        or not isinstance(failure, Exception)
+    )
+
+
+def _server_gave_up(exc: BaseException | None) -> bool:
+    return getattr(exc, "sqlstate", None) in _TIMEOUT_SQLSTATES
+
+
+def _worth_rolling_back(failure: BaseException) -> bool:
+    """A rollback on a broken or abandoned connection would only wait; dropping it rolls back."""
+    return not _may_be_broken(failure)
+
+
+def _server_timeouts(budget: Budget) -> str:
+    remaining = budget.remaining()
+    milliseconds = max(1, int((remaining - min(_SERVER_TIMEOUT_MARGIN, remaining / 4)) * 1000))
+    return f"SET LOCAL lock_timeout = {milliseconds}; SET LOCAL statement_timeout = {milliseconds}"
 
 
 async def _rollback_quietly(transaction: Any) -> None:

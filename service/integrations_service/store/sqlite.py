@@ -1,10 +1,17 @@
 """The embedded store: one SQLite file, for development and single-instance use.
 
-One aiosqlite connection in autocommit mode; the store issues BEGIN IMMEDIATE /
-COMMIT / ROLLBACK itself. An asyncio.Lock serializes every operation on that
-connection, so a read never sees another coroutine's uncommitted write, and
-BEGIN IMMEDIATE (with busy_timeout) serializes writers of other processes
-sharing the file.
+Two aiosqlite connections in autocommit mode, the file in WAL mode:
+- the write connection, on which the store issues BEGIN IMMEDIATE / COMMIT /
+  ROLLBACK itself. An asyncio.Lock serializes the writers of this process on it,
+  and BEGIN IMMEDIATE (with busy_timeout) the writers of other processes sharing
+  the file;
+- the read connection, which reads the last committed state without waiting for
+  any writer (WAL), so a writer blocked by another process's lock holds up no
+  reader, and a read never sees an uncommitted write.
+
+Every call runs within one budget (`store.budget`): the wait for the write
+lock, SQLite's busy wait (busy_timeout is set to what is left of the budget)
+and the statements together end within INTEGRATIONS_DB_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -33,12 +40,13 @@ from integrations_service.store.base import (
     Rewrite,
     StoredIntegration,
 )
+from integrations_service.store.budget import Budget, bounded
 from integrations_service.store.migrate import migrate_sqlite
 
 UNAVAILABLE_MESSAGE = "the credential store (SQLite) is unavailable"
 
-# How long a writer waits for another process's write lock before giving up (Unavailable).
-BUSY_TIMEOUT_MS = 5000
+# The part of a writer's budget kept back from SQLite's busy wait, so SQLite gives up first and cleanly.
+_BUSY_MARGIN = 0.05
 
 # Primary result codes meaning the file cannot be used right now, as opposed to a bug in our SQL.
 _UNAVAILABLE_CODES = frozenset(
@@ -71,6 +79,8 @@ _INSERT = (
 )
 _UPDATE = "UPDATE integration_config SET config = ?, version = ?, updated_at = ? WHERE id = ?"
 _DELETE = "DELETE FROM integration_config WHERE id = ?"
+# Readiness: the file answers a query on a table of ours.
+_PING = "SELECT 1 FROM integration_config LIMIT 1"
 
 # Rotation, in id order (BINARY: byte order, as on PostgreSQL).
 _SCAN = (
@@ -137,18 +147,27 @@ def _unavailable_on_io_error() -> Iterator[None]:
 class SqliteStore(IntegrationStore):
     """Rows in a SQLite file. Create with `SqliteStore.open`."""
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: aiosqlite.Connection, path: Path, timeout: float) -> None:
         self._conn = conn
+        self._path = path
+        self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._timeout = timeout
 
     @classmethod
-    async def open(cls, path: str | Path, *, migrate: bool = True) -> SqliteStore:
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        migrate: bool = True,
+        timeout: float = 5.0,  # noqa: ASYNC109 (INTEGRATIONS_DB_TIMEOUT: the bound of every later call)
+    ) -> SqliteStore:
         """Open (creating it, mode 0600, and its folder) the database file, then apply migrations."""
         path = Path(path)
         with _unavailable_on_io_error():
             await asyncio.to_thread(_prepare_file, path)
             conn = await aiosqlite.connect(path, isolation_level=None)
-        store = cls(conn)
+        store = cls(conn, path, timeout)
         try:
             with _unavailable_on_io_error():
                 await store._configure()
@@ -165,15 +184,17 @@ class SqliteStore(IntegrationStore):
             with _unavailable_on_io_error():
                 return await migrate_sqlite(self._conn)
 
+    async def ping(self) -> None:
+        async with self._reading() as reader:
+            await self._fetch_all(_PING, (), reader)
+
     async def get(self, organization_id: str, provider: str) -> StoredIntegration | None:
-        async with self._lock:
-            return await self._fetch_row(organization_id, provider)
+        async with self._reading() as reader:
+            return await self._fetch_row(organization_id, provider, reader)
 
     async def list_for_organization(self, organization_id: str) -> list[StoredIntegration]:
-        async with self._lock:
-            with _unavailable_on_io_error():
-                async with self._conn.execute(_SELECT_ORGANIZATION, (organization_id,)) as cursor:
-                    rows = await cursor.fetchall()
+        async with self._reading() as reader:
+            rows = await self._fetch_all(_SELECT_ORGANIZATION, (organization_id,), reader)
         return [_to_stored(row) for row in rows]
 
     async def upsert(
@@ -205,8 +226,8 @@ class SqliteStore(IntegrationStore):
     async def scan(self, after_id: str, limit: int) -> list[StoredIntegration]:
         if limit < 1:
             return []
-        async with self._lock:
-            rows = await self._fetch_all(_SCAN, (after_id, limit))
+        async with self._reading() as reader:
+            rows = await self._fetch_all(_SCAN, (after_id, limit), reader)
         return [_to_stored(row) for row in rows]
 
     async def rewrap(self, ids: Sequence[str], rewrite: Rewrite, audit: AuditRecord | None = None) -> int:
@@ -232,8 +253,8 @@ class SqliteStore(IntegrationStore):
 
     async def register_keys(self, check_values: Mapping[str, str]) -> list[KeyRecord]:
         if not check_values:
-            async with self._lock:
-                rows = await self._fetch_all(_SELECT_KEYS)
+            async with self._reading() as reader:
+                rows = await self._fetch_all(_SELECT_KEYS, (), reader)
             return [_to_key(row) for row in rows]
         created = _text(datetime.now(UTC))
         parameters = [(key_id, check_values[key_id], created) for key_id in sorted(check_values)]
@@ -269,25 +290,40 @@ class SqliteStore(IntegrationStore):
         if limit < 1:
             return []
         before = before_id if before_id > 0 else _NEWEST
-        async with self._lock:
+        async with self._reading() as reader:
             if organization_id:
-                rows = await self._fetch_all(_SELECT_AUDIT_ORGANIZATION, (organization_id, before, limit))
+                rows = await self._fetch_all(_SELECT_AUDIT_ORGANIZATION, (organization_id, before, limit), reader)
             else:
-                rows = await self._fetch_all(_SELECT_AUDIT, (before, limit))
+                rows = await self._fetch_all(_SELECT_AUDIT, (before, limit), reader)
         return [_to_audit_entry(row) for row in rows]
 
     async def close(self) -> None:
         # Safe to call twice; a failure to close is not worth failing shutdown over.
-        with contextlib.suppress(Exception):
-            await self._conn.close()
+        for conn in (self._reader, self._conn):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
 
     # --- internals ------------------------------------------------------------------------------
 
     async def _configure(self) -> None:
-        # WAL: readers of other processes do not block the writer. busy_timeout:
-        # wait for another process's write lock instead of failing at once.
+        # WAL: readers (ours and other processes') and the writer do not block each other.
+        # busy_timeout: wait for another process's write lock instead of failing at
+        # once; each write transaction sets it again from what is left of its budget.
         await self._execute("PRAGMA journal_mode = WAL")
-        await self._execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        await self._execute(_busy_timeout(self._timeout))
+        self._reader = await aiosqlite.connect(self._path, isolation_level=None)
+        # A reader waits only in rare cases (a WAL being recovered), never beyond the timeout.
+        async with self._reader.execute(_busy_timeout(self._timeout)):
+            pass  # closes the cursor right away
+
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The read connection, within the call's budget; it waits for no writer (WAL)."""
+        async with bounded(self._timeout):
+            if self._reader is None:  # pragma: no cover (open() sets it before returning the store)
+                raise errors.Unavailable(UNAVAILABLE_MESSAGE)
+            yield self._reader
 
     async def _execute(self, sql: str, parameters: tuple[object, ...] = ()) -> None:
         async with self._conn.execute(sql, parameters):
@@ -298,9 +334,12 @@ class SqliteStore(IntegrationStore):
             async with self._conn.executemany(sql, parameters):
                 pass  # closes the cursor right away
 
-    async def _fetch_all(self, sql: str, parameters: tuple[object, ...] = ()) -> list[Any]:
+    async def _fetch_all(
+        self, sql: str, parameters: tuple[object, ...] = (), conn: aiosqlite.Connection | None = None
+    ) -> list[Any]:
+        """On `conn`, else on the write connection (inside a write transaction)."""
         with _unavailable_on_io_error():
-            async with self._conn.execute(sql, parameters) as cursor:
+            async with (conn or self._conn).execute(sql, parameters) as cursor:
                 return list(await cursor.fetchall())
 
     async def _insert_audit(self, records: Sequence[AuditRecord]) -> None:
@@ -309,20 +348,30 @@ class SqliteStore(IntegrationStore):
 
     @contextlib.asynccontextmanager
     async def _write_transaction(self) -> AsyncIterator[None]:
-        """Under the lock, BEGIN IMMEDIATE; commit when the block ends, else roll back and re-raise unchanged."""
-        async with self._lock:
-            await self._begin()
+        """Under the lock, BEGIN IMMEDIATE; commit when the block ends, else roll back and re-raise unchanged.
+
+        The wait for the lock, for another process's write lock and the block
+        together stay within the call's budget.
+        """
+        async with bounded(self._timeout) as budget, self._lock:
             try:
+                await self._begin(budget)
                 yield
                 await self._commit()
             except BaseException:
                 await self._rollback_quietly()
                 raise
 
-    async def _begin(self) -> None:
+    async def _begin(self, budget: Budget) -> None:
         # IMMEDIATE takes the write lock now, so the row read next cannot change before our write.
-        with _unavailable_on_io_error():
-            await self._execute("BEGIN IMMEDIATE")
+        try:
+            with _unavailable_on_io_error():
+                await self._execute(_busy_timeout(budget.remaining() - _BUSY_MARGIN))
+                await self._execute("BEGIN IMMEDIATE")
+        except errors.Unavailable as exc:
+            if _is_busy(exc.__cause__):  # another process held the write lock for all of the budget
+                raise budget.exceeded() from exc.__cause__
+            raise
 
     async def _commit(self) -> None:
         with _unavailable_on_io_error():
@@ -330,14 +379,17 @@ class SqliteStore(IntegrationStore):
 
     async def _rollback_quietly(self) -> None:
         # The caller must see the original exception; a failed rollback of a
-        # broken file leaves nothing committed anyway.
+        # broken file leaves nothing committed anyway. Always sent, even when no
+        # transaction seems open: a cancelled caller may have left BEGIN queued
+        # on the connection's thread, and the ROLLBACK runs after it.
         with contextlib.suppress(Exception):
-            if self._conn.in_transaction:
-                await self._execute("ROLLBACK")
+            await self._execute("ROLLBACK")
 
-    async def _fetch_row(self, organization_id: str, provider: str) -> StoredIntegration | None:
+    async def _fetch_row(
+        self, organization_id: str, provider: str, conn: aiosqlite.Connection | None = None
+    ) -> StoredIntegration | None:
         with _unavailable_on_io_error():
-            async with self._conn.execute(_SELECT_ONE, (organization_id, provider)) as cursor:
+            async with (conn or self._conn).execute(_SELECT_ONE, (organization_id, provider)) as cursor:
                 row = await cursor.fetchone()
         return _to_stored(row) if row is not None else None
 
@@ -369,6 +421,16 @@ class SqliteStore(IntegrationStore):
         with _unavailable_on_io_error():
             await self._execute(_INSERT if current is None else _UPDATE, parameters)
         return row
+
+
+def _busy_timeout(seconds: float) -> str:
+    # A computed integer only: PRAGMA takes no bind parameters.
+    return f"PRAGMA busy_timeout = {max(1, int(seconds * 1000))}"
+
+
+def _is_busy(exc: BaseException | None) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(code, int) and (code & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _prepare_file(path: Path) -> None:
