@@ -182,7 +182,7 @@ export class IntegrationsClient {
     try {
       return await call(this.connectOptions(options, deadline));
     } catch (error) {
-      throw errorFrom(error);
+      throw errorFrom(transportError(error, options));
     }
   }
 
@@ -193,9 +193,10 @@ export class IntegrationsClient {
     for (let attempt = 1; ; attempt++) {
       try {
         return await call(this.connectOptions(options, deadline));
-      } catch (error) {
+      } catch (cause) {
+        const error = transportError(cause, options);
         const pause = backoff * (0.8 + Math.random() * 0.4);
-        const retryable = ConnectError.from(error).code === Code.Unavailable && !options.signal?.aborted;
+        const retryable = error.code === Code.Unavailable;
         if (!retryable || attempt >= this.retry.maxAttempts || Date.now() + pause >= deadline) throw errorFrom(error);
         await sleep(pause, options.signal);
         backoff = Math.min(backoff * this.retry.multiplier, this.retry.maxBackoffMs);
@@ -216,6 +217,16 @@ export class IntegrationsClient {
     if (options.requestId) connect.headers = { [REQUEST_ID_KEY]: options.requestId };
     return connect;
   }
+}
+
+/**
+ * connect-node reports a connection that closed before the answer (a service restarting, a proxy
+ * dropping it) as CANCELLED; gRPC calls that UNAVAILABLE, and so do we unless the caller aborted.
+ */
+function transportError(cause: unknown, options: CallOptions): ConnectError {
+  const error = ConnectError.from(cause);
+  if (error.code !== Code.Canceled || options.signal?.aborted) return error;
+  return new ConnectError(error.rawMessage, Code.Unavailable, error.metadata, undefined, error);
 }
 
 function positive(name: string, value: number): number {
