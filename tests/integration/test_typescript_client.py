@@ -1,0 +1,144 @@
+"""The TypeScript client (clients/typescript) against real `integrations-service serve` processes.
+
+Installs its npm dependencies from the lockfile when needed (`make ts-install`),
+compiles it with `tsc` (strict; a type error fails here), starts the servers
+(plaintext on SQLite and on PostgreSQL, mutual TLS with the `dev-certs`
+certificates) and runs its `node --test` suites with the targets and
+certificate paths in the environment. Each run must pass exactly the number
+of tests below, with none failed, skipped or cancelled: a suite that silently
+stops running its tests fails here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.harness import TEST_KEY, new_org
+from tests.integration.raw_rows import encrypt_v1, insert_dashboard_row, service_url, tampered
+from tests.integration.test_node_interop import node_binary
+from tests.leakwatch import leaked_kinds
+from tests.processes import Processes, ServeProcess, clean_env, own_store_location, run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "clients" / "typescript"
+COMPILED = PACKAGE / "dist" / "test"
+WEBHOOK_DEFAULT = "whsec_typescript_env_default_7777"
+NODE_TIMEOUT = 120
+
+# The `test(...)` count of each suite (clients/typescript/test/*.test.ts): update with the suites.
+EXPECTED = {"plaintext.test.js": 10, "retries.test.js": 5, "config.test.js": 4, "mtls.test.js": 6}
+
+
+@dataclass(frozen=True)
+class NodeRun:
+    code: int
+    output: str
+    summary: dict[str, int]
+
+
+@pytest.fixture(scope="module")
+def compiled() -> Path:
+    """The client and its tests compiled by `tsc` (strict), dependencies installed from the lockfile."""
+    node_binary()  # skips (or fails, in CI) without Node.js
+    for command in (["make", "--no-print-directory", "ts-install"], ["npm", "run", "--silent", "build"]):
+        done = subprocess.run(
+            command, cwd=ROOT if command[0] == "make" else PACKAGE, capture_output=True, text=True, timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}{done.stderr}"
+    return COMPILED
+
+
+def run_suites(compiled: Path, suites: list[str], env: dict[str, str]) -> NodeRun:
+    done = subprocess.run(
+        [node_binary(), "--test", "--test-reporter=tap", *(str(compiled / suite) for suite in suites)],
+        cwd=PACKAGE, env=clean_env(env), capture_output=True, text=True, timeout=NODE_TIMEOUT, check=False,
+    )
+    output = done.stdout + done.stderr
+    summary = {name: int(count) for name, count in re.findall(r"^# (\w+) (\d+)$", done.stdout, flags=re.MULTILINE)}
+    return NodeRun(done.returncode, output, summary)
+
+
+def assert_all_passed(run: NodeRun, suites: list[str]) -> None:
+    expected = sum(EXPECTED[suite] for suite in suites)
+    failed = "\n".join(line for line in run.output.splitlines() if "not ok" in line or "error:" in line)
+    assert run.code == 0, f"node --test exited {run.code}:\n{failed or run.output[-4000:]}"
+    counts = {key: run.summary.get(key, -1) for key in ("pass", "fail", "skipped", "cancelled", "todo")}
+    assert counts == {"pass": expected, "fail": 0, "skipped": 0, "cancelled": 0, "todo": 0}, run.output[-4000:]
+
+
+def assert_no_leak(process: ServeProcess) -> None:
+    assert leaked_kinds(process.output()) == [], "the service logged a credential during the TypeScript tests"
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    with Processes(tmp_path) as started:
+        yield started
+
+
+def serve_env(tmp_path: Path, database_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return clean_env({
+        "INTEGRATION_ENCRYPTION_KEY": TEST_KEY,
+        "DATABASE_URL": database_url,
+        "INTEGRATIONS_DATA_DIR": str(tmp_path / "data"),
+        "INTEGRATIONS_SHUTDOWN_GRACE": "1",
+        "STRIPE_WEBHOOK_SECRET": WEBHOOK_DEFAULT,
+        **(extra or {}),
+    })
+
+
+@pytest.fixture
+def plaintext_server(
+    store_location: tuple[str, str], request: pytest.FixtureRequest, processes: Processes, tmp_path: Path
+) -> tuple[ServeProcess, str, str]:
+    kind, where = own_store_location(store_location, request)
+    process = processes.serve(tmp_path / "serve", serve_env(tmp_path, service_url(kind, where)))
+    return process, kind, where
+
+
+async def test_typescript_client_plaintext(
+    compiled: Path, plaintext_server: tuple[ServeProcess, str, str]
+) -> None:
+    process, kind, where = plaintext_server
+    # A stored secret the service cannot decrypt (a tampered dashboard-era value): DATA_LOSS.
+    broken_org = new_org()
+    broken = {"secretKey": tampered(encrypt_v1("sk_test_51HxTypeScriptTampered0000", TEST_KEY))}
+    await insert_dashboard_row(kind, where, broken_org, "stripe", broken)
+    # Retries and settings do not depend on the store: they run once, on SQLite.
+    suites = ["plaintext.test.js", "retries.test.js", "config.test.js"] if kind == "sqlite" else ["plaintext.test.js"]
+    env = {"ITS_PLAIN_TARGET": process.target, "ITS_DATA_LOSS_ORG": broken_org, "ITS_WEBHOOK_DEFAULT": WEBHOOK_DEFAULT}
+    run = await asyncio.to_thread(run_suites, compiled, suites, env)
+    assert_all_passed(run, suites)
+    assert_no_leak(process)
+
+
+def test_typescript_client_mutual_tls(compiled: Path, processes: Processes, tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    made = run_cli(["dev-certs", "--out", str(certs)], tmp_path, clean_env())
+    assert made.returncode == 0, made.stderr
+    tls = {
+        "INTEGRATIONS_TLS_CERT": str(certs / "server.crt"),
+        "INTEGRATIONS_TLS_KEY": str(certs / "server.key"),
+        "INTEGRATIONS_TLS_CLIENT_CA": str(certs / "ca.crt"),
+        "INTEGRATIONS_AUTHZ_POLICY": str(certs / "policy.toml"),
+    }
+    health = grpc.ssl_channel_credentials(
+        (certs / "ca.crt").read_bytes(), (certs / "admin.key").read_bytes(), (certs / "admin.crt").read_bytes()
+    )
+    env = serve_env(tmp_path, f"sqlite:///{tmp_path / 'store.sqlite3'}", tls)
+    process = processes.serve(tmp_path / "serve", env, credentials=health)
+    suites = ["mtls.test.js"]
+    run = run_suites(compiled, suites, {
+        "ITS_MTLS_TARGET": process.target, "ITS_CERTS_DIR": str(certs), "ITS_WEBHOOK_DEFAULT": WEBHOOK_DEFAULT,
+    })
+    assert_all_passed(run, suites)
+    assert_no_leak(process)
