@@ -1,5 +1,7 @@
 /** The dashboard backend's client: the four calls the dashboard makes, over gRPC (HTTP/2) with mutual TLS. */
 
+import { readFileSync } from "node:fs";
+
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type CallOptions as ConnectCallOptions, type Client } from "@connectrpc/connect";
 import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
@@ -10,9 +12,9 @@ import {
   DEFAULT_TIMEOUT_MS,
   baseUrl,
   optionsFromEnv,
-  readTls,
   type ClientOptions,
   type RetryOptions,
+  type TlsOptions,
 } from "./config.js";
 import { DeadlineExceededError, REQUEST_ID_KEY, errorFrom } from "./errors.js";
 import * as pb from "./gen/integrations/v1/integrations_pb.js";
@@ -216,6 +218,33 @@ export class IntegrationsClient {
     if (options.signal) connect.signal = options.signal;
     if (options.requestId) connect.headers = { [REQUEST_ID_KEY]: options.requestId };
     return connect;
+  }
+}
+
+/** The PEM contents of the TLS files, read once when the client is built so a wrong path fails at start-up. */
+interface TlsMaterial {
+  ca: Buffer;
+  cert: Buffer;
+  key: Buffer;
+  serverName?: string;
+}
+
+function readTls(tls: TlsOptions): TlsMaterial {
+  const material: TlsMaterial = {
+    ca: readPem("caFile", tls.caFile),
+    cert: readPem("certFile", tls.certFile),
+    key: readPem("keyFile", tls.keyFile),
+  };
+  if (tls.serverName) material.serverName = tls.serverName;
+  return material;
+}
+
+function readPem(option: string, path: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (error) {
+    const reason = (error as { code?: string }).code ?? "unreadable";
+    throw new ConfigurationError(`tls.${option}: cannot read ${JSON.stringify(path)} (${reason})`);
   }
 }
 

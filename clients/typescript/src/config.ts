@@ -1,7 +1,5 @@
 /** Connection settings: the target, mutual TLS files, deadlines and read retries. */
 
-import { readFileSync } from "node:fs";
-
 /** The same variables as the Python client (clients/python/src/integrations_client/config.py). */
 export const ENV_TARGET = "INTEGRATIONS_SERVICE_TARGET";
 export const ENV_CA = "INTEGRATIONS_CLIENT_CA";
@@ -51,33 +49,6 @@ export interface ClientOptions {
   /** Deadline of every call in milliseconds, retries included (default 2000); each method takes `timeoutMs` too. */
   timeoutMs?: number;
   retry?: Partial<RetryOptions>;
-}
-
-/** The PEM contents of the TLS files, read once when the client is built so a wrong path fails at start-up. */
-export interface TlsMaterial {
-  ca: Buffer;
-  cert: Buffer;
-  key: Buffer;
-  serverName?: string;
-}
-
-export function readTls(tls: TlsOptions): TlsMaterial {
-  const material: TlsMaterial = {
-    ca: readPem("caFile", tls.caFile),
-    cert: readPem("certFile", tls.certFile),
-    key: readPem("keyFile", tls.keyFile),
-  };
-  if (tls.serverName) material.serverName = tls.serverName;
-  return material;
-}
-
-function readPem(option: string, path: string): Buffer {
-  try {
-    return readFileSync(path);
-  } catch (error) {
-    const reason = (error as NodeJS.ErrnoException).code ?? "unreadable";
-    throw new ConfigurationError(`tls.${option}: cannot read ${JSON.stringify(path)} (${reason})`);
-  }
 }
 
 /** "http://host:port" or "https://host:port" from a host:port target. */
