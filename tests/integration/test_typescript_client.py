@@ -6,14 +6,17 @@ compiles it with `tsc` (strict; a type error fails here), starts the servers
 certificates) and runs its `node --test` suites with the targets and
 certificate paths in the environment. Each run must pass exactly the number
 of tests below, with none failed, skipped or cancelled: a suite that silently
-stops running its tests fails here too.
+stops running its tests fails here too. The Next.js files of docs/dashboard.md
+are type-checked against the client's real types.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ PACKAGE = ROOT / "clients" / "typescript"
 COMPILED = PACKAGE / "dist" / "test"
 WEBHOOK_DEFAULT = "whsec_typescript_env_default_7777"
 NODE_TIMEOUT = 120
+DASHBOARD_DOC = ROOT / "docs" / "dashboard.md"
 
 # The `test(...)` count of each suite (clients/typescript/test/*.test.ts): update with the suites.
 EXPECTED = {"plaintext.test.js": 10, "retries.test.js": 5, "config.test.js": 4, "mtls.test.js": 6}
@@ -142,3 +146,57 @@ def test_typescript_client_mutual_tls(compiled: Path, processes: Processes, tmp_
     })
     assert_all_passed(run, suites)
     assert_no_leak(process)
+
+
+# What a Next.js project provides around the doc's files: its tsconfig (as `create-next-app` writes
+# it), the framework's modules the files use, and the dashboard's own session helper.
+DOC_TSCONFIG = """{
+  "compilerOptions": {
+    "target": "ES2022", "lib": ["dom", "dom.iterable", "esnext"], "module": "esnext",
+    "moduleResolution": "bundler", "jsx": "preserve", "strict": true, "noEmit": true,
+    "isolatedModules": true, "esModuleInterop": true, "skipLibCheck": true, "paths": {"@/*": ["./*"]}
+  },
+  "include": ["**/*.ts", "**/*.tsx"]
+}
+"""
+DOC_STUBS = {
+    "next-stubs.d.ts": """declare module "server-only" {}
+declare module "next/cache" { export function revalidatePath(path: string, type?: "page" | "layout"): void; }
+declare module "next/navigation" { export function notFound(): never; }
+""",
+    "lib/auth.ts": """export async function withActiveOrg<T>(action: (organizationId: string) => Promise<T>): Promise<T> {
+  return action("org_dashboard_doc");
+}
+""",
+}
+
+
+def doc_files() -> dict[str, str]:
+    """The doc's ```ts/```tsx blocks that start with `// file: <path>`, by path."""
+    text = DASHBOARD_DOC.read_text(encoding="utf-8")
+    blocks = re.findall(r"^```tsx?\n// file: (\S+)\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+    return {path: body for path, body in blocks}
+
+
+def test_dashboard_doc_files_type_check(compiled: Path) -> None:
+    files = doc_files()
+    assert set(files) == {
+        "lib/integrations.ts",
+        "app/(dashboard)/integrations/actions.ts",
+        "app/(dashboard)/integrations/page.tsx",
+        "app/(dashboard)/integrations/[provider]/page.tsx",
+        "app/(dashboard)/integrations/[provider]/provider-form.tsx",
+    }
+    # Inside the package, so that `@integrations/client` resolves to it (by its own name) and React's types resolve.
+    project = Path(tempfile.mkdtemp(prefix=".doccheck-", dir=PACKAGE))
+    try:
+        for name, body in {**files, **DOC_STUBS, "tsconfig.json": DOC_TSCONFIG}.items():
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            (project / name).write_text(body, encoding="utf-8")
+        done = subprocess.run(
+            [str(PACKAGE / "node_modules" / ".bin" / "tsc"), "-p", str(project)],
+            cwd=project, capture_output=True, text=True, timeout=120, check=False,
+        )
+    finally:
+        shutil.rmtree(project)
+    assert done.returncode == 0, f"docs/dashboard.md does not type-check:\n{done.stdout}{done.stderr}"
