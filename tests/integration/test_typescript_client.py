@@ -7,7 +7,8 @@ certificates) and runs its `node --test` suites with the targets and
 certificate paths in the environment. Each run must pass exactly the number
 of tests below, with none failed, skipped or cancelled: a suite that silently
 stops running its tests fails here too. The Next.js files of docs/dashboard.md
-are type-checked against the client's real types.
+are type-checked against the client's real types, and its server actions run
+against a real service.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ DOC_STUBS = {
 declare module "next/cache" { export function revalidatePath(path: string, type?: "page" | "layout"): void; }
 declare module "next/navigation" { export function notFound(): never; }
 """,
-    "lib/auth.ts": """export async function withActiveOrg<T>(action: (organizationId: string) => Promise<T>): Promise<T> {
+    "lib/auth.ts": """type Action<T> = (organizationId: string) => Promise<T>;
+export async function withActiveOrg<T>(action: Action<T>): Promise<T> {
   return action("org_dashboard_doc");
 }
 """,
@@ -178,7 +180,12 @@ def doc_files() -> dict[str, str]:
     return {path: body for path, body in blocks}
 
 
-def test_dashboard_doc_files_type_check(compiled: Path) -> None:
+def write_doc_project(extra: dict[str, str]) -> Path:
+    """The doc's files plus the stubs in a fresh folder inside the package (removed by the caller).
+
+    Inside the package, so that `@integrations/client` resolves to it by its own name, and React's
+    types and the client's dependencies resolve from its node_modules.
+    """
     files = doc_files()
     assert set(files) == {
         "lib/integrations.ts",
@@ -187,16 +194,72 @@ def test_dashboard_doc_files_type_check(compiled: Path) -> None:
         "app/(dashboard)/integrations/[provider]/page.tsx",
         "app/(dashboard)/integrations/[provider]/provider-form.tsx",
     }
-    # Inside the package, so that `@integrations/client` resolves to it (by its own name) and React's types resolve.
     project = Path(tempfile.mkdtemp(prefix=".doccheck-", dir=PACKAGE))
+    for name, body in {**files, **DOC_STUBS, **extra}.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(body, encoding="utf-8")
+    return project
+
+
+def tsc(project: Path, config: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(PACKAGE / "node_modules" / ".bin" / "tsc"), "-p", str(project / config)],
+        cwd=project, capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def test_dashboard_doc_files_type_check(compiled: Path) -> None:
+    project = write_doc_project({"tsconfig.json": DOC_TSCONFIG})
     try:
-        for name, body in {**files, **DOC_STUBS, "tsconfig.json": DOC_TSCONFIG}.items():
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            (project / name).write_text(body, encoding="utf-8")
-        done = subprocess.run(
-            [str(PACKAGE / "node_modules" / ".bin" / "tsc"), "-p", str(project)],
-            cwd=project, capture_output=True, text=True, timeout=120, check=False,
-        )
+        done = tsc(project, "tsconfig.json")
     finally:
         shutil.rmtree(project)
     assert done.returncode == 0, f"docs/dashboard.md does not type-check:\n{done.stdout}{done.stderr}"
+
+
+# The doc's server actions, compiled and run under Node against a real service, called the way
+# its form calls them. `next/cache` and `server-only` are stand-ins in the project's node_modules;
+# `@/` imports are pointed at the compiled files.
+DOC_RUN_TSCONFIG = """{
+  "compilerOptions": {
+    "target": "ES2022", "lib": ["dom", "esnext"], "module": "esnext", "moduleResolution": "bundler",
+    "strict": true, "skipLibCheck": true, "paths": {"@/*": ["./*"]}, "outDir": "out", "rootDir": "."
+  },
+  "files": ["next-stubs.d.ts", "lib/auth.ts", "lib/integrations.ts", "app/(dashboard)/integrations/actions.ts"]
+}
+"""
+DOC_RUN_MODULES = {
+    "node_modules/server-only/package.json": '{"name": "server-only", "type": "module", "exports": "./index.js"}',
+    "node_modules/server-only/index.js": "export {};\n",
+    "node_modules/next/package.json": '{"name": "next", "type": "module", "exports": {"./cache": "./cache.js"}}',
+    "node_modules/next/cache.js": (
+        "export const revalidated = [];\nexport function revalidatePath(path) { revalidated.push(path); }\n"
+    ),
+}
+DOC_RUN_SCRIPT = Path(__file__).with_name("dashboard_doc_actions.mjs")
+
+
+async def test_dashboard_doc_server_actions_run(compiled: Path, processes: Processes, tmp_path: Path) -> None:
+    process = processes.serve(tmp_path / "serve", serve_env(tmp_path, f"sqlite:///{tmp_path / 'store.sqlite3'}"))
+    auth = 'export async function withActiveOrg(action) { return action(process.env.DOC_ORGANIZATION); }\n'
+    runner = DOC_RUN_SCRIPT.read_text(encoding="utf-8")
+    project = write_doc_project({"tsconfig.json": DOC_RUN_TSCONFIG, **DOC_RUN_MODULES, "run.mjs": runner})
+    try:
+        built = tsc(project, "tsconfig.json")
+        assert built.returncode == 0, f"{built.stdout}{built.stderr}"
+        out = project / "out"
+        (out / "lib" / "auth.js").write_text(auth, encoding="utf-8")
+        for compiled_file in out.rglob("*.js"):
+            text = compiled_file.read_text(encoding="utf-8")
+            text = re.sub(r'from "@/(lib/[a-z]+)"', lambda m: f'from "{(out / m[1]).as_posix()}.js"', text)
+            compiled_file.write_text(text, encoding="utf-8")
+        env = {"INTEGRATIONS_SERVICE_TARGET": process.target, "DOC_ORGANIZATION": new_org()}
+        done = await asyncio.to_thread(
+            subprocess.run, [node_binary(), "run.mjs"], cwd=project, env=clean_env(env),
+            capture_output=True, text=True, timeout=NODE_TIMEOUT, check=False,
+        )
+    finally:
+        shutil.rmtree(project)
+    assert done.returncode == 0, f"the doc's server actions failed:\n{done.stdout}{done.stderr}"
+    assert "dashboard doc actions: ok" in done.stdout
+    assert_no_leak(process)
