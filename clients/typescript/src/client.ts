@@ -180,9 +180,9 @@ export class IntegrationsClient {
   }
 
   private async write<T>(options: CallOptions, call: (connect: ConnectCallOptions) => Promise<T>): Promise<T> {
-    const deadline = Date.now() + this.timeout(options);
+    const connect = this.connectOptions(options, Date.now() + this.timeout(options));
     try {
-      return await call(this.connectOptions(options, deadline));
+      return await call(connect);
     } catch (error) {
       throw errorFrom(transportError(error, options));
     }
@@ -193,8 +193,9 @@ export class IntegrationsClient {
     const deadline = Date.now() + this.timeout(options);
     let backoff = this.retry.initialBackoffMs;
     for (let attempt = 1; ; attempt++) {
+      const connect = this.connectOptions(options, deadline); // throws once the deadline has passed
       try {
-        return await call(this.connectOptions(options, deadline));
+        return await call(connect);
       } catch (cause) {
         const error = transportError(cause, options);
         const pause = backoff * (0.8 + Math.random() * 0.4);

@@ -10,6 +10,7 @@ import {
   IntegrationsError,
   InvalidArgumentError,
   NotFoundError,
+  type Category,
 } from "../src/index.js";
 import {
   DATA_LOSS_ORG,
@@ -161,6 +162,10 @@ describe("plaintext service", skipUnless(PLAIN_TARGET, "ITS_PLAIN_TARGET"), () =
     );
     assert.ok(many instanceof InvalidArgumentError);
     assert.ok(many.fieldViolations.some((v) => v.field === "organization_id"), JSON.stringify(many.fieldViolations));
+
+    const category = await rejection(client.listProviders(org, "billing" as Category));
+    assert.ok(category instanceof InvalidArgumentError, String(category));
+    assert.deepEqual(category.fieldViolations.map((v) => v.field), ["category"]);
 
     const nothing = await rejection(client.saveIntegration(org, "stripe", {}));
     assert.ok(nothing instanceof InvalidArgumentError);

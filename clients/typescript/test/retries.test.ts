@@ -134,6 +134,16 @@ describe("deadlines and retries", skipUnless(PLAIN_TARGET, "ITS_PLAIN_TARGET"), 
     assert.ok(elapsed >= 120 && elapsed < 550, `took ${elapsed} ms`);
   });
 
+  test("without a timeout of its own a call ends at the default deadline, 2 s", async () => {
+    const silent = await blackHole();
+    const client = await through(silent);
+    const started = Date.now();
+    const error = await rejection(client.listProviders());
+    const elapsed = Date.now() - started;
+    assert.ok(error instanceof DeadlineExceededError, String(error));
+    assert.ok(elapsed >= 1_950 && elapsed < 3_500, `took ${elapsed} ms`);
+  });
+
   test("a call the caller aborts is CANCELLED and not retried", async () => {
     const silent = await blackHole();
     const client = await through(silent, { timeoutMs: 5_000 });
