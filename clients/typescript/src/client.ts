@@ -135,6 +135,12 @@ export class IntegrationsClient {
     values: Readonly<Record<string, string>>,
     options: SaveOptions = {},
   ): Promise<ProviderConfig> {
+    for (const [key, value] of Object.entries(values)) {
+      // protobuf-es would quietly send String(value); a form bug should fail loudly instead (never echoing the value).
+      if (typeof value !== "string") {
+        throw new TypeError(`values[${JSON.stringify(key.slice(0, 100))}] is a ${typeof value}, not a string`);
+      }
+    }
     const { values: kept, dropped } = withoutMaskedValues(values);
     const clearFields = [...(options.clearFields ?? [])];
     if (dropped.length > 0 && Object.keys(kept).length === 0 && clearFields.length === 0) {

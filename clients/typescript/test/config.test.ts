@@ -62,4 +62,15 @@ describe("masked values", () => {
     });
     assert.equal(MASK_CHARACTER, "\u2022");
   });
+
+  test("saveIntegration refuses a value that is not a string before any call, without echoing it", async () => {
+    const client = new IntegrationsClient({ target: "127.0.0.1:9" });
+    const values = { secretKey: 4242 } as unknown as Record<string, string>;
+    await assert.rejects(client.saveIntegration("org", "stripe", values), (error: unknown) => {
+      assert.ok(error instanceof TypeError);
+      assert.equal(error.message, 'values["secretKey"] is a number, not a string');
+      return true;
+    });
+    client.close();
+  });
 });
