@@ -1,7 +1,5 @@
 /** The dashboard backend's client: the four calls the dashboard makes, over gRPC (HTTP/2) with mutual TLS. */
 
-import { readFileSync } from "node:fs";
-
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type CallOptions as ConnectCallOptions, type Client } from "@connectrpc/connect";
 import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
@@ -14,7 +12,6 @@ import {
   optionsFromEnv,
   type ClientOptions,
   type RetryOptions,
-  type TlsOptions,
 } from "./config.js";
 import { DeadlineExceededError, REQUEST_ID_KEY, errorFrom } from "./errors.js";
 import * as pb from "./gen/integrations/v1/integrations_pb.js";
@@ -27,6 +24,7 @@ import {
   type Provider,
   type ProviderConfig,
 } from "./models.js";
+import { TlsFiles, type TlsMaterial } from "./tls.js";
 
 export interface CallOptions {
   /** This call's deadline in milliseconds, retries included (default: the client's, 2000). */
@@ -54,10 +52,15 @@ export interface DeleteOptions extends CallOptions {
 // The server accepts keepalive pings every 20 s or more.
 const PING_INTERVAL_MS = 30_000;
 const PING_TIMEOUT_MS = 10_000;
+// After a certificate rotation, calls in flight on the previous connection get this long to finish.
+const RETIRE_AFTER_MS = 60_000;
 
 export class IntegrationsClient {
-  private readonly session: Http2SessionManager;
-  private readonly rpc: Client<typeof pb.IntegrationService>;
+  private readonly url: string;
+  private readonly tls: TlsFiles | undefined;
+  private session!: Http2SessionManager;
+  private rpc!: Client<typeof pb.IntegrationService>;
+  private readonly retired = new Set<Http2SessionManager>();
   private readonly timeoutMs: number;
   private readonly retry: RetryOptions;
   private closed = false;
@@ -73,25 +76,18 @@ export class IntegrationsClient {
     return new IntegrationsClient({ ...optionsFromEnv(env), ...overrides });
   }
 
-  /** Reads the TLS files now (ConfigurationError naming the one that cannot be read); connects on the first call. */
+  /**
+   * Reads and checks the TLS files now (ConfigurationError naming what is wrong); connects on the
+   * first call. The files are looked at again before calls (at most once a second): when they have
+   * changed into a valid set, new connections use them, with no restart.
+   */
   constructor(options: ClientOptions) {
-    const tls = options.tls === undefined ? undefined : readTls(options.tls);
-    const url = baseUrl(options.target, tls !== undefined);
+    this.tls = options.tls === undefined ? undefined : new TlsFiles(options.tls);
+    this.url = baseUrl(options.target, this.tls !== undefined);
     this.timeoutMs = positive("timeoutMs", options.timeoutMs ?? DEFAULT_TIMEOUT_MS);
     this.retry = { ...DEFAULT_RETRY, ...options.retry };
     positive("retry.maxAttempts", this.retry.maxAttempts);
-    const nodeOptions = tls && {
-      ca: tls.ca,
-      cert: tls.cert,
-      key: tls.key,
-      ...(tls.serverName ? { servername: tls.serverName } : {}),
-    };
-    this.session = new Http2SessionManager(
-      url,
-      { pingIntervalMs: PING_INTERVAL_MS, pingTimeoutMs: PING_TIMEOUT_MS },
-      nodeOptions,
-    );
-    this.rpc = createClient(pb.IntegrationService, createGrpcTransport({ baseUrl: url, sessionManager: this.session }));
+    this.connectWith(this.tls?.current);
   }
 
   /** The provider catalog in a stable order; with an organization id, each provider's `configured` and `ready`. */
@@ -172,6 +168,27 @@ export class IntegrationsClient {
   close(): void {
     this.closed = true;
     this.session.abort();
+    for (const session of this.retired) session.abort();
+    this.retired.clear();
+  }
+
+  private connectWith(tls: TlsMaterial | undefined): void {
+    const ping = { pingIntervalMs: PING_INTERVAL_MS, pingTimeoutMs: PING_TIMEOUT_MS };
+    this.session = new Http2SessionManager(this.url, ping, tls);
+    this.rpc = createClient(pb.IntegrationService, createGrpcTransport({ baseUrl: this.url, sessionManager: this.session }));
+  }
+
+  /** Rotated TLS files: new calls go over a new connection made with them; the old one is retired. */
+  private useRotatedTls(): void {
+    const rotated = this.tls?.reloaded();
+    if (rotated === undefined) return;
+    const previous = this.session;
+    this.connectWith(rotated);
+    this.retired.add(previous);
+    setTimeout(() => {
+      previous.abort();
+      this.retired.delete(previous);
+    }, RETIRE_AFTER_MS).unref();
   }
 
   private async getProviderConfig(
@@ -187,6 +204,7 @@ export class IntegrationsClient {
 
   private async write<T>(options: CallOptions, call: (connect: ConnectCallOptions) => Promise<T>): Promise<T> {
     const connect = this.connectOptions(options, Date.now() + this.timeout(options));
+    this.useRotatedTls();
     try {
       return await call(connect);
     } catch (error) {
@@ -200,6 +218,7 @@ export class IntegrationsClient {
     let backoff = this.retry.initialBackoffMs;
     for (let attempt = 1; ; attempt++) {
       const connect = this.connectOptions(options, deadline); // throws once the deadline has passed
+      this.useRotatedTls();
       try {
         return await call(connect);
       } catch (cause) {
@@ -225,33 +244,6 @@ export class IntegrationsClient {
     if (options.signal) connect.signal = options.signal;
     if (options.requestId) connect.headers = { [REQUEST_ID_KEY]: options.requestId };
     return connect;
-  }
-}
-
-/** The PEM contents of the TLS files, read once when the client is built so a wrong path fails at start-up. */
-interface TlsMaterial {
-  ca: Buffer;
-  cert: Buffer;
-  key: Buffer;
-  serverName?: string;
-}
-
-function readTls(tls: TlsOptions): TlsMaterial {
-  const material: TlsMaterial = {
-    ca: readPem("caFile", tls.caFile),
-    cert: readPem("certFile", tls.certFile),
-    key: readPem("keyFile", tls.keyFile),
-  };
-  if (tls.serverName) material.serverName = tls.serverName;
-  return material;
-}
-
-function readPem(option: string, path: string): Buffer {
-  try {
-    return readFileSync(path);
-  } catch (error) {
-    const reason = (error as { code?: string }).code ?? "unreadable";
-    throw new ConfigurationError(`tls.${option}: cannot read ${JSON.stringify(path)} (${reason})`);
   }
 }
 

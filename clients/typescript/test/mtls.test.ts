@@ -1,7 +1,10 @@
 /** Mutual TLS with the certificates of `integrations-service dev-certs`: the dashboard's and the commerce service's roles. */
 
 import assert from "node:assert/strict";
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { setTimeout as delay } from "node:timers/promises";
 import { after, describe, test } from "node:test";
 
 import {
@@ -75,6 +78,11 @@ describe("mutual TLS", skipUnless(MTLS_TARGET, "ITS_MTLS_TARGET"), () => {
     const fromEnv = IntegrationsClient.fromEnv(env);
     clients.push(fromEnv);
     assert.equal((await fromEnv.listProviders())[0]?.id, "stripe");
+    assert.throws(
+      () => IntegrationsClient.fromEnv({ ...env, [ENV_KEY]: join(CERTS_DIR, "commerce.key") }),
+      (error: unknown) => error instanceof ConfigurationError && /do not form a valid set/.test(error.message),
+      "a key that is not the certificate's fails at start-up",
+    );
     assert.throws(() => IntegrationsClient.fromEnv({ ...env, [ENV_KEY]: "" }), (error: unknown) => {
       assert.ok(error instanceof ConfigurationError);
       assert.match(error.message, new RegExp(`^${ENV_KEY} is not set`));
@@ -95,4 +103,50 @@ describe("mutual TLS", skipUnless(MTLS_TARGET, "ITS_MTLS_TARGET"), () => {
     const error = await rejection(plain.listProviders());
     assert.ok(error instanceof UnavailableError, String(error));
   });
+
+  test("rotated certificate files are used by new connections without a restart; a broken set keeps the old", async () => {
+    const live = mkdtempSync(join(tmpdir(), "its-rotation-"));
+    const file = (name: string): string => join(live, name);
+    copyFileSync(join(CERTS_DIR, "ca.crt"), file("ca.crt"));
+    copyFileSync(join(CERTS_DIR, "dashboard.crt"), file("tls.crt"));
+    copyFileSync(join(CERTS_DIR, "dashboard.key"), file("tls.key"));
+    const warnings: Error[] = [];
+    const onWarning = (warning: Error): void => void warnings.push(warning);
+    process.on("warning", onWarning);
+    try {
+      const rotating = new IntegrationsClient({
+        target: MTLS_TARGET,
+        tls: { caFile: file("ca.crt"), certFile: file("tls.crt"), keyFile: file("tls.key") },
+        timeoutMs: 5_000,
+      });
+      clients.push(rotating);
+      const org = newOrg();
+      await client("dashboard").saveIntegration(org, "stripe", { secretKey: SK });
+      // Today's certificate is the dashboard's: no decrypted view.
+      assert.ok((await rejection(rotating.getDecryptedConfig(org, "stripe"))) instanceof PermissionDeniedError);
+
+      // Half a rotation: the new certificate (the commerce service's identity) next to the old key.
+      writeFileSync(file("tls.crt"), readCert("commerce"));
+      await delay(1_100);
+      assert.equal((await rotating.listProviders())[0]?.id, "stripe", "the previous files stay in use");
+      assert.ok(
+        warnings.some((w) => (w as { code?: string }).code === "INTEGRATIONS_TLS_RELOAD" && /valid set/.test(w.message)),
+        "a warning says why the new files were not taken",
+      );
+      assert.ok((await rejection(rotating.getDecryptedConfig(org, "stripe"))) instanceof PermissionDeniedError);
+
+      // The key lands: new connections present the new certificate.
+      copyFileSync(join(CERTS_DIR, "commerce.key"), file("tls.key"));
+      await delay(1_100);
+      const clear = await rotating.getDecryptedConfig(org, "stripe");
+      assert.equal(clear.values["secretKey"]?.value, SK);
+    } finally {
+      process.off("warning", onWarning);
+      rmSync(live, { recursive: true, force: true });
+    }
+  });
 });
+
+function readCert(role: string): Buffer {
+  return readFileSync(join(CERTS_DIR, `${role}.crt`));
+}
