@@ -21,13 +21,16 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import pytest
 
+from tests.conftest import CreateDatabase
 from tests.harness import TEST_KEY, new_org
 from tests.integration.raw_rows import encrypt_v1, insert_dashboard_row, service_url, tampered
 from tests.integration.test_node_interop import node_binary
+from tests.integration.test_store_outage import TcpProxy
 from tests.leakwatch import leaked_kinds
 from tests.processes import Processes, ServeProcess, clean_env, own_store_location, run_cli
 
@@ -39,7 +42,9 @@ NODE_TIMEOUT = 120
 DASHBOARD_DOC = ROOT / "docs" / "dashboard.md"
 
 # The `test(...)` count of each suite (clients/typescript/test/*.test.ts): update with the suites.
-EXPECTED = {"plaintext.test.js": 10, "retries.test.js": 6, "config.test.js": 5, "mtls.test.js": 7}
+EXPECTED = {
+    "plaintext.test.js": 10, "retries.test.js": 6, "config.test.js": 5, "mtls.test.js": 7, "outage.test.js": 2,
+}
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,25 @@ async def test_typescript_client_plaintext(
     run = await asyncio.to_thread(run_suites, compiled, suites, env)
     assert_all_passed(run, suites)
     assert_no_leak(process)
+
+
+@pytest.mark.postgres
+async def test_typescript_client_store_outage(
+    compiled: Path, processes: Processes, tmp_path: Path, postgres_database_factory: CreateDatabase
+) -> None:
+    database = urlsplit(await postgres_database_factory())
+    proxy = TcpProxy(database.hostname or "127.0.0.1", database.port or 5432)
+    await proxy.start()
+    userinfo = database.netloc.rpartition("@")[0]
+    proxied = urlunsplit(database._replace(netloc=f"{userinfo}@127.0.0.1:{proxy.port}"))
+    env = serve_env(tmp_path, proxied, {"INTEGRATIONS_DB_TIMEOUT": "1"})
+    try:
+        process = await asyncio.to_thread(processes.serve, tmp_path / "serve", env)
+    finally:
+        await proxy.stop()  # the store is gone from here on; the service keeps answering
+    suites = ["outage.test.js"]
+    run = await asyncio.to_thread(run_suites, compiled, suites, {"ITS_OUTAGE_TARGET": process.target})
+    assert_all_passed(run, suites)
 
 
 def test_typescript_client_mutual_tls(compiled: Path, processes: Processes, tmp_path: Path) -> None:
