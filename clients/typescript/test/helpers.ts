@@ -21,6 +21,7 @@ export const SK = "sk_test_51HxTypeScriptClient004242";
 export const SK_2 = "sk_test_51HxTypeScriptClient009999";
 export const PK = "pk_test_51HxTypeScriptClient0001";
 export const PK_2 = "pk_test_51HxTypeScriptClient0002";
+export const WH = "whsec_typescript_client_org_0001";
 export const MASKED_SK = "••••••••4242";
 
 export function newOrg(): string {

@@ -21,6 +21,7 @@ import {
   SK,
   SK_2,
   WEBHOOK_DEFAULT,
+  WH,
   assertJsonSafe,
   newOrg,
   rejection,
@@ -59,7 +60,7 @@ describe("plaintext service", skipUnless(PLAIN_TARGET, "ITS_PLAIN_TARGET"), () =
     assert.ok(notifications.every((p) => p.category === "notifications"));
 
     const org = newOrg();
-    await client.saveIntegration(org, "stripe", STRIPE);
+    await client.saveIntegration(org, "stripe", { ...STRIPE, webhookSecret: WH });
     const status = await client.listProviders(org, "payments");
     assertJsonSafe(status);
     assert.deepEqual(
@@ -76,9 +77,7 @@ describe("plaintext service", skipUnless(PLAIN_TARGET, "ITS_PLAIN_TARGET"), () =
     assert.equal(saved.provider, "stripe");
     assert.deepEqual(saved.values["secretKey"], { value: MASKED_SK, source: "organization", secret: true });
     assert.deepEqual(saved.values["publishableKey"], { value: PK, source: "organization", secret: false });
-    assert.equal(saved.values["webhookSecret"]?.source, "environment");
     assert.ok(!JSON.stringify(saved).includes(SK));
-    assert.ok(!JSON.stringify(saved).includes(WEBHOOK_DEFAULT));
     assert.ok(saved.etag);
     assert.equal(typeof saved.updateTime, "string");
     assert.equal(new Date(saved.updateTime!).toISOString(), saved.updateTime);
@@ -95,13 +94,16 @@ describe("plaintext service", skipUnless(PLAIN_TARGET, "ITS_PLAIN_TARGET"), () =
     assert.deepEqual(unset.values["apiKey"], { value: "", source: "unset", secret: true });
   });
 
-  test("getDecryptedConfig gives the clear values (development mode trusts every local caller)", async () => {
+  test("environment defaults: masked in getConfig, clear in getDecryptedConfig (development mode trusts every caller)", async () => {
     const org = newOrg();
-    await client.saveIntegration(org, "stripe", STRIPE);
+    await client.saveIntegration(org, "stripe", { secretKey: SK });
+    const masked = await client.getConfig(org, "stripe");
+    assert.equal(masked.values["webhookSecret"]?.source, "environment");
+    assert.ok(!JSON.stringify(masked).includes(WEBHOOK_DEFAULT), "an environment secret is masked too");
     const clear = await client.getDecryptedConfig(org, "stripe");
     assertJsonSafe(clear);
     assert.equal(clear.values["secretKey"]?.value, SK);
-    assert.equal(clear.values["webhookSecret"]?.value, WEBHOOK_DEFAULT);
+    assert.deepEqual(clear.values["webhookSecret"], { value: WEBHOOK_DEFAULT, source: "environment", secret: true });
   });
 
   test("saveIntegration with etag and clearFields; a stale etag is a ConflictError", async () => {
@@ -124,7 +126,10 @@ describe("plaintext service", skipUnless(PLAIN_TARGET, "ITS_PLAIN_TARGET"), () =
   test("masked values posted back are dropped, so the stored secret stays", async () => {
     const org = newOrg();
     const saved = await client.saveIntegration(org, "stripe", STRIPE);
-    const form = Object.fromEntries(Object.entries(saved.values).map(([key, { value }]) => [key, value]));
+    // The form as a browser posts it back: every field that shows a value (blank ones are left out).
+    const form = Object.fromEntries(
+      Object.entries(saved.values).filter(([, { value }]) => value !== "").map(([key, { value }]) => [key, value]),
+    );
     assert.equal(form["secretKey"], MASKED_SK);
 
     const changed = await client.saveIntegration(org, "stripe", { ...form, publishableKey: PK_2 }, { etag: saved.etag });
