@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BUF := tools/node_modules/.bin/buf
+TS := clients/typescript
+TS_STAMP := $(TS)/node_modules/.installed-stamp
 
 .PHONY: install run run-mtls test lint gen gen-check buf-lint buf-breaking buf-baseline observability-check \
 	kubernetes-validate bench clean
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ./clients/python -e '.[dev]'
 	touch $@
 
-install: $(STAMP)
+install: $(STAMP) $(TS_STAMP)
 
 run: install
 	$(BIN)/integrations-service serve
@@ -40,6 +42,30 @@ gen-check: install
 $(BUF): tools/package.json tools/package-lock.json
 	npm ci --prefix tools --no-audit --no-fund --loglevel=error
 	touch $@
+
+# The TypeScript client (clients/typescript): its npm dependencies from the lockfile,
+# its generated code (committed; `make ts-gen` after a proto change), and its build.
+$(TS_STAMP): $(TS)/package.json $(TS)/package-lock.json
+	npm ci --prefix $(TS) --no-audit --no-fund --loglevel=error
+	touch $@
+
+ts-install: $(TS_STAMP)
+
+ts-gen: $(BUF) $(TS_STAMP)
+	$(BUF) generate --template $(TS)/buf.gen.yaml
+
+ts-gen-check: $(BUF) $(TS_STAMP)
+	@out=$$(mktemp -d) && trap 'rm -rf "$$out"' EXIT && \
+	$(BUF) generate --template $(TS)/buf.gen.yaml -o "$$out" && \
+	if diff -r "$$out/$(TS)/src/gen" $(TS)/src/gen; then echo "TypeScript generated code matches protos/"; \
+	else echo "TypeScript generated code is out of date with protos/ (run \`make ts-gen\`)"; exit 1; fi
+
+ts-build: $(TS_STAMP)
+	npm run --prefix $(TS) --silent build
+
+.PHONY: ts-install ts-gen ts-gen-check ts-build
+# `make lint` checks the TypeScript client too: src/gen matches the protos, and tsc (strict) passes.
+lint: ts-gen-check ts-build
 
 buf-lint: $(BUF)
 	$(BUF) lint
@@ -73,4 +99,4 @@ bench: install
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache tools/node_modules
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache tools/node_modules $(TS)/node_modules $(TS)/dist

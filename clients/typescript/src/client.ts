@@ -1,0 +1,275 @@
+/** The dashboard backend's client: the four calls the dashboard makes, over gRPC (HTTP/2) with mutual TLS. */
+
+import { create } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient, type CallOptions as ConnectCallOptions, type Client } from "@connectrpc/connect";
+import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
+
+import {
+  ConfigurationError,
+  DEFAULT_RETRY,
+  DEFAULT_TIMEOUT_MS,
+  baseUrl,
+  optionsFromEnv,
+  type ClientOptions,
+  type RetryOptions,
+} from "./config.js";
+import { DeadlineExceededError, REQUEST_ID_KEY, errorFrom } from "./errors.js";
+import * as pb from "./gen/integrations/v1/integrations_pb.js";
+import {
+  categoryNumber,
+  plainConfig,
+  plainProvider,
+  withoutMaskedValues,
+  type Category,
+  type Provider,
+  type ProviderConfig,
+} from "./models.js";
+import { TlsFiles, type TlsMaterial } from "./tls.js";
+
+export interface CallOptions {
+  /** This call's deadline in milliseconds, retries included (default: the client's, 2000). */
+  timeoutMs?: number;
+  /** Aborts the call (e.g. the request of the server action went away). */
+  signal?: AbortSignal;
+  /** Sent as `x-request-id`: the service logs and audits the call under it. */
+  requestId?: string;
+}
+
+export interface SaveOptions extends CallOptions {
+  /** The etag last read: the save is refused with ConflictError when the credentials changed since. */
+  etag?: string;
+  /** Field keys to remove, so they fall back to the environment default. */
+  clearFields?: readonly string[];
+}
+
+export interface DeleteOptions extends CallOptions {
+  /** The etag last read: the delete is refused with ConflictError when the credentials changed since. */
+  etag?: string;
+  /** Deleting credentials that do not exist succeeds instead of throwing NotFoundError. */
+  allowMissing?: boolean;
+}
+
+// The server accepts keepalive pings every 20 s or more.
+const PING_INTERVAL_MS = 30_000;
+const PING_TIMEOUT_MS = 10_000;
+// After a certificate rotation, calls in flight on the previous connection get this long to finish.
+const RETIRE_AFTER_MS = 60_000;
+
+export class IntegrationsClient {
+  private readonly url: string;
+  private readonly tls: TlsFiles | undefined;
+  private session!: Http2SessionManager;
+  private rpc!: Client<typeof pb.IntegrationService>;
+  private readonly retired = new Set<Http2SessionManager>();
+  private readonly timeoutMs: number;
+  private readonly retry: RetryOptions;
+  private closed = false;
+
+  /**
+   * From INTEGRATIONS_SERVICE_TARGET and INTEGRATIONS_CLIENT_CA/_CERT/_KEY (the Python client's
+   * variables): mutual TLS when the three files are set, plaintext when none is.
+   */
+  static fromEnv(
+    env: Readonly<Record<string, string | undefined>> = process.env,
+    overrides: Omit<ClientOptions, "target"> = {},
+  ): IntegrationsClient {
+    return new IntegrationsClient({ ...optionsFromEnv(env), ...overrides });
+  }
+
+  /**
+   * Reads and checks the TLS files now (ConfigurationError naming what is wrong); connects on the
+   * first call. The files are looked at again before calls (at most once a second): when they have
+   * changed into a valid set, new connections use them, with no restart.
+   */
+  constructor(options: ClientOptions) {
+    this.tls = options.tls === undefined ? undefined : new TlsFiles(options.tls);
+    this.url = baseUrl(options.target, this.tls !== undefined);
+    this.timeoutMs = positive("timeoutMs", options.timeoutMs ?? DEFAULT_TIMEOUT_MS);
+    this.retry = { ...DEFAULT_RETRY, ...options.retry };
+    positive("retry.maxAttempts", this.retry.maxAttempts);
+    this.connectWith(this.tls?.current);
+  }
+
+  /** The provider catalog in a stable order; with an organization id, each provider's `configured` and `ready`. */
+  async listProviders(
+    organizationId?: string | null,
+    category?: Category | null,
+    options: CallOptions = {},
+  ): Promise<Provider[]> {
+    const request = create(pb.ListProvidersRequestSchema, {
+      organizationId: organizationId ?? "",
+      category: category ? categoryNumber(category) : pb.Category.UNSPECIFIED,
+    });
+    const reply = await this.read(options, (call) => this.rpc.listProviders(request, call));
+    return reply.providers.map(plainProvider);
+  }
+
+  /** The effective configuration with secrets masked ("••••••••4242"), and the etag to send back. */
+  async getConfig(organizationId: string, provider: string, options: CallOptions = {}): Promise<ProviderConfig> {
+    return this.getProviderConfig(organizationId, provider, pb.ConfigView.MASKED, options);
+  }
+
+  /**
+   * The effective configuration in clear text. Only the commerce and admin roles may ask (the
+   * dashboard's certificate gets PermissionDeniedError), every such read is audited, and its
+   * result must never reach a browser.
+   */
+  async getDecryptedConfig(organizationId: string, provider: string, options: CallOptions = {}): Promise<ProviderConfig> {
+    return this.getProviderConfig(organizationId, provider, pb.ConfigView.DECRYPTED, options);
+  }
+
+  /**
+   * Sets `values` and removes `clearFields`; fields named in neither keep their stored value.
+   * Values holding the mask character "•" (a masked value posted back unchanged) are dropped
+   * first, so they keep the stored secret; when that leaves nothing to set or clear, nothing is
+   * written and the current masked configuration is returned. Never retried. Returns the masked
+   * configuration after the save, with its new etag.
+   */
+  async saveIntegration(
+    organizationId: string,
+    provider: string,
+    values: Readonly<Record<string, string>>,
+    options: SaveOptions = {},
+  ): Promise<ProviderConfig> {
+    for (const [key, value] of Object.entries(values)) {
+      // protobuf-es would quietly send String(value); a form bug should fail loudly instead (never echoing the value).
+      if (typeof value !== "string") {
+        throw new TypeError(`values[${JSON.stringify(key.slice(0, 100))}] is a ${typeof value}, not a string`);
+      }
+    }
+    const { values: kept, dropped } = withoutMaskedValues(values);
+    const clearFields = [...(options.clearFields ?? [])];
+    if (dropped.length > 0 && Object.keys(kept).length === 0 && clearFields.length === 0) {
+      return this.getConfig(organizationId, provider, options);
+    }
+    const request = create(pb.SaveIntegrationRequestSchema, {
+      organizationId,
+      provider,
+      values: kept,
+      clearFields,
+      etag: options.etag ?? "",
+    });
+    const reply = await this.write(options, (call) => this.rpc.saveIntegration(request, call));
+    return plainConfig(reply.config);
+  }
+
+  /** Removes the organization's stored credentials for the provider (every field falls back to the environment). Never retried. */
+  async deleteIntegration(organizationId: string, provider: string, options: DeleteOptions = {}): Promise<void> {
+    const request = create(pb.DeleteIntegrationRequestSchema, {
+      organizationId,
+      provider,
+      allowMissing: options.allowMissing ?? false,
+      etag: options.etag ?? "",
+    });
+    await this.write(options, (call) => this.rpc.deleteIntegration(request, call));
+  }
+
+  /** Closes the connection; calls made afterwards throw. */
+  close(): void {
+    this.closed = true;
+    this.session.abort();
+    for (const session of this.retired) session.abort();
+    this.retired.clear();
+  }
+
+  private connectWith(tls: TlsMaterial | undefined): void {
+    const ping = { pingIntervalMs: PING_INTERVAL_MS, pingTimeoutMs: PING_TIMEOUT_MS };
+    this.session = new Http2SessionManager(this.url, ping, tls);
+    this.rpc = createClient(pb.IntegrationService, createGrpcTransport({ baseUrl: this.url, sessionManager: this.session }));
+  }
+
+  /** Rotated TLS files: new calls go over a new connection made with them; the old one is retired. */
+  private useRotatedTls(): void {
+    const rotated = this.tls?.reloaded();
+    if (rotated === undefined) return;
+    const previous = this.session;
+    this.connectWith(rotated);
+    this.retired.add(previous);
+    setTimeout(() => {
+      previous.abort();
+      this.retired.delete(previous);
+    }, RETIRE_AFTER_MS).unref();
+  }
+
+  private async getProviderConfig(
+    organizationId: string,
+    provider: string,
+    view: pb.ConfigView,
+    options: CallOptions,
+  ): Promise<ProviderConfig> {
+    const request = create(pb.GetProviderConfigRequestSchema, { organizationId, provider, view });
+    const reply = await this.read(options, (call) => this.rpc.getProviderConfig(request, call));
+    return plainConfig(reply.config);
+  }
+
+  private async write<T>(options: CallOptions, call: (connect: ConnectCallOptions) => Promise<T>): Promise<T> {
+    const connect = this.connectOptions(options, Date.now() + this.timeout(options));
+    this.useRotatedTls();
+    try {
+      return await call(connect);
+    } catch (error) {
+      throw errorFrom(transportError(error, options));
+    }
+  }
+
+  /** A read, retried on UNAVAILABLE with exponential backoff (and jitter) while the deadline allows. */
+  private async read<T>(options: CallOptions, call: (connect: ConnectCallOptions) => Promise<T>): Promise<T> {
+    const deadline = Date.now() + this.timeout(options);
+    let backoff = this.retry.initialBackoffMs;
+    for (let attempt = 1; ; attempt++) {
+      const connect = this.connectOptions(options, deadline); // throws once the deadline has passed
+      this.useRotatedTls();
+      try {
+        return await call(connect);
+      } catch (cause) {
+        const error = transportError(cause, options);
+        const pause = backoff * (0.8 + Math.random() * 0.4);
+        const retryable = error.code === Code.Unavailable;
+        if (!retryable || attempt >= this.retry.maxAttempts || Date.now() + pause >= deadline) throw errorFrom(error);
+        await sleep(pause, options.signal);
+        backoff = Math.min(backoff * this.retry.multiplier, this.retry.maxBackoffMs);
+      }
+    }
+  }
+
+  private timeout(options: CallOptions): number {
+    if (this.closed) throw new ConfigurationError("the client is closed");
+    return options.timeoutMs === undefined ? this.timeoutMs : positive("timeoutMs", options.timeoutMs);
+  }
+
+  private connectOptions(options: CallOptions, deadline: number): ConnectCallOptions {
+    const remaining = Math.floor(deadline - Date.now());
+    if (remaining <= 0) throw new DeadlineExceededError("the deadline passed before the call", "DEADLINE_EXCEEDED", "");
+    const connect: ConnectCallOptions = { timeoutMs: remaining };
+    if (options.signal) connect.signal = options.signal;
+    if (options.requestId) connect.headers = { [REQUEST_ID_KEY]: options.requestId };
+    return connect;
+  }
+}
+
+/**
+ * connect-node reports a connection that closed before the answer (a service restarting, a proxy
+ * dropping it) as CANCELLED; gRPC calls that UNAVAILABLE, and so do we unless the caller aborted.
+ */
+function transportError(cause: unknown, options: CallOptions): ConnectError {
+  const error = ConnectError.from(cause);
+  if (error.code !== Code.Canceled || options.signal?.aborted) return error;
+  return new ConnectError(error.rawMessage, Code.Unavailable, error.metadata, undefined, error);
+}
+
+function positive(name: string, value: number): number {
+  if (!Number.isFinite(value) || value <= 0) throw new ConfigurationError(`${name} must be a positive number, got ${value}`);
+  return value;
+}
+
+function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, ms);
+    signal?.addEventListener("abort", done, { once: true });
+    function done(): void {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", done);
+      resolve();
+    }
+  });
+}

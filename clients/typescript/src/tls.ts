@@ -1,0 +1,101 @@
+/**
+ * The client's TLS files, re-read when they change: certificate managers (cert-manager, SPIRE)
+ * replace short-lived certificates on disk, and a client that read them once fails every new
+ * connection after the old certificate expires.
+ */
+
+import { readFileSync, statSync } from "node:fs";
+import { createSecureContext } from "node:tls";
+
+import { ConfigurationError, type TlsOptions } from "./config.js";
+
+/** What node:http2's connect() takes for mutual TLS. */
+export interface TlsMaterial {
+  ca: Buffer;
+  cert: Buffer;
+  key: Buffer;
+  servername?: string;
+}
+
+// Looking at three files' metadata costs microseconds; once a second is plenty for rotations.
+const CHECK_EVERY_MS = 1_000;
+
+export class TlsFiles {
+  current: TlsMaterial;
+  private accepted: string;
+  private attempted: string;
+  private checkedAt = 0;
+
+  /** Reads and checks the files now: a ConfigurationError names the one that is wrong. */
+  constructor(private readonly options: TlsOptions) {
+    // Stamped before reading, so that a change made during the read is seen by the next check.
+    this.accepted = this.attempted = this.stamp();
+    this.current = this.read();
+  }
+
+  /**
+   * New material when the files changed (at most one look per second) and form a valid set again;
+   * undefined otherwise. A set that is not valid (a half-finished rotation, a broken file) is not
+   * used: the previous one stays, a process warning says why, and it is tried again once the files
+   * change again.
+   */
+  reloaded(now: number = Date.now()): TlsMaterial | undefined {
+    if (now - this.checkedAt < CHECK_EVERY_MS) return undefined;
+    this.checkedAt = now;
+    const stamp = this.stamp();
+    if (stamp === this.accepted || stamp === this.attempted) return undefined;
+    this.attempted = stamp;
+    try {
+      this.current = this.read();
+    } catch (error) {
+      process.emitWarning(`integrations client: keeping the previous TLS files: ${(error as Error).message}`, {
+        code: "INTEGRATIONS_TLS_RELOAD",
+      });
+      return undefined;
+    }
+    this.accepted = stamp;
+    return this.current;
+  }
+
+  private stamp(): string {
+    return [this.options.caFile, this.options.certFile, this.options.keyFile]
+      .map((path) => {
+        try {
+          const stat = statSync(path);
+          return `${stat.dev}:${stat.ino}:${stat.size}:${stat.mtimeMs}`;
+        } catch {
+          return "unreadable";
+        }
+      })
+      .join("|");
+  }
+
+  private read(): TlsMaterial {
+    const material: TlsMaterial = {
+      ca: readPem("caFile", this.options.caFile),
+      cert: readPem("certFile", this.options.certFile),
+      key: readPem("keyFile", this.options.keyFile),
+    };
+    try {
+      // Parses all three and checks that the key belongs to the certificate.
+      createSecureContext({ ca: material.ca, cert: material.cert, key: material.key });
+    } catch (error) {
+      throw new ConfigurationError(`tls: the CA, certificate and key files do not form a valid set (${reason(error)})`);
+    }
+    if (this.options.serverName) material.servername = this.options.serverName;
+    return material;
+  }
+}
+
+function readPem(option: string, path: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (error) {
+    throw new ConfigurationError(`tls.${option}: cannot read ${JSON.stringify(path)} (${reason(error)})`);
+  }
+}
+
+function reason(error: unknown): string {
+  const { code, message } = error as { code?: string; message?: string };
+  return code ?? message ?? "unknown error";
+}
