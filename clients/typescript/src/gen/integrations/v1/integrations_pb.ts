@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file integrations/v1/integrations.proto.
  */
 export const file_integrations_v1_integrations: GenFile = /*@__PURE__*/
-  fileDesc("CiJpbnRlZ3JhdGlvbnMvdjEvaW50ZWdyYXRpb25zLnByb3RvEg9pbnRlZ3JhdGlvbnMudjEixwEKCFByb3ZpZGVyEgoKAmlkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRIrCghjYXRlZ29yeRgDIAEoDjIZLmludGVncmF0aW9ucy52MS5DYXRlZ29yeRIZChFydW50aW1lX3N1cHBvcnRlZBgEIAEoCBIuCgZmaWVsZHMYBSADKAsyHi5pbnRlZ3JhdGlvbnMudjEuUHJvdmlkZXJGaWVsZBISCgpjb25maWd1cmVkGAYgASgIEg0KBXJlYWR5GAcgASgIImQKDVByb3ZpZGVyRmllbGQSCwoDa2V5GAEgASgJEg8KB2Vudl92YXIYAiABKAkSEwoLZGVzY3JpcHRpb24YAyABKAkSDgoGc2VjcmV0GAQgASgIEhAKCHJlcXVpcmVkGAUgASgIIloKC0NvbmZpZ1ZhbHVlEg0KBXZhbHVlGAEgASgJEiwKBnNvdXJjZRgCIAEoDjIcLmludGVncmF0aW9ucy52MS5WYWx1ZVNvdXJjZRIOCgZzZWNyZXQYAyABKAgihAIKDlByb3ZpZGVyQ29uZmlnEhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIQCghwcm92aWRlchgCIAEoCRI7CgZ2YWx1ZXMYAyADKAsyKy5pbnRlZ3JhdGlvbnMudjEuUHJvdmlkZXJDb25maWcuVmFsdWVzRW50cnkSDAoEZXRhZxgEIAEoCRIvCgt1cGRhdGVfdGltZRgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAaSwoLVmFsdWVzRW50cnkSCwoDa2V5GAEgASgJEisKBXZhbHVlGAIgASgLMhwuaW50ZWdyYXRpb25zLnYxLkNvbmZpZ1ZhbHVlOgI4ASJcChRMaXN0UHJvdmlkZXJzUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSKwoIY2F0ZWdvcnkYAiABKA4yGS5pbnRlZ3JhdGlvbnMudjEuQ2F0ZWdvcnkiRQoVTGlzdFByb3ZpZGVyc1Jlc3BvbnNlEiwKCXByb3ZpZGVycxgBIAMoCzIZLmludGVncmF0aW9ucy52MS5Qcm92aWRlciJwChhHZXRQcm92aWRlckNvbmZpZ1JlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhAKCHByb3ZpZGVyGAIgASgJEikKBHZpZXcYAyABKA4yGy5pbnRlZ3JhdGlvbnMudjEuQ29uZmlnVmlldyJMChlHZXRQcm92aWRlckNvbmZpZ1Jlc3BvbnNlEi8KBmNvbmZpZxgBIAEoCzIfLmludGVncmF0aW9ucy52MS5Qcm92aWRlckNvbmZpZyLbAQoWU2F2ZUludGVncmF0aW9uUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEAoIcHJvdmlkZXIYAiABKAkSQwoGdmFsdWVzGAMgAygLMjMuaW50ZWdyYXRpb25zLnYxLlNhdmVJbnRlZ3JhdGlvblJlcXVlc3QuVmFsdWVzRW50cnkSFAoMY2xlYXJfZmllbGRzGAQgAygJEgwKBGV0YWcYBSABKAkaLQoLVmFsdWVzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJKChdTYXZlSW50ZWdyYXRpb25SZXNwb25zZRIvCgZjb25maWcYASABKAsyHy5pbnRlZ3JhdGlvbnMudjEuUHJvdmlkZXJDb25maWciagoYRGVsZXRlSW50ZWdyYXRpb25SZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIQCghwcm92aWRlchgCIAEoCRIVCg1hbGxvd19taXNzaW5nGAMgASgIEgwKBGV0YWcYBCABKAkiGwoZRGVsZXRlSW50ZWdyYXRpb25SZXNwb25zZSKtAgoKQXVkaXRFdmVudBIKCgJpZBgBIAEoAxIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZjYWxsZXIYAyABKAkSDgoGYWN0aW9uGAQgASgJEg8KB291dGNvbWUYBSABKAkSFwoPb3JnYW5pemF0aW9uX2lkGAYgASgJEhAKCHByb3ZpZGVyGAcgASgJEg4KBmZpZWxkcxgIIAMoCRISCgpyZXF1ZXN0X2lkGAkgASgJEjkKB2RldGFpbHMYCiADKAsyKC5pbnRlZ3JhdGlvbnMudjEuQXVkaXRFdmVudC5EZXRhaWxzRW50cnkaLgoMRGV0YWlsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiWAoWTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiXwoXTGlzdEF1ZGl0RXZlbnRzUmVzcG9uc2USKwoGZXZlbnRzGAEgAygLMhsuaW50ZWdyYXRpb25zLnYxLkF1ZGl0RXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJKm8KCENhdGVnb3J5EhgKFENBVEVHT1JZX1VOU1BFQ0lGSUVEEAASFQoRQ0FURUdPUllfUEFZTUVOVFMQARIaChZDQVRFR09SWV9OT1RJRklDQVRJT05TEAISFgoSQ0FURUdPUllfQU5BTFlUSUNTEAMqXAoKQ29uZmlnVmlldxIbChdDT05GSUdfVklFV19VTlNQRUNJRklFRBAAEhYKEkNPTkZJR19WSUVXX01BU0tFRBABEhkKFUNPTkZJR19WSUVXX0RFQ1JZUFRFRBACKoABCgtWYWx1ZVNvdXJjZRIcChhWQUxVRV9TT1VSQ0VfVU5TUEVDSUZJRUQQABIdChlWQUxVRV9TT1VSQ0VfT1JHQU5JWkFUSU9OEAESHAoYVkFMVUVfU09VUkNFX0VOVklST05NRU5UEAISFgoSVkFMVUVfU09VUkNFX1VOU0VUEAMymAQKEkludGVncmF0aW9uU2VydmljZRJeCg1MaXN0UHJvdmlkZXJzEiUuaW50ZWdyYXRpb25zLnYxLkxpc3RQcm92aWRlcnNSZXF1ZXN0GiYuaW50ZWdyYXRpb25zLnYxLkxpc3RQcm92aWRlcnNSZXNwb25zZRJqChFHZXRQcm92aWRlckNvbmZpZxIpLmludGVncmF0aW9ucy52MS5HZXRQcm92aWRlckNvbmZpZ1JlcXVlc3QaKi5pbnRlZ3JhdGlvbnMudjEuR2V0UHJvdmlkZXJDb25maWdSZXNwb25zZRJkCg9TYXZlSW50ZWdyYXRpb24SJy5pbnRlZ3JhdGlvbnMudjEuU2F2ZUludGVncmF0aW9uUmVxdWVzdBooLmludGVncmF0aW9ucy52MS5TYXZlSW50ZWdyYXRpb25SZXNwb25zZRJqChFEZWxldGVJbnRlZ3JhdGlvbhIpLmludGVncmF0aW9ucy52MS5EZWxldGVJbnRlZ3JhdGlvblJlcXVlc3QaKi5pbnRlZ3JhdGlvbnMudjEuRGVsZXRlSW50ZWdyYXRpb25SZXNwb25zZRJkCg9MaXN0QXVkaXRFdmVudHMSJy5pbnRlZ3JhdGlvbnMudjEuTGlzdEF1ZGl0RXZlbnRzUmVxdWVzdBooLmludGVncmF0aW9ucy52MS5MaXN0QXVkaXRFdmVudHNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("CiJpbnRlZ3JhdGlvbnMvdjEvaW50ZWdyYXRpb25zLnByb3RvEg9pbnRlZ3JhdGlvbnMudjEixwEKCFByb3ZpZGVyEgoKAmlkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRIrCghjYXRlZ29yeRgDIAEoDjIZLmludGVncmF0aW9ucy52MS5DYXRlZ29yeRIZChFydW50aW1lX3N1cHBvcnRlZBgEIAEoCBIuCgZmaWVsZHMYBSADKAsyHi5pbnRlZ3JhdGlvbnMudjEuUHJvdmlkZXJGaWVsZBISCgpjb25maWd1cmVkGAYgASgIEg0KBXJlYWR5GAcgASgIInsKDVByb3ZpZGVyRmllbGQSCwoDa2V5GAEgASgJEg8KB2Vudl92YXIYAiABKAkSEwoLZGVzY3JpcHRpb24YAyABKAkSDgoGc2VjcmV0GAQgASgIEhAKCHJlcXVpcmVkGAUgASgIEhUKDWJpbmRzX3NlY3JldHMYBiABKAgiWgoLQ29uZmlnVmFsdWUSDQoFdmFsdWUYASABKAkSLAoGc291cmNlGAIgASgOMhwuaW50ZWdyYXRpb25zLnYxLlZhbHVlU291cmNlEg4KBnNlY3JldBgDIAEoCCKEAgoOUHJvdmlkZXJDb25maWcSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhAKCHByb3ZpZGVyGAIgASgJEjsKBnZhbHVlcxgDIAMoCzIrLmludGVncmF0aW9ucy52MS5Qcm92aWRlckNvbmZpZy5WYWx1ZXNFbnRyeRIMCgRldGFnGAQgASgJEi8KC3VwZGF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBpLCgtWYWx1ZXNFbnRyeRILCgNrZXkYASABKAkSKwoFdmFsdWUYAiABKAsyHC5pbnRlZ3JhdGlvbnMudjEuQ29uZmlnVmFsdWU6AjgBIlwKFExpc3RQcm92aWRlcnNSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIrCghjYXRlZ29yeRgCIAEoDjIZLmludGVncmF0aW9ucy52MS5DYXRlZ29yeSJFChVMaXN0UHJvdmlkZXJzUmVzcG9uc2USLAoJcHJvdmlkZXJzGAEgAygLMhkuaW50ZWdyYXRpb25zLnYxLlByb3ZpZGVyInAKGEdldFByb3ZpZGVyQ29uZmlnUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEAoIcHJvdmlkZXIYAiABKAkSKQoEdmlldxgDIAEoDjIbLmludGVncmF0aW9ucy52MS5Db25maWdWaWV3IkwKGUdldFByb3ZpZGVyQ29uZmlnUmVzcG9uc2USLwoGY29uZmlnGAEgASgLMh8uaW50ZWdyYXRpb25zLnYxLlByb3ZpZGVyQ29uZmlnItsBChZTYXZlSW50ZWdyYXRpb25SZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIQCghwcm92aWRlchgCIAEoCRJDCgZ2YWx1ZXMYAyADKAsyMy5pbnRlZ3JhdGlvbnMudjEuU2F2ZUludGVncmF0aW9uUmVxdWVzdC5WYWx1ZXNFbnRyeRIUCgxjbGVhcl9maWVsZHMYBCADKAkSDAoEZXRhZxgFIAEoCRotCgtWYWx1ZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkoKF1NhdmVJbnRlZ3JhdGlvblJlc3BvbnNlEi8KBmNvbmZpZxgBIAEoCzIfLmludGVncmF0aW9ucy52MS5Qcm92aWRlckNvbmZpZyJqChhEZWxldGVJbnRlZ3JhdGlvblJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhAKCHByb3ZpZGVyGAIgASgJEhUKDWFsbG93X21pc3NpbmcYAyABKAgSDAoEZXRhZxgEIAEoCSIbChlEZWxldGVJbnRlZ3JhdGlvblJlc3BvbnNlIq0CCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgDEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmNhbGxlchgDIAEoCRIOCgZhY3Rpb24YBCABKAkSDwoHb3V0Y29tZRgFIAEoCRIXCg9vcmdhbml6YXRpb25faWQYBiABKAkSEAoIcHJvdmlkZXIYByABKAkSDgoGZmllbGRzGAggAygJEhIKCnJlcXVlc3RfaWQYCSABKAkSOQoHZGV0YWlscxgKIAMoCzIoLmludGVncmF0aW9ucy52MS5BdWRpdEV2ZW50LkRldGFpbHNFbnRyeRouCgxEZXRhaWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJYChZMaXN0QXVkaXRFdmVudHNSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJfChdMaXN0QXVkaXRFdmVudHNSZXNwb25zZRIrCgZldmVudHMYASADKAsyGy5pbnRlZ3JhdGlvbnMudjEuQXVkaXRFdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkqbwoIQ2F0ZWdvcnkSGAoUQ0FURUdPUllfVU5TUEVDSUZJRUQQABIVChFDQVRFR09SWV9QQVlNRU5UUxABEhoKFkNBVEVHT1JZX05PVElGSUNBVElPTlMQAhIWChJDQVRFR09SWV9BTkFMWVRJQ1MQAypcCgpDb25maWdWaWV3EhsKF0NPTkZJR19WSUVXX1VOU1BFQ0lGSUVEEAASFgoSQ09ORklHX1ZJRVdfTUFTS0VEEAESGQoVQ09ORklHX1ZJRVdfREVDUllQVEVEEAIqgAEKC1ZhbHVlU291cmNlEhwKGFZBTFVFX1NPVVJDRV9VTlNQRUNJRklFRBAAEh0KGVZBTFVFX1NPVVJDRV9PUkdBTklaQVRJT04QARIcChhWQUxVRV9TT1VSQ0VfRU5WSVJPTk1FTlQQAhIWChJWQUxVRV9TT1VSQ0VfVU5TRVQQAzKYBAoSSW50ZWdyYXRpb25TZXJ2aWNlEl4KDUxpc3RQcm92aWRlcnMSJS5pbnRlZ3JhdGlvbnMudjEuTGlzdFByb3ZpZGVyc1JlcXVlc3QaJi5pbnRlZ3JhdGlvbnMudjEuTGlzdFByb3ZpZGVyc1Jlc3BvbnNlEmoKEUdldFByb3ZpZGVyQ29uZmlnEikuaW50ZWdyYXRpb25zLnYxLkdldFByb3ZpZGVyQ29uZmlnUmVxdWVzdBoqLmludGVncmF0aW9ucy52MS5HZXRQcm92aWRlckNvbmZpZ1Jlc3BvbnNlEmQKD1NhdmVJbnRlZ3JhdGlvbhInLmludGVncmF0aW9ucy52MS5TYXZlSW50ZWdyYXRpb25SZXF1ZXN0GiguaW50ZWdyYXRpb25zLnYxLlNhdmVJbnRlZ3JhdGlvblJlc3BvbnNlEmoKEURlbGV0ZUludGVncmF0aW9uEikuaW50ZWdyYXRpb25zLnYxLkRlbGV0ZUludGVncmF0aW9uUmVxdWVzdBoqLmludGVncmF0aW9ucy52MS5EZWxldGVJbnRlZ3JhdGlvblJlc3BvbnNlEmQKD0xpc3RBdWRpdEV2ZW50cxInLmludGVncmF0aW9ucy52MS5MaXN0QXVkaXRFdmVudHNSZXF1ZXN0GiguaW50ZWdyYXRpb25zLnYxLkxpc3RBdWRpdEV2ZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * Provider is one entry of the provider catalog.
@@ -67,7 +67,9 @@ export type Provider = Message<"integrations.v1.Provider"> & {
 
   /**
    * Only with an organization id in the request: every required field
-   * resolves, from the organization or from the environment.
+   * resolves, from the organization or from the environment (a secret
+   * resolves from the environment only while the organization has stored no
+   * field marked ProviderField.binds_secrets).
    *
    * @generated from field: bool ready = 7;
    */
@@ -121,6 +123,20 @@ export type ProviderField = Message<"integrations.v1.ProviderField"> & {
    * @generated from field: bool required = 5;
    */
   required: boolean;
+
+  /**
+   * True when the field decides where the provider's secrets are sent or
+   * which account they belong to: an endpoint, host, port, account id, user
+   * name, sender address, publishable key or measurement id. Never true for a
+   * secret. Once an organization has stored any such field of a provider, none
+   * of that provider's secret fields falls back to the environment for that
+   * organization: each comes from the organization or is unset
+   * (VALUE_SOURCE_UNSET), so a platform default secret is never paired with
+   * an organization's endpoint or account. Non-secret fields still fall back.
+   *
+   * @generated from field: bool binds_secrets = 6;
+   */
+  bindsSecrets: boolean;
 };
 
 /**
@@ -352,7 +368,8 @@ export type SaveIntegrationRequest = Message<"integrations.v1.SaveIntegrationReq
   values: { [key: string]: string };
 
   /**
-   * Field keys to remove, so they fall back to the environment default.
+   * Field keys to remove, so they fall back to the environment default (for a
+   * secret, only while no field marked ProviderField.binds_secrets is stored).
    *
    * @generated from field: repeated string clear_fields = 4;
    */
@@ -474,8 +491,11 @@ export type AuditEvent = Message<"integrations.v1.AuditEvent"> & {
   time?: Timestamp | undefined;
 
   /**
-   * The caller's identity: a certificate's SPIFFE ID, DNS name or common
-   * name, or the command that acted (e.g. cli:rotate).
+   * The caller, by a typed name that says where it came from: spiffe:<SPIFFE
+   * ID> (the certificate's URI SAN), dns:<DNS SAN>, cn:<subject common name>,
+   * sha256:<certificate fingerprint>, development-plaintext, or the command
+   * that acted (cli:<command>@<user>, e.g. cli:rotate@ops). Records written
+   * before names were typed show the bare name.
    *
    * @generated from field: string caller = 3;
    */
@@ -706,7 +726,9 @@ export enum ValueSource {
   ENVIRONMENT = 2,
 
   /**
-   * Neither the organization nor the environment has a value.
+   * Neither the organization nor the environment has a value, or the field is
+   * a secret the environment may not supply because the organization stored
+   * a field marked ProviderField.binds_secrets.
    *
    * @generated from enum value: VALUE_SOURCE_UNSET = 3;
    */
@@ -742,7 +764,9 @@ export const IntegrationService: GenService<{
   /**
    * Returns the effective configuration of one organization for one provider:
    * for every field, the organization's value, else the environment default,
-   * else unset. Secrets are masked unless the decrypted view is asked for.
+   * else unset. Secrets never fall back to the environment once the
+   * organization has stored a field marked ProviderField.binds_secrets.
+   * Secrets are masked unless the decrypted view is asked for.
    *
    * @generated from rpc integrations.v1.IntegrationService.GetProviderConfig
    */
