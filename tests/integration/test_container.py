@@ -110,3 +110,18 @@ def test_wheels_carry_migrations_and_type_markers(tmp_path: Path) -> None:
     assert any(f.endswith("migrations/sqlite/0002_keys_and_audit.sql") for f in service_files)
     assert "integrations_service/py.typed" in service_files
     assert {"integrations/v1/integrations_pb2.pyi", "integrations_client/py.typed"} <= set(client_files)
+    # The service carries the generated code itself (from the same source files), and not the client.
+    assert {"integrations/v1/integrations_pb2.py", "integrations/v1/integrations_pb2_grpc.py"} <= set(service_files)
+    assert not any(f.startswith("integrations_client/") for f in service_files)
+    metadata = zipfile.ZipFile(service_wheel).read(
+        next(f for f in service_files if f.endswith(".dist-info/METADATA"))
+    ).decode()
+    assert "Requires-Dist: integrations-client" not in metadata
+
+
+def test_the_image_installs_only_the_service_distribution() -> None:
+    [install] = [r for r in instructions("RUN") if "pip install" in r]
+    args = shlex.split(install.split("&&")[1])
+    assert args[-1] == "integrations-service"
+    assert "--no-index" in args
+    assert "integrations-client" not in args
