@@ -129,6 +129,8 @@ async def test_refused_legacy_values_answer_data_loss_naming_where_never_what(
     assert legacy_sample(metrics, "integrations_legacy_values_refused_total", "plaintext") == 1
     assert legacy_sample(metrics, "integrations_legacy_values_refused_total", "v1") == 1
     assert legacy_sample(metrics, "integrations_legacy_values_read_total", "plaintext") == 0
+    listing = await refusing.stub.ListProviders(pb.ListProvidersRequest(organization_id=org))
+    assert {p.id: (p.configured, p.ready) for p in listing.providers}["stripe"] == (True, False)
 
 
 async def test_a_save_of_other_fields_never_blesses_a_refused_value(refusing: Running, own_store: Location) -> None:
