@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BUF := tools/node_modules/.bin/buf
 
-.PHONY: install run run-mtls test lint gen gen-check buf-lint buf-breaking buf-baseline bench clean lowest-deps
+.PHONY: install run run-mtls test lint gen gen-check buf-lint buf-breaking buf-baseline bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,7 @@ lint: install buf-lint gen-check
 	$(BIN)/mypy
 
 # The client's declared lower bounds are real: installed exactly, in a throwaway virtualenv, it imports.
+.PHONY: lowest-deps
 lowest-deps: install
 	$(BIN)/python tools/check_lowest_deps.py clients/python integrations_client integrations.v1.integrations_pb2_grpc
 

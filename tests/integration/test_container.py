@@ -106,17 +106,19 @@ def test_wheels_carry_migrations_and_type_markers(tmp_path: Path) -> None:
     client_wheel = next(tmp_path.glob("integrations_client-*.whl"))
     service_files = zipfile.ZipFile(service_wheel).namelist()
     client_files = zipfile.ZipFile(client_wheel).namelist()
-    assert any(f.endswith("migrations/postgres/0001_integration_config.sql") for f in service_files)
-    assert any(f.endswith("migrations/sqlite/0002_keys_and_audit.sql") for f in service_files)
-    assert "integrations_service/py.typed" in service_files
-    assert {"integrations/v1/integrations_pb2.pyi", "integrations_client/py.typed"} <= set(client_files)
-    # The service carries the generated code itself (from the same source files), and not the client.
-    assert {"integrations/v1/integrations_pb2.py", "integrations/v1/integrations_pb2_grpc.py"} <= set(service_files)
+    # The service carries the generated code itself, every file of it the client ships, and not the client.
+    generated = {f for f in client_files if f.startswith("integrations/")}
+    assert {"integrations/v1/integrations_pb2.py", "integrations/v1/integrations_pb2_grpc.py"} <= generated
+    assert generated <= set(service_files)
     assert not any(f.startswith("integrations_client/") for f in service_files)
     metadata = zipfile.ZipFile(service_wheel).read(
         next(f for f in service_files if f.endswith(".dist-info/METADATA"))
     ).decode()
     assert "Requires-Dist: integrations-client" not in metadata
+    assert any(f.endswith("migrations/postgres/0001_integration_config.sql") for f in service_files)
+    assert any(f.endswith("migrations/sqlite/0002_keys_and_audit.sql") for f in service_files)
+    assert "integrations_service/py.typed" in service_files
+    assert {"integrations/v1/integrations_pb2.pyi", "integrations_client/py.typed"} <= set(client_files)
 
 
 def test_the_image_installs_only_the_service_distribution() -> None:
