@@ -56,6 +56,14 @@ def test_runs_as_non_root_and_exposes_the_default_ports() -> None:
     assert "INTEGRATIONS_METRICS_ADDRESS=0.0.0.0:9464" in DOCKERFILE
 
 
+def test_the_image_installs_only_the_service_distribution() -> None:
+    [install] = [r for r in instructions("RUN") if "pip install" in r]
+    args = shlex.split(install.split("&&")[1])
+    assert args[-1] == "integrations-service"
+    assert "--no-index" in args
+    assert "integrations-client" not in args
+
+
 def test_entry_point_and_healthcheck_name_real_commands() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert instructions("ENTRYPOINT") == ['["integrations-service"]']
@@ -120,10 +128,3 @@ def test_wheels_carry_migrations_and_type_markers(tmp_path: Path) -> None:
     assert "integrations_service/py.typed" in service_files
     assert {"integrations/v1/integrations_pb2.pyi", "integrations_client/py.typed"} <= set(client_files)
 
-
-def test_the_image_installs_only_the_service_distribution() -> None:
-    [install] = [r for r in instructions("RUN") if "pip install" in r]
-    args = shlex.split(install.split("&&")[1])
-    assert args[-1] == "integrations-service"
-    assert "--no-index" in args
-    assert "integrations-client" not in args
