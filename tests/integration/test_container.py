@@ -127,4 +127,3 @@ def test_wheels_carry_migrations_and_type_markers(tmp_path: Path) -> None:
     assert any(f.endswith("migrations/sqlite/0002_keys_and_audit.sql") for f in service_files)
     assert "integrations_service/py.typed" in service_files
     assert {"integrations/v1/integrations_pb2.pyi", "integrations_client/py.typed"} <= set(client_files)
-
