@@ -17,8 +17,10 @@ import pytest
 from integrations.v1 import integrations_pb2 as pb
 from tests.harness import TEST_KEY, Running, new_org, rich_error, start_service, values_of
 from tests.integration.raw_rows import (
+    DEFAULT_KEY_ID,
     V2_PREFIX,
     encrypt_v1,
+    encrypt_v2,
     insert_dashboard_row,
     insert_raw_config,
     service_url,
@@ -161,6 +163,16 @@ async def test_saving_new_values_repairs_a_refused_row(refusing: Running, own_st
     assert values_of(config)["webhookSecret"] == (NEW_WEBHOOK, ORG)
     stored = await stored_config(*own_store, org, "stripe")
     assert all(value.startswith(V2_PREFIX) for value in stored.values())
+
+
+async def test_an_empty_dashboard_field_is_not_a_refused_value(refusing: Running, own_store: Location) -> None:
+    org = new_org()
+    genuine = encrypt_v2(NEW_SECRET, TEST_KEY, DEFAULT_KEY_ID, org, "stripe", "secretKey")
+    await insert_dashboard_row(*own_store, org, "stripe", {"secretKey": genuine, "publishableKey": ""})
+
+    config = await get(refusing, org)
+
+    assert values_of(config)["secretKey"] == (NEW_SECRET, ORG)
 
 
 # --- a stored config that is not a JSON object ---------------------------------------------------------

@@ -98,7 +98,12 @@ LEGACY_V1 = "v1"
 
 
 def legacy_format(stored: str) -> str | None:
-    """`plaintext` or `v1` for the formats that bind a value to nothing; None for enc:v2 (and unknown formats)."""
+    """`plaintext` or `v1` for the formats that bind a value to nothing; None for enc:v2 (and unknown formats).
+
+    An empty string (the dashboard's unset field) holds nothing to plant or move: None too.
+    """
+    if not stored:
+        return None
     if not stored.startswith(ENCRYPTED_MARKER):
         return LEGACY_PLAINTEXT
     if stored.startswith(V1_PREFIX):
