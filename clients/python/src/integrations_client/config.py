@@ -28,7 +28,8 @@ log = logging.getLogger("integrations_client")
 
 # How often a call may look at the TLS files (three stat calls) for a new certificate.
 TLS_CHECK_INTERVAL = 1.0
-# The longest a replaced channel's calls get to finish before it is closed (calls have deadlines, so they do).
+# The longest the asyncio client lets a replaced channel's calls finish before closing it (they have deadlines;
+# the sync client counts them and closes the channel when the last one ends).
 RETIRED_CHANNEL_GRACE = 60.0
 
 SERVICE_NAME = "integrations.v1.IntegrationService"
