@@ -11,7 +11,6 @@ with scripted answers.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import time
 from collections import Counter
@@ -203,14 +202,6 @@ class Pki:
     dashboard_key: Path
     rogue_cert: Path  # client certificate of commerce.internal, signed by another CA
     rogue_key: Path
-    authority: trustme.CA | None = None  # the CA of `ca`, to issue more certificates
-
-
-def issue_client(pki: Pki, identity: str, not_after: datetime.datetime | None = None) -> tuple[bytes, bytes]:
-    """(certificate chain, private key) PEM of a client certificate of `identity` from the PKI's CA."""
-    assert pki.authority is not None
-    cert = pki.authority.issue_cert(identity, common_name=identity, not_after=not_after)
-    return b"".join(blob.bytes() for blob in cert.cert_chain_pems), cert.private_key_pem.bytes()
 
 
 def make_pki(folder: Path) -> Pki:
@@ -231,7 +222,7 @@ def make_pki(folder: Path) -> Pki:
     commerce = issue("commerce", ca, "commerce.internal")
     dashboard = issue("dashboard", ca, "dashboard.internal")
     rogue = issue("rogue", rogue_ca, "commerce.internal")
-    return Pki(write("ca.pem", ca.cert_pem.bytes()), *server, *commerce, *dashboard, *rogue, authority=ca)
+    return Pki(write("ca.pem", ca.cert_pem.bytes()), *server, *commerce, *dashboard, *rogue)
 
 
 def server_credentials(pki: Pki) -> grpc.ServerCredentials:

@@ -18,24 +18,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from integrations_client import IntegrationsClient, IntegrationsClientSync, ProviderCredentials, TlsConfig, Unavailable
-from tests.client_fixtures import (
-    SK,
-    FakeServer,
-    Pki,
-    issue_client,
-    make_pki,
-    server_credentials,
-    start_fake_server,
-)
+from tests.client_fixtures import SK, FakeServer, start_fake_server
 from tests.harness import Running, new_org, start_service
 from tests.processes import free_port
-from tests.tls_fixtures import replace_file
+from tests.tls_fixtures import CertificateAuthority, replace_file
 
-POLICY = '[[callers]]\nidentity = "commerce.internal"\nrole = "commerce"\n'
+COMMERCE = "commerce.internal"
 ROTATED = "rotated.internal"
+# A SPIFFE ID: the one kind of name every policy format of the service takes as `identity`.
+COMMERCE_ID = "spiffe://integrations.test/commerce"
+POLICY = f'[[callers]]\nidentity = "{COMMERCE_ID}"\nrole = "commerce"\n'
 # A bit more than the clients' one stat per second.
 NOTICED = 1.3
 
@@ -61,17 +57,44 @@ def open_client(kind: str, target: str, tls: TlsConfig, timeout: float = 5) -> C
     )
 
 
-def client_files(pki: Pki, folder: Path, identity: str, not_after: datetime.datetime | None = None) -> TlsConfig:
+@dataclass(frozen=True)
+class Pki:
+    authority: CertificateAuthority
+    ca: Path
+    server_cert: Path
+    server_key: Path
+
+    def issue(self, name: str, not_after: datetime.datetime | None = None) -> tuple[bytes, bytes]:
+        """A client certificate (PEM chain, key): common name `name`, and the commerce SPIFFE ID."""
+        pair = self.authority.issue(name, uris=(COMMERCE_ID,), not_after=not_after)
+        return pair.cert_pem, pair.key_pem
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(self.server_key.read_bytes(), self.server_cert.read_bytes())],
+            root_certificates=self.ca.read_bytes(),
+            require_client_auth=True,
+        )
+
+
+def make_pki(folder: Path) -> Pki:
     folder.mkdir(parents=True, exist_ok=True)
-    cert, key = issue_client(pki, identity, not_after)
+    authority = CertificateAuthority.create()
+    (folder / "ca.pem").write_bytes(authority.cert_pem)
+    return Pki(authority, folder / "ca.pem", *authority.issue_server().write(folder, "server"))
+
+
+def client_files(pki: Pki, folder: Path, name: str, not_after: datetime.datetime | None = None) -> TlsConfig:
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = pki.issue(name, not_after)
     (folder / "client.pem").write_bytes(cert)
     (folder / "client.key").write_bytes(key)
     return TlsConfig(pki.ca, folder / "client.pem", folder / "client.key")
 
 
-def rotate_files(pki: Pki, tls: TlsConfig, identity: str, not_after: datetime.datetime | None = None) -> None:
+def rotate_files(pki: Pki, tls: TlsConfig, name: str, not_after: datetime.datetime | None = None) -> None:
     """What cert-manager or a SPIRE helper does: replace the certificate, then the key (two renames)."""
-    cert, key = issue_client(pki, identity, not_after)
+    cert, key = pki.issue(name, not_after)
     replace_file(Path(tls.cert_file), cert)
     replace_file(Path(tls.key_file), key)
 
@@ -97,15 +120,15 @@ async def test_clients_keep_working_after_their_first_certificate_expires(tmp_pa
     address = f"127.0.0.1:{free_port()}"
     service = await start_tls_service(pki, tmp_path, address)
     expires = datetime.datetime.now(datetime.UTC).replace(microsecond=0) + datetime.timedelta(seconds=20)
-    tls = client_files(pki, tmp_path / "client", "commerce.internal", not_after=expires)
-    expired_copy = client_files(pki, tmp_path / "expired", "commerce.internal", not_after=expires)
+    tls = client_files(pki, tmp_path / "client", COMMERCE, not_after=expires)
+    expired_copy = client_files(pki, tmp_path / "expired", COMMERCE, not_after=expires)
     clients = [open_client(kind, address, tls) for kind in ("aio", "sync")]
     org = new_org()
     try:
         for client in clients:
             assert (await client.get_config(org, "stripe"))["secretKey"] == SK
 
-        rotate_files(pki, tls, "commerce.internal", datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1))
+        rotate_files(pki, tls, COMMERCE, datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1))
         await asyncio.sleep(NOTICED)
         for client in clients:
             assert (await client.get_config(org, "stripe"))["secretKey"] == SK
@@ -137,7 +160,7 @@ async def test_clients_keep_working_after_their_first_certificate_expires(tmp_pa
 @pytest.fixture
 async def pki_and_fake(tmp_path: Path) -> AsyncIterator[tuple[Pki, FakeServer]]:
     pki = make_pki(tmp_path / "pki")
-    server = await start_fake_server(server_credentials(pki))
+    server = await start_fake_server(pki.server_credentials())
     yield pki, server
     await server.stop()
 
@@ -147,7 +170,7 @@ async def test_new_files_serve_new_connections_and_calls_in_flight_finish(
     kind: str, pki_and_fake: tuple[Pki, FakeServer], tmp_path: Path
 ) -> None:
     pki, server = pki_and_fake
-    tls = client_files(pki, tmp_path / "client", "commerce.internal")
+    tls = client_files(pki, tmp_path / "client", COMMERCE)
     client = open_client(kind, server.target, tls)
     try:
         assert (await client.get_config("org_1", "stripe"))["secretKey"] == SK
@@ -161,8 +184,8 @@ async def test_new_files_serve_new_connections_and_calls_in_flight_finish(
 
         await slow  # finished on the old channel, not cancelled by the swap
         assert server.script.peers == [
-            ("GetProviderConfig", "commerce.internal"),
-            ("ListProviders", "commerce.internal"),
+            ("GetProviderConfig", COMMERCE),
+            ("ListProviders", COMMERCE),
             ("GetProviderConfig", ROTATED),
         ]
     finally:
@@ -174,7 +197,7 @@ async def test_broken_new_files_keep_the_old_certificate_and_say_why(
     kind: str, pki_and_fake: tuple[Pki, FakeServer], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     pki, server = pki_and_fake
-    tls = client_files(pki, tmp_path / "client", "commerce.internal")
+    tls = client_files(pki, tmp_path / "client", COMMERCE)
     old_key = await asyncio.to_thread(Path(tls.key_file).read_bytes)
     client = open_client(kind, server.target, tls)
     caplog.set_level(logging.INFO, logger="integrations_client")
@@ -185,12 +208,12 @@ async def test_broken_new_files_keep_the_old_certificate_and_say_why(
         replace_file(Path(tls.cert_file), b"-----BEGIN CERTIFICATE-----\nMIIB\n")
         await asyncio.sleep(NOTICED)
         await client.get_config("org_1", "stripe")
-        new_cert, new_key = issue_client(pki, ROTATED)
+        new_cert, new_key = pki.issue(ROTATED)
         replace_file(Path(tls.cert_file), new_cert)
         await asyncio.sleep(NOTICED)
         await client.get_config("org_1", "stripe")
         # Still the old certificate, on every call.
-        assert {peer for _, peer in server.script.peers} == {"commerce.internal"}
+        assert {peer for _, peer in server.script.peers} == {COMMERCE}
 
         warnings = [r for r in caplog.records if r.name == "integrations_client" and r.levelno == logging.WARNING]
         assert len(warnings) == 2, [r.getMessage() for r in warnings]
