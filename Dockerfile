@@ -25,7 +25,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     INTEGRATIONS_DATA_DIR=/var/lib/integrations
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-index --find-links /wheels integrations-service integrations-client \
+    && /opt/venv/bin/pip install --no-index --find-links /wheels integrations-service \
     && /opt/venv/bin/pip uninstall --yes pip setuptools \
     && groupadd --system --gid 10001 integrations \
     && useradd --system --uid 10001 --gid integrations --home-dir /var/lib/integrations --create-home integrations

@@ -95,6 +95,11 @@ lint: install buf-lint gen-check observability-check kubernetes-validate
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# The client's declared lower bounds are real: installed exactly, in a throwaway virtualenv, it imports.
+.PHONY: lowest-deps
+lowest-deps: install
+	$(BIN)/python tools/check_lowest_deps.py clients/python integrations_client integrations.v1.integrations_pb2_grpc
+
 bench: install
 	$(BIN)/python bench/run.py
 

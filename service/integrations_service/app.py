@@ -19,10 +19,11 @@ from integrations_service.api.auth import Authorizer, Policy
 from integrations_service.api.readiness import Readiness
 from integrations_service.api.server import SERVICE_NAME, build_server, listen, mark_serving
 from integrations_service.api.tls import ReloadingCredentials
-from integrations_service.config import Mode, Settings
+from integrations_service.config import ENCRYPTION_KEY_FILE_ENV, KEY_MATERIAL_ENVS, Mode, Settings
 from integrations_service.crypto import EncryptionKey, InvalidKey, Keyring, ValueCipher
 from integrations_service.domain.audit import AuditTrail
 from integrations_service.domain.keys import KeyUsage
+from integrations_service.domain.legacy import LegacyPolicy
 from integrations_service.domain.service import CredentialService
 from integrations_service.errors import ConfigurationError
 from integrations_service.metrics import InstrumentedStore, Metrics
@@ -115,14 +116,35 @@ async def open_checked_store(
     return store, key_usage
 
 
+def _warn_if_key_in_environment(settings: Settings) -> None:
+    """Popping the variable from os.environ does not clear /proc/PID/environ: the key stays readable there."""
+    if settings.mode is Mode.PRODUCTION and settings.key_source in KEY_MATERIAL_ENVS:
+        log.warning(
+            "the encryption key comes from %s: it stays readable in /proc/<pid>/environ to root and to this "
+            "user for the life of the process; use %s (a 0600 file) instead",
+            settings.key_source,
+            ENCRYPTION_KEY_FILE_ENV,
+            extra={"event": "key_in_environment", "variable": settings.key_source},
+        )
+
+
+def _legacy_policy(settings: Settings, metrics: Metrics) -> LegacyPolicy:
+    return LegacyPolicy(
+        settings.legacy_values,
+        count_read=lambda fmt, provider: metrics.legacy_values_read.labels(fmt, provider).inc(),
+        count_refused=lambda fmt, provider: metrics.legacy_values_refused.labels(fmt, provider).inc(),
+    )
+
+
 async def start(settings: Settings) -> RunningService:
+    _warn_if_key_in_environment(settings)
     cipher = ValueCipher(resolve_keyring(settings))
     credentials, authorizer = _security(settings)  # bad TLS files or policy stop us before the store opens
     metrics = Metrics()
     store, key_usage = await open_checked_store(settings, cipher, settings.db_pool_size, metrics)
     audit = AuditTrail(store)
     try:
-        service = CredentialService(store, cipher, settings.provider_defaults, audit)
+        service = CredentialService(store, cipher, settings.provider_defaults, audit, _legacy_policy(settings, metrics))
         server, health_servicer = build_server(
             service, audit, authorizer, metrics, reflection_enabled=settings.reflection
         )

@@ -20,6 +20,7 @@ from integrations_service.config import KEY_MATERIAL_ENVS, Settings, add_flags, 
 from integrations_service.crypto import EncryptionKey, ValueCipher
 from integrations_service.devcerts import expiring, make_dev_certs
 from integrations_service.domain.audit import AuditTrail, Caller
+from integrations_service.domain.legacy import LegacyValues
 from integrations_service.domain.rotation import RotationReport, Rotator
 from integrations_service.errors import ConfigurationError, FailedPrecondition, Unavailable
 from integrations_service.store.factory import open_store
@@ -80,7 +81,9 @@ async def _rotate(settings: Settings, batch_size: int) -> int:
     store, key_usage = await app.open_checked_store(settings, cipher, pool_size=2)
     audit = AuditTrail(store)
     try:
-        rotator = Rotator(store, cipher, audit, Caller(f"cli:rotate@{getpass.getuser()}"), batch_size, _progress)
+        caller = Caller(f"cli:rotate@{getpass.getuser()}")
+        rewrap_legacy = settings.legacy_values is LegacyValues.READ
+        rotator = Rotator(store, cipher, audit, caller, batch_size, _progress, rewrap_legacy=rewrap_legacy)
         report = await rotator.rotate()
     finally:
         await audit.close()
@@ -93,12 +96,22 @@ async def _rotate(settings: Settings, batch_size: int) -> int:
         "from_keys": dict(report.from_keys),
         "active_key_id": cipher.active_key_id,
         "undecryptable": [{"row_id": row, "field": field} for row, field in report.undecryptable],
+        # Found before this run, and still legacy after it: 0 remaining means refuse can be switched on.
+        "legacy_values": dict(report.legacy_found),
+        "legacy_values_remaining": report.legacy_remaining,
+        "unreadable_rows": report.unreadable_rows,
     }
     print(json.dumps(summary, indent=2))
-    if report.undecryptable:
+    if not report.complete:
         log.error(
-            "some values cannot be decrypted and were left as they are; see undecryptable",
-            extra={"event": "rotation_incomplete", "count": len(report.undecryptable)},
+            "rotation incomplete: values left as they are; see undecryptable, legacy_values_remaining "
+            "and unreadable_rows",
+            extra={
+                "event": "rotation_incomplete",
+                "count": len(report.undecryptable),
+                "legacy_remaining": report.legacy_remaining,
+                "unreadable_rows": len(report.unreadable_rows),
+            },
         )
         return 1
     return 0

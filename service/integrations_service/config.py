@@ -12,8 +12,10 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from integrations_service.crypto import InvalidKey, Keyring
+from integrations_service.domain.legacy import LEGACY_VALUES_ENV, LegacyValues
 from integrations_service.domain.registry import all_env_vars
 from integrations_service.errors import ConfigurationError
 
@@ -27,6 +29,9 @@ KEY_MATERIAL_ENVS = (ENCRYPTION_KEY_ENV, ENCRYPTION_KEYS_ENV)
 class Mode(enum.Enum):
     DEVELOPMENT = "development"
     PRODUCTION = "production"
+
+
+Choice = TypeVar("Choice", Mode, LegacyValues)
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,13 @@ METRICS_ADDRESS = Setting(
     "127.0.0.1:9464",
     "host:port of the Prometheus /metrics endpoint; empty turns it off",
 )
+LEGACY_VALUES = Setting(
+    LEGACY_VALUES_ENV,
+    "--legacy-values",
+    "read",
+    "read (serve legacy plaintext and enc:v1 values, counted) or refuse (answer DATA_LOSS for them: "
+    "switch once `rotate` reports none left)",
+)
 
 SETTINGS = (
     LISTEN_ADDRESS,
@@ -118,6 +130,7 @@ SETTINGS = (
     TLS_CLIENT_CA,
     AUTHZ_POLICY,
     INSECURE_PLAINTEXT,
+    LEGACY_VALUES,
 )
 
 
@@ -147,6 +160,9 @@ class Settings:
     # None: no metrics endpoint.
     metrics_address: str | None
     provider_defaults: Mapping[str, str] = field(repr=False)
+    legacy_values: LegacyValues = LegacyValues.READ
+    # The env var the keys came from (None: none set, development key file).
+    key_source: str | None = None
 
     @property
     def dev_key_path(self) -> Path:
@@ -165,6 +181,7 @@ def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str], s
     """All settings; `serving=False` (migrate, rotate, retire-key) skips what only a server needs (TLS, policy)."""
     reader = _Reader(args, environ)
     mode = reader.choice(MODE, Mode)
+    legacy_values = reader.choice(LEGACY_VALUES, LegacyValues)
     production = mode is Mode.PRODUCTION
     keyring = reader.keyring(required=production)
     database_url = reader.database_url(required=production)
@@ -187,6 +204,8 @@ def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str], s
         authz_policy=Path(policy) if policy else None,
         metrics_address=reader.metrics_address(),
         provider_defaults={var: environ[var] for var in all_env_vars() if environ.get(var)},
+        legacy_values=legacy_values or LegacyValues.READ,
+        key_source=reader.key_source(),
     )
     reader.raise_problems()
     return settings
@@ -236,7 +255,7 @@ class _Reader:
             return self._environ[setting.env]
         return self._environ.get(setting.env) or setting.default or ""
 
-    def choice(self, setting: Setting, kind: type[Mode]) -> Mode | None:
+    def choice(self, setting: Setting, kind: type[Choice]) -> Choice | None:
         raw = self.text(setting)
         try:
             return kind(raw)
@@ -324,11 +343,18 @@ class _Reader:
             self.problem(LOG_FORMAT.env, f"must be json or text, got {raw!r}")
         return raw == "json"
 
+    def key_source(self) -> str | None:
+        given = self._key_sources()
+        return given[0] if given else None
+
+    def _key_sources(self) -> list[str]:
+        """The key variables that are set, the preferred source first."""
+        sources = (ENCRYPTION_KEY_FILE_ENV, ENCRYPTION_KEYS_ENV, ENCRYPTION_KEY_ENV)
+        return [env for env in sources if self._environ.get(env)]
+
     def keyring(self, required: bool) -> Keyring | None:
         """From a key file (preferred), INTEGRATION_ENCRYPTION_KEYS, or the single INTEGRATION_ENCRYPTION_KEY."""
-        given = [
-            env for env in (ENCRYPTION_KEY_FILE_ENV, ENCRYPTION_KEYS_ENV, ENCRYPTION_KEY_ENV) if self._environ.get(env)
-        ]
+        given = self._key_sources()
         if len(given) > 1:
             self.problem(given[0], f"and {', '.join(given[1:])} are both set: set only one source of keys")
             return None

@@ -88,5 +88,20 @@ class CorruptCredential(ServiceError):
         self.fields = tuple(fields)
 
 
+class CorruptConfig(CorruptCredential):
+    """A stored config is not a JSON object of values: nothing in it can be read, so the row is refused whole."""
+
+    def __init__(self, organization_id: str, provider: str, reason: str) -> None:
+        # `reason` is the store's fixed text (e.g. "is not a JSON object"), never the row's content.
+        ServiceError.__init__(
+            self,
+            f"the stored config of organization {organization_id!r} for provider {provider!r} {reason}; "
+            "delete the integration (DeleteIntegration) and save it again to replace it",
+        )
+        self.organization_id = organization_id
+        self.provider = provider
+        self.fields = ()
+
+
 class ConfigurationError(Exception):
     """A setting is missing or invalid at start-up. Not a request error."""

@@ -75,6 +75,18 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.legacy_values_read = Counter(
+            "integrations_legacy_values_read",
+            "Legacy stored values (plaintext, enc:v1) read and served, by format and provider",
+            ["format", "provider"],
+            registry=r,
+        )
+        self.legacy_values_refused = Counter(
+            "integrations_legacy_values_refused",
+            "Legacy stored values refused (INTEGRATIONS_LEGACY_VALUES=refuse), by format and provider",
+            ["format", "provider"],
+            registry=r,
+        )
         self.store_seconds = Histogram(
             "integrations_store_operation_duration_seconds",
             "Store call latency, by operation",

@@ -115,7 +115,11 @@ async def overwrite_config(kind: str, where: str, organization_id: str, provider
 async def insert_dashboard_row(kind: str, where: str, organization_id: str, provider: str,
                                config: Mapping[str, str]) -> None:
     """A row written the way the dashboard writes it: its own columns only, timestamps now()."""
-    text = json.dumps(dict(config))
+    await insert_raw_config(kind, where, organization_id, provider, json.dumps(dict(config)))
+
+
+async def insert_raw_config(kind: str, where: str, organization_id: str, provider: str, text: str) -> None:
+    """Like insert_dashboard_row, but `config` is the JSON text as given (which need not be an object)."""
     row_id = str(uuid.uuid4())
     if kind == "postgres":
         conn = await asyncpg.connect(where)

@@ -90,6 +90,14 @@ def test_runs_as_non_root_and_exposes_the_default_ports() -> None:
     assert "INTEGRATIONS_METRICS_ADDRESS=0.0.0.0:9464" in DOCKERFILE
 
 
+def test_the_image_installs_only_the_service_distribution() -> None:
+    [install] = [r for r in instructions("RUN") if "pip install" in r]
+    args = shlex.split(install.split("&&")[1])
+    assert args[-1] == "integrations-service"
+    assert "--no-index" in args
+    assert "integrations-client" not in args
+
+
 def test_entry_point_and_healthcheck_name_real_commands() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert instructions("ENTRYPOINT") == ['["integrations-service"]']
@@ -183,6 +191,15 @@ def test_wheels_carry_migrations_and_type_markers(tmp_path: Path) -> None:
     client_wheel = next(tmp_path.glob("integrations_client-*.whl"))
     service_files = zipfile.ZipFile(service_wheel).namelist()
     client_files = zipfile.ZipFile(client_wheel).namelist()
+    # The service carries the generated code itself, every file of it the client ships, and not the client.
+    generated = {f for f in client_files if f.startswith("integrations/")}
+    assert {"integrations/v1/integrations_pb2.py", "integrations/v1/integrations_pb2_grpc.py"} <= generated
+    assert generated <= set(service_files)
+    assert not any(f.startswith("integrations_client/") for f in service_files)
+    metadata = zipfile.ZipFile(service_wheel).read(
+        next(f for f in service_files if f.endswith(".dist-info/METADATA"))
+    ).decode()
+    assert "Requires-Dist: integrations-client" not in metadata
     assert any(f.endswith("migrations/postgres/0001_integration_config.sql") for f in service_files)
     assert any(f.endswith("migrations/sqlite/0002_keys_and_audit.sql") for f in service_files)
     assert "integrations_service/py.typed" in service_files

@@ -307,6 +307,10 @@ async def test_rotation_under_concurrent_writes_and_reads_rewraps_everything_and
         "from_keys": seeded.from_keys,
         "active_key_id": "k2",
         "undecryptable": [],
+        # The dashboard's values, all rewrapped: INTEGRATIONS_LEGACY_VALUES=refuse can be switched on.
+        "legacy_values": {"plaintext": seeded.from_keys["plaintext"], "v1": seeded.from_keys["default"]},
+        "legacy_values_remaining": 0,
+        "unreadable_rows": [],
     }
     assert seeded.from_keys == {"plaintext": 140, "default": 140, "k1": 26}
 
@@ -353,6 +357,9 @@ async def test_rotation_under_concurrent_writes_and_reads_rewraps_everything_and
         "from_keys": {},
         "active_key_id": "k2",
         "undecryptable": [],
+        "legacy_values": {"plaintext": 0, "v1": 0},
+        "legacy_values_remaining": 0,
+        "unreadable_rows": [],
     }
     assert await raw_rows(database) == rows_after
 

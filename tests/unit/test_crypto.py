@@ -20,6 +20,7 @@ from integrations_service.crypto import (
     ValueCipher,
     ValueContext,
     key_id_of,
+    legacy_format,
     seal_v1,
 )
 from integrations_service.crypto.aead import associated_data
@@ -249,3 +250,11 @@ def test_keys_never_show_in_repr_or_errors() -> None:
     with pytest.raises(InvalidKey) as caught:
         Keyring.parse(f"k1:{VECTOR_KEY_HEX[:-2]}")
     assert VECTOR_KEY_HEX[:20] not in str(caught.value)
+
+
+def test_legacy_format_names_the_formats_that_bind_nothing() -> None:
+    v2 = CIPHER.encrypt("sk_test_x", CONTEXT)
+    v1 = seal_v1(KEY_A, "sk_test_x", bytes(12))
+    assert [legacy_format(s) for s in ("sk_test_plain", " ", v1, v2, "enc:v9:x", "")] == [
+        "plaintext", "plaintext", "v1", None, None, None
+    ]

@@ -1,6 +1,8 @@
 """Authenticated encryption of single credential values (the `enc:` formats) and the keyring."""
 
 from integrations_service.crypto.aead import (
+    LEGACY_PLAINTEXT,
+    LEGACY_V1,
     NONCE_LIMIT,
     InvalidCiphertext,
     UnknownKeyId,
@@ -8,12 +10,15 @@ from integrations_service.crypto.aead import (
     ValueContext,
     is_encrypted,
     key_id_of,
+    legacy_format,
     seal_v1,
 )
 from integrations_service.crypto.keys import DEFAULT_KEY_ID, EncryptionKey, InvalidKey, Keyring
 
 __all__ = [
     "DEFAULT_KEY_ID",
+    "LEGACY_PLAINTEXT",
+    "LEGACY_V1",
     "NONCE_LIMIT",
     "EncryptionKey",
     "InvalidCiphertext",
@@ -24,5 +29,6 @@ __all__ = [
     "ValueContext",
     "is_encrypted",
     "key_id_of",
+    "legacy_format",
     "seal_v1",
 ]

@@ -93,6 +93,24 @@ def key_id_of(stored: str) -> str | None:
     raise InvalidCiphertext("unknown encrypted value format version")
 
 
+LEGACY_PLAINTEXT = "plaintext"
+LEGACY_V1 = "v1"
+
+
+def legacy_format(stored: str) -> str | None:
+    """`plaintext` or `v1` for the formats that bind a value to nothing; None for enc:v2 (and unknown formats).
+
+    An empty string (the dashboard's unset field) holds nothing to plant or move: None too.
+    """
+    if not stored:
+        return None
+    if not stored.startswith(ENCRYPTED_MARKER):
+        return LEGACY_PLAINTEXT
+    if stored.startswith(V1_PREFIX):
+        return LEGACY_V1
+    return None
+
+
 def is_encrypted(stored: str) -> bool:
     """False for legacy plaintext."""
     return stored.startswith(ENCRYPTED_MARKER)

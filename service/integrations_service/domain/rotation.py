@@ -3,7 +3,10 @@
 Values that are plaintext, `enc:v1:`, or `enc:v2:` under another key are
 decrypted and written as `enc:v2:` under the active key; values already under
 it are left alone, so a second run changes nothing and a crashed run simply
-resumes where it left off. Rows are processed in batches, each in its own
+resumes where it left off. Legacy values (plaintext, `enc:v1:`) are counted,
+so the report says when INTEGRATIONS_LEGACY_VALUES can become `refuse`; once it
+is `refuse`, rotation leaves them as they are (an attacker's planted plaintext
+must not become genuine `enc:v2:`) and reports them as remaining. Rows are processed in batches, each in its own
 transaction with the rows locked, so a concurrent SaveIntegration is never
 overwritten. Only ciphertext changes: a row's etag stays the same.
 """
@@ -15,10 +18,18 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from integrations_service.crypto import InvalidCiphertext, ValueCipher, ValueContext, key_id_of
+from integrations_service.crypto import (
+    LEGACY_PLAINTEXT,
+    LEGACY_V1,
+    InvalidCiphertext,
+    ValueCipher,
+    ValueContext,
+    key_id_of,
+    legacy_format,
+)
 from integrations_service.domain.audit import OUTCOME_OK, AuditTrail, Caller
 from integrations_service.errors import FailedPrecondition
-from integrations_service.store import IntegrationStore, StoredIntegration
+from integrations_service.store import IntegrationStore, StoredIntegration, UnreadableConfig
 
 log = logging.getLogger("integrations.rotation")
 
@@ -37,6 +48,23 @@ class RotationReport:
     from_keys: Counter[str] = field(default_factory=Counter)
     # (row id, field) of values that could not be decrypted and were left as they are.
     undecryptable: list[tuple[str, str]] = field(default_factory=list)
+    # Legacy values found (plaintext, v1), and how many of them are still legacy after this run.
+    legacy_found: Counter[str] = field(default_factory=lambda: Counter({LEGACY_PLAINTEXT: 0, LEGACY_V1: 0}))
+    legacy_remaining: int = 0
+    # Ids of rows whose stored config is not a JSON object: nothing in them can be rewrapped.
+    unreadable_rows: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not (self.undecryptable or self.legacy_remaining or self.unreadable_rows)
+
+
+@dataclass
+class _RowOutcome:
+    rewrapped: Counter[str] = field(default_factory=Counter)
+    failed: list[str] = field(default_factory=list)
+    legacy_found: Counter[str] = field(default_factory=Counter)
+    legacy_remaining: int = 0
 
 
 class Rotator:
@@ -48,6 +76,7 @@ class Rotator:
         caller: Caller,
         batch_size: int = 100,
         progress: Callable[[RotationReport], None] = lambda report: None,
+        rewrap_legacy: bool = True,
     ) -> None:
         self._store = store
         self._cipher = cipher
@@ -55,6 +84,7 @@ class Rotator:
         self._caller = caller
         self._batch_size = batch_size
         self._progress = progress
+        self._rewrap_legacy = rewrap_legacy
 
     async def rotate(self) -> RotationReport:
         report = RotationReport()
@@ -62,6 +92,7 @@ class Rotator:
         while batch := await self._store.scan(after, self._batch_size):
             after = batch[-1].id
             report.rows_scanned += len(batch)
+            report.unreadable_rows.extend(row.id for row in batch if isinstance(row.config, UnreadableConfig))
             stale = [row.id for row in batch if not all(map(self._cipher.is_current, row.config.values()))]
             if stale:
                 await self._rewrap_batch(stale, report)
@@ -93,32 +124,41 @@ class Rotator:
 
     async def _rewrap_batch(self, ids: list[str], report: RotationReport) -> None:
         # Per row id, so that a row rewritten again (a store retry) is counted once.
-        outcomes: dict[str, tuple[Counter[str], list[str]]] = {}
+        outcomes: dict[str, _RowOutcome] = {}
 
         def rewrite(row: StoredIntegration) -> Mapping[str, str] | None:
-            new, rewrapped, failed = dict(row.config), Counter[str](), []
+            new, outcome = dict(row.config), _RowOutcome()
             for name, stored in row.config.items():
                 if self._cipher.is_current(stored):
                     continue
+                legacy = legacy_format(stored)
+                if legacy:
+                    outcome.legacy_found[legacy] += 1
+                    if not self._rewrap_legacy:
+                        outcome.legacy_remaining += 1
+                        continue
                 context = ValueContext(row.organization_id, row.provider, name)
                 try:
                     new[name] = self._cipher.encrypt(self._cipher.decrypt(stored, context), context)
                 except InvalidCiphertext:
-                    failed.append(name)  # left as it is, and reported
+                    outcome.failed.append(name)  # left as it is, and reported
+                    outcome.legacy_remaining += bool(legacy)
                     continue
-                rewrapped[_key_of(stored)] += 1
-            outcomes[row.id] = (rewrapped, failed)
-            return new if rewrapped else None
+                outcome.rewrapped[_key_of(stored)] += 1
+            outcomes[row.id] = outcome
+            return new if outcome.rewrapped else None
 
         details = {"rows": str(len(ids)), "active_key_id": self._cipher.active_key_id}
         audit = self._audit.record(self._caller, ROTATE_ACTION, OUTCOME_OK, details=details)
         report.rows_rewrapped += await self._store.rewrap(ids, rewrite, audit)
         self._audit.written(audit)
         report.batches += 1
-        for row_id, (rewrapped, failed) in outcomes.items():
-            report.values_rewrapped += sum(rewrapped.values())
-            report.from_keys.update(rewrapped)
-            report.undecryptable.extend((row_id, name) for name in failed)
+        for row_id, outcome in outcomes.items():
+            report.values_rewrapped += sum(outcome.rewrapped.values())
+            report.from_keys.update(outcome.rewrapped)
+            report.undecryptable.extend((row_id, name) for name in outcome.failed)
+            report.legacy_found.update(outcome.legacy_found)
+            report.legacy_remaining += outcome.legacy_remaining
 
 
 def _key_of(stored: str) -> str:

@@ -12,13 +12,14 @@ import hashlib
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from integrations_service.crypto import InvalidCiphertext, ValueCipher, ValueContext, is_encrypted
+from integrations_service.crypto import InvalidCiphertext, ValueCipher, ValueContext, is_encrypted, legacy_format
 from integrations_service.domain import validation
 from integrations_service.domain.audit import OUTCOME_OK, AuditTrail, Caller
+from integrations_service.domain.legacy import LegacyPolicy, refusal_reason
 from integrations_service.domain.registry import Category, ProviderSpec, providers_in
 from integrations_service.domain.resolution import ConfigView, EffectiveConfig, is_ready, resolve_values
-from integrations_service.errors import Conflict, CorruptCredential, NotFound, ServiceError
-from integrations_service.store import IntegrationStore, StoredIntegration
+from integrations_service.errors import Conflict, CorruptConfig, CorruptCredential, NotFound, ServiceError
+from integrations_service.store import IntegrationStore, StoredIntegration, UnreadableConfig
 
 RPC_GET = "GetProviderConfig"
 RPC_SAVE = "SaveIntegration"
@@ -41,19 +42,25 @@ def etag_of(row: StoredIntegration) -> str:
 
 class CredentialService:
     def __init__(
-        self, store: IntegrationStore, cipher: ValueCipher, environment: Mapping[str, str], audit: AuditTrail
+        self,
+        store: IntegrationStore,
+        cipher: ValueCipher,
+        environment: Mapping[str, str],
+        audit: AuditTrail,
+        legacy: LegacyPolicy = LegacyPolicy(),  # noqa: B008 (frozen, shared safely)
     ) -> None:
         self._store = store
         self._cipher = cipher
         self._environment = dict(environment)
         self._audit = audit
+        self._legacy = legacy
 
     async def list_providers(self, organization_id: str, category: Category | None) -> list[ProviderStatus]:
         if not organization_id:
             return [ProviderStatus(spec) for spec in providers_in(category)]
         validation.check_organization_id(organization_id)
         rows = {row.provider: row for row in await self._store.list_for_organization(organization_id)}
-        return [self._status(spec, rows.get(spec.id)) for spec in providers_in(category)]
+        return [self._listed(spec, rows.get(spec.id)) for spec in providers_in(category)]
 
     async def get_config(
         self, organization_id: str, provider_id: str, view: ConfigView, caller: Caller
@@ -140,20 +147,48 @@ class CredentialService:
         stored_keys = frozenset(k for k, v in row.config.items() if v and spec.field(k)) if row else frozenset()
         return ProviderStatus(spec, configured=bool(stored_keys), ready=is_ready(spec, stored_keys, self._environment))
 
+    def _listed(self, spec: ProviderSpec, row: StoredIntegration | None) -> ProviderStatus:
+        """A stored row that reads would refuse is configured (it exists) but never ready."""
+        if row is not None and (isinstance(row.config, UnreadableConfig) or self._refused_fields(spec, row)):
+            return ProviderStatus(spec, configured=True, ready=False)
+        return self._status(spec, row)
+
+    def _refused_fields(self, spec: ProviderSpec, row: StoredIntegration) -> list[str]:
+        if not self._legacy.refuses:
+            return []
+        return [k for k, v in row.config.items() if spec.field(k) and legacy_format(v)]
+
     def _decrypt(self, spec: ProviderSpec, row: StoredIntegration, skip: Collection[str]) -> dict[str, str]:
-        """Clear text of the row's registry fields, except those in `skip`."""
+        """Clear text of the row's registry fields, except those in `skip`.
+
+        Legacy values (plaintext, enc:v1) are refused like tampered ciphertext when the policy says so,
+        so a save that keeps such a field fails too, instead of re-encrypting it as genuine.
+        """
+        if isinstance(row.config, UnreadableConfig):
+            raise CorruptConfig(row.organization_id, row.provider, row.config.reason)
         clear: dict[str, str] = {}
         broken: dict[str, str] = {}
+        legacy_read: list[str] = []
         for key, stored in row.config.items():
             if key in skip or spec.field(key) is None:
+                continue
+            legacy = legacy_format(stored)
+            if legacy and self._legacy.refuses:
+                self._legacy.count_refused(legacy, row.provider)
+                broken[key] = refusal_reason(legacy)
                 continue
             try:
                 clear[key] = self._cipher.decrypt(stored, ValueContext(row.organization_id, row.provider, key))
             except InvalidCiphertext as error:
                 broken[key] = str(error)
+                continue
+            if legacy:
+                legacy_read.append(legacy)
         if broken:
             fields = sorted(broken)
             raise CorruptCredential(row.organization_id, row.provider, fields, reason=broken[fields[0]])
+        for legacy in legacy_read:
+            self._legacy.count_read(legacy, row.provider)
         return clear
 
     def _effective(

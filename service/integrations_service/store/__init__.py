@@ -10,6 +10,7 @@ from integrations_service.store.base import (
     Precondition,
     Rewrite,
     StoredIntegration,
+    UnreadableConfig,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "Precondition",
     "Rewrite",
     "StoredIntegration",
+    "UnreadableConfig",
 ]

@@ -14,7 +14,7 @@ lose a field. A callback that raises aborts the transaction: nothing changes.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -30,6 +30,27 @@ class StoredIntegration:
     version: int
     created_at: datetime
     updated_at: datetime
+
+
+class UnreadableConfig(Mapping[str, str]):
+    """Stands in for a stored config that is not a JSON object: it holds no values, and says why.
+
+    The store returns it rather than failing, so one bad row cannot break a
+    listing of its organization or a scan of the table; reading the row's
+    values is refused (DATA_LOSS) above the store.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __getitem__(self, key: str) -> str:
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
 
 
 @dataclass(frozen=True)

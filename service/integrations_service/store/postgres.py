@@ -38,6 +38,7 @@ from integrations_service.store.base import (
     Precondition,
     Rewrite,
     StoredIntegration,
+    UnreadableConfig,
 )
 from integrations_service.store.budget import Budget, KeyedLocks, bounded
 from integrations_service.store.migrate import migrate_postgres
@@ -682,11 +683,10 @@ def _to_stored(record: Any) -> StoredIntegration:
     )
 
 
-def _config_of(value: object, organization_id: str, provider: str) -> dict[str, str]:
+def _config_of(value: object, organization_id: str, provider: str) -> Mapping[str, str]:
+    del organization_id, provider  # named by the service when it refuses the row
     if not isinstance(value, Mapping):
-        raise errors.FailedPrecondition(
-            f"the stored config of organization {organization_id!r} for provider {provider!r} is not a JSON object"
-        )
+        return UnreadableConfig("is not a JSON object")
     # Rows written by the dashboard are string-valued; anything else is kept as its JSON text.
     return {str(key): item if isinstance(item, str) else _encode_json(item) for key, item in value.items()}
 

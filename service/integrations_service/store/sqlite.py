@@ -39,6 +39,7 @@ from integrations_service.store.base import (
     Precondition,
     Rewrite,
     StoredIntegration,
+    UnreadableConfig,
 )
 from integrations_service.store.budget import Budget, bounded
 from integrations_service.store.migrate import migrate_sqlite
@@ -513,11 +514,13 @@ def _to_audit_entry(row: Iterable[Any]) -> AuditEntry:
     )
 
 
-def _decode(text: str, organization_id: str, provider: str) -> dict[str, str]:
-    value = json.loads(text)
+def _decode(text: str, organization_id: str, provider: str) -> Mapping[str, str]:
+    del organization_id, provider  # named by the service when it refuses the row
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return UnreadableConfig("is not valid JSON")
     if not isinstance(value, dict):
-        raise errors.FailedPrecondition(
-            f"the stored config of organization {organization_id!r} for provider {provider!r} is not a JSON object"
-        )
+        return UnreadableConfig("is not a JSON object")
     # The store only writes strings; anything else is kept as its JSON text.
     return {str(key): item if isinstance(item, str) else json.dumps(item) for key, item in value.items()}

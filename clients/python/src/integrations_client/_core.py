@@ -9,7 +9,7 @@ import grpc
 
 from integrations.v1 import integrations_pb2 as pb
 from integrations_client._cache import CacheStats, CredentialCache, Key
-from integrations_client.config import TlsConfig, channel_options
+from integrations_client.config import ReloadingTls, TlsConfig, channel_options
 from integrations_client.errors import DeadlineExceeded, IntegrationsError, error_from_rpc
 from integrations_client.models import Category, category_to_pb
 
@@ -44,7 +44,7 @@ class ClientCore:
         self._timeout = timeout
         self._wait_for_ready = wait_for_ready
         # Read the TLS files now, so a wrong path fails at start-up rather than on the first call.
-        self._credentials: grpc.ChannelCredentials | None = tls.channel_credentials() if tls else None
+        self._tls_files = ReloadingTls(tls) if tls else None
         self._options = [*channel_options(tls), *extra_channel_options]
         self._cache = CredentialCache(cache_ttl, cache_max_entries, stale_if_error, clock)
 
@@ -60,6 +60,14 @@ class ClientCore:
     def cache_stats(self) -> CacheStats:
         """A snapshot of the `get_config` cache counters."""
         return self._cache.stats()
+
+    def _credentials(self) -> grpc.ChannelCredentials | None:
+        """The newest TLS files that loaded; None for plaintext."""
+        return self._tls_files.credentials if self._tls_files else None
+
+    def _tls_changed(self) -> bool:
+        """True when new TLS files have loaded since the channel was opened: open a new one."""
+        return self._tls_files is not None and self._tls_files.changed()
 
     def _deadline(self, timeout: float | None) -> float:
         return self._timeout if timeout is None else timeout

@@ -21,7 +21,7 @@ from integrations_client._core import (
     ClientCore,
     invalidation_matches,
 )
-from integrations_client.config import TlsConfig, env_settings
+from integrations_client.config import RETIRED_CHANNEL_GRACE, TlsConfig, env_settings
 from integrations_client.errors import IntegrationsError
 from integrations_client.models import (
     Category,
@@ -88,6 +88,8 @@ class IntegrationsClient(ClientCore):
         self._stub: IntegrationServiceAsyncStub | None = None
         self._inflight: dict[Key, _Flight] = {}
         self._closed = False
+        # Channels replaced after a certificate change, closing once their calls finish.
+        self._retired: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> Self:
@@ -114,19 +116,35 @@ class IntegrationsClient(ClientCore):
         channel, self._channel, self._stub = self._channel, None, None
         self._cache.invalidate(lambda _key: True)
         self._inflight.clear()
-        if channel is not None:
-            await channel.close(grace=None)
+        retired, self._retired = self._retired, {}
+        for task in retired.values():
+            task.cancel()
+        for old in [*retired, *([channel] if channel is not None else [])]:
+            await old.close(grace=None)
 
     def _service(self) -> IntegrationServiceAsyncStub:
         if self._closed:
             raise RuntimeError("the IntegrationsClient is closed")
+        if self._tls_changed() and self._channel is not None:
+            self._retire(self._channel)
+            self._channel = self._stub = None
         if self._stub is None:
-            if self._credentials is None:
+            credentials = self._credentials()
+            if credentials is None:
                 self._channel = grpc.aio.insecure_channel(self._target, options=self._options)
             else:
-                self._channel = grpc.aio.secure_channel(self._target, self._credentials, options=self._options)
+                self._channel = grpc.aio.secure_channel(self._target, credentials, options=self._options)
             self._stub = pb_grpc.IntegrationServiceStub(self._channel)
         return self._stub
+
+    def _retire(self, channel: grpc.aio.Channel) -> None:
+        """New calls go to a new channel; this one closes when its calls are done (or after the grace period)."""
+
+        async def close_when_idle() -> None:
+            await channel.close(grace=RETIRED_CHANNEL_GRACE)
+            self._retired.pop(channel, None)
+
+        self._retired[channel] = asyncio.get_running_loop().create_task(close_when_idle())
 
     async def _call(
         self,

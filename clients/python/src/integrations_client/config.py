@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Mapping
+import ssl
+import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,14 @@ ENV_TARGET = "INTEGRATIONS_SERVICE_TARGET"
 ENV_CA = "INTEGRATIONS_CLIENT_CA"
 ENV_CERT = "INTEGRATIONS_CLIENT_CERT"
 ENV_KEY = "INTEGRATIONS_CLIENT_KEY"
+
+log = logging.getLogger("integrations_client")
+
+# How often a call may look at the TLS files (three stat calls) for a new certificate.
+TLS_CHECK_INTERVAL = 1.0
+# The longest the asyncio client lets a replaced channel's calls finish before closing it (they have deadlines;
+# the sync client counts them and closes the channel when the last one ends).
+RETIRED_CHANNEL_GRACE = 60.0
 
 SERVICE_NAME = "integrations.v1.IntegrationService"
 # Reads are safe to repeat; writes are never retried by the client (a lost reply
@@ -55,12 +67,15 @@ class TlsConfig:
     server_name_override: str | None = None
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
-        """Reads the three files (ConfigurationError naming the one that cannot be read)."""
-        return grpc.ssl_channel_credentials(
-            root_certificates=_read("ca_file", self.ca_file),
-            private_key=_read("key_file", self.key_file),
-            certificate_chain=_read("cert_file", self.cert_file),
-        )
+        """Reads and checks the three files (ConfigurationError naming the one that cannot be used)."""
+        ca = _read("ca_file", self.ca_file)
+        key = _read("key_file", self.key_file)
+        cert = _read("cert_file", self.cert_file)
+        _check(self, ca)
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+    def _paths(self) -> tuple[tuple[str, str | os.PathLike[str]], ...]:
+        return (("ca_file", self.ca_file), ("cert_file", self.cert_file), ("key_file", self.key_file))
 
 
 def _read(name: str, path: str | os.PathLike[str]) -> bytes:
@@ -68,6 +83,128 @@ def _read(name: str, path: str | os.PathLike[str]) -> bytes:
         return Path(path).read_bytes()
     except OSError as error:
         raise ConfigurationError(f"TlsConfig.{name}: cannot read {os.fspath(path)!r}: {error.strerror}") from None
+
+
+def _refuse_password() -> bytes:
+    return b""  # an encrypted key fails to load instead of prompting on the terminal
+
+
+def _check(tls: TlsConfig, ca: bytes) -> None:
+    """The CA parses, and the certificate and key load and belong together (gRPC itself only finds out in a handshake).
+
+    The texts of ssl's errors name the problem (e.g. KEY_VALUES_MISMATCH), never key bytes.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
+    except (ssl.SSLError, ValueError) as error:
+        raise ConfigurationError(
+            f"TlsConfig.ca_file: {os.fspath(tls.ca_file)!r} holds no usable CA certificate ({_why(error)})"
+        ) from None
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file, password=_refuse_password)
+    except (ssl.SSLError, OSError) as error:
+        raise ConfigurationError(
+            f"TlsConfig.cert_file/key_file: {os.fspath(tls.cert_file)!r} and {os.fspath(tls.key_file)!r} "
+            f"are not a certificate and its private key ({_why(error)})"
+        ) from None
+
+
+def _why(error: Exception) -> str:
+    reason = getattr(error, "reason", None) or getattr(error, "strerror", None)
+    return str(reason) if reason else type(error).__name__
+
+
+_Stamp = tuple[tuple[int, int, int], ...]
+
+
+class _StillChanging(Exception):
+    """The files changed while they were read: read them again at the next check."""
+
+
+class ReloadingTls:
+    """The client's TLS files, re-read when they change; the last set that loaded stays in use.
+
+    gRPC fixes credentials per channel, so the clients ask `changed()` before a
+    call and, when it says so, open a new channel with `credentials` and retire
+    the old one once its calls have finished. Looking costs three stat calls,
+    at most once per `interval` seconds. A new set that does not load (a
+    missing file, a certificate that does not match its key, a half-written
+    file) is logged on "integrations_client" and ignored until the files change
+    again: the previous certificate keeps working until it expires.
+    """
+
+    def __init__(
+        self, tls: TlsConfig, interval: float = TLS_CHECK_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._tls = tls
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        # A bad set at start-up raises ConfigurationError: there is nothing to keep using.
+        self.credentials, self._loaded = self._load(racing_is_fine=True)
+        self._refused: _Stamp | None = None
+        self._last_refusal: tuple[_Stamp | None, str] | None = None
+        self._next_check = clock() + interval
+
+    def changed(self) -> bool:
+        """True once each time a new, valid set of files has been loaded into `credentials`."""
+        if self._clock() < self._next_check:
+            return False
+        with self._lock:
+            now = self._clock()
+            if now < self._next_check:
+                return False
+            self._next_check = now + self._interval
+            try:
+                stamp = self._stamp()
+            except ConfigurationError as error:
+                self._refuse(None, str(error))
+                return False
+            if stamp in (self._loaded, self._refused):
+                return False
+            try:
+                credentials, stamp = self._load()
+            except _StillChanging:
+                return False
+            except ConfigurationError as error:
+                self._refuse(stamp, str(error))
+                return False
+            self.credentials, self._loaded, self._refused = credentials, stamp, None
+        log.info(
+            "the TLS files changed: new connections use the new certificate",
+            extra={"event": "tls_reloaded", "cert_file": os.fspath(self._tls.cert_file)},
+        )
+        return True
+
+    def _refuse(self, stamp: _Stamp | None, why: str) -> None:
+        if (stamp, why) != self._last_refusal:  # once per new state of the files, not once a second
+            log.warning(
+                "the TLS files changed but cannot be used; keeping the previous certificate: %s",
+                why,
+                extra={"event": "tls_reload_failed"},
+            )
+        self._refused, self._last_refusal = stamp, (stamp, why)
+
+    def _stamp(self) -> _Stamp:
+        stamps = []
+        for name, path in self._tls._paths():
+            try:
+                info = os.stat(path)
+            except OSError as error:
+                raise ConfigurationError(
+                    f"TlsConfig.{name}: cannot read {os.fspath(path)!r}: {error.strerror}"
+                ) from None
+            stamps.append((info.st_mtime_ns, info.st_size, info.st_ino))
+        return tuple(stamps)
+
+    def _load(self, racing_is_fine: bool = False) -> tuple[grpc.ChannelCredentials, _Stamp]:
+        before = self._stamp()
+        credentials = self._tls.channel_credentials()
+        if self._stamp() != before and not racing_is_fine:
+            raise _StillChanging
+        # The stamp from before the read: if the files changed during it, the next check loads them again.
+        return credentials, before
 
 
 def channel_options(tls: TlsConfig | None) -> list[tuple[str, Any]]:

@@ -53,6 +53,16 @@ class _Flight:
         self.error: BaseException | None = None
 
 
+class _Channel:
+    """A channel and the number of calls running on it, so that a replaced one closes only once they are done."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.channel = channel
+        self.stub: IntegrationServiceStub = pb_grpc.IntegrationServiceStub(channel)
+        self.calls = 0
+        self.retired = False
+
+
 class IntegrationsClientSync(ClientCore):
     """Blocking client of the integrations service, with the same methods and options as `IntegrationsClient`.
 
@@ -84,11 +94,8 @@ class IntegrationsClientSync(ClientCore):
             clock=clock,
             extra_channel_options=channel_options,
         )
-        if self._credentials is None:
-            self._channel = grpc.insecure_channel(self._target, options=self._options)
-        else:
-            self._channel = grpc.secure_channel(self._target, self._credentials, options=self._options)
-        self._stub: IntegrationServiceStub = pb_grpc.IntegrationServiceStub(self._channel)
+        self._current = self._open_channel()
+        self._retired: set[_Channel] = set()
         self._lock = threading.Lock()
         self._inflight: dict[Key, _Flight] = {}
         self._closed = False
@@ -116,22 +123,63 @@ class IntegrationsClientSync(ClientCore):
                 return
             self._closed = True
             self._cache.invalidate(lambda _key: True)
-        self._channel.close()
+            channels, self._retired = [self._current, *self._retired], set()
+        for channel in channels:
+            channel.channel.close()
+
+    def _open_channel(self) -> _Channel:
+        credentials = self._credentials()
+        if credentials is None:
+            return _Channel(grpc.insecure_channel(self._target, options=self._options))
+        return _Channel(grpc.secure_channel(self._target, credentials, options=self._options))
+
+    def _checkout(self) -> _Channel:
+        """The channel for one call; after a certificate change, a new one, the old one retired."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the IntegrationsClientSync is closed")
+            if self._tls_changed():
+                old, self._current = self._current, self._open_channel()
+                old.retired = True
+                self._retired.add(old)
+                idle = old.calls == 0
+            else:
+                old, idle = None, False
+            self._current.calls += 1
+            current = self._current
+        if old is not None and idle:
+            self._close_retired(old)
+        return current
+
+    def _checkin(self, channel: _Channel) -> None:
+        with self._lock:
+            channel.calls -= 1
+            idle = channel.retired and channel.calls == 0
+        if idle:
+            self._close_retired(channel)
+
+    def _close_retired(self, channel: _Channel) -> None:
+        with self._lock:
+            if channel not in self._retired:
+                return
+            self._retired.discard(channel)
+        channel.channel.close()
 
     def _call(
         self,
         method: str,
-        callable_: grpc.UnaryUnaryMultiCallable[_Request, _Response],
+        select: Callable[[IntegrationServiceStub], grpc.UnaryUnaryMultiCallable[_Request, _Response]],
         request: _Request,
         deadline: float | None,
         wait_for_ready: bool,
     ) -> _Response:
-        if self._closed:
-            raise RuntimeError("the IntegrationsClientSync is closed")
+        channel = self._checkout()
         try:
-            return callable_(request, timeout=self._deadline(deadline), wait_for_ready=wait_for_ready)
+            return select(channel.stub)(request, timeout=self._deadline(deadline), wait_for_ready=wait_for_ready)
         except grpc.RpcError as error:
             raise self._error(error, method, deadline) from error
+        finally:
+            self._checkin(channel)
 
     # --- the commerce path -----------------------------------------------------------------------------
 
@@ -200,7 +248,7 @@ class IntegrationsClientSync(ClientCore):
 
     def _read_credentials(self, key: Key, timeout: float | None, wait_for_ready: bool) -> ProviderCredentials:
         request = self._get_request(key[0], key[1], pb.CONFIG_VIEW_DECRYPTED)
-        reply = self._call("GetProviderConfig", self._stub.GetProviderConfig, request, timeout, wait_for_ready)
+        reply = self._call("GetProviderConfig", _get, request, timeout, wait_for_ready)
         return credentials_from_pb(reply.config)
 
     def invalidate(self, organization_id: str | None = None, provider: str | None = None) -> None:
@@ -227,13 +275,13 @@ class IntegrationsClientSync(ClientCore):
     ) -> list[Provider]:
         """The provider catalog, in the service's stable order; with an organization, its configured/ready status."""
         request = self._list_request(organization_id, category)
-        reply = self._call("ListProviders", self._stub.ListProviders, request, timeout, self._wait_for_ready)
+        reply = self._call("ListProviders", _list, request, timeout, self._wait_for_ready)
         return [provider_from_pb(p) for p in reply.providers]
 
     def get_masked_config(self, organization_id: str, provider: str, *, timeout: float | None = None) -> ProviderConfig:
         """The effective configuration with secrets masked, and its etag (for the dashboard form). Not cached."""
         request = self._get_request(organization_id, provider, pb.CONFIG_VIEW_MASKED)
-        reply = self._call("GetProviderConfig", self._stub.GetProviderConfig, request, timeout, self._wait_for_ready)
+        reply = self._call("GetProviderConfig", _get, request, timeout, self._wait_for_ready)
         return config_from_pb(reply.config)
 
     def save(
@@ -252,7 +300,7 @@ class IntegrationsClientSync(ClientCore):
         """
         request = self._save_request(organization_id, provider, values, clear_fields, etag)
         try:
-            reply = self._call("SaveIntegration", self._stub.SaveIntegration, request, timeout, self._wait_for_ready)
+            reply = self._call("SaveIntegration", _save, request, timeout, self._wait_for_ready)
         finally:
             self.invalidate(organization_id, provider)
         return config_from_pb(reply.config)
@@ -267,6 +315,31 @@ class IntegrationsClientSync(ClientCore):
         """
         request = self._delete_request(organization_id, provider, allow_missing, etag)
         try:
-            self._call("DeleteIntegration", self._stub.DeleteIntegration, request, timeout, self._wait_for_ready)
+            self._call("DeleteIntegration", _delete, request, timeout, self._wait_for_ready)
         finally:
             self.invalidate(organization_id, provider)
+
+
+# The stub methods `_call` runs, picked from whichever channel the call checks out.
+def _list(
+    stub: IntegrationServiceStub,
+) -> grpc.UnaryUnaryMultiCallable[pb.ListProvidersRequest, pb.ListProvidersResponse]:
+    return stub.ListProviders
+
+
+def _get(
+    stub: IntegrationServiceStub,
+) -> grpc.UnaryUnaryMultiCallable[pb.GetProviderConfigRequest, pb.GetProviderConfigResponse]:
+    return stub.GetProviderConfig
+
+
+def _save(
+    stub: IntegrationServiceStub,
+) -> grpc.UnaryUnaryMultiCallable[pb.SaveIntegrationRequest, pb.SaveIntegrationResponse]:
+    return stub.SaveIntegration
+
+
+def _delete(
+    stub: IntegrationServiceStub,
+) -> grpc.UnaryUnaryMultiCallable[pb.DeleteIntegrationRequest, pb.DeleteIntegrationResponse]:
+    return stub.DeleteIntegration
