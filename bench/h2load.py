@@ -55,7 +55,12 @@ def executable() -> str:
 
 @dataclass(frozen=True)
 class Load:
-    """One h2load run: `clients` connections, `streams` requests in flight on each, for `seconds`."""
+    """One h2load run: `clients` connections, `streams` requests in flight on each.
+
+    It sends `requests` requests and waits for every answer (nothing is cancelled at the end), or,
+    with `requests` 0, runs for `seconds` and drops what is in flight then. Either way the run is
+    killed `seconds` + a margin after it started.
+    """
 
     url: str
     clients: int
@@ -64,6 +69,7 @@ class Load:
     body: Path | None = None  # POSTed when set (gRPC); GET otherwise
     headers: Sequence[str] = ()
     http1: bool = False  # --h1: for servers without h2c (cleartext HTTP/2)
+    requests: int = 0
 
     @property
     def in_flight(self) -> int:
@@ -71,9 +77,10 @@ class Load:
 
 
 def command(load: Load, log_file: Path, binary: str = "h2load") -> list[str]:
-    """The h2load command line: time-bounded (-D), one thread, per-request log in `log_file`."""
+    """The h2load command line: count- (-n) or time-bounded (-D), one thread, per-request log in `log_file`."""
+    bound = ["--requests", str(load.requests)] if load.requests else ["--duration", f"{round(load.seconds * 1000)}ms"]
     argv = [binary, "--clients", str(load.clients), "--max-concurrent-streams", str(load.streams),
-            "--threads", "1", "--duration", f"{round(load.seconds * 1000)}ms", "--log-file", str(log_file)]
+            "--threads", "1", *bound, "--log-file", str(log_file)]
     if load.body is not None:
         argv += ["--data", str(load.body)]
     for header in load.headers:

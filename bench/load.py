@@ -192,7 +192,7 @@ def upsert_call(pool: Any, table: str, org: str, rows: int) -> Call:
 
 def transaction_call(pool: Any, org: str) -> Call:
     async def save(n: int, _worker: int) -> object:
-        async with pool.acquire(timeout=CALL_TIMEOUT_S) as conn, conn.transaction():
+        async with pool.acquire() as conn, conn.transaction():
             await conn.execute(TXN_LOCK_SQL, ROW_LOCK_NAMESPACE, org, PROVIDER)
             row = await conn.fetchrow(TXN_SELECT_SQL, org, PROVIDER)
             config = {**json.loads(row["config"]), "publishableKey": f"pk_test_bench{n:010d}"}

@@ -77,6 +77,13 @@ OPENBAO = "OpenBao KV v2 read"
 RAW_UPSERT, RAW_TXN = "raw asyncpg upsert + audit", "raw asyncpg service transaction"
 H2LOAD, PYTHON = "h2load", "python"
 
+# h2load phases: a warm-up of WARMUP_CALLS (at least WARMUP_CALLS_PER_STREAM per call in flight), then as
+# many calls as the warm-up's rate makes in --duration (at least MIN_CALLS_PER_STREAM per call in flight).
+# Each h2load process is killed after BOUND_S (+ 3 × --duration).
+WARMUP_CALLS = 200
+WARMUP_CALLS_PER_STREAM = 20
+MIN_CALLS_PER_STREAM = 10
+BOUND_S = 60.0
 GRPC_TARGETS = "≥ 0.60 req/s; ≤ 1.6× latency; ≤ 450 µs CPU"
 
 
@@ -307,41 +314,60 @@ async def measure_python(job: Job, ctx: Context) -> Measurement:
     return Measurement(job.workload, job.server, job.tool, phases, cpu_per_call)
 
 
-def h2load_loads(job: Job, ctx: Context, mode: str, seconds: float) -> list[h2load.Load]:
-    """What h2load runs for one phase: one process, or one per row for saves to several rows."""
+def h2load_loads(job: Job, ctx: Context, mode: str, seconds: float, requests: int) -> list[h2load.Load]:
+    """What h2load runs for one phase: one process, or one per row for saves to several rows.
+
+    `requests` calls in all, within `seconds` (a bound: the process is killed after that).
+    """
     args = ctx.args
     if job.call == "kv":
         assert ctx.bao is not None
         clients = args.concurrency if mode == CONCURRENT else 1  # HTTP/1.1: one request in flight per connection
-        return [h2load.Load(ctx.bao.read_url, clients, 1, seconds, headers=ctx.bao.headers, http1=True)]
+        return [h2load.Load(ctx.bao.read_url, clients, 1, seconds, headers=ctx.bao.headers, http1=True,
+                            requests=requests)]
     call = CALLS[job.call]
     url = h2load.grpc_url(ctx.servers[job.server].target, SERVICE, call.method)
     org = SAVE_ORG if job.call == "save" else ORG
     if job.rows > 1:
         rows = range(job.rows) if mode == CONCURRENT else range(1)
+        each = max(1, requests // len(rows))
         return [h2load.Load(url, 1, 1, seconds, call.write_body(f"{ROWS_ORG}_{i}", ctx.work_dir, f"{job.call}-{i}"),
-                            h2load.GRPC_HEADERS) for i in rows]
+                            h2load.GRPC_HEADERS, requests=each) for i in rows]
     body = call.write_body(org, ctx.work_dir, job.call)
     if mode == SEQUENTIAL:
-        return [h2load.Load(url, 1, 1, seconds, body, h2load.GRPC_HEADERS)]
+        return [h2load.Load(url, 1, 1, seconds, body, h2load.GRPC_HEADERS, requests=requests)]
     streams = math.ceil(args.concurrency / args.connections)
-    return [h2load.Load(url, args.connections, streams, seconds, body, h2load.GRPC_HEADERS)]
+    return [h2load.Load(url, args.connections, streams, seconds, body, h2load.GRPC_HEADERS, requests=requests)]
 
 
-async def check_call(job: Job, ctx: Context) -> str:
-    """One real call of the row's workload: "OK", or what went wrong (h2load only sees HTTP statuses)."""
+async def check_call(job: Job, ctx: Context) -> tuple[str, int]:
+    """One real call of the row's workload (h2load only sees HTTP statuses): "OK" or what went wrong,
+    and the size of a gRPC reply's DATA (0 when unknown)."""
     try:
         if job.call == "kv":
             assert ctx.bao is not None
             await openbao.check_read(ctx.bao, set(ctx.fields))
-        else:
-            org = f"{ROWS_ORG}_0" if job.rows > 1 else (SAVE_ORG if job.call == "save" else ORG)
-            await CALLS[job.call].check(ctx.servers[job.server].target, org)
+            return "OK", 0
+        org = f"{ROWS_ORG}_0" if job.rows > 1 else (SAVE_ORG if job.call == "save" else ORG)
+        return "OK", await CALLS[job.call].check(ctx.servers[job.server].target, org)
     except grpc.aio.AioRpcError as error:
-        return f"**{error.code().name}**"
+        return f"**{error.code().name}**", 0
     except RuntimeError as error:
-        return f"**{error}**"
-    return "OK"
+        return f"**{error}**", 0
+
+
+async def stored_versions(job: Job, ctx: Context) -> int | None:
+    """Sum of the written rows' versions (PostgreSQL saves): every save must really write."""
+    if job.call != "save" or job.server != PG:
+        return None
+    organizations = [f"{ROWS_ORG}_{i}" for i in range(job.rows)] if job.rows > 1 else [SAVE_ORG]
+    conn = await asyncpg.connect(ctx.database_url, timeout=5)
+    try:
+        total = await conn.fetchval("SELECT coalesce(sum(version), 0) FROM integration_config "
+                                    "WHERE provider = 'stripe' AND organization_id = ANY($1::text[])", organizations)
+    finally:
+        await conn.close()
+    return int(total)
 
 
 async def run_h2load(loads: list[h2load.Load], ctx: Context, name: str) -> h2load.Result:
@@ -363,26 +389,36 @@ async def measure_h2load(job: Job, ctx: Context) -> Measurement:
     server = ctx.bao.server if job.call == "kv" and ctx.bao else ctx.servers.get(job.server)
     if server is None:
         return Measurement(job.workload, job.server, job.tool, {}, None, ctx.missing.get(job.server, "not available"))
-    checked_before = await check_call(job, ctx)
+    checked_before, reply_size = await check_call(job, ctx)
     counts_before = await server_metrics.rpc_counts(server.metrics_address) if server.metrics_address else None
+    versions_before = await stored_versions(job, ctx)
     cpu_before = cpu_seconds(server.process.pid)
     phases, calls, messageless = {}, 0, 0
     for mode in MODES:
         name = _slug(f"{job.workload}-{job.server}-{mode}")
-        warm = await run_h2load(h2load_loads(job, ctx, mode, ctx.args.warmup), ctx, f"{name}-warmup")
-        main = await run_h2load(h2load_loads(job, ctx, mode, ctx.args.duration), ctx, name)
+        in_flight = ctx.args.concurrency if mode == CONCURRENT else 1
+        warm_calls = max(WARMUP_CALLS, WARMUP_CALLS_PER_STREAM * in_flight)
+        warm = await run_h2load(h2load_loads(job, ctx, mode, BOUND_S, warm_calls), ctx, f"{name}-warmup")
+        # As many calls as the warm-up's rate makes in --duration seconds, so that no call is in flight
+        # when the phase ends: h2load's time bound (-D) would cancel them, and the server would log
+        # and count the cancellations, and spend CPU on calls nobody counts.
+        requests = max(in_flight * MIN_CALLS_PER_STREAM, round(warm.rps * ctx.args.duration))
+        main = await run_h2load(h2load_loads(job, ctx, mode, BOUND_S + 3 * ctx.args.duration, requests), ctx, name)
         calls += warm.done + main.done
         phases[mode] = _phase(main)
-        if job.call != "kv":  # a gRPC error reply is trailers only: no DATA bytes, not even an empty message
-            messageless += max(0, main.succeeded - main.data_bytes // 5)
+        if reply_size:  # a gRPC error reply is trailers only: no DATA bytes, not even an empty message
+            messageless += max(0, main.succeeded - round(main.data_bytes / reply_size))
     cpu_per_call = (cpu_seconds(server.process.pid) - cpu_before) / calls * 1e6 if calls else None
-    notes = [f"real call before: {checked_before}, after: {await check_call(job, ctx)}"]
+    versions_after = await stored_versions(job, ctx)
+    notes = [f"real call before: {checked_before}, after: {(await check_call(job, ctx))[0]}"]
     if counts_before is not None:
         wrong = server_metrics.not_ok(counts_before, await server_metrics.rpc_counts(server.metrics_address))
         wrong_text = ", ".join(f"{n} {code}" for code, n in sorted(wrong.items()))
         notes.append(f"server non-OK: **{sum(wrong.values())}** ({wrong_text})" if wrong else "server non-OK: 0")
-    if messageless:
-        notes.append(f"{messageless} replies without a message")
+    if messageless > 0.01 * calls:  # replies vary a little in size (etag, version, timestamps)
+        notes.append(f"**about {messageless} replies without a message**")
+    if versions_before is not None and versions_after is not None:
+        notes.append(f"rows written {versions_after - versions_before} times for {calls} saves answered")
     return Measurement(job.workload, job.server, job.tool, phases, cpu_per_call, "; ".join(notes))
 
 
@@ -490,7 +526,9 @@ async def bench(args: argparse.Namespace) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per phase (default 3)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per phase (default 1)")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="seconds of warm-up per phase of the python rows (default 1); an h2load phase warms "
+                             f"up with max({WARMUP_CALLS}, {WARMUP_CALLS_PER_STREAM} × calls in flight) calls")
     parser.add_argument("--concurrency", type=int, default=64,
                         help="calls in flight in the concurrent phase (default 64)")
     parser.add_argument("--connections", type=int, default=4,

@@ -39,12 +39,13 @@ class GrpcCall:
         path.write_bytes(self.body(organization_id))
         return path
 
-    async def check(self, target: str, organization_id: str) -> None:
-        """One real call; grpc.aio.AioRpcError unless the server answers OK."""
+    async def check(self, target: str, organization_id: str) -> int:
+        """One real call: the size of its reply's gRPC frame; grpc.aio.AioRpcError unless the server answers OK."""
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.IntegrationServiceStub(channel)
             invoke: Callable[..., Awaitable[Any]] = getattr(stub, self.method)
-            await invoke(self.request(organization_id), timeout=CHECK_TIMEOUT_S)
+            reply = await invoke(self.request(organization_id), timeout=CHECK_TIMEOUT_S)
+        return len(grpc_frame(reply.SerializeToString()))
 
 
 CALLS = {
