@@ -1,13 +1,15 @@
-"""Benchmark of integrations-service against do-nothing baselines, in one run.
+"""Benchmark of integrations-service against do-nothing baselines and OpenBao, in one run.
 
-Creates a scratch PostgreSQL database, starts the real service twice (PostgreSQL
-store, embedded SQLite store) and an empty-handler gRPC server, each as its own
-subprocess, seeds one organization's Stripe credentials, then drives each with
-bench/load.py in a separate process. Prints a markdown table and writes it to
-bench/results/latest.md. Everything it started is stopped and the database is
-dropped at the end.
+Creates a scratch PostgreSQL database; starts the real service (PostgreSQL store, embedded
+SQLite store), an empty-handler gRPC server and, when its binary is there, an OpenBao dev
+server, each as its own subprocess on loopback; seeds the same Stripe credentials into each;
+then measures every row of JOBS with h2load (bench/h2load.py) or the Python load generator
+(bench/load.py), each load in its own process. Prints a markdown report (the ratios of
+COMPARISONS, then every row) and writes it to bench/results/latest.md. Everything it started is
+stopped and the database is dropped at the end.
 
-Run: `make bench` or `.venv/bin/python bench/run.py [--duration S] [--concurrency N]`.
+Run: `make bench` or `.venv/bin/python bench/run.py [--duration S] [--concurrency N] [--connections C]`.
+Needs h2load (`apt-get install -y nghttp2-client`); OpenBao's `bao` is optional (see README.md).
 PostgreSQL admin URL: env BENCH_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/postgres).
 """
 

@@ -152,6 +152,16 @@ def test_the_command_line_is_time_bounded_and_posts_the_body_with_grpc_headers(t
     assert "--h1" not in argv
 
 
+def test_a_count_bounded_run_waits_for_every_answer_instead_of_a_time_bound(tmp_path: Path) -> None:
+    load = h2load.Load("http://127.0.0.1:8200/v1/secret/data/x", clients=64, streams=1, seconds=60,
+                       headers=("X-Vault-Token: t",), http1=True, requests=5000)
+    argv = h2load.command(load, tmp_path / "log.tsv")
+    assert "--requests 5000" in " ".join(argv)
+    assert "--duration" not in argv
+    assert "--data" not in argv  # a GET
+    assert "--h1" in argv
+
+
 def test_the_servers_rpc_counter_is_summed_by_code() -> None:
     text = (
         "# TYPE integrations_rpc_requests_total counter\n"
