@@ -478,7 +478,9 @@ def machine(args: argparse.Namespace, postgres_version: str, load_before: float)
         "Python": platform.python_version(),
         "grpcio": version("grpcio"),
         "PostgreSQL": postgres_version.split()[0],
-        "phases": f"{args.duration:g} s each after {args.warmup:g} s warm-up",
+        "phases": (f"h2load: ~{args.duration:g} s of calls each after max({WARMUP_CALLS}, "
+                   f"{WARMUP_CALLS_PER_STREAM} × in flight) warm-up calls, {args.connections} connections at "
+                   f"{args.concurrency} in flight; python: {args.duration:g} s after {args.warmup:g} s"),
         "load avg (1 min) before": f"{load_before:.2f}",
     }
 
