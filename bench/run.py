@@ -482,6 +482,7 @@ def machine(args: argparse.Namespace, postgres_version: str, load_before: float)
                    f"{WARMUP_CALLS_PER_STREAM} × in flight) warm-up calls, {args.connections} connections at "
                    f"{args.concurrency} in flight; python: {args.duration:g} s after {args.warmup:g} s"),
         "load avg (1 min) before": f"{load_before:.2f}",
+        "after": f"{load_average():.2f}",  # this run's own load counts too (up to ~2 on 2 cores)
     }
 
 
