@@ -29,6 +29,10 @@ async def get_provider_config(request: pb.GetProviderConfigRequest, context: Any
     return pb.GetProviderConfigResponse()
 
 
+async def list_providers(request: pb.ListProvidersRequest, context: Any) -> pb.ListProvidersResponse:
+    return pb.ListProvidersResponse()
+
+
 async def save_integration(request: pb.SaveIntegrationRequest, context: Any) -> pb.SaveIntegrationResponse:
     return pb.SaveIntegrationResponse()
 
@@ -44,6 +48,11 @@ def empty_handler() -> grpc.GenericRpcHandler:
             save_integration,
             request_deserializer=pb.SaveIntegrationRequest.FromString,
             response_serializer=pb.SaveIntegrationResponse.SerializeToString,
+        ),
+        "ListProviders": grpc.unary_unary_rpc_method_handler(
+            list_providers,
+            request_deserializer=pb.ListProvidersRequest.FromString,
+            response_serializer=pb.ListProvidersResponse.SerializeToString,
         ),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)

@@ -13,7 +13,14 @@ and stops early after `--max-requests` calls. Calls:
 - get: GetProviderConfig(view=CONFIG_VIEW_DECRYPTED) on `--target`;
 - save: SaveIntegration setting publishableKey to a new value every call;
 - upsert: the same change as a raw `INSERT ... ON CONFLICT DO UPDATE` on
-  `--table` through an asyncpg pool of `--pool-size` connections to `--dsn`.
+  `--table`, with its audit row inserted in the same statement, through an
+  asyncpg pool of `--pool-size` connections to `--dsn`;
+- txn: the service's own save transaction on PostgreSQL, issued raw on
+  `integration_config` (BEGIN, advisory lock, SELECT ... FOR UPDATE, the
+  UPDATE with its audit INSERT in one statement, COMMIT), same pool.
+
+With `--rows N` (upsert) worker i writes organization `<org>_<i mod N>`, so
+N rows are written side by side instead of one.
 
 Prints one JSON object: {"phases": {"concurrent": Stats, "sequential": Stats},
 "calls": calls made, warm-ups included}. Never prints response content (it
@@ -42,16 +49,38 @@ from integrations.v1 import integrations_pb2_grpc as pb_grpc
 PROVIDER = "stripe"
 CALL_TIMEOUT_S = 10.0
 
-Call = Callable[[int], Awaitable[object]]
+Call = Callable[[int, int], Awaitable[object]]  # (call serial, worker index)
 
+_AUDIT = (
+    "WITH audited AS (INSERT INTO audit_events "
+    "(time, caller, rpc, outcome, organization_id, provider, fields, request_id, details) "
+    "VALUES (clock_timestamp(), 'bench', 'SaveIntegration', 'ok', $2, $3, '[\"publishableKey\"]'::jsonb, $5, "
+    "'{{}}'::jsonb)) "
+)
 # {table} is a fixed identifier from the command line of bench/run.py; values are bind parameters.
-UPSERT_SQL = (
+UPSERT_SQL = _AUDIT + (
     "INSERT INTO {table} AS t (id, organization_id, provider, config, version, created_at, updated_at) "
     "VALUES ($1, $2, $3, $4::jsonb, 1, clock_timestamp(), clock_timestamp()) "
     "ON CONFLICT (organization_id, provider) DO UPDATE SET config = t.config || EXCLUDED.config, "
     "version = t.version + 1, updated_at = clock_timestamp() "
     "RETURNING id, organization_id, provider, config, version, created_at, updated_at"
 )
+# The service's save transaction as of this benchmark (store/postgres.py), statement for statement.
+TXN_LOCK_SQL = "SELECT pg_advisory_xact_lock($1::int4, hashtext($2 || '/' || $3))"
+TXN_SELECT_SQL = (
+    "SELECT id, organization_id, provider, config, version, created_at, updated_at "
+    "FROM integration_config WHERE organization_id = $1 AND provider = $2 FOR UPDATE"
+)
+TXN_UPDATE_SQL = (
+    "WITH audited AS (INSERT INTO audit_events "
+    "(time, caller, rpc, outcome, organization_id, provider, fields, request_id, details) "
+    "VALUES (clock_timestamp(), 'bench', 'SaveIntegration', 'ok', $3, $4, '[\"publishableKey\"]'::jsonb, $5, "
+    "'{}'::jsonb)) "
+    "UPDATE integration_config SET config = $2::jsonb, version = version + 1, "
+    "updated_at = GREATEST(clock_timestamp(), updated_at + interval '1 microsecond') WHERE id = $1 "
+    "RETURNING id, organization_id, provider, config, version, created_at, updated_at"
+)
+ROW_LOCK_NAMESPACE = int.from_bytes(b"intg", "big")
 
 
 @dataclass
@@ -60,6 +89,7 @@ class Stats:
     errors: int
     seconds: float
     rps: float
+    mean_ms: float
     p50_ms: float
     p99_ms: float
     first_error: str = ""
@@ -90,12 +120,12 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-async def _worker(call: Call, serial: itertools.count[int], deadline: float, limit: int,
+async def _worker(call: Call, index: int, serial: itertools.count[int], deadline: float, limit: int,
                   recorder: Recorder) -> None:
     while time.perf_counter() < deadline and recorder.calls < limit:
         started = time.perf_counter()
         try:
-            await call(next(serial))
+            await call(next(serial), index)
         except (grpc.aio.AioRpcError, asyncpg.PostgresError, OSError, TimeoutError) as error:
             recorder.failed(error)
             continue
@@ -107,7 +137,7 @@ async def run_phase(call: Call, workers: int, seconds: float, limit: int, serial
     recorder = Recorder()
     started = time.perf_counter()
     deadline = started + seconds
-    await asyncio.gather(*(_worker(call, serial, deadline, limit, recorder) for _ in range(workers)))
+    await asyncio.gather(*(_worker(call, i, serial, deadline, limit, recorder) for i in range(workers)))
     elapsed = time.perf_counter() - started
     ordered = sorted(recorder.latencies)
     return Stats(
@@ -115,6 +145,7 @@ async def run_phase(call: Call, workers: int, seconds: float, limit: int, serial
         errors=recorder.errors,
         seconds=round(elapsed, 3),
         rps=round(len(ordered) / elapsed, 1) if elapsed else 0.0,
+        mean_ms=round(sum(ordered) / len(ordered) * 1000, 3) if ordered else 0.0,
         p50_ms=round(percentile(ordered, 0.50) * 1000, 3),
         p99_ms=round(percentile(ordered, 0.99) * 1000, 3),
         first_error=recorder.first_error,
@@ -136,9 +167,9 @@ def grpc_call(stub: pb_grpc.IntegrationServiceStub, kind: str, org: str) -> Call
         request = pb.GetProviderConfigRequest(
             organization_id=org, provider=PROVIDER, view=pb.CONFIG_VIEW_DECRYPTED
         )
-        return lambda _n: stub.GetProviderConfig(request, timeout=CALL_TIMEOUT_S)
+        return lambda _n, _worker: stub.GetProviderConfig(request, timeout=CALL_TIMEOUT_S)
 
-    def save(n: int) -> Awaitable[object]:
+    def save(n: int, _worker: int) -> Awaitable[object]:
         request = pb.SaveIntegrationRequest(
             organization_id=org, provider=PROVIDER, values={"publishableKey": f"pk_test_bench{n:010d}"}
         )
@@ -147,21 +178,43 @@ def grpc_call(stub: pb_grpc.IntegrationServiceStub, kind: str, org: str) -> Call
     return save
 
 
-def upsert_call(pool: Any, table: str, org: str) -> Call:
+def upsert_call(pool: Any, table: str, org: str, rows: int) -> Call:
     sql = UPSERT_SQL.format(table=table)
 
-    def upsert(n: int) -> Awaitable[object]:
+    def upsert(n: int, worker: int) -> Awaitable[object]:
+        organization = f"{org}_{worker % rows}" if rows > 1 else org
         change = json.dumps({"publishableKey": f"pk_test_bench{n:010d}"})
-        return pool.fetchrow(sql, uuid.uuid4().hex, org, PROVIDER, change, timeout=CALL_TIMEOUT_S)
+        return pool.fetchrow(sql, uuid.uuid4().hex, organization, PROVIDER, change, uuid.uuid4().hex,
+                             timeout=CALL_TIMEOUT_S)
 
     return upsert
 
 
+def transaction_call(pool: Any, org: str) -> Call:
+    async def save(n: int, _worker: int) -> object:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(TXN_LOCK_SQL, ROW_LOCK_NAMESPACE, org, PROVIDER)
+            row = await conn.fetchrow(TXN_SELECT_SQL, org, PROVIDER)
+            config = {**json.loads(row["config"]), "publishableKey": f"pk_test_bench{n:010d}"}
+            return await conn.fetchrow(TXN_UPDATE_SQL, row["id"], json.dumps(config), org, PROVIDER,
+                                       uuid.uuid4().hex)
+
+    return save
+
+
+async def _keep_session(_connection: Any) -> None:
+    pass
+
+
 async def run(args: argparse.Namespace) -> tuple[dict[str, Stats], int]:
-    if args.call == "upsert":
-        pool = await asyncpg.create_pool(args.dsn, min_size=args.pool_size, max_size=args.pool_size)
+    if args.call in ("upsert", "txn"):
+        # No reset query on release, like the service's pool (asyncpg still rolls back an open transaction).
+        pool = await asyncpg.create_pool(args.dsn, min_size=args.pool_size, max_size=args.pool_size,
+                                         reset=_keep_session)
         try:
-            return await measure(upsert_call(pool, args.table, args.org), args)
+            call = (upsert_call(pool, args.table, args.org, args.rows) if args.call == "upsert"
+                    else transaction_call(pool, args.org))
+            return await measure(call, args)
         finally:
             await pool.close()
     async with grpc.aio.insecure_channel(args.target) as channel:
@@ -171,19 +224,23 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Stats], int]:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--call", choices=("get", "save", "upsert"), required=True)
+    parser.add_argument("--call", choices=("get", "save", "upsert", "txn"), required=True)
     parser.add_argument("--target", help="host:port of the gRPC server (get, save)")
     parser.add_argument("--dsn", help="PostgreSQL URL of the benchmark database (upsert)")
     parser.add_argument("--table", default="bench_upsert", help="scratch table (upsert)")
     parser.add_argument("--pool-size", type=int, default=10, help="asyncpg pool size (upsert)")
     parser.add_argument("--org", required=True, help="organization id of the seeded row")
+    parser.add_argument("--rows", type=int, default=1, help="rows written side by side (upsert)")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--max-requests", type=int, default=1_000_000)
     args = parser.parse_args()
-    if (args.call == "upsert") != bool(args.dsn) or (args.call != "upsert") != bool(args.target):
-        parser.error("upsert needs --dsn; get and save need --target")
+    raw = args.call in ("upsert", "txn")
+    if raw != bool(args.dsn) or (not raw) != bool(args.target):
+        parser.error("upsert and txn need --dsn; get and save need --target")
+    if args.rows < 1:
+        parser.error("--rows must be >= 1")
     if not args.table.isidentifier():
         parser.error("--table must be a plain identifier")
     return args

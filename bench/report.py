@@ -1,4 +1,4 @@
-"""The benchmark's markdown report: the ratios first, then every measurement."""
+"""The benchmark's markdown report: the ratios against the baselines first, then every row."""
 
 from __future__ import annotations
 
@@ -6,59 +6,107 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-MODES = ("concurrent", "sequential")
+CONCURRENT, SEQUENTIAL = "concurrent", "sequential"
+MODES = (CONCURRENT, SEQUENTIAL)
+
+Key = tuple[str, str, str]  # (workload, server, load generator)
 
 
 @dataclass(frozen=True)
 class Measurement:
     workload: str
     server: str
-    phases: Mapping[str, Mapping[str, Any]]  # mode -> load.Stats as a dict
+    tool: str  # the load generator: h2load or python
+    phases: Mapping[str, Mapping[str, Any]]  # mode -> rps, mean_ms, p50_ms, p99_ms, errors, first_error
     cpu_us_per_call: float | None  # the server process's CPU time per call; None without one
+    note: str = ""  # checks made, or why the row has no numbers
+
+    @property
+    def available(self) -> bool:
+        return bool(self.phases)
 
 
 @dataclass(frozen=True)
 class Comparison:
-    workload: str
-    service: str
-    baseline: str
+    service: Key
+    baseline: Key
+    target: str = ""  # the issue's target for this pair, as text
 
 
-def ratio(results: Mapping[tuple[str, str], Measurement], comparison: Comparison, mode: str) -> str:
-    service = results[(comparison.workload, comparison.service)].phases[mode]["rps"]
-    baseline = results[(comparison.workload, comparison.baseline)].phases[mode]["rps"]
-    return f"{baseline / service:.1f}×" if service else "n/a"
+def _phase(results: Mapping[Key, Measurement], key: Key, mode: str) -> Mapping[str, Any] | None:
+    measurement = results.get(key)
+    return measurement.phases.get(mode) if measurement is not None else None
 
 
-def _ratio_table(results: Mapping[tuple[str, str], Measurement], comparisons: Sequence[Comparison],
+def throughput_ratio(results: Mapping[Key, Measurement], comparison: Comparison) -> str:
+    """Service req/s ÷ baseline req/s with `concurrency` in flight (1.0 = as fast as the baseline)."""
+    service = _phase(results, comparison.service, CONCURRENT)
+    baseline = _phase(results, comparison.baseline, CONCURRENT)
+    if not service or not baseline or not baseline["rps"]:
+        return "n/a"
+    return f"{service['rps'] / baseline['rps']:.2f}"
+
+
+def latency_ratio(results: Mapping[Key, Measurement], comparison: Comparison) -> str:
+    """Service mean latency ÷ baseline mean latency, one call in flight (1.0× = as fast)."""
+    service = _phase(results, comparison.service, SEQUENTIAL)
+    baseline = _phase(results, comparison.baseline, SEQUENTIAL)
+    if not service or not baseline or not baseline["mean_ms"] or not service["mean_ms"]:
+        return "n/a"
+    return f"{service['mean_ms'] / baseline['mean_ms']:.2f}×"
+
+
+def _cpu(measurement: Measurement | None) -> str:
+    if measurement is None or measurement.cpu_us_per_call is None:
+        return "—"
+    return f"{measurement.cpu_us_per_call:.0f}"
+
+
+def _label(key: Key) -> str:
+    return f"{key[0]} · {key[1]} ({key[2]})"
+
+
+def _ratio_table(results: Mapping[Key, Measurement], comparisons: Sequence[Comparison],
                  concurrency: int) -> list[str]:
     lines = [
-        f"| workload | service | baseline | {concurrency} in flight | 1 in flight |",
-        "| --- | --- | --- | ---: | ---: |",
+        f"| service row | baseline row | req/s ratio, {concurrency} in flight | mean latency ratio, 1 in flight "
+        "| server CPU µs/call (service / baseline) | target |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
     ]
     for c in comparisons:
-        cells = " | ".join(ratio(results, c, mode) for mode in MODES)
-        lines.append(f"| {c.workload} | {c.service} | {c.baseline} | {cells} |")
+        cpu = f"{_cpu(results.get(c.service))} / {_cpu(results.get(c.baseline))}"
+        lines.append(f"| {_label(c.service)} | {_label(c.baseline)} | {throughput_ratio(results, c)} | "
+                     f"{latency_ratio(results, c)} | {cpu} | {c.target} |")
     return lines
 
 
-def _raw_table(results: Mapping[tuple[str, str], Measurement], concurrency: int) -> list[str]:
+def _errors(phase: Mapping[str, Any]) -> str:
+    if not phase["errors"]:
+        return "0"
+    return f"{phase['errors']} ({phase['first_error']})" if phase.get("first_error") else str(phase["errors"])
+
+
+def _row_table(results: Mapping[Key, Measurement], concurrency: int) -> list[str]:
     lines = [
-        "| workload | server | in flight | req/s | p50 ms | p99 ms | errors | server CPU µs/call |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| workload | server | load | req/s, {concurrency} in flight | p50 / p99 ms, {concurrency} in flight "
+        "| mean ms, 1 in flight | p99 ms, 1 in flight | errors | server CPU µs/call | checks |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for m in results.values():
-        cpu = f"{m.cpu_us_per_call:.0f}" if m.cpu_us_per_call is not None else "—"
-        for mode in MODES:
-            s = m.phases[mode]
-            errors = f"{s['errors']} ({s['first_error']})" if s["errors"] else "0"
-            in_flight = concurrency if mode == "concurrent" else 1
-            lines.append(f"| {m.workload} | {m.server} | {in_flight} | {s['rps']:.0f} | {s['p50_ms']:.2f} | "
-                         f"{s['p99_ms']:.2f} | {errors} | {cpu} |")
+        if not m.available:
+            lines.append(f"| {m.workload} | {m.server} | {m.tool} | — | — | — | — | — | — | {m.note} |")
+            continue
+        busy, alone = m.phases[CONCURRENT], m.phases[SEQUENTIAL]
+        errors = " / ".join(_errors(phase) for phase in (busy, alone))
+        lines.append(
+            f"| {m.workload} | {m.server} | {m.tool} | {busy['rps']:.0f} | {busy['p50_ms']:.2f} / "
+            f"{busy['p99_ms']:.2f} | {alone['mean_ms']:.3f} | {alone['p99_ms']:.2f} | {errors} | {_cpu(m)} | "
+            f"{m.note} |"
+        )
     return lines
 
 
-def render(results: Mapping[tuple[str, str], Measurement], comparisons: Sequence[Comparison],
+def render(results: Mapping[Key, Measurement], comparisons: Sequence[Comparison],
            machine: Mapping[str, str], concurrency: int) -> str:
     header = " · ".join(f"{key}: {value}" for key, value in machine.items())
     lines = [
@@ -66,16 +114,24 @@ def render(results: Mapping[tuple[str, str], Measurement], comparisons: Sequence
         "",
         header,
         "",
-        "## Ratios: baseline req/s ÷ service req/s (1.0× = the service costs nothing over its baseline)",
+        "## Ratios: service ÷ baseline, in the same run",
+        "",
+        "req/s ratio: 1.00 = as many calls per second as the baseline, higher is better. "
+        "Latency ratio: 1.00× = as fast as the baseline one call at a time, lower is better.",
         "",
         *_ratio_table(results, comparisons, concurrency),
         "",
         "## Measurements",
         "",
-        *_raw_table(results, concurrency),
+        *_row_table(results, concurrency),
         "",
-        "server CPU µs/call: CPU time of the server process (user + system) over the whole load run "
-        "(both phases and their warm-ups) divided by the calls it answered; PostgreSQL's own CPU is not in it.",
+        "errors: in the 64-in-flight / the 1-in-flight phase, calls that did not end in HTTP 2xx (h2load) or "
+        "raised (python). A gRPC error is an HTTP 200 too, so for h2load rows the checks column has what the "
+        "server itself counted: one real gRPC call before and after the row, and the calls its "
+        "`integrations_rpc_requests_total` counted with a code other than OK over the whole row (warm-ups "
+        "included). server CPU µs/call: CPU time (user + system, all threads) of the server process "
+        "over the whole row (both phases and their warm-ups) divided by the calls answered; PostgreSQL's own "
+        "CPU is not in it.",
         "",
     ]
     return "\n".join(lines)

@@ -1,13 +1,15 @@
-"""Benchmark of integrations-service against do-nothing baselines, in one run.
+"""Benchmark of integrations-service against do-nothing baselines and OpenBao, in one run.
 
-Creates a scratch PostgreSQL database, starts the real service twice (PostgreSQL
-store, embedded SQLite store) and an empty-handler gRPC server, each as its own
-subprocess, seeds one organization's Stripe credentials, then drives each with
-bench/load.py in a separate process. Prints a markdown table and writes it to
-bench/results/latest.md. Everything it started is stopped and the database is
-dropped at the end.
+Creates a scratch PostgreSQL database; starts the real service (PostgreSQL store, embedded
+SQLite store), an empty-handler gRPC server and, when its binary is there, an OpenBao dev
+server, each as its own subprocess on loopback; seeds the same Stripe credentials into each;
+then measures every row of JOBS with h2load (bench/h2load.py) or the Python load generator
+(bench/load.py), each load in its own process. Prints a markdown report (the ratios of
+COMPARISONS, then every row) and writes it to bench/results/latest.md. Everything it started is
+stopped and the database is dropped at the end.
 
-Run: `make bench` or `.venv/bin/python bench/run.py [--duration S] [--concurrency N]`.
+Run: `make bench` or `.venv/bin/python bench/run.py [--duration S] [--concurrency N] [--connections C]`.
+Needs h2load (`apt-get install -y nghttp2-client`); OpenBao's `bao` is optional (see README.md).
 PostgreSQL admin URL: env BENCH_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/postgres).
 """
 
@@ -18,13 +20,14 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import os
 import platform
 import secrets
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -33,7 +36,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import grpc
-from report import Comparison, Measurement, render
+import h2load
+import openbao
+import server_metrics
+from report import CONCURRENT, MODES, SEQUENTIAL, Comparison, Key, Measurement, render
 from servers import (
     BENCH_DIR,
     Server,
@@ -46,6 +52,7 @@ from servers import (
     stop,
     wait_serving,
 )
+from workloads import CALLS, SERVICE
 
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
@@ -53,37 +60,82 @@ from integrations.v1 import integrations_pb2_grpc as pb_grpc
 ADMIN_URL_ENV = "BENCH_POSTGRES_URL"
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 RESULTS_DIR = BENCH_DIR / "results"
-ORG = "org_bench"
+ORG = "org_bench"  # read by every read row
+SAVE_ORG = "org_bench_save"  # the one row the service's single-row saves write
+RAW_ORG = "org_bench_raw"  # the one row the raw service transaction writes
+ROWS_ORG = "org_bench_rows"  # prefix of the 64 rows written side by side: org_bench_rows_0 …
 SCRATCH_TABLE = "bench_upsert"
-POOL_SIZE = 10  # the service's default INTEGRATIONS_DB_POOL_SIZE; the raw upsert pool gets the same
+POOL_SIZE = 10  # the service's default INTEGRATIONS_DB_POOL_SIZE; the raw pools get the same
+WORKERS = 2
 
 GET = "GetProviderConfig DECRYPTED"
-SAVE = "SaveIntegration"
-PG, EMBEDDED, EMPTY, RAW = "service (PostgreSQL)", "service (embedded)", "empty handler", "raw asyncpg upsert"
+MASKED = "GetProviderConfig MASKED"
+LIST = "ListProviders with status"
+SAVE = "SaveIntegration, one row"
+SAVE_ROWS = "SaveIntegration, 64 rows"
+PG, EMBEDDED, EMPTY = "service (PostgreSQL)", "service (embedded)", "empty handler"
+PG_WORKERS = f"service, {WORKERS} workers (PostgreSQL)"
+OPENBAO = "OpenBao KV v2 read"
+RAW_UPSERT, RAW_TXN = "raw asyncpg upsert + audit", "raw asyncpg service transaction"
+H2LOAD, PYTHON = "h2load", "python"
 
-COMPARISONS = (
-    Comparison(GET, PG, EMPTY),
-    Comparison(GET, EMBEDDED, EMPTY),
-    Comparison(SAVE, PG, RAW),
-    Comparison(SAVE, EMBEDDED, EMPTY),
-)
+# h2load phases: a warm-up of WARMUP_CALLS (at least WARMUP_CALLS_PER_STREAM per call in flight), then as
+# many calls as the warm-up's rate makes in --duration (at least MIN_CALLS_PER_STREAM per call in flight).
+# Each h2load process is killed after BOUND_S (+ 3 × --duration).
+WARMUP_CALLS = 200
+WARMUP_CALLS_PER_STREAM = 20
+MIN_CALLS_PER_STREAM = 10
+BOUND_S = 60.0
+GRPC_TARGETS = "≥ 0.60 req/s; ≤ 1.6× latency; ≤ 450 µs CPU"
 
 
 @dataclass(frozen=True)
 class Job:
     workload: str
-    server: str  # key into the running servers; RAW has none
-    call: str  # load.py --call
+    server: str  # key into the running servers; the raw rows have none
+    call: str  # workloads.CALLS key or "kv" (h2load rows); load.py --call (python rows)
+    tool: str = H2LOAD
+    rows: int = 1  # rows written side by side (saves)
+
+    @property
+    def key(self) -> Key:
+        return (self.workload, self.server, self.tool)
 
 
 JOBS = (
     Job(GET, PG, "get"),
+    Job(GET, PG_WORKERS, "get"),
     Job(GET, EMBEDDED, "get"),
     Job(GET, EMPTY, "get"),
+    Job(GET, OPENBAO, "kv"),
+    Job(MASKED, PG, "masked"),
+    Job(LIST, PG, "list"),
+    Job(LIST, EMPTY, "list"),
     Job(SAVE, PG, "save"),
-    Job(SAVE, RAW, "upsert"),
     Job(SAVE, EMBEDDED, "save"),
     Job(SAVE, EMPTY, "save"),
+    Job(SAVE, RAW_TXN, "txn", PYTHON),
+    Job(SAVE, RAW_UPSERT, "upsert", PYTHON),
+    Job(SAVE_ROWS, PG, "save", rows=64),
+    Job(SAVE_ROWS, RAW_UPSERT, "upsert", PYTHON, rows=64),
+    # The second opinion: the Python load generator on the main pair.
+    Job(GET, PG, "get", PYTHON),
+    Job(GET, EMPTY, "get", PYTHON),
+)
+
+COMPARISONS = (
+    Comparison((GET, PG, H2LOAD), (GET, EMPTY, H2LOAD), GRPC_TARGETS),
+    Comparison((MASKED, PG, H2LOAD), (GET, EMPTY, H2LOAD), GRPC_TARGETS),
+    Comparison((LIST, PG, H2LOAD), (LIST, EMPTY, H2LOAD), GRPC_TARGETS),
+    Comparison((GET, EMBEDDED, H2LOAD), (GET, EMPTY, H2LOAD)),
+    Comparison((GET, PG, H2LOAD), (GET, OPENBAO, H2LOAD)),
+    Comparison((GET, PG_WORKERS, H2LOAD), (GET, OPENBAO, H2LOAD), "≥ 0.80 req/s"),
+    Comparison((SAVE_ROWS, PG, H2LOAD), (SAVE_ROWS, RAW_UPSERT, PYTHON), "≥ 0.50 req/s"),
+    Comparison((SAVE, PG, H2LOAD), (SAVE, RAW_TXN, PYTHON), "≥ 0.90 req/s"),
+    Comparison((SAVE, PG, H2LOAD), (SAVE, RAW_UPSERT, PYTHON)),
+    Comparison((SAVE, EMBEDDED, H2LOAD), (SAVE, EMPTY, H2LOAD)),
+    Comparison((GET, PG, PYTHON), (GET, EMPTY, PYTHON)),
+    Comparison((GET, EMPTY, PYTHON), (GET, EMPTY, H2LOAD)),
 )
 
 
@@ -116,12 +168,13 @@ async def scratch_database(admin_url: str) -> AsyncIterator[tuple[str, str]]:
 
 
 async def create_scratch_table(database_url: str) -> None:
-    """The raw upsert's table: integration_config's schema, and a copy of the seeded row."""
+    """The raw upsert's table: integration_config's schema, and a copy of the seeded rows."""
     conn = await asyncpg.connect(database_url, timeout=5)
     try:
         await conn.execute(f"CREATE TABLE {SCRATCH_TABLE} (LIKE integration_config INCLUDING ALL)")
         await conn.execute(f"INSERT INTO {SCRATCH_TABLE} SELECT * FROM integration_config "
-                           "WHERE organization_id = $1 AND provider = 'stripe'", ORG)
+                           "WHERE provider = 'stripe' AND (organization_id = $1 OR organization_id LIKE $2)",
+                           ORG, f"{ROWS_ORG}_%")
     finally:
         await conn.close()
 
@@ -129,18 +182,22 @@ async def create_scratch_table(database_url: str) -> None:
 # --- servers ---------------------------------------------------------------------------------------
 
 
-async def seed(target: str) -> None:
-    """The organization's Stripe credentials (random test-shaped values, never printed)."""
-    values = {
+def credentials() -> dict[str, str]:
+    """Stripe credentials of one organization: random test-shaped values, never printed."""
+    return {
         "secretKey": f"sk_test_{secrets.token_hex(24)}",
         "webhookSecret": f"whsec_{secrets.token_hex(16)}",
         "publishableKey": f"pk_test_{secrets.token_hex(24)}",
     }
+
+
+async def seed(target: str, organizations: Iterable[str], values: dict[str, str]) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.IntegrationServiceStub(channel)
-        await stub.SaveIntegration(
-            pb.SaveIntegrationRequest(organization_id=ORG, provider="stripe", values=values), timeout=10
-        )
+        for organization in organizations:
+            await stub.SaveIntegration(
+                pb.SaveIntegrationRequest(organization_id=organization, provider="stripe", values=values), timeout=10
+            )
 
 
 @contextlib.contextmanager
@@ -152,13 +209,27 @@ def running(servers: dict[str, Server]) -> Iterator[dict[str, Server]]:
             stop(server)
 
 
-def start_servers(servers: dict[str, Server], database_url: str, work_dir: Path, log_dir: Path) -> None:
+def supports_workers() -> bool:
+    """Whether `serve` has --workers yet (the 2-worker row is a placeholder until it does)."""
+    done = subprocess.run([*service_command(), "--help"], capture_output=True, text=True, check=False,
+                          env=clean_environment())
+    return "--workers" in done.stdout
+
+
+def start_servers(servers: dict[str, Server], missing: dict[str, str], database_url: str, work_dir: Path,
+                  log_dir: Path) -> None:
     key = base64.b64encode(secrets.token_bytes(32)).decode()  # a fresh key, only in the servers' environment
-    stores = {PG: database_url, EMBEDDED: f"sqlite:///{work_dir / 'integrations.sqlite3'}"}
-    for name, store_url in stores.items():
+    sqlite_url = f"sqlite:///{work_dir / 'integrations.sqlite3'}"
+    stores: dict[str, tuple[str, tuple[str, ...]]] = {PG: (database_url, ()), EMBEDDED: (sqlite_url, ())}
+    if supports_workers():
+        stores[PG_WORKERS] = (database_url, ("--workers", str(WORKERS)))
+    else:
+        missing[PG_WORKERS] = "not available: `integrations-service serve --workers` does not exist yet"
+    for name, (store_url, extra) in stores.items():
         target = f"127.0.0.1:{free_port()}"
         env = service_environment(target, store_url, key, work_dir)
-        servers[name] = spawn(_slug(name), service_command(), env, log_dir, target)
+        servers[name] = spawn(_slug(name), [*service_command(), *extra], env, log_dir, target)
+        servers[name].metrics_address = env["INTEGRATIONS_METRICS_ADDRESS"]
     target = f"127.0.0.1:{free_port()}"
     command = [*empty_server_command(), "--listen-address", target]
     servers[EMPTY] = spawn(_slug(EMPTY), command, clean_environment(), log_dir, target)
@@ -168,21 +239,52 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
+async def start_openbao(log_dir: Path, home: Path, values: dict[str, str]) -> openbao.OpenBao | None:
+    binary = openbao.executable()
+    if binary is None:
+        print(f"bench: {openbao.INSTALL_HINT}", file=sys.stderr)
+        return None
+    bao = openbao.start(binary, log_dir, home)
+    await openbao.wait_ready(bao)
+    await openbao.seed(bao, values)
+    return bao
+
+
 # --- load ------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Context:
+    args: argparse.Namespace
+    servers: dict[str, Server]
+    missing: dict[str, str]  # server -> why its rows have no numbers
+    database_url: str
+    work_dir: Path
+    bao: openbao.OpenBao | None = None
+    fields: frozenset[str] = frozenset()
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process, from /proc."""
+    """User + system CPU time of a live process and its live descendants, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            with contextlib.suppress(OSError):
+                total += cpu_seconds(int(child))
+    return total
 
 
 def load_command(job: Job, args: argparse.Namespace, target: str, database_url: str) -> list[str]:
-    command = [sys.executable, str(BENCH_DIR / "load.py"), "--call", job.call, "--org", ORG,
+    org = {"txn": RAW_ORG, "save": SAVE_ORG}.get(job.call, ORG)
+    if job.rows > 1:
+        org = ROWS_ORG
+    command = [sys.executable, str(BENCH_DIR / "load.py"), "--call", job.call, "--org", org,
                "--concurrency", str(args.concurrency), "--duration", str(args.duration),
-               "--warmup", str(args.warmup)]
-    if job.call == "upsert":
-        return [*command, "--dsn", database_url, "--table", SCRATCH_TABLE, "--pool-size", str(POOL_SIZE)]
+               "--warmup", str(args.warmup), "--rows", str(job.rows)]
+    if job.call in ("upsert", "txn"):
+        table = SCRATCH_TABLE if job.call == "upsert" else "integration_config"
+        return [*command, "--dsn", database_url, "--table", table, "--pool-size", str(POOL_SIZE)]
     return [*command, "--target", target]
 
 
@@ -200,9 +302,10 @@ async def run_load(command: list[str], timeout: float) -> dict[str, object]:  # 
     return result
 
 
-async def measure(job: Job, args: argparse.Namespace, servers: dict[str, Server], database_url: str) -> Measurement:
-    server = servers.get(job.server)
-    command = load_command(job, args, server.target if server else "", database_url)
+async def measure_python(job: Job, ctx: Context) -> Measurement:
+    args = ctx.args
+    server = ctx.servers.get(job.server)
+    command = load_command(job, args, server.target if server else "", ctx.database_url)
     cpu_before = cpu_seconds(server.process.pid) if server else 0.0
     result = await run_load(command, timeout=2 * (args.warmup + args.duration) + 60)
     cpu_per_call = None
@@ -210,7 +313,121 @@ async def measure(job: Job, args: argparse.Namespace, servers: dict[str, Server]
         cpu_per_call = (cpu_seconds(server.process.pid) - cpu_before) / result["calls"] * 1e6
     phases = result["phases"]
     assert isinstance(phases, dict)
-    return Measurement(job.workload, job.server, phases, cpu_per_call)
+    return Measurement(job.workload, job.server, job.tool, phases, cpu_per_call)
+
+
+def h2load_loads(job: Job, ctx: Context, mode: str, seconds: float, requests: int) -> list[h2load.Load]:
+    """What h2load runs for one phase: one process, or one per row for saves to several rows.
+
+    `requests` calls in all, within `seconds` (a bound: the process is killed after that).
+    """
+    args = ctx.args
+    if job.call == "kv":
+        assert ctx.bao is not None
+        clients = args.concurrency if mode == CONCURRENT else 1  # HTTP/1.1: one request in flight per connection
+        return [h2load.Load(ctx.bao.read_url, clients, 1, seconds, headers=ctx.bao.headers, http1=True,
+                            requests=requests)]
+    call = CALLS[job.call]
+    url = h2load.grpc_url(ctx.servers[job.server].target, SERVICE, call.method)
+    org = SAVE_ORG if job.call == "save" else ORG
+    if job.rows > 1:
+        rows = range(job.rows) if mode == CONCURRENT else range(1)
+        each = max(1, requests // len(rows))
+        return [h2load.Load(url, 1, 1, seconds, call.write_body(f"{ROWS_ORG}_{i}", ctx.work_dir, f"{job.call}-{i}"),
+                            h2load.GRPC_HEADERS, requests=each) for i in rows]
+    body = call.write_body(org, ctx.work_dir, job.call)
+    if mode == SEQUENTIAL:
+        return [h2load.Load(url, 1, 1, seconds, body, h2load.GRPC_HEADERS, requests=requests)]
+    streams = math.ceil(args.concurrency / args.connections)
+    return [h2load.Load(url, args.connections, streams, seconds, body, h2load.GRPC_HEADERS, requests=requests)]
+
+
+async def check_call(job: Job, ctx: Context) -> tuple[str, int]:
+    """One real call of the row's workload (h2load only sees HTTP statuses): "OK" or what went wrong,
+    and the size of a gRPC reply's DATA (0 when unknown)."""
+    try:
+        if job.call == "kv":
+            assert ctx.bao is not None
+            await openbao.check_read(ctx.bao, set(ctx.fields))
+            return "OK", 0
+        org = f"{ROWS_ORG}_0" if job.rows > 1 else (SAVE_ORG if job.call == "save" else ORG)
+        return "OK", await CALLS[job.call].check(ctx.servers[job.server].target, org)
+    except grpc.aio.AioRpcError as error:
+        return f"**{error.code().name}**", 0
+    except RuntimeError as error:
+        return f"**{error}**", 0
+
+
+async def stored_versions(job: Job, ctx: Context) -> int | None:
+    """Sum of the written rows' versions (PostgreSQL saves): every save must really write."""
+    if job.call != "save" or job.server != PG:
+        return None
+    organizations = [f"{ROWS_ORG}_{i}" for i in range(job.rows)] if job.rows > 1 else [SAVE_ORG]
+    conn = await asyncpg.connect(ctx.database_url, timeout=5)
+    try:
+        total = await conn.fetchval("SELECT coalesce(sum(version), 0) FROM integration_config "
+                                    "WHERE provider = 'stripe' AND organization_id = ANY($1::text[])", organizations)
+    finally:
+        await conn.close()
+    return int(total)
+
+
+async def run_h2load(loads: list[h2load.Load], ctx: Context, name: str) -> h2load.Result:
+    if len(loads) == 1:
+        return await h2load.run(loads[0], ctx.work_dir, name)
+    return await h2load.run_parallel(loads, ctx.work_dir, name)
+
+
+def _phase(result: h2load.Result) -> dict[str, object]:
+    first_error = ""
+    if result.errors:
+        first_error = ", ".join(f"{n} {kind}" for kind, n in result.status.items() if kind != "2xx" and n)
+        first_error = first_error or f"{result.failed} failed"
+    return {"rps": result.rps, "mean_ms": result.mean_ms, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
+            "errors": result.errors, "first_error": first_error}
+
+
+async def measure_h2load(job: Job, ctx: Context) -> Measurement:
+    server = ctx.bao.server if job.call == "kv" and ctx.bao else ctx.servers.get(job.server)
+    if server is None:
+        return Measurement(job.workload, job.server, job.tool, {}, None, ctx.missing.get(job.server, "not available"))
+    checked_before, reply_size = await check_call(job, ctx)
+    counts_before = await server_metrics.rpc_counts(server.metrics_address) if server.metrics_address else None
+    versions_before = await stored_versions(job, ctx)
+    cpu_before = cpu_seconds(server.process.pid)
+    phases, calls, messageless = {}, 0, 0
+    for mode in MODES:
+        name = _slug(f"{job.workload}-{job.server}-{mode}")
+        in_flight = ctx.args.concurrency if mode == CONCURRENT else 1
+        warm_calls = max(WARMUP_CALLS, WARMUP_CALLS_PER_STREAM * in_flight)
+        warm = await run_h2load(h2load_loads(job, ctx, mode, BOUND_S, warm_calls), ctx, f"{name}-warmup")
+        # As many calls as the warm-up's rate makes in --duration seconds, so that no call is in flight
+        # when the phase ends: h2load's time bound (-D) would cancel them, and the server would log
+        # and count the cancellations, and spend CPU on calls nobody counts.
+        requests = max(in_flight * MIN_CALLS_PER_STREAM, round(warm.rps * ctx.args.duration))
+        main = await run_h2load(h2load_loads(job, ctx, mode, BOUND_S + 3 * ctx.args.duration, requests), ctx, name)
+        calls += warm.done + main.done
+        phases[mode] = _phase(main)
+        if reply_size:  # a gRPC error reply is trailers only: no DATA bytes, not even an empty message
+            messageless += max(0, main.succeeded - round(main.data_bytes / reply_size))
+    cpu_per_call = (cpu_seconds(server.process.pid) - cpu_before) / calls * 1e6 if calls else None
+    versions_after = await stored_versions(job, ctx)
+    notes = [f"real call before: {checked_before}, after: {(await check_call(job, ctx))[0]}"]
+    if counts_before is not None:
+        wrong = server_metrics.not_ok(counts_before, await server_metrics.rpc_counts(server.metrics_address))
+        wrong_text = ", ".join(f"{n} {code}" for code, n in sorted(wrong.items()))
+        notes.append(f"server non-OK: **{sum(wrong.values())}** ({wrong_text})" if wrong else "server non-OK: 0")
+    if messageless > 0.01 * calls:  # replies vary a little in size (etag, version, timestamps)
+        notes.append(f"**about {messageless} replies without a message**")
+    if versions_before is not None and versions_after is not None:
+        notes.append(f"rows written {versions_after - versions_before} times for {calls} saves answered")
+    return Measurement(job.workload, job.server, job.tool, phases, cpu_per_call, "; ".join(notes))
+
+
+async def measure(job: Job, ctx: Context) -> Measurement:
+    if job.tool == PYTHON:
+        return await measure_python(job, ctx)
+    return await measure_h2load(job, ctx)
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -261,8 +478,11 @@ def machine(args: argparse.Namespace, postgres_version: str, load_before: float)
         "Python": platform.python_version(),
         "grpcio": version("grpcio"),
         "PostgreSQL": postgres_version.split()[0],
-        "phases": f"{args.duration:g} s each after {args.warmup:g} s warm-up",
+        "phases": (f"h2load: ~{args.duration:g} s of calls each after max({WARMUP_CALLS}, "
+                   f"{WARMUP_CALLS_PER_STREAM} × in flight) warm-up calls, {args.connections} connections at "
+                   f"{args.concurrency} in flight; python: {args.duration:g} s after {args.warmup:g} s"),
         "load avg (1 min) before": f"{load_before:.2f}",
+        "after": f"{load_average():.2f}",  # this run's own load counts too (up to ~2 on 2 cores)
     }
 
 
@@ -278,22 +498,31 @@ def publish(text: str) -> Path:
 
 
 async def bench(args: argparse.Namespace) -> None:
+    h2load.executable()  # fails early, saying what to install
     admin_url = os.environ.get(ADMIN_URL_ENV) or DEFAULT_ADMIN_URL
     load_before = warn_if_busy()
     log_dir = RESULTS_DIR / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    values = credentials()
     async with scratch_database(admin_url) as (database_url, pg_version):
         with tempfile.TemporaryDirectory(prefix="integrations-bench-") as work, running({}) as servers:
-            start_servers(servers, database_url, Path(work), log_dir)
-            for server in servers.values():
-                await wait_serving(server)
-            await seed(servers[PG].target)
-            await seed(servers[EMBEDDED].target)
+            ctx = Context(args, servers, {}, database_url, Path(work), fields=frozenset(values))
+            start_servers(servers, ctx.missing, database_url, ctx.work_dir, log_dir)
+            ctx.bao = await start_openbao(log_dir, ctx.work_dir, values)
+            if ctx.bao is None:
+                ctx.missing[OPENBAO] = "not available: no `bao` binary (see bench/README.md)"
+            else:
+                servers[OPENBAO] = ctx.bao.server
+            for name, server in servers.items():
+                if name != OPENBAO:
+                    await wait_serving(server)
+            await seed(servers[PG].target, [ORG, SAVE_ORG, RAW_ORG, *(f"{ROWS_ORG}_{i}" for i in range(64))], values)
+            await seed(servers[EMBEDDED].target, [ORG, SAVE_ORG], values)
             await create_scratch_table(database_url)
             results = {}
             for job in JOBS:
-                print(f"measuring {job.workload} on {job.server} …", file=sys.stderr)
-                results[(job.workload, job.server)] = await measure(job, args, servers, database_url)
+                print(f"measuring {job.workload} on {job.server} with {job.tool} …", file=sys.stderr)
+                results[job.key] = await measure(job, ctx)
     path = publish(render(results, COMPARISONS, machine(args, pg_version, load_before), args.concurrency))
     print(f"written to {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}",
           file=sys.stderr)
@@ -301,13 +530,18 @@ async def bench(args: argparse.Namespace) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=4.0, help="seconds measured per phase (default 4)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per phase (default 1)")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per phase (default 3)")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="seconds of warm-up per phase of the python rows (default 1); an h2load phase warms "
+                             f"up with max({WARMUP_CALLS}, {WARMUP_CALLS_PER_STREAM} × calls in flight) calls")
     parser.add_argument("--concurrency", type=int, default=64,
                         help="calls in flight in the concurrent phase (default 64)")
+    parser.add_argument("--connections", type=int, default=4,
+                        help="h2load's connections to a gRPC server in the concurrent phase, the calls in "
+                             "flight shared among them as HTTP/2 streams (default 4)")
     args = parser.parse_args()
-    if args.duration <= 0 or args.warmup < 0 or args.concurrency < 1:
-        parser.error("--duration must be > 0, --warmup >= 0, --concurrency >= 1")
+    if args.duration <= 0 or args.warmup <= 0 or args.concurrency < 1 or not 1 <= args.connections <= args.concurrency:
+        parser.error("--duration and --warmup must be > 0, --concurrency >= 1, 1 <= --connections <= --concurrency")
     return args
 
 
@@ -316,6 +550,7 @@ def main() -> int:
     try:
         asyncio.run(bench(args))
     except (RuntimeError, OSError, asyncpg.PostgresError, grpc.aio.AioRpcError, TimeoutError) as error:
+        # h2load.H2loadError is a RuntimeError: its message says what to install
         print(f"bench: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
     return 0

@@ -28,6 +28,7 @@ class Server:
     process: subprocess.Popen[bytes]
     target: str
     log_path: Path
+    metrics_address: str = ""  # host:port of its /metrics, when it has one
 
     def log_tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
