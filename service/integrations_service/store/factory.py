@@ -31,11 +31,13 @@ async def open_store(
     # The store's database timeout setting (INTEGRATIONS_DB_TIMEOUT), not a deadline for this call.
     timeout: float = 5.0,  # noqa: ASYNC109
     pool_size: int = 10,
+    listen: bool = False,
 ) -> IntegrationStore:
     """Open the store named by `database_url`, migrated and ready.
 
     `timeout` bounds connecting to PostgreSQL and each of its queries;
-    `pool_size` is its largest number of connections. Raises
+    `pool_size` is its largest number of connections; `listen` gives it a
+    LISTEN connection of its own for `changes()` (serving only). Raises
     `errors.ConfigurationError` for a URL it cannot use and
     `errors.Unavailable` when the database cannot be reached.
     """
@@ -48,6 +50,7 @@ async def open_store(
             max_size=pool_size,
             connect_timeout=timeout,
             command_timeout=timeout,
+            listen=listen,
         )
     return await SqliteStore.open(sqlite_path(database_url))
 

@@ -5,6 +5,10 @@ COMMIT / ROLLBACK itself. An asyncio.Lock serializes every operation on that
 connection, so a read never sees another coroutine's uncommitted write, and
 BEGIN IMMEDIATE (with busy_timeout) serializes writers of other processes
 sharing the file.
+
+SQLite has no notifications: `changes()` carries this store's own writes,
+published after they commit. Writes by another process (or another store) on
+the same file are not seen there.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from integrations_service.store.base import (
     Rewrite,
     StoredIntegration,
 )
+from integrations_service.store.changes import ChangeFeed, ChangeHub, ConfigChanged
 from integrations_service.store.migrate import migrate_sqlite
 
 UNAVAILABLE_MESSAGE = "the credential store (SQLite) is unavailable"
@@ -140,6 +145,7 @@ class SqliteStore(IntegrationStore):
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self._conn = conn
         self._lock = asyncio.Lock()
+        self._changes = ChangeHub(connected=True)
 
     @classmethod
     async def open(cls, path: str | Path, *, migrate: bool = True) -> SqliteStore:
@@ -185,6 +191,7 @@ class SqliteStore(IntegrationStore):
             row = await self._write(organization_id, provider, current, config)
             if audit is not None:
                 await self._insert_audit([audit])
+        self._changes.publish(ConfigChanged.saved(row))  # committed
         return row
 
     async def delete(
@@ -198,6 +205,8 @@ class SqliteStore(IntegrationStore):
                     await self._execute(_DELETE, (current.id,))
                 if audit is not None:
                     await self._insert_audit([audit])
+        if current is not None:  # committed
+            self._changes.publish(ConfigChanged.deleted(current, datetime.now(UTC)))
         return current is not None
 
     # --- rotation -------------------------------------------------------------------------------
@@ -217,15 +226,19 @@ class SqliteStore(IntegrationStore):
             # BEGIN IMMEDIATE holds the write lock: no row read here changes before the commit.
             rows = await self._fetch_all(_SELECT_FOR_REWRAP, (json.dumps(wanted),))
             changes: list[tuple[str, str]] = []
+            rewrapped: list[StoredIntegration] = []
             for raw in rows:
                 row = _to_stored(raw)
                 config = rewrite(row)  # raising rolls back: nothing changes
                 if config is not None:
                     changes.append((_encode(config), row.id))
+                    rewrapped.append(row)
             if changes:
                 await self._execute_many(_REWRAP, changes)
             if audit is not None:
                 await self._insert_audit([audit])
+        for row in rewrapped:  # committed
+            self._changes.publish(ConfigChanged.saved(row))
         return len(changes)
 
     # --- keys -----------------------------------------------------------------------------------
@@ -276,7 +289,11 @@ class SqliteStore(IntegrationStore):
                 rows = await self._fetch_all(_SELECT_AUDIT, (before, limit))
         return [_to_audit_entry(row) for row in rows]
 
+    def changes(self) -> ChangeFeed:
+        return self._changes
+
     async def close(self) -> None:
+        self._changes.close()
         # Safe to call twice; a failure to close is not worth failing shutdown over.
         with contextlib.suppress(Exception):
             await self._conn.close()
