@@ -36,10 +36,11 @@ async def open_store(
     """Open the store named by `database_url`, migrated and ready.
 
     `timeout` bounds connecting to PostgreSQL and each of its queries;
-    `pool_size` is its largest number of connections; `listen` gives it a
-    LISTEN connection of its own for `changes()` (serving only). Raises
+    `pool_size` is its largest number of connections. Raises
     `errors.ConfigurationError` for a URL it cannot use and
     `errors.Unavailable` when the database cannot be reached.
+
+    `listen`: on PostgreSQL, feed `changes()` from a LISTEN connection of its own (serving only).
     """
     if not database_url:
         return await SqliteStore.open(data_dir / EMBEDDED_FILE_NAME)

@@ -5,10 +5,6 @@ COMMIT / ROLLBACK itself. An asyncio.Lock serializes every operation on that
 connection, so a read never sees another coroutine's uncommitted write, and
 BEGIN IMMEDIATE (with busy_timeout) serializes writers of other processes
 sharing the file.
-
-SQLite has no notifications: `changes()` carries this store's own writes,
-published after they commit. Writes by another process (or another store) on
-the same file are not seen there.
 """
 
 from __future__ import annotations
@@ -290,6 +286,11 @@ class SqliteStore(IntegrationStore):
         return [_to_audit_entry(row) for row in rows]
 
     def changes(self) -> ChangeFeed:
+        """This store's own writes, published after they commit.
+
+        SQLite has no notifications: writes by another process (or another
+        store) on the same file are not seen here.
+        """
         return self._changes
 
     async def close(self) -> None:
