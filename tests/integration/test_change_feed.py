@@ -37,7 +37,7 @@ from integrations_service.store.changes import (
 from integrations_service.store.memory import MemoryDatabase, MemoryStore
 from integrations_service.store.migrate import load_migrations
 from integrations_service.store.postgres import PostgresStore
-from integrations_service.store.postgres_listener import PostgresChangeListener
+from integrations_service.store.postgres_listener import APPLICATION_NAME, PostgresChangeListener
 from integrations_service.store.sqlite import SqliteStore
 from tests.conftest import CreateDatabase
 from tests.harness import start_service
@@ -389,6 +389,9 @@ async def test_close_ends_the_subscriptions_the_listener_task_and_its_session(
 ) -> None:
     store = await PostgresStore.connect(database, listen=True)
     pid = store._listener.backend_pid if store._listener else None
+    listening = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND application_name = $2"
+    conn = await asyncpg.connect(database)
+    assert await conn.fetchval(listening, pid, APPLICATION_NAME) == 1
     subscription = store.changes().subscribe()
 
     async def rest() -> list[ChangeEvent]:
@@ -400,10 +403,9 @@ async def test_close_ends_the_subscriptions_the_listener_task_and_its_session(
     assert await waiting == [FeedReset(ResetReason.DISCONNECTED)]
     assert not store.changes().connected
     assert not [task for task in asyncio.all_tasks() if task.get_name() == "change-feed-listener"]
-    conn = await asyncpg.connect(database)
     try:
         for _ in range(100):
-            if not await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+            if not await conn.fetchval(listening, pid, APPLICATION_NAME):
                 break
             await asyncio.sleep(0.02)
         else:

@@ -39,6 +39,8 @@ log = logging.getLogger("integrations.store.listener")
 
 # Seconds between liveness checks of an idle listening connection.
 CHECK_INTERVAL = 5.0
+# How the listening session shows in pg_stat_activity.
+APPLICATION_NAME = "integrations-change-feed"
 # Reconnect backoff: first wait, and the most it grows to.
 FIRST_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
@@ -122,7 +124,9 @@ class PostgresChangeListener:
         lost = asyncio.Event()
         conn = None
         try:
-            conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
+            conn = await asyncpg.connect(
+                self._dsn, timeout=self._timeout, server_settings={"application_name": APPLICATION_NAME}
+            )
             conn.add_termination_listener(lambda _conn: lost.set())
             await conn.add_listener(CHANGE_CHANNEL, self._on_notification)
         except Exception as exc:
