@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from datetime import UTC, datetime
 
@@ -109,6 +110,13 @@ async def test_a_closed_subscription_is_forgotten_and_ends() -> None:
     hub.publish(ConfigChanged.saved(row()))
     assert hub.subscribers == 0
     assert [event async for event in subscription] == []
+
+
+def test_a_subscription_dropped_without_close_is_forgotten() -> None:
+    hub = ChangeHub(connected=True)
+    hub.subscribe()
+    gc.collect()
+    assert hub.subscribers == 0
 
 
 def test_a_queue_must_hold_something() -> None:

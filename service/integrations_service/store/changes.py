@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import weakref
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
@@ -177,7 +178,8 @@ class ChangeHub:
 
     def __init__(self, *, connected: bool) -> None:
         self._connected = connected
-        self._subscriptions: set[Subscription] = set()
+        # Weak: a subscription its consumer dropped without closing it is forgotten, not fed forever.
+        self._subscriptions: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._closed = False
 
     @property
