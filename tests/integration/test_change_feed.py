@@ -187,7 +187,9 @@ async def test_saves_of_another_process_reach_the_feed_within_tens_of_ms(
         print(f"\nchange feed across processes, 200 saves, save {name} -> event received: "
               f"p50 {statistics.median(delays) * 1000:.2f} ms, p99 {delays[197] * 1000:.2f} ms")
         if name == "acknowledged":
-            assert delays[197] < 0.05, f"p99 {delays[197] * 1000:.1f} ms"
+            # Typically p50 < 0.2 ms, p99 < 3 ms; loose bounds, since the 2-core CI machine is shared.
+            assert statistics.median(delays) < 0.01, f"p50 {statistics.median(delays) * 1000:.1f} ms"
+            assert delays[197] < 0.25, f"p99 {delays[197] * 1000:.1f} ms"
 
 
 @pytest.mark.postgres
