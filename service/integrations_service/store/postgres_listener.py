@@ -107,10 +107,11 @@ class PostgresChangeListener:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 (not for security)
                 delay = min(delay * 2, self._max_backoff)
                 continue
-            delay = FIRST_BACKOFF
             self._connection = conn
             self._hub.mark_connected()
             log.info("listening for changes", extra={"event": "change_feed_connected"})
+            loop = asyncio.get_running_loop()
+            connected_at = loop.time()
             try:
                 await self._watch(conn, lost)
             finally:
@@ -118,6 +119,11 @@ class PostgresChangeListener:
                 self._hub.mark_disconnected()
                 conn.terminate()
             log.warning("lost the change feed connection; reconnecting", extra={"event": "change_feed_lost"})
+            if loop.time() - connected_at >= self._check_interval:
+                delay = FIRST_BACKOFF  # it had settled: reconnect at once
+            else:  # a server that accepts and drops connections is not hammered
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 (not for security)
+                delay = min(delay * 2, self._max_backoff)
 
     async def _connect(self) -> tuple[Any, asyncio.Event]:
         """A connection with LISTEN in place, and the event set when it dies; (None, _) when it failed."""
