@@ -308,11 +308,13 @@ async def test_a_terminated_listener_reconnects_with_a_reset_without_a_restart(
     feed = listener.changes()
     old_pid = listener._listener.backend_pid if listener._listener else None
     assert old_pid is not None
+    terminated = time.perf_counter()
     assert await raw(database, "SELECT pg_terminate_backend($1)", old_pid) == "SELECT 1"
     resets = [await next_event(events)]
     if resets[0] == FeedReset(ResetReason.DISCONNECTED):  # unless the reconnect's reset already replaced it
         resets.append(await next_event(events))
     assert resets[-1] == FeedReset(ResetReason.CONNECTED)
+    print(f"\nlistener: listening again {(time.perf_counter() - terminated) * 1000:.0f} ms after pg_terminate_backend")
     assert feed.connected
     new_pid = listener._listener.backend_pid if listener._listener else None
     assert new_pid not in (None, old_pid)
