@@ -101,10 +101,12 @@ def _security(settings: Settings) -> tuple[grpc.ServerCredentials | None, Author
 
 
 async def open_checked_store(
-    settings: Settings, cipher: ValueCipher, pool_size: int, metrics: Metrics | None = None
+    settings: Settings, cipher: ValueCipher, pool_size: int, metrics: Metrics | None = None, *, listen: bool = False
 ) -> tuple[IntegrationStore, KeyUsage]:
     """The store, migrated, with the configured keys proven to be the ones its data was written with."""
-    store = await open_store(settings.database_url, settings.data_dir, timeout=settings.db_timeout, pool_size=pool_size)
+    store = await open_store(
+        settings.database_url, settings.data_dir, timeout=settings.db_timeout, pool_size=pool_size, listen=listen
+    )
     if metrics is not None:
         store = InstrumentedStore(store, metrics)
     key_usage = KeyUsage(store, cipher)
@@ -141,7 +143,7 @@ async def start(settings: Settings) -> RunningService:
     cipher = ValueCipher(resolve_keyring(settings))
     credentials, authorizer = _security(settings)  # bad TLS files or policy stop us before the store opens
     metrics = Metrics()
-    store, key_usage = await open_checked_store(settings, cipher, settings.db_pool_size, metrics)
+    store, key_usage = await open_checked_store(settings, cipher, settings.db_pool_size, metrics, listen=True)
     audit = AuditTrail(store)
     try:
         service = CredentialService(store, cipher, settings.provider_defaults, audit, _legacy_policy(settings, metrics))
@@ -179,6 +181,8 @@ def _serve_metrics(
     metrics.watch(store, key_usage.totals)
     metrics.audit_buffered.set_function(lambda: audit.buffered)
     metrics.audit_dropped.set_function(lambda: audit.dropped)
+    feed = store.changes()
+    metrics.change_feed_connected.set_function(lambda: feed is not None and feed.connected)
     if address is None:
         return None
     try:

@@ -42,6 +42,7 @@ from integrations_service.store import (
     Rewrite,
     StoredIntegration,
 )
+from integrations_service.store.changes import ChangeFeed
 
 T = TypeVar("T")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -108,6 +109,11 @@ class Metrics:
         self.audit_dropped = Gauge(
             "integrations_audit_dropped_records",
             "Audit records dropped because the buffer was full while the store was down",
+            registry=r,
+        )
+        self.change_feed_connected = Gauge(
+            "integrations_change_feed_connected",
+            "1 while every committed row change reaches this process (PostgreSQL: its LISTEN connection is up)",
             registry=r,
         )
 
@@ -264,6 +270,9 @@ class InstrumentedStore(IntegrationStore):
 
     def pool_stats(self) -> PoolStats | None:
         return self._inner.pool_stats()
+
+    def changes(self) -> ChangeFeed | None:
+        return self._inner.changes()
 
     async def close(self) -> None:
         await self._inner.close()

@@ -652,14 +652,16 @@ async def test_replicas_migrating_a_new_database_at_once_both_succeed(
     second = await PostgresStore.connect(url, migrate=False)
     try:
         results = await asyncio.gather(first.migrate(), second.migrate())
-        assert sorted(results) == [[], [1, 2]]
+        assert sorted(results) == [[], [1, 2, 3]]
         assert await first.migrate() == []
         assert (await second.upsert(ORG, "stripe", put({"k": "v"}))).version == 1
     finally:
         await first.close()
         await second.close()
     ledger = await _raw(url, "SELECT version, name FROM schema_migrations")
-    assert sorted(tuple(row) for row in ledger) == [(1, "integration_config"), (2, "keys_and_audit")]
+    assert sorted(tuple(row) for row in ledger) == [
+        (1, "integration_config"), (2, "keys_and_audit"), (3, "change_feed")
+    ]
 
 
 @pytest.mark.postgres

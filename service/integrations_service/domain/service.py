@@ -20,6 +20,7 @@ from integrations_service.domain.registry import Category, ProviderSpec, provide
 from integrations_service.domain.resolution import ConfigView, EffectiveConfig, is_ready, resolve_values
 from integrations_service.errors import Conflict, CorruptConfig, CorruptCredential, NotFound, ServiceError
 from integrations_service.store import IntegrationStore, StoredIntegration, UnreadableConfig
+from integrations_service.store.changes import ChangeKind, ConfigChanged
 
 RPC_GET = "GetProviderConfig"
 RPC_SAVE = "SaveIntegration"
@@ -37,7 +38,16 @@ class ProviderStatus:
 
 def etag_of(row: StoredIntegration) -> str:
     """Opaque, changes with every write, and never repeats after a delete and re-create."""
-    return hashlib.blake2b(f"{row.id}:{row.version}".encode(), digest_size=9).hexdigest()
+    return _etag(row.id, row.version)
+
+
+def etag_of_change(change: ConfigChanged) -> str:
+    """The etag a save produced (equal to `etag_of` of the row it saved); empty for a delete."""
+    return "" if change.kind is ChangeKind.DELETED else _etag(change.row_id, change.version)
+
+
+def _etag(row_id: str, version: int) -> str:
+    return hashlib.blake2b(f"{row_id}:{version}".encode(), digest_size=9).hexdigest()
 
 
 class CredentialService:

@@ -17,6 +17,10 @@ import abc
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from integrations_service.store.changes import ChangeFeed
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,10 @@ class IntegrationStore(abc.ABC):
 
     def pool_stats(self) -> PoolStats | None:
         """Connection pool use, for metrics; None for stores without a pool."""
+        return None
+
+    def changes(self) -> ChangeFeed | None:
+        """The feed of committed row changes (store/changes.py); None for a store that cannot tell."""
         return None
 
     @abc.abstractmethod

@@ -31,6 +31,7 @@ async def open_store(
     # The store's database timeout setting (INTEGRATIONS_DB_TIMEOUT), not a deadline for this call.
     timeout: float = 5.0,  # noqa: ASYNC109
     pool_size: int = 10,
+    listen: bool = False,
 ) -> IntegrationStore:
     """Open the store named by `database_url`, migrated and ready.
 
@@ -38,6 +39,8 @@ async def open_store(
     `pool_size` is its largest number of connections. Raises
     `errors.ConfigurationError` for a URL it cannot use and
     `errors.Unavailable` when the database cannot be reached.
+
+    `listen`: on PostgreSQL, feed `changes()` from a LISTEN connection of its own (serving only).
     """
     if not database_url:
         return await SqliteStore.open(data_dir / EMBEDDED_FILE_NAME, timeout=timeout)
@@ -48,6 +51,7 @@ async def open_store(
             max_size=pool_size,
             connect_timeout=timeout,
             command_timeout=timeout,
+            listen=listen,
         )
     return await SqliteStore.open(sqlite_path(database_url), timeout=timeout)
 

@@ -28,6 +28,7 @@ from integrations_service.store.base import (
     Rewrite,
     StoredIntegration,
 )
+from integrations_service.store.changes import ChangeEvent, ChangeFeed, ChangeHub, ConfigChanged
 
 CLOSED_MESSAGE = "the credential store (in memory) is closed"
 
@@ -45,6 +46,12 @@ class MemoryDatabase:
     keys: dict[str, KeyRecord] = field(default_factory=dict)
     audit: list[AuditEntry] = field(default_factory=list)
     _audit_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    # The change feeds of the open stores on this database, as PostgreSQL notifies every listener.
+    feeds: set[ChangeHub] = field(default_factory=set)
+
+    def publish(self, event: ChangeEvent) -> None:
+        for feed in tuple(self.feeds):
+            feed.publish(event)
 
     def append_audit(self, records: Sequence[AuditRecord]) -> None:
         # Stored as the other stores store it: in UTC, a naive time taken to be UTC already.
@@ -58,6 +65,8 @@ class MemoryStore(IntegrationStore):
     def __init__(self, database: MemoryDatabase | None = None) -> None:
         self._db = database if database is not None else MemoryDatabase()
         self._closed = False
+        self._changes = ChangeHub(connected=True)
+        self._db.feeds.add(self._changes)
 
     @property
     def database(self) -> MemoryDatabase:
@@ -90,6 +99,7 @@ class MemoryStore(IntegrationStore):
         self._db.rows[key] = row
         if audit is not None:
             self._db.append_audit([audit])
+        self._db.publish(ConfigChanged.saved(row))
         return _copy(row)
 
     async def delete(
@@ -104,6 +114,7 @@ class MemoryStore(IntegrationStore):
         del self._db.rows[key]
         if audit is not None:
             self._db.append_audit([audit])
+        self._db.publish(ConfigChanged.deleted(current, self._db.clock()))
         return True
 
     async def scan(self, after_id: str, limit: int) -> list[StoredIntegration]:
@@ -122,6 +133,7 @@ class MemoryStore(IntegrationStore):
         changes = [(row, config) for row in rows if (config := rewrite(_copy(row))) is not None]
         for row, config in changes:
             self._db.rows[(row.organization_id, row.provider)] = replace(row, config=dict(config))
+            self._db.publish(ConfigChanged.saved(row))
         if audit is not None:
             self._db.append_audit([audit])
         return len(changes)
@@ -164,8 +176,13 @@ class MemoryStore(IntegrationStore):
         )
         return [AuditEntry(entry.id, _copy_record(entry.record)) for entry in itertools.islice(newest_first, limit)]
 
+    def changes(self) -> ChangeFeed:
+        return self._changes
+
     async def close(self) -> None:
         self._closed = True
+        self._db.feeds.discard(self._changes)
+        self._changes.close()
 
     def _check_open(self) -> None:
         # Like a closed pool: every later call fails as the database being unreachable would.

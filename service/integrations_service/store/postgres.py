@@ -41,7 +41,9 @@ from integrations_service.store.base import (
     UnreadableConfig,
 )
 from integrations_service.store.budget import Budget, KeyedLocks, bounded
+from integrations_service.store.changes import ChangeFeed, ChangeHub
 from integrations_service.store.migrate import migrate_postgres
+from integrations_service.store.postgres_listener import PostgresChangeListener
 
 log = logging.getLogger("integrations.store.postgres")
 
@@ -241,6 +243,9 @@ class PostgresStore(IntegrationStore):
         self._close_timeout = close_timeout
         self._timeout = timeout
         self._writers = KeyedLocks()
+        # Disconnected until a listener feeds it: connect(listen=True).
+        self._changes = ChangeHub(connected=False)
+        self._listener: PostgresChangeListener | None = None
 
     @classmethod
     async def connect(
@@ -252,12 +257,14 @@ class PostgresStore(IntegrationStore):
         connect_timeout: float = 5.0,
         command_timeout: float = 5.0,
         migrate: bool = True,
+        listen: bool = False,
     ) -> PostgresStore:
         """Open the pool, retrying for up to `connect_timeout` seconds, then apply migrations.
 
         Raises `errors.Unavailable` when PostgreSQL cannot be reached in time, and
         `errors.ConfigurationError` when the DSN is malformed or the login or
-        database is refused.
+        database is refused. `listen`: feed `changes()` from a LISTEN connection
+        of its own (a serving process; one-shot commands need none).
         """
         pool = await _create_pool(
             dsn,
@@ -274,6 +281,8 @@ class PostgresStore(IntegrationStore):
             except BaseException:
                 await store.close()
                 raise
+        if listen:  # after the migrations: the trigger exists
+            store._listener = await PostgresChangeListener.start(dsn, store._changes, timeout=connect_timeout)
         return store
 
     async def migrate(self) -> list[int]:
@@ -417,7 +426,13 @@ class PostgresStore(IntegrationStore):
     def pool_stats(self) -> PoolStats:
         return PoolStats(self._pool.get_size(), self._pool.get_idle_size(), self._pool.get_max_size())
 
+    def changes(self) -> ChangeFeed:
+        return self._changes
+
     async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.close()
+        self._changes.close()
         try:
             await asyncio.wait_for(self._pool.close(), timeout=self._close_timeout)
         except Exception:  # a timeout, or a connection that fails while closing

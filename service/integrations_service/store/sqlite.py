@@ -42,6 +42,7 @@ from integrations_service.store.base import (
     UnreadableConfig,
 )
 from integrations_service.store.budget import Budget, bounded
+from integrations_service.store.changes import ChangeFeed, ChangeHub, ConfigChanged
 from integrations_service.store.migrate import migrate_sqlite
 
 UNAVAILABLE_MESSAGE = "the credential store (SQLite) is unavailable"
@@ -154,6 +155,7 @@ class SqliteStore(IntegrationStore):
         self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._timeout = timeout
+        self._changes = ChangeHub(connected=True)
 
     @classmethod
     async def open(
@@ -207,6 +209,7 @@ class SqliteStore(IntegrationStore):
             row = await self._write(organization_id, provider, current, config)
             if audit is not None:
                 await self._insert_audit([audit])
+        self._changes.publish(ConfigChanged.saved(row))  # committed
         return row
 
     async def delete(
@@ -220,6 +223,8 @@ class SqliteStore(IntegrationStore):
                     await self._execute(_DELETE, (current.id,))
                 if audit is not None:
                     await self._insert_audit([audit])
+        if current is not None:  # committed
+            self._changes.publish(ConfigChanged.deleted(current, datetime.now(UTC)))
         return current is not None
 
     # --- rotation -------------------------------------------------------------------------------
@@ -239,15 +244,19 @@ class SqliteStore(IntegrationStore):
             # BEGIN IMMEDIATE holds the write lock: no row read here changes before the commit.
             rows = await self._fetch_all(_SELECT_FOR_REWRAP, (json.dumps(wanted),))
             changes: list[tuple[str, str]] = []
+            rewrapped: list[StoredIntegration] = []
             for raw in rows:
                 row = _to_stored(raw)
                 config = rewrite(row)  # raising rolls back: nothing changes
                 if config is not None:
                     changes.append((_encode(config), row.id))
+                    rewrapped.append(row)
             if changes:
                 await self._execute_many(_REWRAP, changes)
             if audit is not None:
                 await self._insert_audit([audit])
+        for row in rewrapped:  # committed
+            self._changes.publish(ConfigChanged.saved(row))
         return len(changes)
 
     # --- keys -----------------------------------------------------------------------------------
@@ -298,7 +307,16 @@ class SqliteStore(IntegrationStore):
                 rows = await self._fetch_all(_SELECT_AUDIT, (before, limit), reader)
         return [_to_audit_entry(row) for row in rows]
 
+    def changes(self) -> ChangeFeed:
+        """This store's own writes, published after they commit.
+
+        SQLite has no notifications: writes by another process (or another
+        store) on the same file are not seen here.
+        """
+        return self._changes
+
     async def close(self) -> None:
+        self._changes.close()
         # Safe to call twice; a failure to close is not worth failing shutdown over.
         for conn in (self._reader, self._conn):
             if conn is not None:

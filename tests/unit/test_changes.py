@@ -1,0 +1,167 @@
+"""The change feed's in-process rules: fan-out, bounded queues, resets, close, and reading notifications."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from integrations_service.domain.service import etag_of, etag_of_change
+from integrations_service.store import StoredIntegration
+from integrations_service.store.changes import (
+    ChangeHub,
+    ChangeKind,
+    ConfigChanged,
+    FeedReset,
+    ResetReason,
+    Subscription,
+)
+from integrations_service.store.postgres_listener import parse_notification
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+
+
+def row(version: int = 1, org: str = "org_1", provider: str = "stripe") -> StoredIntegration:
+    return StoredIntegration("row-1", org, provider, {"secretKey": "enc:v2:x"}, version, T0, T0)
+
+
+def drain(subscription: Subscription) -> list[object]:
+    events = []
+    while subscription.pending:
+        events.append(subscription._events.popleft())
+    return events
+
+
+async def test_every_subscriber_gets_every_event_in_order() -> None:
+    hub = ChangeHub(connected=True)
+    first, second = hub.subscribe(), hub.subscribe()
+    events = [ConfigChanged.saved(row(version)) for version in range(1, 4)]
+    for event in events:
+        hub.publish(event)
+    assert [await anext(first) for _ in events] == events
+    assert [await anext(second) for _ in events] == events
+
+
+async def test_a_waiting_subscriber_is_woken_by_a_publish() -> None:
+    hub = ChangeHub(connected=True)
+    with hub.subscribe() as subscription:
+        waiting = asyncio.ensure_future(anext(subscription))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        hub.publish(ConfigChanged.saved(row()))
+        assert await asyncio.wait_for(waiting, 1) == ConfigChanged.saved(row())
+
+
+async def test_a_slow_subscriber_gets_one_reset_instead_of_growing_while_a_fast_one_keeps_everything() -> None:
+    hub = ChangeHub(connected=True)
+    slow = hub.subscribe(queue_size=10)
+    fast = hub.subscribe(queue_size=10)
+    received = []
+    for version in range(1, 26):
+        hub.publish(ConfigChanged.saved(row(version)))
+        received.extend(drain(fast))
+        assert slow.pending <= 10
+    assert [event.version for event in received] == list(range(1, 26))  # type: ignore[attr-defined]
+    # 11 and 21 found the queue full: each became the reset that stands for everything before it.
+    assert drain(slow) == [FeedReset(ResetReason.FELL_BEHIND), *(ConfigChanged.saved(row(v)) for v in (22, 23, 24, 25))]
+
+
+def test_a_reset_replaces_what_was_queued_before_it() -> None:
+    hub = ChangeHub(connected=True)
+    subscription = hub.subscribe()
+    hub.publish(ConfigChanged.saved(row(1)))
+    hub.publish(FeedReset(ResetReason.TRUNCATED))
+    hub.publish(ConfigChanged.saved(row(2)))
+    assert drain(subscription) == [FeedReset(ResetReason.TRUNCATED), ConfigChanged.saved(row(2))]
+
+
+def test_connected_goes_false_with_a_reset_and_comes_back_after_one() -> None:
+    hub = ChangeHub(connected=False)
+    subscription = hub.subscribe()
+    assert not hub.connected
+    hub.mark_connected()
+    assert hub.connected
+    hub.mark_disconnected()
+    hub.mark_disconnected()  # once
+    assert not hub.connected
+    assert drain(subscription) == [FeedReset(ResetReason.DISCONNECTED)]
+
+
+async def test_closing_the_hub_ends_every_subscription_and_later_ones() -> None:
+    hub = ChangeHub(connected=True)
+    subscription = hub.subscribe()
+    waiting = asyncio.ensure_future(anext(subscription))
+    await asyncio.sleep(0)
+    hub.close()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(waiting, 1)
+    assert not hub.connected
+    assert hub.subscribers == 0
+    assert [event async for event in hub.subscribe()] == []
+
+
+async def test_a_closed_subscription_is_forgotten_and_ends() -> None:
+    hub = ChangeHub(connected=True)
+    subscription = hub.subscribe()
+    subscription.close()
+    hub.publish(ConfigChanged.saved(row()))
+    assert hub.subscribers == 0
+    assert [event async for event in subscription] == []
+
+
+def test_a_subscription_dropped_without_close_is_forgotten() -> None:
+    hub = ChangeHub(connected=True)
+    hub.subscribe()
+    gc.collect()
+    assert hub.subscribers == 0
+
+
+def test_a_queue_must_hold_something() -> None:
+    with pytest.raises(ValueError, match="queue_size"):
+        ChangeHub(connected=True).subscribe(queue_size=0)
+
+
+def test_the_etag_of_a_save_is_the_rows_and_a_delete_has_none() -> None:
+    saved = row(7)
+    assert etag_of_change(ConfigChanged.saved(saved)) == etag_of(saved)
+    assert etag_of_change(ConfigChanged.deleted(saved, T0)) == ""
+
+
+# --- notifications (migration 0003's payloads) ------------------------------------------------------
+
+
+def test_a_save_and_a_delete_notification_are_read() -> None:
+    payload = {"operation": "saved", "organization_id": "org_1", "provider": "stripe", "id": "row-1",
+               "version": 3, "time": "2026-01-02T03:04:05.678901Z"}
+    assert parse_notification(json.dumps(payload)) == ConfigChanged("org_1", "stripe", "row-1", 3, ChangeKind.SAVED, T0)
+    payload["operation"] = "deleted"
+    assert parse_notification(json.dumps(payload)).kind is ChangeKind.DELETED  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        ('{"operation": "reset", "reason": "truncated"}', ResetReason.TRUNCATED),
+        ('{"operation": "reset", "reason": "undescribed"}', ResetReason.UNDESCRIBED),
+        ('{"operation": "reset", "reason": "something new"}', ResetReason.UNDESCRIBED),
+        ("not json", ResetReason.UNDESCRIBED),
+        ("[]", ResetReason.UNDESCRIBED),
+        ('{"operation": "saved"}', ResetReason.UNDESCRIBED),
+        ('{"operation": "renamed", "organization_id": "o", "provider": "p", "id": "i", "version": 1,'
+         ' "time": "2026-01-02T03:04:05Z"}', ResetReason.UNDESCRIBED),
+        ('{"operation": "saved", "organization_id": 1, "provider": "p", "id": "i", "version": 1,'
+         ' "time": "2026-01-02T03:04:05Z"}', ResetReason.UNDESCRIBED),
+        ('{"operation": "saved", "organization_id": "o", "provider": "p", "id": "i", "version": "1",'
+         ' "time": "2026-01-02T03:04:05Z"}', ResetReason.UNDESCRIBED),
+        ('{"operation": "saved", "organization_id": "o", "provider": "p", "id": "i", "version": 1,'
+         ' "time": "2026-01-02T03:04:05"}', ResetReason.UNDESCRIBED),
+        ('{"operation": "saved", "organization_id": "o", "provider": "p", "id": "i", "version": 1,'
+         ' "time": "yesterday"}', ResetReason.UNDESCRIBED),
+    ],
+)
+def test_anything_but_a_well_formed_change_resynchronizes(payload: str, reason: ResetReason) -> None:
+    # Anyone who can connect may NOTIFY the channel: never trusted, never raising.
+    assert parse_notification(payload) == FeedReset(reason)
