@@ -46,9 +46,15 @@ class RunningService:
         """Health goes NOT_SERVING, new calls are refused, in-flight ones get `grace` seconds."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        await self.audit.close()
-        await self.key_usage.close()
-        await self.store.close()
+        # In this order (the store last: the others write to it), and each whatever the others did: a failed
+        # audit flush must not keep the encryption counts, which the nonce budget depends on, from being saved.
+        for step, close in (("audit", self.audit.close), ("key_usage", self.key_usage.close),
+                            ("store", self.store.close)):
+            try:
+                await close()
+            except Exception:
+                log.exception("a shutdown step failed; going on with the others",
+                              extra={"event": "stop_failed", "store": step})
         log.info("stopped", extra={"event": "stopped"})
 
 
@@ -117,7 +123,7 @@ async def start(settings: Settings) -> RunningService:
     credentials, authorizer = _security(settings)  # bad TLS files or policy stop us before the store opens
     metrics = Metrics()
     store, key_usage = await open_checked_store(settings, cipher, settings.db_pool_size, metrics)
-    audit = AuditTrail(store)
+    audit = AuditTrail(store, reads=settings.audit_reads)
     try:
         service = CredentialService(store, cipher, settings.provider_defaults, audit)
         server, health_servicer = build_server(
@@ -151,6 +157,7 @@ def _serve_metrics(
     metrics.watch(store, key_usage.totals)
     metrics.audit_buffered.set_function(lambda: audit.buffered)
     metrics.audit_dropped.set_function(lambda: audit.dropped)
+    metrics.audit_failed.set_function(lambda: audit.failed)
     if address is None:
         return None
     try:

@@ -12,8 +12,10 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from integrations_service.crypto import InvalidKey, Keyring
+from integrations_service.domain.audit import ReadAudit
 from integrations_service.domain.registry import all_env_vars
 from integrations_service.errors import ConfigurationError
 
@@ -101,6 +103,13 @@ METRICS_ADDRESS = Setting(
     "127.0.0.1:9464",
     "host:port of the Prometheus /metrics endpoint; empty turns it off",
 )
+AUDIT_READS = Setting(
+    "INTEGRATIONS_AUDIT_READS",
+    "--audit-reads",
+    "buffered",
+    "buffered (a decrypted read's audit record is stored within about 1 s, lost if the process dies first) or "
+    "strict (a decrypted value is returned only once its record is stored; UNAVAILABLE when it cannot be)",
+)
 
 SETTINGS = (
     LISTEN_ADDRESS,
@@ -118,6 +127,7 @@ SETTINGS = (
     TLS_CLIENT_CA,
     AUTHZ_POLICY,
     INSECURE_PLAINTEXT,
+    AUDIT_READS,
 )
 
 
@@ -146,6 +156,7 @@ class Settings:
     authz_policy: Path | None
     # None: no metrics endpoint.
     metrics_address: str | None
+    audit_reads: ReadAudit
     provider_defaults: Mapping[str, str] = field(repr=False)
 
     @property
@@ -186,6 +197,7 @@ def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str], s
         tls=tls,
         authz_policy=Path(policy) if policy else None,
         metrics_address=reader.metrics_address(),
+        audit_reads=reader.choice(AUDIT_READS, ReadAudit) or ReadAudit.BUFFERED,
         provider_defaults={var: environ[var] for var in all_env_vars() if environ.get(var)},
     )
     reader.raise_problems()
@@ -212,6 +224,9 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+_Choice = TypeVar("_Choice", bound=enum.Enum)
+
+
 class _Reader:
     """Reads settings, collecting problems instead of stopping at the first."""
 
@@ -236,7 +251,7 @@ class _Reader:
             return self._environ[setting.env]
         return self._environ.get(setting.env) or setting.default or ""
 
-    def choice(self, setting: Setting, kind: type[Mode]) -> Mode | None:
+    def choice(self, setting: Setting, kind: type[_Choice]) -> _Choice | None:
         raw = self.text(setting)
         try:
             return kind(raw)

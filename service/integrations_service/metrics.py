@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from integrations_service import errors
@@ -73,6 +73,11 @@ class Metrics:
             "Audit records dropped because the buffer was full while the store was down",
             registry=r,
         )
+        self.audit_failed = _FunctionCounter(
+            "integrations_audit_records_failed",
+            "Audit records given up: refused by the store even on their own, or not stored before shutdown",
+            registry=r,
+        )
 
     def watch(self, store: IntegrationStore, key_totals: Callable[[], Mapping[str, int]]) -> None:
         """Expose pool use and per-key encryption counts, read at scrape time."""
@@ -83,6 +88,22 @@ class Metrics:
         host, _, port = address.rpartition(":")
         server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
         return int(server.server_port)
+
+
+class _FunctionCounter(Collector):
+    """A counter whose total is kept elsewhere (the domain counts, without knowing Prometheus), read at scrape time."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._read: Callable[[], float] = lambda: 0
+        registry.register(self)
+
+    def set_function(self, read: Callable[[], float]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self._read())
 
 
 class _StateCollector(Collector):
