@@ -32,6 +32,7 @@ from tests.integration.raw_rows import service_url
 from tests.integration.test_metrics import scrape
 from tests.integration.test_mtls import StartMtls, start_mtls  # noqa: F401 (fixture)
 from tests.integration.test_store_outage import TcpProxy, _with_address, database_url, proxy  # noqa: F401 (fixtures)
+from tests.processes import clean_env, run_cli
 
 SK = "sk_test_51PoisonedAuditSecret000001"
 DECRYPTED = pb.CONFIG_VIEW_DECRYPTED
@@ -335,3 +336,12 @@ async def test_a_final_flush_that_fails_is_logged_and_counted_and_stop_finishes(
     assert [getattr(r, "count", None) for r in lost] == [1]
     assert running.service.audit.failed == 1
     assert any(getattr(r, "event", None) == "stopped" for r in caplog.records)
+
+
+def test_an_unknown_audit_reads_value_stops_the_start_naming_the_variable(tmp_path: Path) -> None:
+    result = run_cli(["serve"], tmp_path, clean_env({"INTEGRATIONS_AUDIT_READS": "sometimes"}), timeout=15)
+    assert result.returncode == 2
+    assert "INTEGRATIONS_AUDIT_READS must be one of buffered, strict, got 'sometimes'" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # refused before touching anything
+    checked = run_cli(["serve", "--check", "--audit-reads", "strict"], tmp_path, clean_env(), timeout=15)
+    assert checked.returncode == 0, checked.stderr
