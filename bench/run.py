@@ -60,12 +60,16 @@ POOL_SIZE = 10  # the service's default INTEGRATIONS_DB_POOL_SIZE; the raw upser
 GET = "GetProviderConfig DECRYPTED"
 SAVE = "SaveIntegration"
 PG, EMBEDDED, EMPTY, RAW = "service (PostgreSQL)", "service (embedded)", "empty handler", "raw asyncpg upsert"
+# INTEGRATIONS_AUDIT_READS=strict: every decrypted read stores its audit record before it answers.
+PG_STRICT = "service (PostgreSQL, strict audit)"
 
 COMPARISONS = (
     Comparison(GET, PG, EMPTY),
     Comparison(GET, EMBEDDED, EMPTY),
     Comparison(SAVE, PG, RAW),
     Comparison(SAVE, EMBEDDED, EMPTY),
+    # What strict read auditing costs: the buffered service is the baseline.
+    Comparison(GET, PG_STRICT, PG),
 )
 
 
@@ -84,7 +88,16 @@ JOBS = (
     Job(SAVE, RAW, "upsert"),
     Job(SAVE, EMBEDDED, "save"),
     Job(SAVE, EMPTY, "save"),
+    Job(GET, PG_STRICT, "get"),
 )
+# `--workloads audit-reads`: only buffered vs strict decrypted reads on PostgreSQL (a short run).
+WORKLOADS = {
+    "all": (JOBS, COMPARISONS),
+    "audit-reads": (
+        tuple(job for job in JOBS if job.workload == GET and job.server in (PG, PG_STRICT)),
+        (Comparison(GET, PG_STRICT, PG),),
+    ),
+}
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------------
@@ -152,16 +165,26 @@ def running(servers: dict[str, Server]) -> Iterator[dict[str, Server]]:
             stop(server)
 
 
-def start_servers(servers: dict[str, Server], database_url: str, work_dir: Path, log_dir: Path) -> None:
+def start_servers(
+    servers: dict[str, Server], wanted: set[str], database_url: str, work_dir: Path, log_dir: Path
+) -> None:
     key = base64.b64encode(secrets.token_bytes(32)).decode()  # a fresh key, only in the servers' environment
-    stores = {PG: database_url, EMBEDDED: f"sqlite:///{work_dir / 'integrations.sqlite3'}"}
-    for name, store_url in stores.items():
+    stores = {
+        PG: (database_url, {}),
+        EMBEDDED: (f"sqlite:///{work_dir / 'integrations.sqlite3'}", {}),
+        # The same database and key as PG: it reads the row seeded through PG.
+        PG_STRICT: (database_url, {"INTEGRATIONS_AUDIT_READS": "strict"}),
+    }
+    for name, (store_url, extra) in stores.items():
+        if name not in wanted:
+            continue
         target = f"127.0.0.1:{free_port()}"
-        env = service_environment(target, store_url, key, work_dir)
+        env = {**service_environment(target, store_url, key, work_dir), **extra}
         servers[name] = spawn(_slug(name), service_command(), env, log_dir, target)
-    target = f"127.0.0.1:{free_port()}"
-    command = [*empty_server_command(), "--listen-address", target]
-    servers[EMPTY] = spawn(_slug(EMPTY), command, clean_environment(), log_dir, target)
+    if EMPTY in wanted:
+        target = f"127.0.0.1:{free_port()}"
+        command = [*empty_server_command(), "--listen-address", target]
+        servers[EMPTY] = spawn(_slug(EMPTY), command, clean_environment(), log_dir, target)
 
 
 def _slug(name: str) -> str:
@@ -278,23 +301,27 @@ def publish(text: str) -> Path:
 
 
 async def bench(args: argparse.Namespace) -> None:
+    jobs, comparisons = WORKLOADS[args.workloads]
+    # PG is always started: the seeded row that every PostgreSQL job reads is written through it.
+    wanted = {job.server for job in jobs} | {PG}
     admin_url = os.environ.get(ADMIN_URL_ENV) or DEFAULT_ADMIN_URL
     load_before = warn_if_busy()
     log_dir = RESULTS_DIR / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     async with scratch_database(admin_url) as (database_url, pg_version):
         with tempfile.TemporaryDirectory(prefix="integrations-bench-") as work, running({}) as servers:
-            start_servers(servers, database_url, Path(work), log_dir)
+            start_servers(servers, wanted, database_url, Path(work), log_dir)
             for server in servers.values():
                 await wait_serving(server)
             await seed(servers[PG].target)
-            await seed(servers[EMBEDDED].target)
+            if EMBEDDED in servers:
+                await seed(servers[EMBEDDED].target)
             await create_scratch_table(database_url)
             results = {}
-            for job in JOBS:
+            for job in jobs:
                 print(f"measuring {job.workload} on {job.server} …", file=sys.stderr)
                 results[(job.workload, job.server)] = await measure(job, args, servers, database_url)
-    path = publish(render(results, COMPARISONS, machine(args, pg_version, load_before), args.concurrency))
+    path = publish(render(results, comparisons, machine(args, pg_version, load_before), args.concurrency))
     print(f"written to {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}",
           file=sys.stderr)
 
@@ -305,6 +332,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per phase (default 1)")
     parser.add_argument("--concurrency", type=int, default=64,
                         help="calls in flight in the concurrent phase (default 64)")
+    parser.add_argument("--workloads", choices=sorted(WORKLOADS), default="all",
+                        help="all (default), or audit-reads: only decrypted reads, buffered vs strict audit")
     args = parser.parse_args()
     if args.duration <= 0 or args.warmup < 0 or args.concurrency < 1:
         parser.error("--duration must be > 0, --warmup >= 0, --concurrency >= 1")
