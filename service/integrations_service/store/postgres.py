@@ -354,6 +354,8 @@ class PostgresStore(IntegrationStore):
         if not records:
             return
         try:
+            # A transaction even for one record: an INSERT left waiting on a lock after its call timed out must
+            # not commit later by itself (a strict read answered UNAVAILABLE would then be recorded as OK).
             async with self._transaction() as conn:
                 with _unavailable_on_connection_error():
                     await _insert_audit(conn, records)
