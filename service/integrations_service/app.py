@@ -50,9 +50,15 @@ class RunningService:
         await self.readiness.close()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        await self.audit.close()
-        await self.key_usage.close()
-        await self.store.close()
+        # In this order (the store last: the others write to it), and each whatever the others did: a failed
+        # audit flush must not keep the encryption counts, which the nonce budget depends on, from being saved.
+        for step, close in (("audit", self.audit.close), ("key_usage", self.key_usage.close),
+                            ("store", self.store.close)):
+            try:
+                await close()
+            except Exception:
+                log.exception("a shutdown step failed; going on with the others",
+                              extra={"event": "stop_failed", "store": step})
         log.info("stopped", extra={"event": "stopped"})
 
 
@@ -144,7 +150,7 @@ async def start(settings: Settings) -> RunningService:
     credentials, authorizer = _security(settings)  # bad TLS files or policy stop us before the store opens
     metrics = Metrics()
     store, key_usage = await open_checked_store(settings, cipher, settings.db_pool_size, metrics, listen=True)
-    audit = AuditTrail(store)
+    audit = AuditTrail(store, reads=settings.audit_reads)
     try:
         service = CredentialService(store, cipher, settings.provider_defaults, audit, _legacy_policy(settings, metrics))
         server, health_servicer = build_server(
@@ -183,6 +189,7 @@ def _serve_metrics(
     metrics.audit_dropped.set_function(lambda: audit.dropped)
     feed = store.changes()
     metrics.change_feed_connected.set_function(lambda: feed is not None and feed.connected)
+    metrics.audit_failed.set_function(lambda: audit.failed)
     if address is None:
         return None
     try:

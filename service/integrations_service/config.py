@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from integrations_service.crypto import InvalidKey, Keyring
+from integrations_service.domain.audit import ReadAudit
 from integrations_service.domain.legacy import LEGACY_VALUES_ENV, LegacyValues
 from integrations_service.domain.registry import all_env_vars
 from integrations_service.errors import ConfigurationError
@@ -31,7 +32,6 @@ class Mode(enum.Enum):
     PRODUCTION = "production"
 
 
-Choice = TypeVar("Choice", Mode, LegacyValues)
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,13 @@ LEGACY_VALUES = Setting(
     "read (serve legacy plaintext and enc:v1 values, counted) or refuse (answer DATA_LOSS for them: "
     "switch once `rotate` reports none left)",
 )
+AUDIT_READS = Setting(
+    "INTEGRATIONS_AUDIT_READS",
+    "--audit-reads",
+    "buffered",
+    "buffered (a decrypted read's audit record is stored within about 1 s, lost if the process dies first) or "
+    "strict (a decrypted value is returned only once its record is stored; UNAVAILABLE when it cannot be)",
+)
 
 SETTINGS = (
     LISTEN_ADDRESS,
@@ -131,6 +138,7 @@ SETTINGS = (
     AUTHZ_POLICY,
     INSECURE_PLAINTEXT,
     LEGACY_VALUES,
+    AUDIT_READS,
 )
 
 
@@ -159,6 +167,7 @@ class Settings:
     authz_policy: Path | None
     # None: no metrics endpoint.
     metrics_address: str | None
+    audit_reads: ReadAudit
     provider_defaults: Mapping[str, str] = field(repr=False)
     legacy_values: LegacyValues = LegacyValues.READ
     # The env var the keys came from (None: none set, development key file).
@@ -203,6 +212,7 @@ def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str], s
         tls=tls,
         authz_policy=Path(policy) if policy else None,
         metrics_address=reader.metrics_address(),
+        audit_reads=reader.choice(AUDIT_READS, ReadAudit) or ReadAudit.BUFFERED,
         provider_defaults={var: environ[var] for var in all_env_vars() if environ.get(var)},
         legacy_values=legacy_values or LegacyValues.READ,
         key_source=reader.key_source(),
@@ -231,6 +241,9 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+_Choice = TypeVar("_Choice", bound=enum.Enum)
+
+
 class _Reader:
     """Reads settings, collecting problems instead of stopping at the first."""
 
@@ -255,7 +268,7 @@ class _Reader:
             return self._environ[setting.env]
         return self._environ.get(setting.env) or setting.default or ""
 
-    def choice(self, setting: Setting, kind: type[Choice]) -> Choice | None:
+    def choice(self, setting: Setting, kind: type[_Choice]) -> _Choice | None:
         raw = self.text(setting)
         try:
             return kind(raw)

@@ -64,6 +64,14 @@ class Unavailable(ServiceError):
     """A dependency (the store) cannot be reached; the call may be retried."""
 
 
+class StoreRejected(ServiceError):
+    """The store is up but refuses to take these records as they are (their data, not its state).
+
+    Retrying the same records cannot succeed; the audit trail splits a refused batch to find the records at fault.
+    The message never holds the records' content.
+    """
+
+
 class CorruptCredential(ServiceError):
     """Stored values cannot be decrypted: wrong key, tampered row, or a value moved from elsewhere.
 

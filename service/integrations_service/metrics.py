@@ -27,7 +27,7 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from integrations_service import errors
@@ -116,6 +116,11 @@ class Metrics:
             "1 while every committed row change reaches this process (PostgreSQL: its LISTEN connection is up)",
             registry=r,
         )
+        self.audit_failed = _FunctionCounter(
+            "integrations_audit_records_failed",
+            "Audit records given up: refused by the store even on their own, or not stored before shutdown",
+            registry=r,
+        )
 
     def rpc(self, method: str) -> RpcMetrics:
         """The instruments of one unary RPC (`/package.Service/Method`), made once and kept."""
@@ -183,6 +188,22 @@ class RpcMetrics:
         self._seconds.observe(seconds)
         self._own_requests.labels(self._method, code.name).inc()
         self._own_seconds.observe(seconds)
+
+
+class _FunctionCounter(Collector):
+    """A counter whose total is kept elsewhere (the domain counts, without knowing Prometheus), read at scrape time."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._read: Callable[[], float] = lambda: 0
+        registry.register(self)
+
+    def set_function(self, read: Callable[[], float]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self._read())
 
 
 class _StateCollector(Collector):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
 from integrations_service.store.postgres import ROW_LOCK_NAMESPACE
+from tests.conftest import CreateDatabase
 from tests.harness import TEST_KEY
 from tests.processes import Processes, clean_env, health_status
 
@@ -80,3 +82,47 @@ async def test_sigterm_lets_the_in_flight_save_finish_and_refuses_new_calls(
     assert "shutting down" in log
     assert "stopped" in log
     assert "sk_test_in_flight_0001" not in log
+
+
+async def test_sigterm_with_hostile_records_in_the_audit_buffer_exits_0_and_saves_the_key_counts(
+    postgres_database_factory: CreateDatabase, tmp_path: Path
+) -> None:
+    """Refused requests from a caller with no role used to poison the final flush: exit 1, counts lost."""
+    database_url = await postgres_database_factory()  # its own: the key counts are this process's alone
+    env = clean_env({"DATABASE_URL": database_url, "INTEGRATION_ENCRYPTION_KEY": TEST_KEY})
+    org = f"org_poison_{int(time.time() * 1000)}"
+    saves = 3
+    with Processes(tmp_path) as processes:
+        server = processes.serve(tmp_path / "work", env)
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = pb_grpc.IntegrationServiceStub(channel)
+            for organization_id, provider in (("o" + secrets.token_urlsafe(9000), "stripe"), (org, "stri\x00pe")):
+                for call in (
+                    stub.GetProviderConfig(pb.GetProviderConfigRequest(
+                        organization_id=organization_id, provider=provider, view=pb.CONFIG_VIEW_DECRYPTED)),
+                    stub.SaveIntegration(pb.SaveIntegrationRequest(
+                        organization_id=organization_id, provider=provider, values={"secretKey": "sk_test_x"})),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError):
+                        await call
+            for i in range(saves):
+                await stub.SaveIntegration(pb.SaveIntegrationRequest(
+                    organization_id=org, provider="stripe", values={"secretKey": f"sk_test_poison_{i:04d}"}))
+            await stub.GetProviderConfig(pb.GetProviderConfigRequest(
+                organization_id=org, provider="stripe", view=pb.CONFIG_VIEW_DECRYPTED))
+        # Well within the key counts' 10 s flush interval: only the shutdown can save them.
+        exit_code = server.terminate()
+    assert exit_code == 0, server.stderr()
+    conn = await asyncpg.connect(database_url)
+    try:
+        encryptions = await conn.fetchval("SELECT encryptions FROM encryption_keys WHERE key_id = 'default'")
+        outcomes = [tuple(r) for r in await conn.fetch(
+            "SELECT rpc, outcome FROM audit_events WHERE organization_id = $1 ORDER BY id", org)]
+        longest = await conn.fetchval("SELECT max(length(organization_id)) FROM audit_events")
+    finally:
+        await conn.close()
+    assert encryptions == saves
+    assert ("GetProviderConfig", "OK") in outcomes  # the decrypted read after the hostile ones was stored
+    assert ("SaveIntegration", "NotFound") in outcomes
+    assert longest < 200
+    assert "stopped" in server.stderr()

@@ -93,7 +93,15 @@ class KeyUsage:
         self._periodic.start()
 
     async def close(self) -> None:
+        """Stop the flush task and save the counts once more; say so when the store did not take them."""
         await self._periodic.close()
+        if unsaved := sum((self._cipher.encryptions - self._flushed).values()):
+            log.error(
+                "the store did not take the last encryption counts before shutdown: %d encryptions are not "
+                "counted against their keys' nonce budget",
+                unsaved,
+                extra={"event": "key_usage_unsaved", "count": unsaved},
+            )
 
     def _warn_if_worn(self) -> None:
         active = self._cipher.active_key_id

@@ -75,17 +75,22 @@ class CredentialService:
     async def get_config(
         self, organization_id: str, provider_id: str, view: ConfigView, caller: Caller
     ) -> EffectiveConfig:
-        spec = validation.check_target(organization_id, provider_id)
-        row = await self._store.get(organization_id, provider_id)
+        decrypted = view is ConfigView.DECRYPTED
         try:
+            spec = validation.check_target(organization_id, provider_id)
+            row = await self._store.get(organization_id, provider_id)
             clear = self._decrypt(spec, row, skip=()) if row else {}
-        except CorruptCredential as error:
-            if view is ConfigView.DECRYPTED:
-                self._audit.refused(caller, RPC_GET, error, organization_id, spec.id, error.fields)
+            if decrypted:
+                fields = [f.key for f in spec.fields]
+                # With INTEGRATIONS_AUDIT_READS=strict this waits until the record is stored (or fails).
+                await self._audit.decrypted_read(
+                    self._audit.record(caller, RPC_GET, OUTCOME_OK, organization_id, spec.id, fields)
+                )
+        except ServiceError as error:
+            if decrypted:  # every refusal of a decrypted read is on the record, whatever refused it
+                broken = error.fields if isinstance(error, CorruptCredential) else ()
+                self._audit.refused(caller, RPC_GET, error, organization_id, provider_id, broken)
             raise
-        if view is ConfigView.DECRYPTED:
-            fields = [f.key for f in spec.fields]
-            self._audit.enqueue(self._audit.record(caller, RPC_GET, OUTCOME_OK, organization_id, spec.id, fields))
         return self._effective(spec, organization_id, row, clear, view)
 
     async def save(

@@ -397,11 +397,21 @@ class PostgresStore(IntegrationStore):
     # --- audit ----------------------------------------------------------------------------------
 
     async def append_audit(self, records: Sequence[AuditRecord]) -> None:
+        """Raises `errors.StoreRejected` when PostgreSQL refuses the records themselves (retrying cannot help)."""
         if not records:
             return
-        async with self._transaction() as conn:
-            with _unavailable_on_connection_error():
-                await _insert_audit(conn, records)
+        try:
+            # A transaction even for one record: an INSERT left waiting on a lock after its call timed out must
+            # not commit later by itself (a strict read answered UNAVAILABLE would then be recorded as OK).
+            async with self._transaction() as conn:
+                with _unavailable_on_connection_error():
+                    await _insert_audit(conn, records)
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, asyncpg.ProgramLimitExceededError) as exc:
+            # Class 22 (NUL in text, a lone surrogate the client cannot encode), 23, 54 (an index row too
+            # large). The text of these errors may quote the value: only the SQLSTATE travels on.
+            raise errors.StoreRejected(
+                f"PostgreSQL refused the audit records (SQLSTATE {getattr(exc, 'sqlstate', None) or 'unknown'})"
+            ) from None
 
     async def list_audit(self, organization_id: str, before_id: int, limit: int) -> list[AuditEntry]:
         if limit < 1:

@@ -291,10 +291,16 @@ class SqliteStore(IntegrationStore):
     # --- audit ----------------------------------------------------------------------------------
 
     async def append_audit(self, records: Sequence[AuditRecord]) -> None:
+        """Raises `errors.StoreRejected` when SQLite refuses the records themselves (retrying cannot help)."""
         if not records:
             return
-        async with self._write_transaction():
-            await self._insert_audit(records)
+        try:
+            async with self._write_transaction():
+                await self._insert_audit(records)
+        except (sqlite3.Error, UnicodeError) as exc:
+            # I/O and lock errors became Unavailable on the way out; what is left is about the data, such as
+            # text Python cannot encode (a lone surrogate). The message may quote the value: only the class travels.
+            raise errors.StoreRejected(f"SQLite refused the audit records ({type(exc).__name__})") from None
 
     async def list_audit(self, organization_id: str, before_id: int, limit: int) -> list[AuditEntry]:
         if limit < 1:
