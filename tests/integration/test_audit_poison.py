@@ -195,7 +195,7 @@ async def test_a_record_the_store_refuses_is_given_up_and_counted_and_blocks_not
 
 
 async def test_the_trail_splits_a_batch_around_records_the_store_refuses(
-    store: IntegrationStore, store_location: tuple[str, str]
+    store: IntegrationStore, contract_location: tuple[str, str]
 ) -> None:
     audit = AuditTrail(store)
     good: list[str] = []
@@ -206,7 +206,7 @@ async def test_the_trail_splits_a_batch_around_records_the_store_refuses(
                                       outcome="OK", organization_id="org_split", provider="stripe",
                                       request_id=request_id))
             good.append(request_id)
-        audit.enqueue(unstorable(rid(f"bad{i}"), store_location[0]))
+        audit.enqueue(unstorable(rid(f"bad{i}"), contract_location[0]))
     await audit.flush()
     stored = [e.record.request_id for e in reversed(await store.list_audit("org_split", 0, 100))]
     assert stored == good

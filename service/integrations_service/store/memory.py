@@ -31,6 +31,7 @@ from integrations_service.store.base import (
 from integrations_service.store.changes import ChangeEvent, ChangeFeed, ChangeHub, ConfigChanged
 
 CLOSED_MESSAGE = "the credential store (in memory) is closed"
+STORE_REJECTED_MESSAGE = "the credential store (in memory) refused an audit record it cannot encode"
 
 
 def _utcnow() -> datetime:
@@ -162,6 +163,9 @@ class MemoryStore(IntegrationStore):
         if not records:
             return
         self._check_open()
+        if not all(map(_storable, records)):
+            # As the other stores refuse a record they cannot encode (a lone surrogate): the whole batch.
+            raise errors.StoreRejected(STORE_REJECTED_MESSAGE)
         self._db.append_audit(records)
 
     async def list_audit(self, organization_id: str, before_id: int, limit: int) -> list[AuditEntry]:
@@ -188,6 +192,17 @@ class MemoryStore(IntegrationStore):
         # Like a closed pool: every later call fails as the database being unreachable would.
         if self._closed:
             raise errors.Unavailable(CLOSED_MESSAGE)
+
+
+def _storable(record: AuditRecord) -> bool:
+    texts = (record.caller, record.rpc, record.outcome, record.organization_id, record.provider, record.request_id,
+             *record.fields, *record.details.keys(), *record.details.values())
+    try:
+        for text in texts:
+            text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _utc(moment: datetime) -> datetime:
