@@ -1,39 +1,94 @@
-"""What the async and the sync client share: settings, the cache, request building."""
+"""What the async and the sync client share, written once: everything but the I/O.
+
+`ClientCore` holds the settings, the cache and its policy (what counts as a
+hit, when a refresh may wait for the service, when a stale value is served,
+when a read may be stored, what `invalidate` forgets), builds every request as
+a `Call` (request, deadline, wait-for-ready, reply conversion, the cache key a
+write invalidates), maps gRPC errors, and decides when new TLS files mean a new
+channel. The two shells, `aio.IntegrationsClient` and
+`sync.IntegrationsClientSync`, only run a `Call` (await or block), keep their
+channels, and do single-flight with their own concurrency model (an asyncio
+task, or an event threads wait on). A new RPC is a `Call` builder here plus a
+one-line method in each shell.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, Self, TypeVar
 
 import grpc
 
 from integrations.v1 import integrations_pb2 as pb
 from integrations_client._cache import CacheStats, CredentialCache, Key
-from integrations_client.config import ReloadingTls, TlsConfig, channel_options
+from integrations_client.config import ReloadingTls, TlsConfig, env_settings
+from integrations_client.config import channel_options as tls_channel_options
 from integrations_client.errors import DeadlineExceeded, IntegrationsError, error_from_rpc
-from integrations_client.models import Category, category_to_pb
+from integrations_client.models import (
+    Category,
+    Provider,
+    ProviderConfig,
+    ProviderCredentials,
+    category_to_pb,
+    config_from_pb,
+    credentials_from_pb,
+    provider_from_pb,
+)
 
 DEFAULT_TIMEOUT = 2.0
 DEFAULT_CACHE_TTL = 30.0
 DEFAULT_CACHE_MAX_ENTRIES = 1024
 DEFAULT_STALE_IF_ERROR = 300.0
 
+_Request = TypeVar("_Request")
+_Reply = TypeVar("_Reply")
+_Result = TypeVar("_Result")
+_Flight = TypeVar("_Flight")  # a shell's handle on one get_config read in progress
+_Channel = TypeVar("_Channel")
 
-class ClientCore:
-    """Settings and cache of one client; the I/O lives in the subclasses."""
+# The stub attributes a `Call` names; both generated stubs (sync and asyncio) have them.
+Method = Literal["ListProviders", "GetProviderConfig", "SaveIntegration", "DeleteIntegration"]
+
+
+@dataclass(frozen=True)
+class Call(Generic[_Request, _Reply, _Result]):
+    """One unary RPC, ready to run by either shell."""
+
+    method: Method
+    request: _Request
+    convert: Callable[[_Reply], _Result]
+    timeout: float
+    wait_for_ready: bool
+    # A write: this key is forgotten once the call is over, whatever its outcome (a lost reply may have applied).
+    invalidates: Key | None = None
+
+
+@dataclass(frozen=True)
+class ReadStart:
+    """How a get_config read that is about to start runs, and when it started (for the cache entry's age)."""
+
+    wait_for_ready: bool
+    started: float
+
+
+class ClientCore(Generic[_Flight]):
+    """Settings, cache policy, requests and errors of one client; the shells add the I/O."""
 
     def __init__(
         self,
         target: str,
         *,
-        tls: TlsConfig | None,
-        cache_ttl: float,
-        cache_max_entries: int,
-        stale_if_error: float,
-        timeout: float,
-        wait_for_ready: bool,
-        clock: Callable[[], float],
-        extra_channel_options: Sequence[tuple[str, Any]],
+        tls: TlsConfig | None = None,
+        cache_ttl: float = DEFAULT_CACHE_TTL,
+        cache_max_entries: int = DEFAULT_CACHE_MAX_ENTRIES,
+        stale_if_error: float = DEFAULT_STALE_IF_ERROR,
+        timeout: float = DEFAULT_TIMEOUT,
+        wait_for_ready: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if not target:
             raise ValueError("target is required (host:port of the integrations service)")
@@ -45,8 +100,32 @@ class ClientCore:
         self._wait_for_ready = wait_for_ready
         # Read the TLS files now, so a wrong path fails at start-up rather than on the first call.
         self._tls_files = ReloadingTls(tls) if tls else None
-        self._options = [*channel_options(tls), *extra_channel_options]
+        self._options = [*tls_channel_options(tls), *channel_options]
         self._cache = CredentialCache(cache_ttl, cache_max_entries, stale_if_error, clock)
+        self._inflight: dict[Key, _Flight] = {}
+        self._closed = False
+        self._lock: contextlib.AbstractContextManager[Any] = self._new_lock()
+        self._open_transport()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> Self:
+        """A client for INTEGRATIONS_SERVICE_TARGET; mutual TLS when INTEGRATIONS_CLIENT_CA, _CERT and _KEY are set.
+
+        `kwargs` are the constructor's other arguments (cache_ttl=..., timeout=...).
+        """
+        target, tls = env_settings(environ)
+        return cls(target, tls=tls, **kwargs)
+
+    # --- hooks of the shells ---------------------------------------------------------------------------
+
+    def _new_lock(self) -> contextlib.AbstractContextManager[Any]:
+        """What guards the cache and the flights: nothing for one event loop; the sync shell's lock for threads."""
+        return contextlib.nullcontext()
+
+    def _open_transport(self) -> None:
+        """Sets up the shell's own channel state, at the end of the constructor."""
+
+    # --- settings --------------------------------------------------------------------------------------
 
     @property
     def target(self) -> str:
@@ -61,57 +140,192 @@ class ClientCore:
         """A snapshot of the `get_config` cache counters."""
         return self._cache.stats()
 
-    def _credentials(self) -> grpc.ChannelCredentials | None:
-        """The newest TLS files that loaded; None for plaintext."""
-        return self._tls_files.credentials if self._tls_files else None
+    # --- channels --------------------------------------------------------------------------------------
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"the {type(self).__name__} is closed")
+
+    def _connect(self, insecure: Callable[..., _Channel], secure: Callable[..., _Channel]) -> _Channel:
+        """A new channel (grpc's or grpc.aio's factories) with the newest TLS files that loaded."""
+        credentials = self._tls_files.credentials if self._tls_files else None
+        if credentials is None:
+            return insecure(self._target, options=self._options)
+        return secure(self._target, credentials, options=self._options)
 
     def _tls_changed(self) -> bool:
         """True when new TLS files have loaded since the channel was opened: open a new one."""
         return self._tls_files is not None and self._tls_files.changed()
 
-    def _deadline(self, timeout: float | None) -> float:
-        return self._timeout if timeout is None else timeout
+    # --- calls -----------------------------------------------------------------------------------------
 
-    def _error(self, error: grpc.RpcError, method: str, timeout: float | None) -> IntegrationsError:
-        converted = error_from_rpc(error, method=method)
+    def _call(
+        self,
+        method: Method,
+        request: _Request,
+        convert: Callable[[_Reply], _Result],
+        timeout: float | None,
+        *,
+        wait_for_ready: bool | None = None,
+        invalidates: Key | None = None,
+    ) -> Call[_Request, _Reply, _Result]:
+        return Call(
+            method=method,
+            request=request,
+            convert=convert,
+            timeout=self._timeout if timeout is None else timeout,
+            wait_for_ready=self._wait_for_ready if wait_for_ready is None else wait_for_ready,
+            invalidates=invalidates,
+        )
+
+    def _error(self, error: grpc.RpcError, call: Call[Any, Any, Any]) -> IntegrationsError:
+        converted = error_from_rpc(error, method=call.method)
         if isinstance(converted, DeadlineExceeded):
             converted.message = (
-                f"{converted.message}: no answer from {self._target} within {self._deadline(timeout):g} s ({method})"
+                f"{converted.message}: no answer from {self._target} within {call.timeout:g} s ({call.method})"
             )
         return converted
 
-    @staticmethod
-    def _list_request(organization_id: str | None, category: Category | str | None) -> pb.ListProvidersRequest:
-        return pb.ListProvidersRequest(organization_id=organization_id or "", category=category_to_pb(category))
+    def _finished(self, call: Call[Any, Any, Any]) -> None:
+        """After a call, whatever its outcome."""
+        if call.invalidates is not None:
+            self.invalidate(*call.invalidates)
 
-    @staticmethod
-    def _get_request(organization_id: str, provider: str, view: pb.ConfigView.ValueType) -> pb.GetProviderConfigRequest:
-        return pb.GetProviderConfigRequest(organization_id=organization_id, provider=provider, view=view)
+    def _credentials_call(
+        self, key: Key, timeout: float | None, wait_for_ready: bool
+    ) -> Call[pb.GetProviderConfigRequest, pb.GetProviderConfigResponse, ProviderCredentials]:
+        request = pb.GetProviderConfigRequest(organization_id=key[0], provider=key[1], view=pb.CONFIG_VIEW_DECRYPTED)
+        return self._call(
+            "GetProviderConfig", request, _credentials_from_reply, timeout, wait_for_ready=wait_for_ready
+        )
 
-    @staticmethod
-    def _save_request(
-        organization_id: str, provider: str, values: Mapping[str, str] | None, clear_fields: Iterable[str], etag: str
-    ) -> pb.SaveIntegrationRequest:
+    def _list_providers_call(
+        self, organization_id: str | None, category: Category | str | None, timeout: float | None
+    ) -> Call[pb.ListProvidersRequest, pb.ListProvidersResponse, list[Provider]]:
+        request = pb.ListProvidersRequest(organization_id=organization_id or "", category=category_to_pb(category))
+        return self._call("ListProviders", request, _providers_from_reply, timeout)
+
+    def _masked_config_call(
+        self, organization_id: str, provider: str, timeout: float | None
+    ) -> Call[pb.GetProviderConfigRequest, pb.GetProviderConfigResponse, ProviderConfig]:
+        request = pb.GetProviderConfigRequest(
+            organization_id=organization_id, provider=provider, view=pb.CONFIG_VIEW_MASKED
+        )
+        return self._call("GetProviderConfig", request, _config_from_reply, timeout)
+
+    def _save_call(
+        self,
+        organization_id: str,
+        provider: str,
+        values: Mapping[str, str] | None,
+        clear_fields: Iterable[str],
+        etag: str,
+        timeout: float | None,
+    ) -> Call[pb.SaveIntegrationRequest, pb.SaveIntegrationResponse, ProviderConfig]:
         if isinstance(clear_fields, str):
             raise TypeError("clear_fields is a list of field keys, not a string")
-        return pb.SaveIntegrationRequest(
+        request = pb.SaveIntegrationRequest(
             organization_id=organization_id,
             provider=provider,
             values=dict(values or {}),
             clear_fields=list(clear_fields),
             etag=etag,
         )
+        return self._call(
+            "SaveIntegration", request, _config_from_reply, timeout, invalidates=(organization_id, provider)
+        )
 
-    @staticmethod
-    def _delete_request(
-        organization_id: str, provider: str, allow_missing: bool, etag: str
-    ) -> pb.DeleteIntegrationRequest:
-        return pb.DeleteIntegrationRequest(
+    def _delete_call(
+        self, organization_id: str, provider: str, allow_missing: bool, etag: str, timeout: float | None
+    ) -> Call[pb.DeleteIntegrationRequest, pb.DeleteIntegrationResponse, None]:
+        request = pb.DeleteIntegrationRequest(
             organization_id=organization_id, provider=provider, allow_missing=allow_missing, etag=etag
         )
+        return self._call("DeleteIntegration", request, _nothing, timeout, invalidates=(organization_id, provider))
+
+    # --- the get_config cache policy (the sync shell holds its lock around these) -----------------------
+
+    def _fresh(self, key: Key) -> ProviderCredentials | None:
+        """The value to answer with without calling the service; None (a miss, counted) when a read is needed."""
+        cached = self._cache.lookup(key)
+        if cached is None:
+            self._cache.misses += 1
+        return cached
+
+    def _joined(self, key: Key) -> _Flight | None:
+        """The read in flight for `key` that a caller joins (counted), or None: the caller starts one."""
+        flight = self._inflight.get(key)
+        if flight is not None and self._in_progress(flight):
+            self._cache.coalesced += 1
+            return flight
+        return None
+
+    def _in_progress(self, flight: _Flight) -> bool:
+        """False for a flight that has landed but is not yet removed (the asyncio shell's done tasks)."""
+        return True
+
+    def _start_read(self, key: Key) -> ReadStart:
+        """A GetProviderConfig read of `key` begins: counted, and told whether it may wait for the service."""
+        self._cache.rpc_count += 1
+        # With a stale value to fall back on, fail fast rather than wait for a service that is down.
+        wait_for_ready = self._wait_for_ready and not self._cache.has_fallback(key)
+        return ReadStart(wait_for_ready, self._cache.clock())
+
+    def _stale_instead(self, key: Key, error: IntegrationsError) -> ProviderCredentials | None:
+        """After a failed refresh: the stale value to serve instead, or None to raise the error."""
+        return self._cache.fallback(key, error.code)
+
+    def _served_stale(self) -> None:
+        with self._lock:
+            self._cache.stale_served += 1
+
+    def _landed(self, key: Key, flight: object, value: ProviderCredentials, started: float) -> None:
+        """A refresh succeeded: cached unless the key was invalidated while it was in flight."""
+        if self._inflight.get(key) is flight:
+            self._cache.put(key, value, started)
+
+    def _settle(self, key: Key, flight: _Flight) -> None:
+        """A refresh is over: later callers start their own."""
+        if self._inflight.get(key) is flight:
+            del self._inflight[key]
+
+    def invalidate(self, organization_id: str | None = None, provider: str | None = None) -> None:
+        """Forgets cached configs: one (organization, provider), one organization's, or all.
+
+        A read in flight for a forgotten key is not stored, and later callers do not join it.
+        """
+        if provider is not None and organization_id is None:
+            raise ValueError("invalidate(provider=...) needs the organization_id too")
+
+        def matches(key: Key) -> bool:
+            return invalidation_matches(key, organization_id, provider)
+
+        with self._lock:
+            self._forget(matches)
+
+    def _forget(self, matches: Callable[[Key], bool]) -> None:
+        self._cache.invalidate(matches)
+        for key in [key for key in self._inflight if matches(key)]:
+            del self._inflight[key]
 
 
 def invalidation_matches(key: Key, organization_id: str | None, provider: str | None) -> bool:
     if organization_id is None:
         return True
     return key[0] == organization_id and (provider is None or key[1] == provider)
+
+
+def _credentials_from_reply(reply: pb.GetProviderConfigResponse) -> ProviderCredentials:
+    return credentials_from_pb(reply.config)
+
+
+def _config_from_reply(reply: pb.GetProviderConfigResponse | pb.SaveIntegrationResponse) -> ProviderConfig:
+    return config_from_pb(reply.config)
+
+
+def _providers_from_reply(reply: pb.ListProvidersResponse) -> list[Provider]:
+    return [provider_from_pb(p) for p in reply.providers]
+
+
+def _nothing(_reply: pb.DeleteIntegrationResponse) -> None:
+    return None

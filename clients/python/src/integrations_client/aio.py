@@ -1,37 +1,20 @@
-"""`IntegrationsClient`: the asyncio client (grpc.aio)."""
+"""`IntegrationsClient`: the asyncio client (grpc.aio); the behaviour lives in `_core`, this is its I/O."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Self, TypeVar, cast
 
 import grpc
 
-from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
 from integrations_client._cache import Key
-from integrations_client._core import (
-    DEFAULT_CACHE_MAX_ENTRIES,
-    DEFAULT_CACHE_TTL,
-    DEFAULT_STALE_IF_ERROR,
-    DEFAULT_TIMEOUT,
-    ClientCore,
-    invalidation_matches,
-)
-from integrations_client.config import RETIRED_CHANNEL_GRACE, TlsConfig, env_settings
+from integrations_client._core import Call, ClientCore
+from integrations_client.config import RETIRED_CHANNEL_GRACE
 from integrations_client.errors import IntegrationsError
-from integrations_client.models import (
-    Category,
-    Provider,
-    ProviderConfig,
-    ProviderCredentials,
-    config_from_pb,
-    credentials_from_pb,
-    provider_from_pb,
-)
+from integrations_client.models import Category, Provider, ProviderConfig, ProviderCredentials
 
 if TYPE_CHECKING:
     from integrations.v1.integrations_pb2_grpc import IntegrationServiceAsyncStub
@@ -39,11 +22,12 @@ if TYPE_CHECKING:
 __all__ = ["IntegrationsClient"]
 
 _Request = TypeVar("_Request")
-_Response = TypeVar("_Response")
+_Reply = TypeVar("_Reply")
+_Result = TypeVar("_Result")
 _Flight = asyncio.Task[tuple[ProviderCredentials, bool]]
 
 
-class IntegrationsClient(ClientCore):
+class IntegrationsClient(ClientCore[_Flight]):
     """Asyncio client of the integrations service.
 
     ```python
@@ -60,45 +44,11 @@ class IntegrationsClient(ClientCore):
     client anywhere; its channel opens on the first call, in the running loop.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        tls: TlsConfig | None = None,
-        cache_ttl: float = DEFAULT_CACHE_TTL,
-        cache_max_entries: int = DEFAULT_CACHE_MAX_ENTRIES,
-        stale_if_error: float = DEFAULT_STALE_IF_ERROR,
-        timeout: float = DEFAULT_TIMEOUT,
-        wait_for_ready: bool = True,
-        clock: Callable[[], float] = time.monotonic,
-        channel_options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        super().__init__(
-            target,
-            tls=tls,
-            cache_ttl=cache_ttl,
-            cache_max_entries=cache_max_entries,
-            stale_if_error=stale_if_error,
-            timeout=timeout,
-            wait_for_ready=wait_for_ready,
-            clock=clock,
-            extra_channel_options=channel_options,
-        )
+    def _open_transport(self) -> None:
         self._channel: grpc.aio.Channel | None = None
         self._stub: IntegrationServiceAsyncStub | None = None
-        self._inflight: dict[Key, _Flight] = {}
-        self._closed = False
         # Channels replaced after a certificate change, closing once their calls finish.
         self._retired: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> Self:
-        """A client for INTEGRATIONS_SERVICE_TARGET; mutual TLS when INTEGRATIONS_CLIENT_CA, _CERT and _KEY are set.
-
-        `kwargs` are the constructor's other arguments (cache_ttl=..., timeout=...).
-        """
-        target, tls = env_settings(environ)
-        return cls(target, tls=tls, **kwargs)
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -114,8 +64,7 @@ class IntegrationsClient(ClientCore):
         """Closes the channel (cancelling calls in flight) and forgets the cache. Idempotent."""
         self._closed = True
         channel, self._channel, self._stub = self._channel, None, None
-        self._cache.invalidate(lambda _key: True)
-        self._inflight.clear()
+        self._forget(lambda _key: True)
         retired, self._retired = self._retired, {}
         for task in retired.values():
             task.cancel()
@@ -123,17 +72,12 @@ class IntegrationsClient(ClientCore):
             await old.close(grace=None)
 
     def _service(self) -> IntegrationServiceAsyncStub:
-        if self._closed:
-            raise RuntimeError("the IntegrationsClient is closed")
+        self._ensure_open()
         if self._tls_changed() and self._channel is not None:
             self._retire(self._channel)
             self._channel = self._stub = None
         if self._stub is None:
-            credentials = self._credentials()
-            if credentials is None:
-                self._channel = grpc.aio.insecure_channel(self._target, options=self._options)
-            else:
-                self._channel = grpc.aio.secure_channel(self._target, credentials, options=self._options)
+            self._channel = self._connect(grpc.aio.insecure_channel, grpc.aio.secure_channel)
             self._stub = pb_grpc.IntegrationServiceStub(self._channel)
         return self._stub
 
@@ -146,18 +90,16 @@ class IntegrationsClient(ClientCore):
 
         self._retired[channel] = asyncio.get_running_loop().create_task(close_when_idle())
 
-    async def _call(
-        self,
-        method: str,
-        callable_: grpc.aio.UnaryUnaryMultiCallable[_Request, _Response],
-        request: _Request,
-        deadline: float | None,
-        wait_for_ready: bool,
-    ) -> _Response:
+    async def _run(self, call: Call[_Request, _Reply, _Result]) -> _Result:
+        # The core names the stub method; its request and reply types are the ones the `Call` carries.
+        method = cast("grpc.aio.UnaryUnaryMultiCallable[_Request, _Reply]", getattr(self._service(), call.method))
         try:
-            return await callable_(request, timeout=self._deadline(deadline), wait_for_ready=wait_for_ready)
+            reply = await method(call.request, timeout=call.timeout, wait_for_ready=call.wait_for_ready)
         except grpc.aio.AioRpcError as error:
-            raise self._error(error, method, deadline) from error
+            raise self._error(error, call) from error
+        finally:
+            self._finished(call)
+        return call.convert(reply)
 
     # --- the commerce path -----------------------------------------------------------------------------
 
@@ -172,66 +114,41 @@ class IntegrationsClient(ClientCore):
         """
         key = (organization_id, provider)
         if not self._cache.enabled:
-            return await self._read_credentials(key, timeout, self._wait_for_ready)
-        cached = self._cache.lookup(key)
+            wait_for_ready = self._start_read(key).wait_for_ready
+            return await self._run(self._credentials_call(key, timeout, wait_for_ready))
+        cached = self._fresh(key)
         if cached is not None:
             return cached
-        self._cache.misses += 1
-        flight = self._inflight.get(key)
-        if flight is None or flight.done():
+        flight = self._joined(key)
+        if flight is None:
             flight = asyncio.get_running_loop().create_task(self._refresh(key, timeout))
             self._inflight[key] = flight
-            flight.add_done_callback(lambda done: self._landed(key, done))
-        else:
-            self._cache.coalesced += 1
+            flight.add_done_callback(lambda done: self._on_done(key, done))
         # shield: a caller that gives up (cancelled) does not cancel the read the others wait for.
         value, stale = await asyncio.shield(flight)
         if stale:
-            self._cache.stale_served += 1
+            self._served_stale()
         return value
 
+    def _in_progress(self, flight: _Flight) -> bool:
+        return not flight.done()
+
     async def _refresh(self, key: Key, deadline: float | None) -> tuple[ProviderCredentials, bool]:
-        # With a stale value to fall back on, fail fast rather than wait for a service that is down.
-        wait_for_ready = self._wait_for_ready and not self._cache.has_fallback(key)
-        started = self._cache.clock()
+        start = self._start_read(key)
         try:
-            value = await self._read_credentials(key, deadline, wait_for_ready)
+            value = await self._run(self._credentials_call(key, deadline, start.wait_for_ready))
         except IntegrationsError as error:
-            stale = self._cache.fallback(key, error.code)
+            stale = self._stale_instead(key, error)
             if stale is None:
                 raise
             return stale, True
-        if self._inflight.get(key) is asyncio.current_task():  # not invalidated while in flight
-            self._cache.put(key, value, started)
+        self._landed(key, asyncio.current_task(), value, start.started)
         return value, False
 
-    def _landed(self, key: Key, flight: _Flight) -> None:
-        if self._inflight.get(key) is flight:
-            del self._inflight[key]
+    def _on_done(self, key: Key, flight: _Flight) -> None:
+        self._settle(key, flight)
         if not flight.cancelled():
             flight.exception()  # retrieved: no "exception never retrieved" when every caller gave up
-
-    async def _read_credentials(self, key: Key, deadline: float | None, wait_for_ready: bool) -> ProviderCredentials:
-        self._cache.rpc_count += 1
-        service = self._service()
-        request = self._get_request(key[0], key[1], pb.CONFIG_VIEW_DECRYPTED)
-        reply = await self._call("GetProviderConfig", service.GetProviderConfig, request, deadline, wait_for_ready)
-        return credentials_from_pb(reply.config)
-
-    def invalidate(self, organization_id: str | None = None, provider: str | None = None) -> None:
-        """Forgets cached configs: one (organization, provider), one organization's, or all.
-
-        A read in flight for a forgotten key is not stored, and later callers do not join it.
-        """
-        if provider is not None and organization_id is None:
-            raise ValueError("invalidate(provider=...) needs the organization_id too")
-
-        def matches(key: Key) -> bool:
-            return invalidation_matches(key, organization_id, provider)
-
-        self._cache.invalidate(matches)
-        for key in [key for key in self._inflight if matches(key)]:
-            del self._inflight[key]
 
     # --- the dashboard side ----------------------------------------------------------------------------
 
@@ -240,20 +157,13 @@ class IntegrationsClient(ClientCore):
         timeout: float | None = None,  # noqa: ASYNC109 - the gRPC deadline
     ) -> list[Provider]:
         """The provider catalog, in the service's stable order; with an organization, its configured/ready status."""
-        service = self._service()
-        request = self._list_request(organization_id, category)
-        reply = await self._call("ListProviders", service.ListProviders, request, timeout, self._wait_for_ready)
-        return [provider_from_pb(p) for p in reply.providers]
+        return await self._run(self._list_providers_call(organization_id, category, timeout))
 
     async def get_masked_config(
         self, organization_id: str, provider: str, *, timeout: float | None = None  # noqa: ASYNC109 - gRPC deadline
     ) -> ProviderConfig:
         """The effective configuration with secrets masked, and its etag (for the dashboard form). Not cached."""
-        service = self._service()
-        request = self._get_request(organization_id, provider, pb.CONFIG_VIEW_MASKED)
-        reply = await self._call("GetProviderConfig", service.GetProviderConfig, request, timeout,
-                                 self._wait_for_ready)
-        return config_from_pb(reply.config)
+        return await self._run(self._masked_config_call(organization_id, provider, timeout))
 
     async def save(
         self,
@@ -269,14 +179,7 @@ class IntegrationsClient(ClientCore):
 
         With `etag`, raises Conflict if the credentials changed since that read. Never retried.
         """
-        service = self._service()
-        request = self._save_request(organization_id, provider, values, clear_fields, etag)
-        try:
-            reply = await self._call("SaveIntegration", service.SaveIntegration, request, timeout,
-                                     self._wait_for_ready)
-        finally:
-            self.invalidate(organization_id, provider)
-        return config_from_pb(reply.config)
+        return await self._run(self._save_call(organization_id, provider, values, clear_fields, etag, timeout))
 
     async def delete(
         self, organization_id: str, provider: str, allow_missing: bool = False, etag: str = "", *,
@@ -286,9 +189,4 @@ class IntegrationsClient(ClientCore):
 
         NotFound when there are none, unless `allow_missing`. Never retried.
         """
-        service = self._service()
-        request = self._delete_request(organization_id, provider, allow_missing, etag)
-        try:
-            await self._call("DeleteIntegration", service.DeleteIntegration, request, timeout, self._wait_for_ready)
-        finally:
-            self.invalidate(organization_id, provider)
+        await self._run(self._delete_call(organization_id, provider, allow_missing, etag, timeout))
