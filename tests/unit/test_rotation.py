@@ -242,3 +242,23 @@ async def test_after_rotation_the_old_key_retires_and_the_retirement_is_audited(
         OUTCOME_OK,
         {"key_id": OLD_KEY_ID},
     )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: rotation encrypts the dashboard's empty (unset) values as enc:v2 of ''; ListProviders then "
+    "counts the field as stored and answers configured and ready, while a read answers it unset",
+)
+async def test_an_empty_value_stays_unset_through_rotation(
+    database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher, audit: AuditTrail, make_service: ServiceFactory
+) -> None:
+    put_row(database, "org-a", "ifthenpay", {"antiPhishingKey": ""})  # the only required field, unset
+    service = make_service()
+    [before] = [s for s in await service.list_providers("org-a", None) if s.spec.id == "ifthenpay"]
+
+    report = await rotator(store, cipher, audit).rotate()
+
+    [after] = [s for s in await service.list_providers("org-a", None) if s.spec.id == "ifthenpay"]
+    assert (before.configured, before.ready) == (False, False)
+    assert (after.configured, after.ready) == (False, False)
+    assert report.values_rewrapped == 0
