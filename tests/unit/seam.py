@@ -63,6 +63,20 @@ def stored_config(database: MemoryDatabase, organization_id: str, provider: str)
     return dict(database.rows[(organization_id, provider)].config)
 
 
+def stored_clear(database: MemoryDatabase, cipher: ValueCipher, organization_id: str, provider: str) -> dict[str, str]:
+    """A stored row's values decrypted, each with the context it must be bound to."""
+    config = stored_config(database, organization_id, provider)
+    return {k: cipher.decrypt(v, ValueContext(organization_id, provider, k)) for k, v in config.items()}
+
+
+async def listed_status(
+    service: CredentialService, organization_id: str, provider: str
+) -> tuple[bool | None, bool | None]:
+    """(configured, ready) of one provider as ListProviders answers it for the organization."""
+    [status] = [s for s in await service.list_providers(organization_id, None) if s.spec.id == provider]
+    return status.configured, status.ready
+
+
 def audit_records(database: MemoryDatabase, action: str | None = None) -> list[AuditRecord]:
     """What the store's audit trail holds, oldest first (optionally of one RPC or action)."""
     return [entry.record for entry in database.audit if action is None or entry.record.rpc == action]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from integrations_service.crypto import ValueCipher, ValueContext, legacy_format
+from integrations_service.crypto import ValueCipher, legacy_format
 from integrations_service.domain.audit import OUTCOME_OK, AuditTrail
 from integrations_service.domain.legacy import LegacyPolicy, LegacyValues
 from integrations_service.domain.masking import MASK
@@ -19,7 +19,17 @@ from integrations_service.domain.service import RPC_DELETE, RPC_GET, RPC_SAVE, e
 from integrations_service.domain.validation import INTEGRATION_RESOURCE, PROVIDER_RESOURCE
 from integrations_service.errors import Conflict, CorruptCredential, InvalidArgument, NotFound
 from integrations_service.store.memory import MemoryDatabase
-from tests.unit.seam import CALLER, FIXED_TIME, ServiceFactory, audit_records, put_row, sealed, stored_config
+from tests.unit.seam import (
+    CALLER,
+    FIXED_TIME,
+    ServiceFactory,
+    audit_records,
+    listed_status,
+    put_row,
+    sealed,
+    stored_clear,
+    stored_config,
+)
 
 ORG = "org-unit-1"
 SECRET = "sk_test_ServiceUnit00000000001"
@@ -40,11 +50,6 @@ ENV = {
 
 def shown(config: EffectiveConfig) -> dict[str, tuple[str, ValueSource]]:
     return {key: (value.value, value.source) for key, value in config.values.items()}
-
-
-def decrypted_store(database: MemoryDatabase, cipher: ValueCipher, provider: str) -> dict[str, str]:
-    config = stored_config(database, ORG, provider)
-    return {k: cipher.decrypt(v, ValueContext(ORG, provider, k)) for k, v in config.items()}
 
 
 # --- ListProviders ----------------------------------------------------------------------------------------
@@ -86,10 +91,8 @@ async def test_a_legacy_value_refused_by_policy_is_configured_but_never_ready(
         "webhookSecret": WEBHOOK, "publishableKey": PUBLISHABLE
     }))
     refusing = make_service(legacy=LegacyPolicy(LegacyValues.REFUSE))
-    [stripe] = [s for s in await refusing.list_providers(ORG, Category.PAYMENTS) if s.spec.id == "stripe"]
-    assert (stripe.configured, stripe.ready) == (True, False)
-    [reading] = [s for s in await make_service().list_providers(ORG, Category.PAYMENTS) if s.spec.id == "stripe"]
-    assert (reading.configured, reading.ready) == (True, True)
+    assert await listed_status(refusing, ORG, "stripe") == (True, False)
+    assert await listed_status(make_service(), ORG, "stripe") == (True, True)
 
 
 async def test_listing_a_malformed_organization_names_the_field(make_service: ServiceFactory) -> None:
@@ -214,7 +217,7 @@ async def test_a_save_stores_ciphertext_bound_to_each_field_and_answers_masked(
     assert set(stored) == set(STRIPE)
     assert all(map(cipher.is_current, stored.values()))
     assert not any(value in "".join(stored.values()) for value in STRIPE.values())
-    assert decrypted_store(database, cipher, "stripe") == STRIPE
+    assert stored_clear(database, cipher, ORG, "stripe") == STRIPE
     assert shown(config) == {
         "secretKey": (MASK + SECRET[-4:], ValueSource.ORGANIZATION),
         "webhookSecret": (MASK + WEBHOOK[-4:], ValueSource.ORGANIZATION),
@@ -251,7 +254,7 @@ async def test_a_save_merges_with_what_is_stored_and_leaves_untouched_ciphertext
     second = await service.save(ORG, "stripe", {"webhookSecret": WEBHOOK}, [], first.etag, CALLER)
 
     assert stored_config(database, ORG, "stripe")["secretKey"] == kept
-    assert decrypted_store(database, cipher, "stripe") == STRIPE
+    assert stored_clear(database, cipher, ORG, "stripe") == STRIPE
     assert database.rows[(ORG, "stripe")].version == 2
     assert second.etag not in ("", first.etag)
     assert {key: value.source for key, value in second.values.items()} == dict.fromkeys(
@@ -280,7 +283,7 @@ async def test_a_save_of_one_field_encrypts_a_kept_legacy_plaintext_value(
 
     stored = stored_config(database, ORG, "stripe")
     assert [legacy_format(v) for v in stored.values()] == [None, None]
-    assert decrypted_store(database, cipher, "stripe") == {"secretKey": SECRET, "webhookSecret": WEBHOOK}
+    assert stored_clear(database, cipher, ORG, "stripe") == {"secretKey": SECRET, "webhookSecret": WEBHOOK}
 
 
 @pytest.mark.xfail(
@@ -296,8 +299,7 @@ async def test_a_save_of_one_field_leaves_a_kept_empty_value_unset(
 
     await service.save(ORG, "ifthenpay", {"mbKey": "mb-key-0001"}, [], "", CALLER)
 
-    [ifthenpay] = [s for s in await service.list_providers(ORG, Category.PAYMENTS) if s.spec.id == "ifthenpay"]
-    assert (ifthenpay.configured, ifthenpay.ready) == (True, False)
+    assert await listed_status(service, ORG, "ifthenpay") == (True, False)
     read = await service.get_config(ORG, "ifthenpay", ConfigView.DECRYPTED, CALLER)
     assert read.values["antiPhishingKey"].source is ValueSource.UNSET
 
@@ -433,7 +435,7 @@ async def test_a_save_keeping_an_undecryptable_field_is_refused_and_one_replacin
     assert stored_config(database, ORG, "stripe") == moved
 
     await service.save(ORG, "stripe", {"secretKey": SECRET}, [], "", CALLER)
-    assert decrypted_store(database, cipher, "stripe") == {"secretKey": SECRET}
+    assert stored_clear(database, cipher, ORG, "stripe") == {"secretKey": SECRET}
 
 
 # --- DeleteIntegration ------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from integrations_service.crypto import ValueCipher, ValueContext, seal_v1
+from integrations_service.crypto import ValueCipher, seal_v1
 from integrations_service.domain.audit import OUTCOME_OK, AuditTrail
 from integrations_service.domain.resolution import ConfigView
 from integrations_service.domain.rotation import RETIRE_ACTION, ROTATE_ACTION, RotationReport, Rotator
@@ -21,9 +21,11 @@ from tests.unit.seam import (
     ServiceFactory,
     audit_records,
     cipher_of,
+    listed_status,
     old_cipher,
     put_row,
     sealed,
+    stored_clear,
     stored_config,
 )
 
@@ -62,11 +64,6 @@ def plant_mixed_rows(database: MemoryDatabase, cipher: ValueCipher) -> dict[str,
     }
 
 
-def decrypted(database: MemoryDatabase, cipher: ValueCipher, organization_id: str, provider: str) -> dict[str, str]:
-    config = stored_config(database, organization_id, provider)
-    return {k: cipher.decrypt(v, ValueContext(organization_id, provider, k)) for k, v in config.items()}
-
-
 async def test_rotation_rewraps_plaintext_v1_and_older_key_values_under_the_active_key(
     database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher, audit: AuditTrail
 ) -> None:
@@ -84,12 +81,12 @@ async def test_rotation_rewraps_plaintext_v1_and_older_key_values_under_the_acti
     assert not report.complete  # the undecryptable values still need the old data or a new save
     for organization_id, provider in (("org-a", "stripe"), ("org-b", "resend")):
         assert all(map(cipher.is_current, stored_config(database, organization_id, provider).values()))
-    assert decrypted(database, cipher, "org-a", "stripe") == {
+    assert stored_clear(database, cipher, "org-a", "stripe") == {
         "secretKey": SECRET,
         "webhookSecret": WEBHOOK,
         "publishableKey": PUBLISHABLE,
     }
-    assert decrypted(database, cipher, "org-b", "resend") == {"apiKey": RESEND_KEY, "fromAddress": SENDER}
+    assert stored_clear(database, cipher, "org-b", "resend") == {"apiKey": RESEND_KEY, "fromAddress": SENDER}
     # A value already under the active key is not re-encrypted; undecryptable values are left as they were.
     assert stored_config(database, "org-b", "resend")["apiKey"] == current_resend_key
     assert stored_config(database, "org-c", "easypay") == broken_before
@@ -254,11 +251,10 @@ async def test_an_empty_value_stays_unset_through_rotation(
 ) -> None:
     put_row(database, "org-a", "ifthenpay", {"antiPhishingKey": ""})  # the only required field, unset
     service = make_service()
-    [before] = [s for s in await service.list_providers("org-a", None) if s.spec.id == "ifthenpay"]
+    before = await listed_status(service, "org-a", "ifthenpay")
 
     report = await rotator(store, cipher, audit).rotate()
 
-    [after] = [s for s in await service.list_providers("org-a", None) if s.spec.id == "ifthenpay"]
-    assert (before.configured, before.ready) == (False, False)
-    assert (after.configured, after.ready) == (False, False)
+    after = await listed_status(service, "org-a", "ifthenpay")
+    assert before == after == (False, False)
     assert report.values_rewrapped == 0
