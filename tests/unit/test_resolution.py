@@ -175,3 +175,69 @@ def test_ifthenpay_has_no_binding_field_so_each_key_falls_back_alone() -> None:
         "mbwayKey": ENVIRONMENT,
         "ccKey": ENVIRONMENT,
     }
+
+
+# --- every provider of the registry, field by field ----------------------------------------------------
+
+FIELDS = [(p, f.key) for p in PROVIDERS for f in p.fields]
+REQUIRED = [(p, f.key) for p in PROVIDERS for f in p.fields if f.required]
+OPTIONAL = [(p, f.key) for p in PROVIDERS for f in p.fields if not f.required]
+
+
+def field_ids(pairs: list[tuple[ProviderSpec, str]]) -> list[str]:
+    return [f"{p.id}.{key}" for p, key in pairs]
+
+
+@pytest.mark.parametrize("view", list(ConfigView), ids=lambda v: v.value)
+@pytest.mark.parametrize("spec", PROVIDERS, ids=[p.id for p in PROVIDERS])
+def test_every_field_is_answered_in_registry_order_with_its_secrecy(spec: ProviderSpec, view: ConfigView) -> None:
+    values = resolve_values(spec, {}, {}, view)
+    assert list(values) == [f.key for f in spec.fields]
+    assert [v.secret for v in values.values()] == [f.secret for f in spec.fields]
+    assert {(v.value, v.source) for v in values.values()} == {("", UNSET)}
+
+
+@pytest.mark.parametrize("from_organization", [True, False], ids=["organization", "environment"])
+@pytest.mark.parametrize(("spec", "key"), FIELDS, ids=field_ids(FIELDS))
+def test_the_masked_view_hides_every_secret_and_shows_every_other_field(
+    spec: ProviderSpec, key: str, from_organization: bool
+) -> None:
+    field = spec.field(key)
+    assert field is not None
+    clear = own_value(key) if from_organization else PLATFORM[field.env_var]
+    stored = {key: clear} if from_organization else {}
+    masked = resolve_values(spec, stored, PLATFORM, ConfigView.MASKED)[key]
+    decrypted = resolve_values(spec, stored, PLATFORM, ConfigView.DECRYPTED)[key]
+    assert decrypted.value == clear
+    assert masked.source == decrypted.source == (ORGANIZATION if from_organization else ENVIRONMENT)
+    if field.secret:
+        assert masked.value == mask_secret(clear)
+        assert clear[:-4] not in masked.value
+    else:
+        assert masked.value == clear
+
+
+@pytest.mark.parametrize(("spec", "key"), REQUIRED, ids=field_ids(REQUIRED))
+def test_a_provider_is_not_ready_while_one_required_field_resolves_to_nothing(spec: ProviderSpec, key: str) -> None:
+    others = frozenset(f.key for f in spec.fields if f.key != key)
+    assert is_ready(spec, others | {key}, {})
+    assert not is_ready(spec, others, {})
+
+
+@pytest.mark.parametrize(("spec", "key"), OPTIONAL, ids=field_ids(OPTIONAL))
+def test_an_optional_field_is_not_needed_to_be_ready(spec: ProviderSpec, key: str) -> None:
+    required = frozenset(f.key for f in spec.fields if f.required)
+    assert is_ready(spec, required, {})
+    assert resolve_values(spec, {k: own_value(k) for k in required}, {}, ConfigView.DECRYPTED)[key].source is UNSET
+
+
+@pytest.mark.parametrize(("spec", "key"), FIELDS, ids=field_ids(FIELDS))
+def test_an_empty_stored_value_falls_back_like_an_absent_one(spec: ProviderSpec, key: str) -> None:
+    assert sources(spec, {key: ""}) == sources(spec, {})
+
+
+@pytest.mark.parametrize("spec", PROVIDERS, ids=[p.id for p in PROVIDERS])
+def test_a_stored_key_outside_the_registry_is_never_answered(spec: ProviderSpec) -> None:
+    values = resolve_values(spec, {"notAField": "planted"}, {}, ConfigView.DECRYPTED)
+    assert "notAField" not in values
+    assert "planted" not in [v.value for v in values.values()]
