@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import enum
 import ipaddress
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -236,7 +237,8 @@ def is_loopback(host: str) -> bool:
 
 def split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # isascii: str.isdigit also takes other scripts' digits, which int() reads but a socket address does not.
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError("must be host:port")
     return host, int(port)
 
@@ -292,6 +294,10 @@ class _Reader:
             value = kind(raw)
         except ValueError:
             self.problem(setting.env, f"must be a number, got {raw!r}")
+            return minimum
+        if not math.isfinite(value):
+            # float() takes nan and inf: nan compares false with any minimum, inf never times out.
+            self.problem(setting.env, f"must be a finite number, got {raw!r}")
             return minimum
         if value < minimum:
             self.problem(setting.env, f"must be at least {minimum}, got {raw!r}")
