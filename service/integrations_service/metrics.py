@@ -7,9 +7,11 @@ grows without bound or could be secret.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TypeVar
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -35,6 +37,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._http: WSGIServer | None = None
         r = self.registry
         self.rpcs = Counter(
             "integrations_rpc_requests", "RPCs handled, by method and status code", ["method", "code"], registry=r
@@ -82,7 +85,16 @@ class Metrics:
         """Start the /metrics HTTP server in a thread; the port actually bound."""
         host, _, port = address.rpartition(":")
         server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        self._http = server
         return int(server.server_port)
+
+    async def close(self) -> None:
+        """Stop the /metrics HTTP server, if one was started, and release its port."""
+        server, self._http = self._http, None
+        if server is not None:
+            # shutdown() waits for the serving thread's poll loop (up to half a second): not on the event loop.
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
 
 
 class _StateCollector(Collector):
