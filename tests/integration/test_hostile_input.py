@@ -11,7 +11,7 @@ import logging
 import sqlite3
 import urllib.error
 from collections.abc import AsyncIterator, Iterator
-from contextlib import closing, contextmanager
+from contextlib import asynccontextmanager, closing, contextmanager
 from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
@@ -264,40 +264,51 @@ async def test_undecodable_request_is_invalid_argument_logged_and_counted(
 # --- §6 deadlines and cancellation --------------------------------------------------------------------------
 
 
-@contextmanager
-def sqlite_write_lock(where: str) -> Iterator[None]:
-    with closing(sqlite3.connect(where, isolation_level=None)) as conn:
-        conn.execute("BEGIN EXCLUSIVE")
-        try:
-            yield
-        finally:
-            conn.execute("ROLLBACK")
-
-
-async def test_timed_out_and_cancelled_saves_are_counted_as_such(tmp_path: Path) -> None:
-    where = str(tmp_path / "store.sqlite3")
-    svc = await start_service(f"sqlite:///{where}", tmp_path / "data")
+@asynccontextmanager
+async def row_locked(kind: str, where: str, organization_id: str) -> AsyncIterator[None]:
+    """The (organization, stripe) row (SQLite: the whole file) locked by another client, as a long transaction would."""
+    if kind == "sqlite":
+        with closing(sqlite3.connect(where, isolation_level=None)) as conn:
+            conn.execute("BEGIN EXCLUSIVE")
+            try:
+                yield
+            finally:
+                conn.execute("ROLLBACK")
+        return
+    conn = await asyncpg.connect(where)
     try:
-        save = f"{SERVICE}/SaveIntegration"
-        org = new_org()
-        request = pb.SaveIntegrationRequest(organization_id=org, provider="stripe", values={"secretKey": "sk_test_1"})
-        with sqlite_write_lock(where):
-            for _ in range(5):
-                error = await refused(svc.stub.SaveIntegration(request, timeout=0.3))
-                assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-            call = svc.stub.SaveIntegration(request, timeout=30)
-            await asyncio.sleep(0.3)
-            call.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await call
-            await asyncio.sleep(0.5)  # the server notices the cancellation
-        text = await scrape(svc)
-        assert sample(text, "integrations_rpc_requests_total", method=save, code="DEADLINE_EXCEEDED") == 5
-        assert sample(text, "integrations_rpc_requests_total", method=save, code="CANCELLED") == 1
-        with pytest.raises(AssertionError):
-            sample(text, "integrations_rpc_requests_total", method=save, code="OK")
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT 1 FROM integration_config WHERE organization_id = $1 AND provider = 'stripe' FOR UPDATE",
+                organization_id,
+            )
+            yield
     finally:
-        await svc.close()
+        await conn.close()
+
+
+async def test_timed_out_and_cancelled_saves_are_counted_as_such(
+    svc: Running, store_location: tuple[str, str]
+) -> None:
+    save = f"{SERVICE}/SaveIntegration"
+    org = new_org()
+    request = pb.SaveIntegrationRequest(organization_id=org, provider="stripe", values={"secretKey": "sk_test_1"})
+    await svc.stub.SaveIntegration(request)
+    async with row_locked(*store_location, org):
+        for _ in range(5):
+            error = await refused(svc.stub.SaveIntegration(request, timeout=0.3))
+            assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        call = svc.stub.SaveIntegration(request, timeout=30)
+        await asyncio.sleep(0.3)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await asyncio.sleep(0.5)  # the server notices the cancellation
+    await svc.stub.SaveIntegration(request, timeout=10)  # the abandoned saves left the store usable
+    text = await scrape(svc)
+    assert sample(text, "integrations_rpc_requests_total", method=save, code="DEADLINE_EXCEEDED") == 5
+    assert sample(text, "integrations_rpc_requests_total", method=save, code="CANCELLED") == 1
+    assert sample(text, "integrations_rpc_requests_total", method=save, code="OK") == 2, "the first and last saves"
 
 
 # --- §6 the metrics server stops with the service -------------------------------------------------------------
