@@ -253,7 +253,12 @@ async def test_undecodable_request_is_invalid_argument_logged_and_counted(
     assert "Error" not in rich.message
     assert "Exception" not in rich.message
     assert rich.request_id
-    lines = [r for r in caplog.records if getattr(r, "rpc", None) == method]
+    # The server writes its log line after the status is on its way: give it a moment.
+    for _ in range(50):
+        lines = [r for r in caplog.records if getattr(r, "rpc", None) == method]
+        if lines:
+            break
+        await asyncio.sleep(0.02)
     assert [(getattr(r, "code", None), getattr(r, "request_id", None)) for r in lines] == [
         ("INVALID_ARGUMENT", rich.request_id)
     ]
