@@ -311,10 +311,8 @@ class SqliteStore(IntegrationStore):
     async def _write_transaction(self) -> AsyncIterator[None]:
         """Under the lock, BEGIN IMMEDIATE; commit when the block ends, else roll back and re-raise unchanged."""
         async with self._lock:
+            await self._begin()
             try:
-                # Inside the try: a call cancelled (deadline) while BEGIN waits for the file lock still
-                # has the BEGIN run by aiosqlite's thread later; the rollback queued behind it undoes it.
-                await self._begin()
                 yield
                 await self._commit()
             except BaseException:
@@ -333,9 +331,9 @@ class SqliteStore(IntegrationStore):
     async def _rollback_quietly(self) -> None:
         # The caller must see the original exception; a failed rollback of a
         # broken file leaves nothing committed anyway.
-        # Not conditional on in_transaction: a BEGIN still queued would open one after the check.
         with contextlib.suppress(Exception):
-            await self._execute("ROLLBACK")
+            if self._conn.in_transaction:
+                await self._execute("ROLLBACK")
 
     async def _fetch_row(self, organization_id: str, provider: str) -> StoredIntegration | None:
         with _unavailable_on_io_error():
