@@ -46,11 +46,11 @@ class RunningService:
         """Health goes NOT_SERVING, new calls are refused, in-flight ones get `grace` seconds."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        await self.metrics.close()
         await self.audit.close()
         await self.key_usage.close()
         await self.store.close()
         log.info("stopped", extra={"event": "stopped"})
+        await self.metrics.close()
 
 
 def resolve_keyring(settings: Settings) -> Keyring:
