@@ -60,6 +60,7 @@ class RunningService:
                 log.exception("a shutdown step failed; going on with the others",
                               extra={"event": "stop_failed", "store": step})
         log.info("stopped", extra={"event": "stopped"})
+        await self.metrics.close()
 
 
 def resolve_keyring(settings: Settings) -> Keyring:

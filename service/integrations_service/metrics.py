@@ -11,9 +11,11 @@ grpc_method,grpc_code}`, ...), so stock dashboards and alerts work unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TypeVar
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from prometheus_client import (
@@ -53,6 +55,7 @@ class Metrics:
         # `_created` series double every counter and histogram and no dashboard reads them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry or CollectorRegistry()
+        self._http: WSGIServer | None = None
         r = self.registry
         # What prometheus_client's default registry has: process_*, python_info, python_gc_*.
         ProcessCollector(registry=r)
@@ -137,7 +140,16 @@ class Metrics:
         """Start the /metrics HTTP server in a thread; the port actually bound."""
         host, _, port = address.rpartition(":")
         server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        self._http = server
         return int(server.server_port)
+
+    async def close(self) -> None:
+        """Stop the /metrics HTTP server, if one was started, and release its port."""
+        server, self._http = self._http, None
+        if server is not None:
+            # shutdown() waits for the serving thread's poll loop (up to half a second): not on the event loop.
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
 
 
 class _GrpcServerMetrics:

@@ -161,3 +161,32 @@ def test_stripe_keys_may_not_mix_modes(stored: dict[str, str], ok: bool) -> None
     fields = {v.field for v in caught.value.violations}
     assert fields == {"values.publishableKey", "values.secretKey"}
     assert all("mixes Stripe modes" in v.description for v in caught.value.violations)
+
+
+@pytest.mark.parametrize("control", ["\r", "\n", "\x00", "\t", "\x1b", "\x7f", "\x1f"])
+def test_a_value_with_a_control_character_is_refused_naming_the_field_and_the_character(control: str) -> None:
+    (violation,) = violations_of("easypay", {"baseUrl": f"https://api.easypay.pt{control}X: y"})
+    assert violation.field == "values.baseUrl"
+    assert f"U+{ord(control):04X}" in violation.description
+    assert "easypay.pt" not in violation.description
+
+
+@pytest.mark.parametrize("provider", ["stripe", "ga4", "a" * 64, "x_1"])
+def test_well_formed_provider_ids(provider: str) -> None:
+    assert validation.provider_id_problem(provider) is None
+
+
+@pytest.mark.parametrize("provider", ["", "Stripe", "a" * 65, "stri pe", "stripe\n", "stripe/x", "é"])
+def test_malformed_provider_ids_are_refused_before_the_catalog_is_searched(provider: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        validation.check_target("org_1", provider)
+    assert [v.field for v in caught.value.violations] == ["provider"]
+
+
+def test_an_unknown_field_key_is_echoed_bounded_and_escaped() -> None:
+    key = "evil\n" + "k" * 10_000
+    (set_violation, clear_violation) = violations_of("stripe", {key: "v"}, [key])
+    for violation in (set_violation, clear_violation):
+        assert len(violation.field) + len(violation.description) < 400
+        assert "\n" not in violation.field + violation.description
+        assert "evil\\x0a" in violation.description

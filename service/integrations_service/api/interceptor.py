@@ -5,10 +5,16 @@ auth context; checks the caller's permission for this RPC (and view);
 turns `errors.ServiceError` into its status (`api.status`) and anything
 unexpected into INTERNAL, logged with the request id (never UNKNOWN); and
 writes one log line with identifiers only, never request values.
+
+Bytes that do not decode as the request message answer INVALID_ARGUMENT
+(grpc.aio decodes before any handler runs, so the decoder is wrapped too). A
+call that its deadline or its caller ended is logged and counted as
+DEADLINE_EXCEEDED or CANCELLED, whatever the handler got to.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import re
@@ -25,6 +31,7 @@ from integrations_service.api.status import status_code_of, to_grpc_status
 from integrations_service.deadlines import set_call_deadline
 from integrations_service.domain.audit import AuditTrail, Caller
 from integrations_service.metrics import Metrics
+from integrations_service.untrusted import bounded
 
 log = logging.getLogger("integrations.rpc")
 
@@ -33,6 +40,8 @@ _CALLER_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller")
 
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+Deserializer = Callable[[bytes], Any]
+
 
 def current_caller() -> Caller:
     """The caller of the RPC being served (set by the interceptor for the handler's task)."""
@@ -63,7 +72,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         behaviour = cast(Handler, handler.unary_unary)
         return grpc.unary_unary_rpc_method_handler(
             self._wrap(handler_call_details.method, behaviour),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -78,10 +87,14 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             rpc_metrics.started()
             code = grpc.StatusCode.OK
             try:
+                _check_decoded(request)
                 self._authorize(caller, identified, method, request)
                 response = await inner(request, context)
                 context.set_trailing_metadata(((REQUEST_ID_KEY, caller.request_id),))
                 return response
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED  # refined below when the deadline is what ended it
+                raise
             except errors.ServiceError as error:
                 code = status_code_of(error)
                 if isinstance(error, errors.CorruptCredential):
@@ -95,6 +108,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 message = f"internal error; the service logged it with request id {caller.request_id}"
                 await _abort(context, to_grpc_status(code, message, caller.request_id, None), caller.request_id)
             finally:
+                code = _cut_short(context) or code
                 elapsed = time.perf_counter() - started
                 rpc_metrics.handled(code, elapsed)
                 _log_rpc(method, request, code, elapsed, caller)
@@ -115,11 +129,54 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     "request_id": caller.request_id,
                 },
             )
-            organization_id = getattr(request, "organization_id", "")
-            provider = getattr(request, "provider", "")
+            # A caller with no role is checked for nothing else: bound what it sent before it is audited.
+            organization_id = bounded(getattr(request, "organization_id", ""))
+            provider = bounded(getattr(request, "provider", ""))
             rpc = method.rsplit("/", 1)[-1]
             self._audit.refused(caller, rpc, error, organization_id, provider)
             raise
+
+
+class Undecodable:
+    """Stands in for a request whose bytes are not a valid `message_name` (the handler answers INVALID_ARGUMENT)."""
+
+    def __init__(self, message_name: str) -> None:
+        self.message_name = message_name
+
+    def error(self) -> errors.InvalidArgument:
+        description = f"the request is not a valid {self.message_name} protobuf"
+        return errors.InvalidArgument([errors.FieldViolation("request", description)])
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, Undecodable):
+        raise request.error()
+
+
+def _tolerant(deserializer: Deserializer | None) -> Deserializer | None:
+    """`deserializer`, but bytes it refuses become an `Undecodable` instead of grpc's UNKNOWN status."""
+    if deserializer is None:
+        return None
+    message_class = getattr(deserializer, "__self__", None)
+    message_name = getattr(getattr(message_class, "DESCRIPTOR", None), "name", "request message")
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError for bad wire format and invalid UTF-8 alike; nothing else runs here
+            return Undecodable(message_name)
+
+    return deserialize
+
+
+def _cut_short(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode | None:
+    """DEADLINE_EXCEEDED or CANCELLED when the call ended before its answer could reach the caller."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if context.cancelled():
+        return grpc.StatusCode.CANCELLED
+    return None
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -143,8 +200,9 @@ def _log_rpc(method: str, request: Any, code: grpc.StatusCode, elapsed: float, c
             "duration_ms": round(elapsed * 1000, 3),
             "request_id": caller.request_id,
             "caller": caller.identity,
-            # Identifiers only: requests carry secrets in other fields, which are never logged.
-            "organization_id": getattr(request, "organization_id", "") or None,
-            "provider": getattr(request, "provider", "") or None,
+            # Identifiers only (bounded: the request may be one that was refused for them);
+            # requests carry secrets in other fields, which are never logged.
+            "organization_id": bounded(getattr(request, "organization_id", "")) or None,
+            "provider": bounded(getattr(request, "provider", "")) or None,
         },
     )

@@ -281,6 +281,8 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 _TOKEN_PREFIX = "before:"  # noqa: S105 (a page token, not a password)
 _MAX_ID = 2**63 - 1
+# Tokens we give out are under 40 characters; a longer one is refused before it is decoded.
+_MAX_TOKEN_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -321,13 +323,16 @@ def _encode_token(before_id: int) -> str:
 def _decode_token(token: str) -> int | None:
     if not token:
         return 0
+    if len(token) > _MAX_TOKEN_LENGTH:
+        return None
     try:
         text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (ValueError, UnicodeDecodeError):
         return None
     number = text.removeprefix(_TOKEN_PREFIX)
     # isascii: str.isdigit also accepts digits int() refuses (e.g. '²').
-    if text == number or not number.isascii() or not number.isdigit():
+    # The length check also keeps int() away from numbers of thousands of digits (it refuses > 4300).
+    if text == number or not number.isascii() or not number.isdigit() or len(number) > len(str(_MAX_ID)):
         return None
     before_id = int(number)
     # Audit ids are BIGINT (PostgreSQL) / INTEGER (SQLite): a larger one cannot be a token we gave out.

@@ -7,13 +7,22 @@ collected, so one reply lists every bad field at once.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 from integrations_service.domain.masking import MASK_CHAR
 from integrations_service.domain.registry import ProviderSpec, find_provider
 from integrations_service.errors import FieldViolation, InvalidArgument, NotFound
+from integrations_service.untrusted import bounded
 
+# Organization ids are the dashboard's, opaque to this service: 1-128 printable characters, no whitespace
+# (so no control characters either), as every id stored so far has been.
 MAX_ORGANIZATION_ID_LENGTH = 128
+# Provider ids are this service's own catalog keys (docs/api.md, "Limits").
+MAX_PROVIDER_ID_LENGTH = 64
+_PROVIDER_ID = re.compile(rf"[a-z0-9_]{{1,{MAX_PROVIDER_ID_LENGTH}}}")
+# How much of a caller's field key an error message echoes.
+_ECHOED_KEY_LENGTH = 64
 # google.rpc.ResourceInfo types of NOT_FOUND errors.
 PROVIDER_RESOURCE = "integrations.v1.Provider"
 INTEGRATION_RESOURCE = "integrations.v1.Integration"
@@ -30,6 +39,14 @@ def organization_id_problem(organization_id: str) -> str | None:
     return None
 
 
+def provider_id_problem(provider_id: str) -> str | None:
+    if not provider_id:
+        return "is required"
+    if not _PROVIDER_ID.fullmatch(provider_id):
+        return f"must be 1 to {MAX_PROVIDER_ID_LENGTH} characters of a-z, 0-9 and _"
+    return None
+
+
 def check_organization_id(organization_id: str) -> None:
     if problem := organization_id_problem(organization_id):
         raise InvalidArgument([FieldViolation("organization_id", problem)])
@@ -40,8 +57,8 @@ def check_target(organization_id: str, provider_id: str) -> ProviderSpec:
     violations = []
     if problem := organization_id_problem(organization_id):
         violations.append(FieldViolation("organization_id", problem))
-    if not provider_id:
-        violations.append(FieldViolation("provider", "is required"))
+    if problem := provider_id_problem(provider_id):
+        violations.append(FieldViolation("provider", problem))
     if violations:
         raise InvalidArgument(violations)
     spec = find_provider(provider_id)
@@ -85,10 +102,10 @@ def check_cross_field_rules(spec: ProviderSpec, stored_clear_values: Mapping[str
 
 
 def _value_violation(spec: ProviderSpec, key: str, value: str) -> FieldViolation | None:
-    path = f"values.{key}"
     field = spec.field(key)
     if field is None:
-        return FieldViolation(path, _unknown_field(spec, key))
+        return FieldViolation(f"values.{bounded(key, _ECHOED_KEY_LENGTH)}", _unknown_field(spec, key))
+    path = f"values.{key}"
     if not value:
         return FieldViolation(path, "is empty; to remove a value name the field in clear_fields")
     if MASK_CHAR in value:
@@ -97,11 +114,19 @@ def _value_violation(spec: ProviderSpec, key: str, value: str) -> FieldViolation
         )
     if len(value.encode("utf-8")) > MAX_VALUE_BYTES:
         return FieldViolation(path, f"is longer than {MAX_VALUE_BYTES} bytes")
+    if (control := _control_character(value)) is not None:
+        # A CR/LF in an endpoint or sender address becomes a header injection wherever the value is used.
+        return FieldViolation(path, f"contains the control character U+{ord(control):04X}; values are single-line text")
     if field.check and (problem := field.check(value)):
         return FieldViolation(path, problem)
     return None
 
 
+def _control_character(value: str) -> str | None:
+    """The first C0 control character or DEL in `value` (CR, LF, NUL, TAB, ESC, ...), if any."""
+    return next((char for char in value if char < " " or char == "\x7f"), None)
+
+
 def _unknown_field(spec: ProviderSpec, key: str) -> str:
     known = ", ".join(f.key for f in spec.fields)
-    return f"{key!r} is not a field of {spec.id} (fields: {known})"
+    return f"'{bounded(key, _ECHOED_KEY_LENGTH)}' is not a field of {spec.id} (fields: {known})"

@@ -1,0 +1,135 @@
+"""What a real `integrations-service serve` process writes to stderr when requests are hostile.
+
+Text lines cannot be forged by a request (every field and message has its control characters escaped), and in
+JSON mode every stderr line is one JSON object, gRPC core's own messages (a rejected TLS handshake) included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from integrations.v1 import integrations_pb2 as pb
+from integrations.v1 import integrations_pb2_grpc as pb_grpc
+from integrations_service.devcerts import make_dev_certs
+from tests.harness import new_org
+from tests.processes import Processes, ServeProcess, clean_env, run_cli
+
+# The text format's line start: "2026-12-01 08:40:50,123 INFO    integrations.rpc: ..."
+_LINE_START = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ +[\w.]+: ")
+FORGED = "2026-12-01 08:00:00,000 INFO    integrations.audit: audit caller=spiffe://integrations.local/admin"
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    with Processes(tmp_path) as started:
+        yield started
+
+
+def _insecure_stub(process: ServeProcess) -> tuple[grpc.Channel, pb_grpc.IntegrationServiceStub]:
+    channel = grpc.insecure_channel(process.target)
+    return channel, pb_grpc.IntegrationServiceStub(channel)
+
+
+def test_a_request_cannot_forge_a_text_log_line(tmp_path: Path, processes: Processes) -> None:
+    process = processes.serve(tmp_path / "work", clean_env({"INTEGRATIONS_LOG_FORMAT": "text"}))
+    channel, stub = _insecure_stub(process)
+    hostile = f"org\n{FORGED}\r\u2028{FORGED}"
+    with channel:
+        for request in (
+            pb.GetProviderConfigRequest(organization_id=hostile, provider="stripe"),
+            pb.GetProviderConfigRequest(organization_id=new_org(), provider=f"x\n{FORGED}"),
+            pb.SaveIntegrationRequest(organization_id=hostile, provider="stripe", values={f"k\n{FORGED}": "v"}),
+            pb.DeleteIntegrationRequest(organization_id=hostile, provider="stripe"),
+        ):
+            method = getattr(stub, type(request).__name__.removesuffix("Request"))
+            with pytest.raises(grpc.RpcError) as refused:
+                method(request, timeout=10)
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert process.terminate() == 0
+    log = process.stderr()
+    assert "org\\x0a2026-12-01" in log, log[-2000:]
+    lines = log.splitlines()
+    assert lines
+    for line in lines:
+        assert _LINE_START.match(line), line
+        assert not line.startswith(FORGED[:20]), line
+    assert "\r" not in log
+    assert "\u2028" not in log
+
+
+def _tls_env(tmp_path: Path) -> tuple[dict[str, str], grpc.ChannelCredentials]:
+    certs = tmp_path / "certs"
+    dev = make_dev_certs(certs)
+    env = clean_env({
+        "INTEGRATIONS_LOG_FORMAT": "json",
+        "INTEGRATIONS_TLS_CERT": str(dev["server"].cert),
+        "INTEGRATIONS_TLS_KEY": str(dev["server"].key),
+        "INTEGRATIONS_TLS_CLIENT_CA": str(dev["ca"].cert),
+        "INTEGRATIONS_AUTHZ_POLICY": str(certs / "policy.toml"),
+    })
+    client = dev["commerce"]
+    credentials = grpc.ssl_channel_credentials(
+        dev["ca"].cert.read_bytes(), client.key.read_bytes(), client.cert.read_bytes()
+    )
+    return env, credentials
+
+
+def _rejected_handshakes(target: str) -> None:
+    """A plaintext gRPC client, raw bytes, and a TLS client with no certificate: each handshake is refused."""
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError):
+        pb_grpc.IntegrationServiceStub(channel).ListProviders(pb.ListProvidersRequest(), timeout=2)
+    host, port = target.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw.recv(100)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection((host, int(port)), timeout=5) as raw,
+        contextlib.suppress(ssl.SSLError, OSError),
+        context.wrap_socket(raw) as tls,
+    ):
+        tls.sendall(b"x")
+        tls.recv(100)
+
+
+def test_json_mode_writes_only_json_lines_even_for_grpc_core_handshake_errors(
+    tmp_path: Path, processes: Processes
+) -> None:
+    env, credentials = _tls_env(tmp_path)
+    process = processes.serve(tmp_path / "work", env, credentials=credentials)
+    _rejected_handshakes(process.target)
+    time.sleep(0.5)
+    assert process.terminate() == 0
+    lines = process.stderr().splitlines()
+    entries = []
+    for line in lines:
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            pytest.fail(f"not a JSON line on stderr: {line!r}")
+    assert all(isinstance(entry, dict) for entry in entries)
+    assert any(entry.get("message") == "serving" for entry in entries)
+    core = [entry for entry in entries if entry.get("logger") == "grpc.core"]
+    assert core, "gRPC core said nothing about the rejected handshakes"
+    assert any("andshake" in str(entry.get("message")) for entry in core), core
+    assert entries[-1].get("message") == "stopped", entries[-3:]
+
+
+def test_json_mode_output_written_just_before_exit_is_flushed_as_json(tmp_path: Path) -> None:
+    env, _credentials = _tls_env(tmp_path)
+    result = run_cli(["serve", "--check"], tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [entry["message"] for entry in entries][-1] == "configuration is valid"

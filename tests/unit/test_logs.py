@@ -1,0 +1,90 @@
+"""The log formats: nothing a request sends can forge a line, and every field the service logs is emitted."""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+from integrations_service import logs
+
+SERVICE_ROOT = Path(logs.__file__).parent
+FORGED = "2026-12-01 08:00:00,000 INFO    integrations.audit: audit caller=spiffe://x/admin"
+
+
+def record(message: str = "rpc finished", exc_info: bool = False, **extra: object) -> logging.LogRecord:
+    made = logging.LogRecord("integrations.rpc", logging.INFO, __file__, 1, message, (), None)
+    if exc_info:
+        try:
+            raise ValueError(f"bad\n{FORGED}")
+        except ValueError:
+            made.exc_info = sys.exc_info()
+    made.__dict__.update(extra)
+    return made
+
+
+def extra_keys_logged_by_the_service() -> dict[str, str]:
+    """Every constant key of an `extra={...}` argument in the service's code, with where it is."""
+    found: dict[str, str] = {}
+    for path in sorted(SERVICE_ROOT.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            for keyword in node.keywords:
+                if keyword.arg != "extra":
+                    continue
+                assert isinstance(keyword.value, ast.Dict), f"{path}:{node.lineno}: extra must be a dict literal"
+                for key in keyword.value.keys:
+                    assert isinstance(key, ast.Constant), f"{path}:{node.lineno}: extra keys must be literals"
+                    found.setdefault(str(key.value), f"{path.relative_to(SERVICE_ROOT)}:{node.lineno}")
+    return found
+
+
+def test_every_extra_field_the_service_logs_is_in_the_allowlist() -> None:
+    found = extra_keys_logged_by_the_service()
+    assert "versions" in found, "the scan finds the migration line's field"
+    missing = {key: where for key, where in found.items() if key not in logs._FIELDS}
+    assert not missing, f"logged but silently dropped (add them to logs._FIELDS): {missing}"
+
+
+@pytest.mark.parametrize("where", ["message", "field"])
+def test_text_format_escapes_control_characters_so_no_line_can_be_forged(where: str) -> None:
+    hostile = f"org\n{FORGED}\r\x1b[2K\u2028"
+    made = record(hostile) if where == "message" else record(organization_id=hostile)
+    line = logs.TextFormatter().format(made)
+    assert "\n" not in line
+    assert "\r" not in line
+    assert "\x1b" not in line
+    assert "\u2028" not in line
+    assert "org\\x0a2026-12-01" in line
+
+
+def test_text_format_keeps_tracebacks_but_indents_every_line_of_them() -> None:
+    lines = logs.TextFormatter().format(record(exc_info=True)).split("\n")
+    assert lines[0].endswith("rpc finished")
+    assert "Traceback (most recent call last):" in lines[1]
+    assert all(line.startswith("    ") for line in lines[1:])
+    assert "ValueError: bad" in "\n".join(lines)
+
+
+def test_json_format_stays_one_line() -> None:
+    line = logs.JsonFormatter().format(record(f"m\n{FORGED}", organization_id="o\n"))
+    assert "\n" not in line
+    assert json.loads(line)["organization_id"] == "o\n"
+
+
+def test_grpc_core_lines_are_wrapped_into_json() -> None:
+    core = "E1201 08:41:46.583254    3482 ssl_transport_security.cc:2563] Handshake failed with error SSL_ERROR_SSL"
+    entry = json.loads(logs.as_json_line(core))
+    assert entry["logger"] == "grpc.core"
+    assert entry["level"] == "error"
+    assert entry["message"] == "Handshake failed with error SSL_ERROR_SSL"
+    assert entry["source"] == "ssl_transport_security.cc:2563"
+    assert json.loads(logs.as_json_line("Traceback (most recent call last):"))["logger"] == "stderr"
+    already = '{"time": "t", "level": "info", "logger": "integrations.app", "message": "serving"}'
+    assert logs.as_json_line(already) == already
+    assert json.loads(logs.as_json_line("[1, 2]"))["message"] == "[1, 2]"
