@@ -38,3 +38,14 @@ def bounded(text: str, limit: int = DEFAULT_LIMIT) -> str:
     else:
         safe = "".join("\\\\" if c == "\\" else _escape(c) if _unsafe(c) else c for c in head)
     return f"{safe}…[+{cut} chars]" if cut else safe
+
+
+def controls_escaped(text: str) -> str:
+    """`text`, whole, with only its control characters escaped (backslashes stay as they are).
+
+    For text that may already have been through `bounded` (log fields): escaping it again would
+    double every backslash `bounded` wrote. It still cannot break a line.
+    """
+    if text.isprintable() and not any(map(_unsafe, text)):
+        return text
+    return "".join(_escape(c) if _unsafe(c) else c for c in text)
