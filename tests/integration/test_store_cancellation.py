@@ -27,6 +27,7 @@ import pytest
 from integrations.v1 import integrations_pb2 as pb
 from integrations_service.store import IntegrationStore
 from integrations_service.store.base import AuditRecord, StoredIntegration
+from integrations_service.store.sqlite import SqliteStore
 from tests.harness import Running, new_org, start_service, values_of
 from tests.integration.raw_rows import service_url
 
@@ -222,3 +223,23 @@ async def test_store_calls_cancelled_at_any_point_commit_whole_or_not_at_all(sto
     await store.append_audit([record("GetProviderConfig", after, "b")])
     assert await store.delete(after, PROVIDER, never_refuse, record("DeleteIntegration", after, "c"))
     assert sorted(await request_ids(store, after)) == ["a", "b", "c"]
+
+
+async def test_a_transaction_left_open_on_the_sqlite_write_connection_is_rolled_back_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defence in depth: should anything ever leave the connection in a transaction, the next write recovers."""
+    store = await SqliteStore.open(tmp_path / "left-open.sqlite3")
+    try:
+        org = new_org()
+        await store._conn.execute("BEGIN")  # stands in for a bug that skipped the ROLLBACK
+        await store._conn.execute(  # half of a change, never committed
+            "INSERT INTO audit_events (time, caller, rpc, outcome, organization_id, provider, fields, request_id, "
+            "details) VALUES ('2026-12-01T00:00:00+00:00', 'test', 'X', 'OK', ?, '', '[]', 'half', '{}')",
+            (org,),
+        )
+        assert (await store.upsert(org, PROVIDER, add_field("a"), record("SaveIntegration", org, "whole"))).version == 1
+        assert await request_ids(store, org) == ["whole"]
+        assert [r.event for r in caplog.records if hasattr(r, "event")].count("sqlite_transaction_left_open") == 1  # type: ignore[attr-defined]
+    finally:
+        await store.close()
