@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]
 import grpc
 import pytest
 
@@ -138,20 +139,22 @@ def never_refuse(current: StoredIntegration) -> None:
     del current
 
 
-async def interrupted(call: Awaitable[object], how: int, rng: random.Random) -> None:
-    """Run a store call and cut it off: after a few event-loop turns, or by a tiny timeout."""
+async def interrupted(call: Awaitable[object], how: int, rng: random.Random) -> bool:
+    """Run a store call and cut it off: after a few event-loop turns, or by a tiny timeout. True if it was."""
     task = asyncio.ensure_future(call)
     if how % 2:
-        for _ in range(rng.randrange(40)):
+        for _ in range(rng.randrange(200)):
             await asyncio.sleep(0)
         task.cancel()
     else:
-        asyncio.get_running_loop().call_later(rng.uniform(0, 0.002), task.cancel)
+        asyncio.get_running_loop().call_later(rng.uniform(0, 0.15), task.cancel)
     try:
         await task
     except asyncio.CancelledError:
         if not task.cancelled():
             raise  # this test itself was cancelled
+        return True
+    return False
 
 
 async def busy_loop_during(calls: Awaitable[object]) -> None:
@@ -176,15 +179,35 @@ async def request_ids(store: IntegrationStore, organization_id: str) -> list[str
     return [entry.record.request_id for entry in entries]
 
 
-async def test_store_calls_cancelled_at_any_point_commit_whole_or_not_at_all(store: IntegrationStore) -> None:
+async def left_behind_on_postgres(url: str) -> tuple[int, int]:
+    """Sessions of this database idle inside a transaction, and advisory locks held in it."""
+    conn = await asyncpg.connect(url)
+    try:
+        in_transaction = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()"
+        )
+        advisory = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+    finally:
+        await conn.close()
+    return int(in_transaction), int(advisory)
+
+
+async def test_store_calls_cancelled_at_any_point_commit_whole_or_not_at_all(
+    store: IntegrationStore, contract_location: tuple[str, str]
+) -> None:
     rng = random.Random(20261201)  # the cut-off points; seeded so a failure can be replayed
     upserted, deleted, rewrapped, appended = (new_org() for _ in range(4))
     await store.upsert(rewrapped, PROVIDER, add_field("secretKey"))
     rewrap_ids = [(await store.get(rewrapped, PROVIDER)).id]  # type: ignore[union-attr]
 
+    cut_off = made = 0
     for round_number in range(ROUNDS):
         await store.upsert(deleted, PROVIDER, add_field("secretKey"))
-        calls: list[Awaitable[None]] = []
+        calls: list[Awaitable[bool]] = []
         for i in range(32):
             rid = f"{round_number}-{i}"
             calls.append(interrupted(
@@ -198,7 +221,10 @@ async def test_store_calls_cancelled_at_any_point_commit_whole_or_not_at_all(sto
             batch = [record("GetProviderConfig", appended, rid) for _ in range(3)]
             calls.append(interrupted(store.append_audit(batch), i, rng))
         rng.shuffle(calls)
-        await busy_loop_during(asyncio.gather(*calls))
+        outcomes = asyncio.gather(*calls)
+        await busy_loop_during(outcomes)
+        cut_off += sum(outcomes.result())
+        made += len(calls)
 
         row = await store.get(upserted, PROVIDER)
         saved = await request_ids(store, upserted)
@@ -215,6 +241,11 @@ async def test_store_calls_cancelled_at_any_point_commit_whole_or_not_at_all(sto
         for rid in await request_ids(store, appended):
             counts[rid] = counts.get(rid, 0) + 1
         assert set(counts.values()) <= {3}, "an audit batch was written in part"
+        if contract_location[0] == "postgres":
+            # Pooled connections go back outside any transaction, holding no row lock.
+            assert await left_behind_on_postgres(contract_location[1]) == (0, 0)
+
+    assert 0 < cut_off < made, f"{cut_off} of {made} calls cut off: the timings test nothing"
 
     # Uninterrupted calls of every kind still work.
     after = new_org()
