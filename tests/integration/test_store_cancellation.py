@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -273,4 +275,30 @@ async def test_a_transaction_left_open_on_the_sqlite_write_connection_is_rolled_
         assert await request_ids(store, org) == ["whole"]
         assert [r.event for r in caplog.records if hasattr(r, "event")].count("sqlite_transaction_left_open") == 1  # type: ignore[attr-defined]
     finally:
+        await store.close()
+
+
+async def test_a_save_cancelled_while_another_process_holds_the_sqlite_write_lock_ends_within_its_budget(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "locked.sqlite3"
+    store = await SqliteStore.open(path, timeout=1.0)
+    other = sqlite3.connect(path, isolation_level=None)  # as another process sharing the file would
+    try:
+        org = new_org()
+        other.execute("BEGIN IMMEDIATE")
+        save = asyncio.ensure_future(store.upsert(org, PROVIDER, add_field("a"), record("SaveIntegration", org, "cut")))
+        await asyncio.sleep(0.2)  # waiting in BEGIN IMMEDIATE for the other connection's lock
+        started = time.monotonic()
+        save.cancel()
+        await asyncio.wait([save])
+        assert save.cancelled()
+        assert time.monotonic() - started < 1.0 + 0.5  # the store's timeout, plus slack for a loaded machine
+        other.execute("ROLLBACK")
+
+        saved = await store.upsert(org, PROVIDER, add_field("b"), record("SaveIntegration", org, "whole"))
+        assert (saved.version, set(saved.config)) == (1, {"b"})
+        assert await request_ids(store, org) == ["whole"]
+    finally:
+        other.close()
         await store.close()
