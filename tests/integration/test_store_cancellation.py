@@ -244,8 +244,15 @@ async def test_store_calls_cancelled_at_any_point_commit_whole_or_not_at_all(
             counts[rid] = counts.get(rid, 0) + 1
         assert set(counts.values()) <= {3}, "an audit batch was written in part"
         if contract_location[0] == "postgres":
-            # Pooled connections go back outside any transaction, holding no row lock.
-            assert await left_behind_on_postgres(contract_location[1]) == (0, 0)
+            # Pooled connections go back outside any transaction, holding no row lock. A connection the
+            # store dropped ends on the server a moment later: allow it a little time.
+            left = await left_behind_on_postgres(contract_location[1])
+            for _ in range(20):
+                if left == (0, 0):
+                    break
+                await asyncio.sleep(0.1)
+                left = await left_behind_on_postgres(contract_location[1])
+            assert left == (0, 0), "(sessions idle in a transaction, advisory locks held)"
 
     assert 0 < cut_off < made, f"{cut_off} of {made} calls cut off: the timings test nothing"
 
