@@ -19,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -44,6 +45,10 @@ from integrations_service.store.base import (
 from integrations_service.store.budget import Budget, bounded
 from integrations_service.store.changes import ChangeFeed, ChangeHub, ConfigChanged
 from integrations_service.store.migrate import migrate_sqlite
+
+log = logging.getLogger("integrations.store.sqlite")
+
+T = TypeVar("T")
 
 UNAVAILABLE_MESSAGE = "the credential store (SQLite) is unavailable"
 
@@ -376,39 +381,69 @@ class SqliteStore(IntegrationStore):
         """Under the lock, BEGIN IMMEDIATE; commit when the block ends, else roll back and re-raise unchanged.
 
         The wait for the lock, for another process's write lock and the block
-        together stay within the call's budget.
+        together stay within the call's budget. A caller cancelled anywhere in
+        it (its client went away, its budget ran out) leaves its change
+        committed whole or not at all, and the connection outside any
+        transaction: BEGIN, COMMIT and ROLLBACK each run to their end, and the
+        lock is released only after them.
         """
         async with bounded(self._timeout) as budget, self._lock:
+            await self._begin(budget)
             try:
-                await self._begin(budget)
                 yield
-                await self._commit()
             except BaseException:
                 await self._rollback_quietly()
                 raise
+            await self._commit()
 
     async def _begin(self, budget: Budget) -> None:
-        # IMMEDIATE takes the write lock now, so the row read next cannot change before our write.
+        if self._conn.in_transaction:
+            # Never expected: every holder of the lock ends its transaction before releasing it.
+            log.error(
+                "the SQLite write connection was left inside a transaction; rolling it back",
+                extra={"event": "sqlite_transaction_left_open"},
+            )
+            await self._rollback_quietly()
         try:
             with _unavailable_on_io_error():
-                await self._execute(_busy_timeout(budget.remaining() - _BUSY_MARGIN))
-                await self._execute("BEGIN IMMEDIATE")
-        except errors.Unavailable as exc:
-            if _is_busy(exc.__cause__):  # another process held the write lock for all of the budget
+                await _to_the_end(self._begin_immediate(budget))
+        except BaseException as exc:
+            if self._conn.in_transaction:  # BEGIN ran, then the caller was cancelled
+                await self._rollback_quietly()
+            if isinstance(exc, errors.Unavailable) and _is_busy(exc.__cause__):
+                # Another process held the write lock for all of the budget.
                 raise budget.exceeded() from exc.__cause__
             raise
 
+    async def _begin_immediate(self, budget: Budget) -> None:
+        # IMMEDIATE takes the write lock now, so the row read next cannot change before our write.
+        # busy_timeout bounds its wait for another process's lock by what is left of the budget.
+        await self._execute(_busy_timeout(budget.remaining() - _BUSY_MARGIN))
+        await self._execute("BEGIN IMMEDIATE")
+
     async def _commit(self) -> None:
-        with _unavailable_on_io_error():
-            await self._execute("COMMIT")
+        try:
+            with _unavailable_on_io_error():
+                await _to_the_end(self._execute("COMMIT"))
+        except BaseException:
+            # A COMMIT that failed (the file busy, full or gone) leaves the transaction open;
+            # one that ran before a cancellation arrived leaves nothing to roll back.
+            if self._conn.in_transaction:
+                await self._rollback_quietly()
+            raise
 
     async def _rollback_quietly(self) -> None:
         # The caller must see the original exception; a failed rollback of a
         # broken file leaves nothing committed anyway. Always sent, even when no
-        # transaction seems open: a cancelled caller may have left BEGIN queued
-        # on the connection's thread, and the ROLLBACK runs after it.
+        # transaction seems open: a statement of a cut-off block may still be
+        # queued on the connection's thread, and the ROLLBACK runs after it.
         with contextlib.suppress(Exception):
-            await self._execute("ROLLBACK")
+            await _to_the_end(self._execute("ROLLBACK"))
+        if self._conn.in_transaction:
+            log.error(
+                "the SQLite write connection could not roll back its transaction",
+                extra={"event": "sqlite_rollback_failed"},
+            )
 
     async def _fetch_row(
         self, organization_id: str, provider: str, conn: aiosqlite.Connection | None = None
@@ -446,6 +481,31 @@ class SqliteStore(IntegrationStore):
         with _unavailable_on_io_error():
             await self._execute(_INSERT if current is None else _UPDATE, parameters)
         return row
+
+
+async def _to_the_end(statement: Awaitable[T]) -> T:
+    """Await `statement` to its end even if the caller is cancelled meanwhile, then pass the cancellation on.
+
+    aiosqlite runs a queued statement on the connection's thread whether or not
+    anyone still awaits it, so a caller that stopped waiting could not know
+    whether its BEGIN or COMMIT had run. The wait stays short: a statement on
+    the local file, or a BEGIN whose busy wait ends with the call's budget.
+    """
+    task = asyncio.ensure_future(statement)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError as exc:
+        if task.done() and not task.cancelled():
+            raise  # the statement ran: the cancellation came after it
+        cancelled = exc
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if not task.cancelled():
+        task.exception()  # retrieved: the cancellation is what the caller sees
+    raise cancelled
 
 
 def _busy_timeout(seconds: float) -> str:
