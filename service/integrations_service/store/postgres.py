@@ -23,9 +23,11 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+from asyncpg.transaction import Transaction
 
 from integrations_service import errors
 from integrations_service.store.base import (
@@ -223,11 +225,11 @@ def _unavailable_on_connection_error() -> Iterator[None]:
         raise
 
 
-def _encode_json(value: Any) -> str:
+def _encode_json(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-async def _init_connection(conn: Any) -> None:
+async def _init_connection(conn: asyncpg.Connection) -> None:
     # Every pooled connection (including replacements after a restart) decodes
     # JSONB to Python objects and encodes dicts, so config round-trips as a dict.
     await conn.set_type_codec("jsonb", encoder=_encode_json, decoder=json.loads, schema="pg_catalog")
@@ -236,7 +238,7 @@ async def _init_connection(conn: Any) -> None:
 class PostgresStore(IntegrationStore):
     """Rows in PostgreSQL's `integration_config` table. Create with `PostgresStore.connect`."""
 
-    def __init__(self, pool: Any, *, close_timeout: float, timeout: float = 5.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, close_timeout: float, timeout: float = 5.0) -> None:
         self._pool = pool
         self._close_timeout = close_timeout
         self._timeout = timeout
@@ -286,14 +288,14 @@ class PostgresStore(IntegrationStore):
         return applied
 
     async def get(self, organization_id: str, provider: str) -> StoredIntegration | None:
-        async def query(conn: Any) -> StoredIntegration | None:
+        async def query(conn: PoolConnectionProxy) -> StoredIntegration | None:
             record = await conn.fetchrow(_SELECT_ONE, organization_id, provider)
             return _to_stored(record) if record is not None else None
 
         return await self._read(query)
 
     async def list_for_organization(self, organization_id: str) -> list[StoredIntegration]:
-        async def query(conn: Any) -> list[StoredIntegration]:
+        async def query(conn: PoolConnectionProxy) -> list[StoredIntegration]:
             records = await conn.fetch(_SELECT_ORGANIZATION, organization_id)
             return [_to_stored(record) for record in records]
 
@@ -334,7 +336,7 @@ class PostgresStore(IntegrationStore):
         if limit < 1:
             return []
 
-        async def query(conn: Any) -> list[StoredIntegration]:
+        async def query(conn: PoolConnectionProxy) -> list[StoredIntegration]:
             records = await conn.fetch(_SCAN, after_id, limit)
             return [_to_stored(record) for record in records]
 
@@ -399,7 +401,7 @@ class PostgresStore(IntegrationStore):
             return []
         before = before_id if before_id > 0 else _NEWEST
 
-        async def query(conn: Any) -> list[AuditEntry]:
+        async def query(conn: PoolConnectionProxy) -> list[AuditEntry]:
             if organization_id:
                 records = await conn.fetch(_SELECT_AUDIT_ORGANIZATION, organization_id, before, limit)
             else:
@@ -409,7 +411,7 @@ class PostgresStore(IntegrationStore):
         return await self._read(query)
 
     async def ping(self) -> None:
-        async def query(conn: Any) -> None:
+        async def query(conn: PoolConnectionProxy) -> None:
             await conn.execute(_PING)
 
         await self._read(query)
@@ -429,7 +431,7 @@ class PostgresStore(IntegrationStore):
 
     # --- internals ------------------------------------------------------------------------------
 
-    async def _read(self, query: Callable[[Any], Awaitable[T]]) -> T:
+    async def _read(self, query: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
         """Run a read-only query; once more on a fresh connection if the pooled one was dead."""
         async with self._bounded():
             try:
@@ -440,7 +442,7 @@ class PostgresStore(IntegrationStore):
                 log.info("retrying a read on a fresh connection", extra={"event": "read_retried"})
             return await self._read_once(query)
 
-    async def _read_once(self, query: Callable[[Any], Awaitable[T]]) -> T:
+    async def _read_once(self, query: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
         conn = await self._acquire()
         try:
             with _unavailable_on_connection_error():
@@ -465,9 +467,13 @@ class PostgresStore(IntegrationStore):
                 else:
                     update = _UPDATE_AUDITED if logged else _UPDATE
                     record = await conn.fetchrow(update, current.id, config, *logged)
+        if record is None:  # pragma: no cover (RETURNING of an insert, or of an update of the locked row)
+            raise RuntimeError("the write of the integration row returned no row")
         return _to_stored(record)
 
-    async def _lock_row(self, conn: Any, organization_id: str, provider: str) -> StoredIntegration | None:
+    async def _lock_row(
+        self, conn: PoolConnectionProxy, organization_id: str, provider: str
+    ) -> StoredIntegration | None:
         """Serialize writers of one (organization, provider), even before its row exists."""
         with _unavailable_on_connection_error():
             # The advisory lock covers the first insert, which FOR UPDATE cannot
@@ -480,7 +486,7 @@ class PostgresStore(IntegrationStore):
         return _to_stored(record) if record is not None else None
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Any]:
+    async def _connection(self) -> AsyncIterator[PoolConnectionProxy]:
         """A pooled connection for the block; exceptions leave the block unchanged."""
         conn = await self._acquire()
         try:
@@ -491,7 +497,7 @@ class PostgresStore(IntegrationStore):
         await self._give_back(conn, None)
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Any]:
+    async def _transaction(self) -> AsyncIterator[PoolConnectionProxy]:
         """A transaction that commits when the block ends, else rolls back and re-raises unchanged.
 
         Within the call's budget, which also bounds the server's lock and statement waits.
@@ -523,7 +529,7 @@ class PostgresStore(IntegrationStore):
                     raise budget.exceeded() from exc.__cause__
                 raise
 
-    async def _begin(self, budget: Budget) -> tuple[Any, Any]:
+    async def _begin(self, budget: Budget) -> tuple[PoolConnectionProxy, Transaction]:
         """BEGIN on a pooled connection; once more on a fresh one if the pooled one was dead.
 
         Repeating is safe: nothing has run in the transaction yet, and the
@@ -537,7 +543,7 @@ class PostgresStore(IntegrationStore):
             log.info("retrying a transaction on a fresh connection", extra={"event": "begin_retried"})
         return await self._begin_once(budget)
 
-    async def _begin_once(self, budget: Budget) -> tuple[Any, Any]:
+    async def _begin_once(self, budget: Budget) -> tuple[PoolConnectionProxy, Transaction]:
         conn = await self._acquire()
         transaction = conn.transaction()
         try:
@@ -550,11 +556,11 @@ class PostgresStore(IntegrationStore):
             raise
         return conn, transaction
 
-    async def _acquire(self) -> Any:
+    async def _acquire(self) -> PoolConnectionProxy:
         with _unavailable_on_connection_error():
             return await self._pool.acquire()
 
-    async def _give_back(self, conn: Any, failure: BaseException | None) -> None:
+    async def _give_back(self, conn: PoolConnectionProxy, failure: BaseException | None) -> None:
         """Return a connection to the pool, or drop it if `failure` says it may be broken."""
         if failure is not None and _may_be_broken(failure):
             # Never hand a connection that just failed back to the pool: it may
@@ -609,7 +615,7 @@ def _server_timeouts(budget: Budget) -> str:
     return f"SET LOCAL lock_timeout = {milliseconds}; SET LOCAL statement_timeout = {milliseconds}"
 
 
-async def _rollback_quietly(transaction: Any) -> None:
+async def _rollback_quietly(transaction: Transaction) -> None:
     # The block's own exception is what the caller must see. If the rollback
     # fails the connection is broken: the server drops the transaction with it.
     try:
@@ -619,7 +625,7 @@ async def _rollback_quietly(transaction: Any) -> None:
             raise
 
 
-async def _keep_session(connection: Any) -> None:
+async def _keep_session(connection: asyncpg.Connection) -> None:
     """Replaces asyncpg's reset query on release (an extra round trip on every call).
 
     asyncpg still rolls back an open transaction first. Nothing else needs
@@ -631,7 +637,7 @@ async def _keep_session(connection: Any) -> None:
 
 async def _create_pool(
     dsn: str, *, min_size: int, max_size: int, connect_timeout: float, command_timeout: float
-) -> Any:
+) -> asyncpg.Pool:
     """The pool, retrying while PostgreSQL is not reachable yet (starting, failing over) for up to connect_timeout."""
     last_error: Exception | None = None
     delay = 0.1
@@ -671,7 +677,7 @@ def _raise_if_permanent(exc: Exception) -> None:
         raise exc
 
 
-def _to_stored(record: Any) -> StoredIntegration:
+def _to_stored(record: asyncpg.Record) -> StoredIntegration:
     return StoredIntegration(
         id=str(record["id"]),
         organization_id=str(record["organization_id"]),
@@ -691,7 +697,7 @@ def _config_of(value: object, organization_id: str, provider: str) -> Mapping[st
     return {str(key): item if isinstance(item, str) else _encode_json(item) for key, item in value.items()}
 
 
-async def _fetch_keys(conn: Any) -> list[KeyRecord]:
+async def _fetch_keys(conn: PoolConnectionProxy) -> list[KeyRecord]:
     records = await conn.fetch(_SELECT_KEYS)
     return [
         KeyRecord(
@@ -712,7 +718,7 @@ def _encryption_counts(counts: Mapping[str, int]) -> list[tuple[str, int]]:
     return [(key_id, counts[key_id]) for key_id in sorted(counts) if counts[key_id]]
 
 
-async def _insert_audit(conn: Any, records: Sequence[AuditRecord]) -> None:
+async def _insert_audit(conn: PoolConnectionProxy, records: Sequence[AuditRecord]) -> None:
     """In the caller's transaction: one statement, executed for every record."""
     await conn.executemany(_INSERT_AUDIT, [_audit_parameters(record) for record in records])
 
@@ -731,7 +737,7 @@ def _audit_parameters(record: AuditRecord) -> tuple[object, ...]:
     )
 
 
-def _to_audit_entry(record: Any) -> AuditEntry:
+def _to_audit_entry(record: asyncpg.Record) -> AuditEntry:
     fields = record["fields"] or []
     details = record["details"] or {}
     return AuditEntry(
