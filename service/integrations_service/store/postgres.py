@@ -20,9 +20,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import TypeVar
 
 import asyncpg
@@ -30,6 +30,7 @@ from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction
 
 from integrations_service import errors
+from integrations_service.store import rows
 from integrations_service.store.base import (
     AuditEntry,
     AuditRecord,
@@ -40,10 +41,10 @@ from integrations_service.store.base import (
     Precondition,
     Rewrite,
     StoredIntegration,
-    UnreadableConfig,
 )
 from integrations_service.store.budget import Budget, KeyedLocks, bounded
 from integrations_service.store.migrate import migrate_postgres
+from integrations_service.store.rows import AUDIT_COLUMNS, AUDIT_JSON_COLUMNS, json_text
 
 log = logging.getLogger("integrations.store.postgres")
 
@@ -163,24 +164,32 @@ _ADD_ENCRYPTIONS = "UPDATE encryption_keys SET encryptions = encryptions + $2 WH
 # COALESCE: retiring again keeps the first retirement time.
 _RETIRE_KEY = "UPDATE encryption_keys SET retired_at = COALESCE(retired_at, now()) WHERE key_id = $1"
 
-# Audit.
-_AUDIT_COLUMNS = "(time, caller, rpc, outcome, organization_id, provider, fields, request_id, details)"
-_INSERT_AUDIT = f"INSERT INTO audit_events {_AUDIT_COLUMNS} VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9::jsonb)"  # noqa: S608 (constants only)
+# Audit. Each column with the cast of its parameter (JSON travels as text), in the order of
+# rows.audit_values: the one list both the statements and their parameters follow.
+_AUDIT_CASTS = tuple((column, "::jsonb" if column in AUDIT_JSON_COLUMNS else "") for column in AUDIT_COLUMNS)
 
 
-def _with_audit(statement: str, first_parameter: int) -> str:
+def _audit_insert(first_parameter: int) -> str:
+    """The insert of one audit row whose parameters are numbered from `first_parameter`."""
+    columns = ", ".join(column for column, _ in _AUDIT_CASTS)
+    values = ", ".join(f"${first_parameter + offset}{cast}" for offset, (_, cast) in enumerate(_AUDIT_CASTS))
+    # Built from this module's constants only; every value travels as a parameter.
+    return f"INSERT INTO audit_events ({columns}) VALUES ({values})"  # noqa: S608
+
+
+def _with_audit(statement: str) -> str:
     """`statement` and the audit row it records, in one round trip while the row lock is held.
 
-    A data-modifying WITH clause always runs to completion, in the same transaction.
+    The audit parameters follow the statement's own. A data-modifying WITH
+    clause always runs to completion, in the same transaction.
     """
-    numbers = range(first_parameter, first_parameter + 9)
-    values = ", ".join(f"${n}::jsonb" if n - first_parameter in (6, 8) else f"${n}" for n in numbers)
-    # Built from this module's constants only; every value travels as a parameter.
-    return f"WITH audited AS (INSERT INTO audit_events {_AUDIT_COLUMNS} VALUES ({values})) {statement}"  # noqa: S608
+    first_parameter = max(int(number) for number in re.findall(r"\$(\d+)", statement)) + 1
+    return f"WITH audited AS ({_audit_insert(first_parameter)}) {statement}"
 
 
-_INSERT_AUDITED = _with_audit(_INSERT, 5)
-_UPDATE_AUDITED = _with_audit(_UPDATE, 3)
+_INSERT_AUDIT = _audit_insert(1)
+_INSERT_AUDITED = _with_audit(_INSERT)
+_UPDATE_AUDITED = _with_audit(_UPDATE)
 _SELECT_AUDIT = (
     "SELECT id, time, caller, rpc, outcome, organization_id, provider, fields, request_id, details "
     "FROM audit_events WHERE id < $1 ORDER BY id DESC LIMIT $2"
@@ -225,14 +234,10 @@ def _unavailable_on_connection_error() -> Iterator[None]:
         raise
 
 
-def _encode_json(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # Every pooled connection (including replacements after a restart) decodes
     # JSONB to Python objects and encodes dicts, so config round-trips as a dict.
-    await conn.set_type_codec("jsonb", encoder=_encode_json, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("jsonb", encoder=json_text, decoder=json.loads, schema="pg_catalog")
 
 
 class PostgresStore(IntegrationStore):
@@ -375,7 +380,7 @@ class PostgresStore(IntegrationStore):
                 return await _fetch_keys(conn)
 
     async def add_encryptions(self, counts: Mapping[str, int]) -> None:
-        parameters = _encryption_counts(counts)
+        parameters = rows.encryption_counts(counts)
         if not parameters:
             return
         async with self._transaction() as conn:
@@ -459,7 +464,7 @@ class PostgresStore(IntegrationStore):
         async with self._transaction() as conn:
             current = await self._lock_row(conn, organization_id, provider)
             config = dict(mutate(current))  # raising rolls back: nothing changes, no audit
-            logged = _audit_parameters(audit) if audit is not None else ()
+            logged = rows.audit_values(audit) if audit is not None else ()
             with _unavailable_on_connection_error():
                 if current is None:
                     insert = _INSERT_AUDITED if logged else _INSERT
@@ -678,89 +683,45 @@ def _raise_if_permanent(exc: Exception) -> None:
 
 
 def _to_stored(record: asyncpg.Record) -> StoredIntegration:
-    return StoredIntegration(
-        id=str(record["id"]),
-        organization_id=str(record["organization_id"]),
-        provider=str(record["provider"]),
-        config=_config_of(record["config"], record["organization_id"], record["provider"]),
-        version=int(record["version"]),
-        created_at=_aware(record["created_at"]),
-        updated_at=_aware(record["updated_at"]),
+    return rows.integration(
+        id_=record["id"],
+        organization_id=record["organization_id"],
+        provider=record["provider"],
+        config=record["config"],
+        version=record["version"],
+        created_at=record["created_at"],
+        updated_at=record["updated_at"],
     )
-
-
-def _config_of(value: object, organization_id: str, provider: str) -> Mapping[str, str]:
-    del organization_id, provider  # named by the service when it refuses the row
-    if not isinstance(value, Mapping):
-        return UnreadableConfig("is not a JSON object")
-    # Rows written by the dashboard are string-valued; anything else is kept as its JSON text.
-    return {str(key): item if isinstance(item, str) else _encode_json(item) for key, item in value.items()}
 
 
 async def _fetch_keys(conn: PoolConnectionProxy) -> list[KeyRecord]:
     records = await conn.fetch(_SELECT_KEYS)
     return [
-        KeyRecord(
-            key_id=str(record["key_id"]),
-            check_value=str(record["check_value"]),
-            encryptions=int(record["encryptions"]),
-            retired=bool(record["retired"]),
+        rows.key_record(
+            key_id=record["key_id"],
+            check_value=record["check_value"],
+            encryptions=record["encryptions"],
+            retired=record["retired"],
         )
         for record in records
     ]
 
 
-def _encryption_counts(counts: Mapping[str, int]) -> list[tuple[str, int]]:
-    """(key id, count) to add, sorted so concurrent writers lock keys in the same order; zeros dropped."""
-    for key_id, count in counts.items():
-        if count < 0:
-            raise ValueError(f"the encryption count of key {key_id!r} cannot go down (got {count})")
-    return [(key_id, counts[key_id]) for key_id in sorted(counts) if counts[key_id]]
-
-
 async def _insert_audit(conn: PoolConnectionProxy, records: Sequence[AuditRecord]) -> None:
     """In the caller's transaction: one statement, executed for every record."""
-    await conn.executemany(_INSERT_AUDIT, [_audit_parameters(record) for record in records])
-
-
-def _audit_parameters(record: AuditRecord) -> tuple[object, ...]:
-    return (
-        _utc(record.time),
-        record.caller,
-        record.rpc,
-        record.outcome,
-        record.organization_id,
-        record.provider,
-        list(record.fields),
-        record.request_id,
-        dict(record.details),
-    )
+    await conn.executemany(_INSERT_AUDIT, [rows.audit_values(record) for record in records])
 
 
 def _to_audit_entry(record: asyncpg.Record) -> AuditEntry:
-    fields = record["fields"] or []
-    details = record["details"] or {}
-    return AuditEntry(
-        id=int(record["id"]),
-        record=AuditRecord(
-            time=_utc(record["time"]),
-            caller=str(record["caller"]),
-            rpc=str(record["rpc"]),
-            outcome=str(record["outcome"]),
-            organization_id=str(record["organization_id"]),
-            provider=str(record["provider"]),
-            fields=tuple(item if isinstance(item, str) else _encode_json(item) for item in fields),
-            request_id=str(record["request_id"]),
-            details={str(key): item if isinstance(item, str) else _encode_json(item) for key, item in details.items()},
-        ),
+    return rows.audit_entry(
+        id_=record["id"],
+        time=record["time"],
+        caller=record["caller"],
+        rpc=record["rpc"],
+        outcome=record["outcome"],
+        organization_id=record["organization_id"],
+        provider=record["provider"],
+        fields=record["fields"],
+        request_id=record["request_id"],
+        details=record["details"],
     )
-
-
-def _utc(value: datetime) -> datetime:
-    """Aware UTC; a naive datetime is taken to be UTC already (as the SQLite store does)."""
-    return _aware(value).astimezone(UTC)
-
-
-def _aware(value: datetime) -> datetime:
-    # asyncpg returns timestamptz as aware UTC already; this guards a timestamp-without-zone column.
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
