@@ -22,6 +22,7 @@ from integrations_service.store import AuditEntry, AuditRecord, IntegrationStore
 from integrations_service.store.memory import MemoryStore
 from integrations_service.store.postgres import ROW_LOCK_NAMESPACE, PostgresStore
 from integrations_service.store.sqlite import SqliteStore
+from tests.integration.raw_rows import insert_raw_config
 
 ORG = "org_1"
 OTHER_ORG = "org_2"
@@ -229,6 +230,21 @@ async def test_values_round_trip_exactly(store: IntegrationStore) -> None:
     assert dict(read.config) == config
     assert all(type(value) is str for value in read.config.values())
     assert [dict(row.config) for row in await store.list_for_organization(ORG)] == [config]
+
+
+async def test_a_non_string_value_written_behind_the_stores_back_reads_as_its_compact_json_text(
+    store: IntegrationStore, contract_location: tuple[str, str]
+) -> None:
+    if isinstance(store, MemoryStore):
+        pytest.skip("the in-memory store has no database to write to behind its back")
+    written = {"secretKey": "enc:v1:a", "retries": 3, "live": True, "nested": {"olá": [1, None, "x y"]}}
+    await insert_raw_config(*contract_location, ORG, "stripe", json.dumps(written))
+    row = await store.get(ORG, "stripe")
+    assert row is not None
+    # The same text from every store: no spaces, non-ASCII kept.
+    assert dict(row.config) == {
+        "secretKey": "enc:v1:a", "retries": "3", "live": "true", "nested": '{"olá":[1,null,"x y"]}'
+    }
 
 
 async def test_identifiers_round_trip_exactly(store: IntegrationStore) -> None:
