@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from integrations_service import errors
+from integrations_service.store import rowmap
 from integrations_service.store.base import (
     AuditEntry,
     AuditRecord,
@@ -28,7 +29,6 @@ from integrations_service.store.base import (
     Rewrite,
     StoredIntegration,
 )
-from integrations_service.store.rows import encryption_counts, utc
 
 CLOSED_MESSAGE = "the credential store (in memory) is closed"
 
@@ -50,7 +50,7 @@ class MemoryDatabase:
     def append_audit(self, records: Sequence[AuditRecord]) -> None:
         # Stored as the other stores store it: in UTC, a naive time taken to be UTC already.
         self.audit.extend(
-            AuditEntry(next(self._audit_ids), replace(_copy_record(record), time=utc(record.time)))
+            AuditEntry(next(self._audit_ids), replace(_copy_record(record), time=_utc(record.time)))
             for record in records
         )
 
@@ -135,7 +135,7 @@ class MemoryStore(IntegrationStore):
 
     async def add_encryptions(self, counts: Mapping[str, int]) -> None:
         self._check_open()
-        for key_id, count in encryption_counts(counts):
+        for key_id, count in rowmap.encryption_counts(counts):
             if (record := self._db.keys.get(key_id)) is not None:
                 self._db.keys[key_id] = replace(record, encryptions=record.encryptions + count)
 
@@ -169,6 +169,10 @@ class MemoryStore(IntegrationStore):
         # Like a closed pool: every later call fails as the database being unreachable would.
         if self._closed:
             raise errors.Unavailable(CLOSED_MESSAGE)
+
+
+def _utc(moment: datetime) -> datetime:
+    return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def _copy(row: StoredIntegration) -> StoredIntegration:

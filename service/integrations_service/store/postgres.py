@@ -30,7 +30,7 @@ from asyncpg.pool import PoolConnectionProxy
 from asyncpg.transaction import Transaction
 
 from integrations_service import errors
-from integrations_service.store import rows
+from integrations_service.store import rowmap
 from integrations_service.store.base import (
     AuditEntry,
     AuditRecord,
@@ -44,7 +44,6 @@ from integrations_service.store.base import (
 )
 from integrations_service.store.budget import Budget, KeyedLocks, bounded
 from integrations_service.store.migrate import migrate_postgres
-from integrations_service.store.rows import AUDIT_COLUMNS, AUDIT_JSON_COLUMNS, json_text
 
 log = logging.getLogger("integrations.store.postgres")
 
@@ -165,8 +164,10 @@ _ADD_ENCRYPTIONS = "UPDATE encryption_keys SET encryptions = encryptions + $2 WH
 _RETIRE_KEY = "UPDATE encryption_keys SET retired_at = COALESCE(retired_at, now()) WHERE key_id = $1"
 
 # Audit. Each column with the cast of its parameter (JSON travels as text), in the order of
-# rows.audit_values: the one list both the statements and their parameters follow.
-_AUDIT_CASTS = tuple((column, "::jsonb" if column in AUDIT_JSON_COLUMNS else "") for column in AUDIT_COLUMNS)
+# rowmap.audit_values: the one list both the statements and their parameters follow.
+_AUDIT_CASTS = tuple(
+    (column, "::jsonb" if column in rowmap.AUDIT_JSON_COLUMNS else "") for column in rowmap.AUDIT_COLUMNS
+)
 
 
 def _audit_insert(first_parameter: int) -> str:
@@ -237,7 +238,7 @@ def _unavailable_on_connection_error() -> Iterator[None]:
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # Every pooled connection (including replacements after a restart) decodes
     # JSONB to Python objects and encodes dicts, so config round-trips as a dict.
-    await conn.set_type_codec("jsonb", encoder=json_text, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("jsonb", encoder=rowmap.json_text, decoder=json.loads, schema="pg_catalog")
 
 
 class PostgresStore(IntegrationStore):
@@ -380,7 +381,7 @@ class PostgresStore(IntegrationStore):
                 return await _fetch_keys(conn)
 
     async def add_encryptions(self, counts: Mapping[str, int]) -> None:
-        parameters = rows.encryption_counts(counts)
+        parameters = rowmap.encryption_counts(counts)
         if not parameters:
             return
         async with self._transaction() as conn:
@@ -464,7 +465,7 @@ class PostgresStore(IntegrationStore):
         async with self._transaction() as conn:
             current = await self._lock_row(conn, organization_id, provider)
             config = dict(mutate(current))  # raising rolls back: nothing changes, no audit
-            logged = rows.audit_values(audit) if audit is not None else ()
+            logged = rowmap.audit_values(audit) if audit is not None else ()
             with _unavailable_on_connection_error():
                 if current is None:
                     insert = _INSERT_AUDITED if logged else _INSERT
@@ -683,7 +684,7 @@ def _raise_if_permanent(exc: Exception) -> None:
 
 
 def _to_stored(record: asyncpg.Record) -> StoredIntegration:
-    return rows.integration(
+    return rowmap.integration(
         id_=record["id"],
         organization_id=record["organization_id"],
         provider=record["provider"],
@@ -697,7 +698,7 @@ def _to_stored(record: asyncpg.Record) -> StoredIntegration:
 async def _fetch_keys(conn: PoolConnectionProxy) -> list[KeyRecord]:
     records = await conn.fetch(_SELECT_KEYS)
     return [
-        rows.key_record(
+        rowmap.key_record(
             key_id=record["key_id"],
             check_value=record["check_value"],
             encryptions=record["encryptions"],
@@ -709,11 +710,11 @@ async def _fetch_keys(conn: PoolConnectionProxy) -> list[KeyRecord]:
 
 async def _insert_audit(conn: PoolConnectionProxy, records: Sequence[AuditRecord]) -> None:
     """In the caller's transaction: one statement, executed for every record."""
-    await conn.executemany(_INSERT_AUDIT, [rows.audit_values(record) for record in records])
+    await conn.executemany(_INSERT_AUDIT, [rowmap.audit_values(record) for record in records])
 
 
 def _to_audit_entry(record: asyncpg.Record) -> AuditEntry:
-    return rows.audit_entry(
+    return rowmap.audit_entry(
         id_=record["id"],
         time=record["time"],
         caller=record["caller"],

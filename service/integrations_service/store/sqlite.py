@@ -30,7 +30,7 @@ from typing import Any
 import aiosqlite
 
 from integrations_service import errors
-from integrations_service.store import rows
+from integrations_service.store import rowmap
 from integrations_service.store.base import (
     AuditEntry,
     AuditRecord,
@@ -44,7 +44,6 @@ from integrations_service.store.base import (
 )
 from integrations_service.store.budget import Budget, bounded
 from integrations_service.store.migrate import migrate_sqlite
-from integrations_service.store.rows import AUDIT_COLUMNS, json_text, utc
 
 UNAVAILABLE_MESSAGE = "the credential store (SQLite) is unavailable"
 
@@ -109,10 +108,10 @@ _ADD_ENCRYPTIONS = "UPDATE encryption_keys SET encryptions = encryptions + ? WHE
 _RETIRE_KEY = "UPDATE encryption_keys SET retired_at = COALESCE(retired_at, ?) WHERE key_id = ?"
 
 # Audit.
-# Built from rows.AUDIT_COLUMNS only, the order of rows.audit_values; every value travels as a parameter.
+# Built from rowmap.AUDIT_COLUMNS only, the order of rowmap.audit_values; every value travels as a parameter.
 _INSERT_AUDIT = (
-    f"INSERT INTO audit_events ({', '.join(AUDIT_COLUMNS)}) "  # noqa: S608
-    f"VALUES ({', '.join('?' for _ in AUDIT_COLUMNS)})"
+    f"INSERT INTO audit_events ({', '.join(rowmap.AUDIT_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in rowmap.AUDIT_COLUMNS)})"
 )
 _SELECT_AUDIT = (
     "SELECT id, time, caller, rpc, outcome, organization_id, provider, fields, request_id, details "
@@ -267,7 +266,7 @@ class SqliteStore(IntegrationStore):
         return [_to_key(row) for row in rows]
 
     async def add_encryptions(self, counts: Mapping[str, int]) -> None:
-        parameters = [(count, key_id) for key_id, count in rows.encryption_counts(counts)]
+        parameters = [(count, key_id) for key_id, count in rowmap.encryption_counts(counts)]
         if not parameters:
             return
         async with self._write_transaction():
@@ -442,12 +441,12 @@ def _prepare_file(path: Path) -> None:
 
 
 def _encode(config: Mapping[str, str]) -> str:
-    return json_text(dict(config))
+    return rowmap.json_text(dict(config))
 
 
 def _text(moment: datetime) -> str:
     """ISO text in UTC; a naive time is taken to be UTC already (as the PostgreSQL store does)."""
-    return utc(moment).isoformat(timespec="microseconds")
+    return rowmap.utc(moment).isoformat(timespec="microseconds")
 
 
 def _parse_time(text: str) -> datetime:
@@ -456,7 +455,7 @@ def _parse_time(text: str) -> datetime:
 
 def _to_stored(row: Iterable[Any]) -> StoredIntegration:
     id_, organization_id, provider, config, version, created_at, updated_at = tuple(row)
-    return rows.integration(
+    return rowmap.integration(
         id_=id_,
         organization_id=organization_id,
         provider=provider,
@@ -469,11 +468,11 @@ def _to_stored(row: Iterable[Any]) -> StoredIntegration:
 
 def _to_key(row: Iterable[Any]) -> KeyRecord:
     key_id, check_value, encryptions, retired = tuple(row)
-    return rows.key_record(key_id=key_id, check_value=check_value, encryptions=encryptions, retired=retired)
+    return rowmap.key_record(key_id=key_id, check_value=check_value, encryptions=encryptions, retired=retired)
 
 
 def _audit_parameters(record: AuditRecord) -> tuple[object, ...]:
-    return tuple(_as_sqlite(value) for value in rows.audit_values(record))
+    return tuple(_as_sqlite(value) for value in rowmap.audit_values(record))
 
 
 def _as_sqlite(value: object) -> object:
@@ -481,13 +480,13 @@ def _as_sqlite(value: object) -> object:
     if isinstance(value, datetime):
         return _text(value)
     if isinstance(value, list | dict):
-        return json_text(value)
+        return rowmap.json_text(value)
     return value
 
 
 def _to_audit_entry(row: Iterable[Any]) -> AuditEntry:
     id_, time, caller, rpc, outcome, organization_id, provider, fields, request_id, details = tuple(row)
-    return rows.audit_entry(
+    return rowmap.audit_entry(
         id_=id_,
         time=_parse_time(str(time)),
         caller=caller,

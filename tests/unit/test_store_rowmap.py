@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from integrations_service.store import AuditRecord, UnreadableConfig, postgres, rows
+from integrations_service.store import AuditRecord, UnreadableConfig, postgres, rowmap
 
 RECORD = AuditRecord(
     time=datetime(2024, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))),
@@ -23,7 +23,7 @@ RECORD = AuditRecord(
 
 
 def test_audit_values_follow_the_column_list() -> None:
-    assert dict(zip(rows.AUDIT_COLUMNS, rows.audit_values(RECORD), strict=True)) == {
+    assert dict(zip(rowmap.AUDIT_COLUMNS, rowmap.audit_values(RECORD), strict=True)) == {
         "time": datetime(2024, 5, 1, 12, 0, tzinfo=UTC),
         "caller": "svc-dashboard",
         "rpc": "SaveIntegration",
@@ -51,28 +51,28 @@ def test_the_audited_statements_number_every_audit_column_after_their_own_parame
     statement: str, own_parameters: int
 ) -> None:
     parameters = _audit_parameters_of(statement)
-    assert list(parameters) == list(rows.AUDIT_COLUMNS)
+    assert list(parameters) == list(rowmap.AUDIT_COLUMNS)
     assert list(parameters.values()) == [
         f"${own_parameters + n}::jsonb" if column in ("fields", "details") else f"${own_parameters + n}"
-        for n, column in enumerate(rows.AUDIT_COLUMNS, start=1)
+        for n, column in enumerate(rowmap.AUDIT_COLUMNS, start=1)
     ]
     numbers = sorted({int(n) for n in re.findall(r"\$(\d+)", statement)})
-    assert numbers == list(range(1, own_parameters + len(rows.AUDIT_COLUMNS) + 1))
+    assert numbers == list(range(1, own_parameters + len(rowmap.AUDIT_COLUMNS) + 1))
 
 
 def test_a_naive_time_is_taken_to_be_utc() -> None:
-    assert rows.utc(datetime(2024, 5, 1, 12, 0)) == datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-    assert rows.utc(datetime(2024, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))).tzinfo is UTC
+    assert rowmap.utc(datetime(2024, 5, 1, 12, 0)) == datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    assert rowmap.utc(datetime(2024, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))).tzinfo is UTC
 
 
 def test_a_config_that_is_not_an_object_is_unreadable_and_keeps_its_reason() -> None:
-    assert isinstance(rows.config_of(["a"]), UnreadableConfig)
+    assert isinstance(rowmap.config_of(["a"]), UnreadableConfig)
     unreadable = UnreadableConfig("is not valid JSON")
-    assert rows.config_of(unreadable) is unreadable
-    assert rows.config_of({"n": 1, "s": "é", "o": {"k": [True]}}) == {"n": "1", "s": "é", "o": '{"k":[true]}'}
+    assert rowmap.config_of(unreadable) is unreadable
+    assert rowmap.config_of({"n": 1, "s": "é", "o": {"k": [True]}}) == {"n": "1", "s": "é", "o": '{"k":[true]}'}
 
 
 def test_encryption_counts_are_sorted_without_zeros_and_never_negative() -> None:
-    assert rows.encryption_counts({"k2": 1, "k1": 7, "k3": 0}) == [("k1", 7), ("k2", 1)]
+    assert rowmap.encryption_counts({"k2": 1, "k1": 7, "k3": 0}) == [("k1", 7), ("k2", 1)]
     with pytest.raises(ValueError, match="cannot go down"):
-        rows.encryption_counts({"k1": -1})
+        rowmap.encryption_counts({"k1": -1})

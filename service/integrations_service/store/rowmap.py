@@ -1,4 +1,4 @@
-"""Rows to records and back, as both SQL stores do it: the mapping lives here once.
+"""Rows to records and back, as both SQL stores do it: the mapping lives here once (the row map).
 
 What stays in each store is its dialect: the parameter style, how JSON travels
 (text in SQLite, a JSONB codec on the asyncpg connection) and how a time is
