@@ -1,8 +1,9 @@
 """The IntegrationStore contract, run against every backend (see the `store` fixture).
 
 The PostgreSQL-only tests at the end cover what only PostgreSQL has: several
-replicas migrating one database at once, adopting the dashboard's table, and the
-column as other readers of the database see it.
+replicas migrating one database at once, adopting the dashboard's table, the
+column as other readers of the database see it, and a save racing another
+writer's first insert of its row.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import pytest
 
 from integrations_service.store import AuditEntry, AuditRecord, IntegrationStore, KeyRecord, StoredIntegration
 from integrations_service.store.memory import MemoryStore
-from integrations_service.store.postgres import PostgresStore
+from integrations_service.store.postgres import ROW_LOCK_NAMESPACE, PostgresStore
 from integrations_service.store.sqlite import SqliteStore
+from tests.integration.raw_rows import insert_raw_config
 
 ORG = "org_1"
 OTHER_ORG = "org_2"
@@ -228,6 +230,21 @@ async def test_values_round_trip_exactly(store: IntegrationStore) -> None:
     assert dict(read.config) == config
     assert all(type(value) is str for value in read.config.values())
     assert [dict(row.config) for row in await store.list_for_organization(ORG)] == [config]
+
+
+async def test_a_non_string_value_written_behind_the_stores_back_reads_as_its_compact_json_text(
+    store: IntegrationStore, contract_location: tuple[str, str]
+) -> None:
+    if isinstance(store, MemoryStore):
+        pytest.skip("the in-memory store has no database to write to behind its back")
+    written = {"secretKey": "enc:v1:a", "retries": 3, "live": True, "nested": {"olá": [1, None, "x y"]}}
+    await insert_raw_config(*contract_location, ORG, "stripe", json.dumps(written))
+    row = await store.get(ORG, "stripe")
+    assert row is not None
+    # The same text from every store: no spaces, non-ASCII kept.
+    assert dict(row.config) == {
+        "secretKey": "enc:v1:a", "retries": "3", "live": "true", "nested": '{"olá":[1,null,"x y"]}'
+    }
 
 
 async def test_identifiers_round_trip_exactly(store: IntegrationStore) -> None:
@@ -715,3 +732,86 @@ async def test_the_config_column_holds_exactly_what_was_upserted(
     assert raw["kind"] == "object"
     assert json.loads(raw["config"]) == config
     assert (raw["id"], raw["version"]) == (row.id, 1)
+
+_WAITING_ON_A_LOCK = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+)
+
+
+async def _until_waiting_on_a_lock(watcher: asyncpg.Connection, call: asyncio.Task[StoredIntegration]) -> None:
+    """Until a backend of this database waits on a lock, or `call` is over."""
+    async with asyncio.timeout(4):
+        while not call.done():
+            if await watcher.fetchval(_WAITING_ON_A_LOCK):
+                return
+            await asyncio.sleep(0.01)
+
+
+async def _save_while_another_writer_inserts(
+    store: PostgresStore, url: str, *, holding_the_row_lock: bool
+) -> tuple[StoredIntegration, list[StoredIntegration | None]]:
+    """Save a field of ORG/stripe while another writer's insert of that new row is not committed yet.
+
+    The other writer is the dashboard (which knows nothing of the row lock) or,
+    `holding_the_row_lock`, another replica mid-way through its first save. It
+    commits once the save waits on a lock. Returns the saved row and the
+    `current` that each run of the save's mutate was given.
+    """
+    seen: list[StoredIntegration | None] = []
+
+    def merge(current: StoredIntegration | None) -> dict[str, str]:
+        seen.append(current)
+        return {**(current.config if current else {}), "secretKey": "enc:v1:service"}
+
+    other = await asyncpg.connect(url)
+    watcher = await asyncpg.connect(url)
+    try:
+        async with other.transaction():
+            if holding_the_row_lock:
+                await other.execute(
+                    "SELECT pg_advisory_xact_lock($1::int4, hashtext($2 || '/' || $3))",
+                    ROW_LOCK_NAMESPACE, ORG, "stripe",
+                )
+            await other.execute(
+                "INSERT INTO integration_config (id, organization_id, provider, config) VALUES ($1, $2, $3, $4)",
+                "other-1", ORG, "stripe", json.dumps({"publishableKey": "pk_other"}),
+            )
+            save = asyncio.create_task(store.upsert(ORG, "stripe", merge))
+            # The save waits on the row lock, or (past it, having read no row) on the other insert's key.
+            await _until_waiting_on_a_lock(watcher, save)
+        return await save, seen
+    finally:
+        await other.close()
+        await watcher.close()
+
+
+@pytest.mark.postgres
+async def test_a_save_racing_an_insert_that_bypasses_the_row_lock_starts_over_and_keeps_both(
+    postgres_store: PostgresStore, postgres_database_url: str
+) -> None:
+    row, seen = await _save_while_another_writer_inserts(
+        postgres_store, postgres_database_url, holding_the_row_lock=False
+    )
+    # The save read no row, then its insert collided with the dashboard's: it ran again on that row.
+    assert seen[0] is None
+    assert [dict(current.config) for current in seen[1:] if current is not None] == [{"publishableKey": "pk_other"}]
+    assert (row.id, row.version, dict(row.config)) == (
+        "other-1", 2, {"publishableKey": "pk_other", "secretKey": "enc:v1:service"}
+    )
+    assert await postgres_store.get(ORG, "stripe") == row
+
+
+@pytest.mark.postgres
+async def test_a_first_save_waits_for_another_replicas_first_save_of_the_row_and_runs_once_on_it(
+    postgres_store: PostgresStore, postgres_database_url: str
+) -> None:
+    row, seen = await _save_while_another_writer_inserts(
+        postgres_store, postgres_database_url, holding_the_row_lock=True
+    )
+    # Held off by the row lock until the other first save committed: one run, on that save's row.
+    assert [dict(current.config) if current is not None else None for current in seen] == [
+        {"publishableKey": "pk_other"}
+    ]
+    assert (row.id, row.version, dict(row.config)) == (
+        "other-1", 2, {"publishableKey": "pk_other", "secretKey": "enc:v1:service"}
+    )

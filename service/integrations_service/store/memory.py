@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from integrations_service import errors
+from integrations_service.store import rowmap
 from integrations_service.store.base import (
     AuditEntry,
     AuditRecord,
@@ -147,10 +148,7 @@ class MemoryStore(IntegrationStore):
 
     async def add_encryptions(self, counts: Mapping[str, int]) -> None:
         self._check_open()
-        for key_id, count in counts.items():
-            if count < 0:
-                raise ValueError(f"the encryption count of key {key_id!r} cannot go down (got {count})")
-        for key_id, count in counts.items():
+        for key_id, count in rowmap.encryption_counts(counts):
             if (record := self._db.keys.get(key_id)) is not None:
                 self._db.keys[key_id] = replace(record, encryptions=record.encryptions + count)
 

@@ -18,9 +18,10 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any, Literal
+from typing import Literal
 
 import aiosqlite
+from asyncpg.pool import PoolConnectionProxy
 
 Dialect = Literal["postgres", "sqlite"]
 
@@ -73,7 +74,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-async def migrate_postgres(conn: Any) -> list[int]:
+async def migrate_postgres(conn: PoolConnectionProxy) -> list[int]:
     """Apply pending migrations on an asyncpg connection (not in a transaction); return their versions.
 
     Database errors propagate as asyncpg raised them; the store maps them.

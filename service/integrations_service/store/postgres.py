@@ -20,14 +20,17 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+from asyncpg.transaction import Transaction
 
 from integrations_service import errors
+from integrations_service.store import rowmap
 from integrations_service.store.base import (
     AuditEntry,
     AuditRecord,
@@ -38,7 +41,6 @@ from integrations_service.store.base import (
     Precondition,
     Rewrite,
     StoredIntegration,
-    UnreadableConfig,
 )
 from integrations_service.store.budget import Budget, KeyedLocks, bounded
 from integrations_service.store.changes import ChangeFeed, ChangeHub
@@ -163,24 +165,34 @@ _ADD_ENCRYPTIONS = "UPDATE encryption_keys SET encryptions = encryptions + $2 WH
 # COALESCE: retiring again keeps the first retirement time.
 _RETIRE_KEY = "UPDATE encryption_keys SET retired_at = COALESCE(retired_at, now()) WHERE key_id = $1"
 
-# Audit.
-_AUDIT_COLUMNS = "(time, caller, rpc, outcome, organization_id, provider, fields, request_id, details)"
-_INSERT_AUDIT = f"INSERT INTO audit_events {_AUDIT_COLUMNS} VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9::jsonb)"  # noqa: S608 (constants only)
+# Audit. Each column with the cast of its parameter (JSON travels as text), in the order of
+# rowmap.audit_values: the one list both the statements and their parameters follow.
+_AUDIT_CASTS = tuple(
+    (column, "::jsonb" if column in rowmap.AUDIT_JSON_COLUMNS else "") for column in rowmap.AUDIT_COLUMNS
+)
 
 
-def _with_audit(statement: str, first_parameter: int) -> str:
+def _audit_insert(first_parameter: int) -> str:
+    """The insert of one audit row whose parameters are numbered from `first_parameter`."""
+    columns = ", ".join(column for column, _ in _AUDIT_CASTS)
+    values = ", ".join(f"${first_parameter + offset}{cast}" for offset, (_, cast) in enumerate(_AUDIT_CASTS))
+    # Built from this module's constants only; every value travels as a parameter.
+    return f"INSERT INTO audit_events ({columns}) VALUES ({values})"  # noqa: S608
+
+
+def _with_audit(statement: str) -> str:
     """`statement` and the audit row it records, in one round trip while the row lock is held.
 
-    A data-modifying WITH clause always runs to completion, in the same transaction.
+    The audit parameters follow the statement's own. A data-modifying WITH
+    clause always runs to completion, in the same transaction.
     """
-    numbers = range(first_parameter, first_parameter + 9)
-    values = ", ".join(f"${n}::jsonb" if n - first_parameter in (6, 8) else f"${n}" for n in numbers)
-    # Built from this module's constants only; every value travels as a parameter.
-    return f"WITH audited AS (INSERT INTO audit_events {_AUDIT_COLUMNS} VALUES ({values})) {statement}"  # noqa: S608
+    first_parameter = max(int(number) for number in re.findall(r"\$(\d+)", statement)) + 1
+    return f"WITH audited AS ({_audit_insert(first_parameter)}) {statement}"
 
 
-_INSERT_AUDITED = _with_audit(_INSERT, 5)
-_UPDATE_AUDITED = _with_audit(_UPDATE, 3)
+_INSERT_AUDIT = _audit_insert(1)
+_INSERT_AUDITED = _with_audit(_INSERT)
+_UPDATE_AUDITED = _with_audit(_UPDATE)
 _SELECT_AUDIT = (
     "SELECT id, time, caller, rpc, outcome, organization_id, provider, fields, request_id, details "
     "FROM audit_events WHERE id < $1 ORDER BY id DESC LIMIT $2"
@@ -225,20 +237,16 @@ def _unavailable_on_connection_error() -> Iterator[None]:
         raise
 
 
-def _encode_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-async def _init_connection(conn: Any) -> None:
+async def _init_connection(conn: asyncpg.Connection) -> None:
     # Every pooled connection (including replacements after a restart) decodes
     # JSONB to Python objects and encodes dicts, so config round-trips as a dict.
-    await conn.set_type_codec("jsonb", encoder=_encode_json, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("jsonb", encoder=rowmap.json_text, decoder=json.loads, schema="pg_catalog")
 
 
 class PostgresStore(IntegrationStore):
     """Rows in PostgreSQL's `integration_config` table. Create with `PostgresStore.connect`."""
 
-    def __init__(self, pool: Any, *, close_timeout: float, timeout: float = 5.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, close_timeout: float, timeout: float = 5.0) -> None:
         self._pool = pool
         self._close_timeout = close_timeout
         self._timeout = timeout
@@ -295,14 +303,14 @@ class PostgresStore(IntegrationStore):
         return applied
 
     async def get(self, organization_id: str, provider: str) -> StoredIntegration | None:
-        async def query(conn: Any) -> StoredIntegration | None:
+        async def query(conn: PoolConnectionProxy) -> StoredIntegration | None:
             record = await conn.fetchrow(_SELECT_ONE, organization_id, provider)
             return _to_stored(record) if record is not None else None
 
         return await self._read(query)
 
     async def list_for_organization(self, organization_id: str) -> list[StoredIntegration]:
-        async def query(conn: Any) -> list[StoredIntegration]:
+        async def query(conn: PoolConnectionProxy) -> list[StoredIntegration]:
             records = await conn.fetch(_SELECT_ORGANIZATION, organization_id)
             return [_to_stored(record) for record in records]
 
@@ -343,7 +351,7 @@ class PostgresStore(IntegrationStore):
         if limit < 1:
             return []
 
-        async def query(conn: Any) -> list[StoredIntegration]:
+        async def query(conn: PoolConnectionProxy) -> list[StoredIntegration]:
             records = await conn.fetch(_SCAN, after_id, limit)
             return [_to_stored(record) for record in records]
 
@@ -382,7 +390,7 @@ class PostgresStore(IntegrationStore):
                 return await _fetch_keys(conn)
 
     async def add_encryptions(self, counts: Mapping[str, int]) -> None:
-        parameters = _encryption_counts(counts)
+        parameters = rowmap.encryption_counts(counts)
         if not parameters:
             return
         async with self._transaction() as conn:
@@ -418,7 +426,7 @@ class PostgresStore(IntegrationStore):
             return []
         before = before_id if before_id > 0 else _NEWEST
 
-        async def query(conn: Any) -> list[AuditEntry]:
+        async def query(conn: PoolConnectionProxy) -> list[AuditEntry]:
             if organization_id:
                 records = await conn.fetch(_SELECT_AUDIT_ORGANIZATION, organization_id, before, limit)
             else:
@@ -428,7 +436,7 @@ class PostgresStore(IntegrationStore):
         return await self._read(query)
 
     async def ping(self) -> None:
-        async def query(conn: Any) -> None:
+        async def query(conn: PoolConnectionProxy) -> None:
             await conn.execute(_PING)
 
         await self._read(query)
@@ -454,7 +462,7 @@ class PostgresStore(IntegrationStore):
 
     # --- internals ------------------------------------------------------------------------------
 
-    async def _read(self, query: Callable[[Any], Awaitable[T]]) -> T:
+    async def _read(self, query: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
         """Run a read-only query; once more on a fresh connection if the pooled one was dead."""
         async with self._bounded():
             try:
@@ -465,7 +473,7 @@ class PostgresStore(IntegrationStore):
                 log.info("retrying a read on a fresh connection", extra={"event": "read_retried"})
             return await self._read_once(query)
 
-    async def _read_once(self, query: Callable[[Any], Awaitable[T]]) -> T:
+    async def _read_once(self, query: Callable[[PoolConnectionProxy], Awaitable[T]]) -> T:
         conn = await self._acquire()
         try:
             with _unavailable_on_connection_error():
@@ -482,7 +490,7 @@ class PostgresStore(IntegrationStore):
         async with self._transaction() as conn:
             current = await self._lock_row(conn, organization_id, provider)
             config = dict(mutate(current))  # raising rolls back: nothing changes, no audit
-            logged = _audit_parameters(audit) if audit is not None else ()
+            logged = rowmap.audit_values(audit) if audit is not None else ()
             with _unavailable_on_connection_error():
                 if current is None:
                     insert = _INSERT_AUDITED if logged else _INSERT
@@ -490,9 +498,13 @@ class PostgresStore(IntegrationStore):
                 else:
                     update = _UPDATE_AUDITED if logged else _UPDATE
                     record = await conn.fetchrow(update, current.id, config, *logged)
+        if record is None:  # pragma: no cover (RETURNING of an insert, or of an update of the locked row)
+            raise RuntimeError("the write of the integration row returned no row")
         return _to_stored(record)
 
-    async def _lock_row(self, conn: Any, organization_id: str, provider: str) -> StoredIntegration | None:
+    async def _lock_row(
+        self, conn: PoolConnectionProxy, organization_id: str, provider: str
+    ) -> StoredIntegration | None:
         """Serialize writers of one (organization, provider), even before its row exists."""
         with _unavailable_on_connection_error():
             # The advisory lock covers the first insert, which FOR UPDATE cannot
@@ -505,7 +517,7 @@ class PostgresStore(IntegrationStore):
         return _to_stored(record) if record is not None else None
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Any]:
+    async def _connection(self) -> AsyncIterator[PoolConnectionProxy]:
         """A pooled connection for the block; exceptions leave the block unchanged."""
         conn = await self._acquire()
         try:
@@ -516,7 +528,7 @@ class PostgresStore(IntegrationStore):
         await self._give_back(conn, None)
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Any]:
+    async def _transaction(self) -> AsyncIterator[PoolConnectionProxy]:
         """A transaction that commits when the block ends, else rolls back and re-raises unchanged.
 
         Within the call's budget, which also bounds the server's lock and statement waits.
@@ -548,7 +560,7 @@ class PostgresStore(IntegrationStore):
                     raise budget.exceeded() from exc.__cause__
                 raise
 
-    async def _begin(self, budget: Budget) -> tuple[Any, Any]:
+    async def _begin(self, budget: Budget) -> tuple[PoolConnectionProxy, Transaction]:
         """BEGIN on a pooled connection; once more on a fresh one if the pooled one was dead.
 
         Repeating is safe: nothing has run in the transaction yet, and the
@@ -562,7 +574,7 @@ class PostgresStore(IntegrationStore):
             log.info("retrying a transaction on a fresh connection", extra={"event": "begin_retried"})
         return await self._begin_once(budget)
 
-    async def _begin_once(self, budget: Budget) -> tuple[Any, Any]:
+    async def _begin_once(self, budget: Budget) -> tuple[PoolConnectionProxy, Transaction]:
         conn = await self._acquire()
         transaction = conn.transaction()
         try:
@@ -575,11 +587,11 @@ class PostgresStore(IntegrationStore):
             raise
         return conn, transaction
 
-    async def _acquire(self) -> Any:
+    async def _acquire(self) -> PoolConnectionProxy:
         with _unavailable_on_connection_error():
             return await self._pool.acquire()
 
-    async def _give_back(self, conn: Any, failure: BaseException | None) -> None:
+    async def _give_back(self, conn: PoolConnectionProxy, failure: BaseException | None) -> None:
         """Return a connection to the pool, or drop it if `failure` says it may be broken."""
         if failure is not None and _may_be_broken(failure):
             # Never hand a connection that just failed back to the pool: it may
@@ -634,7 +646,7 @@ def _server_timeouts(budget: Budget) -> str:
     return f"SET LOCAL lock_timeout = {milliseconds}; SET LOCAL statement_timeout = {milliseconds}"
 
 
-async def _rollback_quietly(transaction: Any) -> None:
+async def _rollback_quietly(transaction: Transaction) -> None:
     # The block's own exception is what the caller must see. If the rollback
     # fails the connection is broken: the server drops the transaction with it.
     try:
@@ -644,7 +656,7 @@ async def _rollback_quietly(transaction: Any) -> None:
             raise
 
 
-async def _keep_session(connection: Any) -> None:
+async def _keep_session(connection: asyncpg.Connection) -> None:
     """Replaces asyncpg's reset query on release (an extra round trip on every call).
 
     asyncpg still rolls back an open transaction first. Nothing else needs
@@ -656,7 +668,7 @@ async def _keep_session(connection: Any) -> None:
 
 async def _create_pool(
     dsn: str, *, min_size: int, max_size: int, connect_timeout: float, command_timeout: float
-) -> Any:
+) -> asyncpg.Pool:
     """The pool, retrying while PostgreSQL is not reachable yet (starting, failing over) for up to connect_timeout."""
     last_error: Exception | None = None
     delay = 0.1
@@ -696,90 +708,46 @@ def _raise_if_permanent(exc: Exception) -> None:
         raise exc
 
 
-def _to_stored(record: Any) -> StoredIntegration:
-    return StoredIntegration(
-        id=str(record["id"]),
-        organization_id=str(record["organization_id"]),
-        provider=str(record["provider"]),
-        config=_config_of(record["config"], record["organization_id"], record["provider"]),
-        version=int(record["version"]),
-        created_at=_aware(record["created_at"]),
-        updated_at=_aware(record["updated_at"]),
+def _to_stored(record: asyncpg.Record) -> StoredIntegration:
+    return rowmap.integration(
+        id_=record["id"],
+        organization_id=record["organization_id"],
+        provider=record["provider"],
+        config=record["config"],
+        version=record["version"],
+        created_at=record["created_at"],
+        updated_at=record["updated_at"],
     )
 
 
-def _config_of(value: object, organization_id: str, provider: str) -> Mapping[str, str]:
-    del organization_id, provider  # named by the service when it refuses the row
-    if not isinstance(value, Mapping):
-        return UnreadableConfig("is not a JSON object")
-    # Rows written by the dashboard are string-valued; anything else is kept as its JSON text.
-    return {str(key): item if isinstance(item, str) else _encode_json(item) for key, item in value.items()}
-
-
-async def _fetch_keys(conn: Any) -> list[KeyRecord]:
+async def _fetch_keys(conn: PoolConnectionProxy) -> list[KeyRecord]:
     records = await conn.fetch(_SELECT_KEYS)
     return [
-        KeyRecord(
-            key_id=str(record["key_id"]),
-            check_value=str(record["check_value"]),
-            encryptions=int(record["encryptions"]),
-            retired=bool(record["retired"]),
+        rowmap.key_record(
+            key_id=record["key_id"],
+            check_value=record["check_value"],
+            encryptions=record["encryptions"],
+            retired=record["retired"],
         )
         for record in records
     ]
 
 
-def _encryption_counts(counts: Mapping[str, int]) -> list[tuple[str, int]]:
-    """(key id, count) to add, sorted so concurrent writers lock keys in the same order; zeros dropped."""
-    for key_id, count in counts.items():
-        if count < 0:
-            raise ValueError(f"the encryption count of key {key_id!r} cannot go down (got {count})")
-    return [(key_id, counts[key_id]) for key_id in sorted(counts) if counts[key_id]]
-
-
-async def _insert_audit(conn: Any, records: Sequence[AuditRecord]) -> None:
+async def _insert_audit(conn: PoolConnectionProxy, records: Sequence[AuditRecord]) -> None:
     """In the caller's transaction: one statement, executed for every record."""
-    await conn.executemany(_INSERT_AUDIT, [_audit_parameters(record) for record in records])
+    await conn.executemany(_INSERT_AUDIT, [rowmap.audit_values(record) for record in records])
 
 
-def _audit_parameters(record: AuditRecord) -> tuple[object, ...]:
-    return (
-        _utc(record.time),
-        record.caller,
-        record.rpc,
-        record.outcome,
-        record.organization_id,
-        record.provider,
-        list(record.fields),
-        record.request_id,
-        dict(record.details),
+def _to_audit_entry(record: asyncpg.Record) -> AuditEntry:
+    return rowmap.audit_entry(
+        id_=record["id"],
+        time=record["time"],
+        caller=record["caller"],
+        rpc=record["rpc"],
+        outcome=record["outcome"],
+        organization_id=record["organization_id"],
+        provider=record["provider"],
+        fields=record["fields"],
+        request_id=record["request_id"],
+        details=record["details"],
     )
-
-
-def _to_audit_entry(record: Any) -> AuditEntry:
-    fields = record["fields"] or []
-    details = record["details"] or {}
-    return AuditEntry(
-        id=int(record["id"]),
-        record=AuditRecord(
-            time=_utc(record["time"]),
-            caller=str(record["caller"]),
-            rpc=str(record["rpc"]),
-            outcome=str(record["outcome"]),
-            organization_id=str(record["organization_id"]),
-            provider=str(record["provider"]),
-            fields=tuple(item if isinstance(item, str) else _encode_json(item) for item in fields),
-            request_id=str(record["request_id"]),
-            details={str(key): item if isinstance(item, str) else _encode_json(item) for key, item in details.items()},
-        ),
-    )
-
-
-def _utc(value: datetime) -> datetime:
-    """Aware UTC; a naive datetime is taken to be UTC already (as the SQLite store does)."""
-    return _aware(value).astimezone(UTC)
-
-
-def _aware(value: datetime) -> datetime:
-    # asyncpg returns timestamptz as aware UTC already; this guards a timestamp-without-zone column.
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

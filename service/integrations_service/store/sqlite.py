@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from integrations_service import errors
+from integrations_service.store import rowmap
 from integrations_service.store.base import (
     AuditEntry,
     AuditRecord,
@@ -113,10 +114,10 @@ _ADD_ENCRYPTIONS = "UPDATE encryption_keys SET encryptions = encryptions + ? WHE
 _RETIRE_KEY = "UPDATE encryption_keys SET retired_at = COALESCE(retired_at, ?) WHERE key_id = ?"
 
 # Audit.
+# Built from rowmap.AUDIT_COLUMNS only, the order of rowmap.audit_values; every value travels as a parameter.
 _INSERT_AUDIT = (
-    "INSERT INTO audit_events "
-    "(time, caller, rpc, outcome, organization_id, provider, fields, request_id, details) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT INTO audit_events ({', '.join(rowmap.AUDIT_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' for _ in rowmap.AUDIT_COLUMNS)})"
 )
 _SELECT_AUDIT = (
     "SELECT id, time, caller, rpc, outcome, organization_id, provider, fields, request_id, details "
@@ -279,10 +280,7 @@ class SqliteStore(IntegrationStore):
         return [_to_key(row) for row in rows]
 
     async def add_encryptions(self, counts: Mapping[str, int]) -> None:
-        for key_id, count in counts.items():
-            if count < 0:
-                raise ValueError(f"the encryption count of key {key_id!r} cannot go down (got {count})")
-        parameters = [(counts[key_id], key_id) for key_id in sorted(counts) if counts[key_id]]
+        parameters = [(count, key_id) for key_id, count in rowmap.encryption_counts(counts)]
         if not parameters:
             return
         async with self._write_transaction():
@@ -527,31 +525,26 @@ def _prepare_file(path: Path) -> None:
 
 
 def _encode(config: Mapping[str, str]) -> str:
-    return json.dumps(dict(config), ensure_ascii=False, separators=(",", ":"))
+    return rowmap.json_text(dict(config))
 
 
 def _text(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _utc_text(moment: datetime) -> str:
-    """Like _text, but a naive datetime is taken to be UTC already (as the PostgreSQL store does)."""
-    return _text(moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC))
+    """ISO text in UTC; a naive time is taken to be UTC already (as the PostgreSQL store does)."""
+    return rowmap.utc(moment).isoformat(timespec="microseconds")
 
 
 def _parse_time(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return datetime.fromisoformat(text)
 
 
 def _to_stored(row: Iterable[Any]) -> StoredIntegration:
     id_, organization_id, provider, config, version, created_at, updated_at = tuple(row)
-    return StoredIntegration(
-        id=str(id_),
-        organization_id=str(organization_id),
-        provider=str(provider),
-        config=_decode(str(config), organization_id, provider),
-        version=int(version),
+    return rowmap.integration(
+        id_=id_,
+        organization_id=organization_id,
+        provider=provider,
+        config=_decode(str(config)),
+        version=version,
         created_at=_parse_time(str(created_at)),
         updated_at=_parse_time(str(updated_at)),
     )
@@ -559,52 +552,41 @@ def _to_stored(row: Iterable[Any]) -> StoredIntegration:
 
 def _to_key(row: Iterable[Any]) -> KeyRecord:
     key_id, check_value, encryptions, retired = tuple(row)
-    return KeyRecord(
-        key_id=str(key_id), check_value=str(check_value), encryptions=int(encryptions), retired=bool(retired)
-    )
+    return rowmap.key_record(key_id=key_id, check_value=check_value, encryptions=encryptions, retired=retired)
 
 
 def _audit_parameters(record: AuditRecord) -> tuple[object, ...]:
-    return (
-        _utc_text(record.time),
-        record.caller,
-        record.rpc,
-        record.outcome,
-        record.organization_id,
-        record.provider,
-        json.dumps(list(record.fields), ensure_ascii=False, separators=(",", ":")),
-        record.request_id,
-        _encode(record.details),
-    )
+    return tuple(_as_sqlite(value) for value in rowmap.audit_values(record))
+
+
+def _as_sqlite(value: object) -> object:
+    """A time as ISO text, JSON (a list or an object) as its text, the rest as it is."""
+    if isinstance(value, datetime):
+        return _text(value)
+    if isinstance(value, list | dict):
+        return rowmap.json_text(value)
+    return value
 
 
 def _to_audit_entry(row: Iterable[Any]) -> AuditEntry:
     id_, time, caller, rpc, outcome, organization_id, provider, fields, request_id, details = tuple(row)
-    field_list = json.loads(str(fields)) if fields is not None else []
-    detail_map = json.loads(str(details)) if details is not None else {}
-    return AuditEntry(
-        id=int(id_),
-        record=AuditRecord(
-            time=_parse_time(str(time)).astimezone(UTC),
-            caller=str(caller),
-            rpc=str(rpc),
-            outcome=str(outcome),
-            organization_id=str(organization_id),
-            provider=str(provider),
-            fields=tuple(item if isinstance(item, str) else json.dumps(item) for item in field_list),
-            request_id=str(request_id),
-            details={str(key): item if isinstance(item, str) else json.dumps(item) for key, item in detail_map.items()},
-        ),
+    return rowmap.audit_entry(
+        id_=id_,
+        time=_parse_time(str(time)),
+        caller=caller,
+        rpc=rpc,
+        outcome=outcome,
+        organization_id=organization_id,
+        provider=provider,
+        fields=json.loads(str(fields)) if fields is not None else None,
+        request_id=request_id,
+        details=json.loads(str(details)) if details is not None else None,
     )
 
 
-def _decode(text: str, organization_id: str, provider: str) -> Mapping[str, str]:
-    del organization_id, provider  # named by the service when it refuses the row
+def _decode(text: str) -> object:
+    """The config column's JSON, decoded; unreadable when it is not JSON at all."""
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except ValueError:
         return UnreadableConfig("is not valid JSON")
-    if not isinstance(value, dict):
-        return UnreadableConfig("is not a JSON object")
-    # The store only writes strings; anything else is kept as its JSON text.
-    return {str(key): item if isinstance(item, str) else json.dumps(item) for key, item in value.items()}
