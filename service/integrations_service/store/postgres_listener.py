@@ -23,7 +23,7 @@ import random
 from datetime import datetime
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 
 from integrations_service.store.changes import (
     CHANGE_CHANNEL,
@@ -68,7 +68,7 @@ class PostgresChangeListener:
         self._max_backoff = max_backoff
         self._first_attempt = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._connection: Any = None
+        self._connection: asyncpg.Connection | None = None
 
     @classmethod
     async def start(cls, dsn: str, hub: ChangeHub, **options: Any) -> PostgresChangeListener:
@@ -125,10 +125,10 @@ class PostgresChangeListener:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 (not for security)
                 delay = min(delay * 2, self._max_backoff)
 
-    async def _connect(self) -> tuple[Any, asyncio.Event]:
+    async def _connect(self) -> tuple[asyncpg.Connection | None, asyncio.Event]:
         """A connection with LISTEN in place, and the event set when it dies; (None, _) when it failed."""
         lost = asyncio.Event()
-        conn = None
+        conn: asyncpg.Connection | None = None
         try:
             conn = await asyncpg.connect(
                 self._dsn, timeout=self._timeout, server_settings={"application_name": APPLICATION_NAME}
@@ -150,7 +150,7 @@ class PostgresChangeListener:
             raise
         return conn, lost
 
-    async def _watch(self, conn: Any, lost: asyncio.Event) -> None:
+    async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
         """Returns when the connection is gone or stops answering."""
         while not lost.is_set():
             with contextlib.suppress(TimeoutError):
@@ -161,8 +161,8 @@ class PostgresChangeListener:
             except Exception:
                 return
 
-    def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        self._hub.publish(parse_notification(payload))
+    def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        self._hub.publish(parse_notification(str(payload)))
 
 
 def parse_notification(payload: str) -> ChangeEvent:
