@@ -123,6 +123,7 @@ async def test_sigterm_with_hostile_records_in_the_audit_buffer_exits_0_and_save
         await conn.close()
     assert encryptions == saves
     assert ("GetProviderConfig", "OK") in outcomes  # the decrypted read after the hostile ones was stored
-    assert ("SaveIntegration", "NotFound") in outcomes
+    # A provider id with a NUL is not one the catalog could hold: refused as INVALID_ARGUMENT, and audited.
+    assert ("SaveIntegration", "InvalidArgument") in outcomes
     assert longest < 200
     assert "stopped" in server.stderr()

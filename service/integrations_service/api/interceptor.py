@@ -129,9 +129,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     "request_id": caller.request_id,
                 },
             )
-            # A caller with no role is checked for nothing else: bound what it sent before it is audited.
-            organization_id = bounded(getattr(request, "organization_id", ""))
-            provider = bounded(getattr(request, "provider", ""))
+            # A caller with no role is checked for nothing else: AuditTrail.record bounds what it sent.
+            organization_id = getattr(request, "organization_id", "")
+            provider = getattr(request, "provider", "")
             rpc = method.rsplit("/", 1)[-1]
             self._audit.refused(caller, rpc, error, organization_id, provider)
             raise
