@@ -38,6 +38,7 @@ from integrations_service.store.base import (
     Precondition,
     Rewrite,
     StoredIntegration,
+    StoredValue,
     UnreadableConfig,
 )
 from integrations_service.store.budget import Budget, KeyedLocks, bounded
@@ -708,12 +709,12 @@ def _to_stored(record: Any) -> StoredIntegration:
     )
 
 
-def _config_of(value: object, organization_id: str, provider: str) -> Mapping[str, str]:
+def _config_of(value: object, organization_id: str, provider: str) -> Mapping[str, StoredValue]:
     del organization_id, provider  # named by the service when it refuses the row
     if not isinstance(value, Mapping):
         return UnreadableConfig("is not a JSON object")
     # Rows written by the dashboard are string-valued; anything else is kept as its JSON text.
-    return {str(key): item if isinstance(item, str) else _encode_json(item) for key, item in value.items()}
+    return {str(key): StoredValue(item if isinstance(item, str) else _encode_json(item)) for key, item in value.items()}
 
 
 async def _fetch_keys(conn: Any) -> list[KeyRecord]:

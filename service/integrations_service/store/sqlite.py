@@ -39,6 +39,7 @@ from integrations_service.store.base import (
     Precondition,
     Rewrite,
     StoredIntegration,
+    StoredValue,
     UnreadableConfig,
 )
 from integrations_service.store.budget import Budget, bounded
@@ -423,7 +424,7 @@ class SqliteStore(IntegrationStore):
         organization_id: str,
         provider: str,
         current: StoredIntegration | None,
-        config: dict[str, str],
+        config: dict[str, StoredValue],
     ) -> StoredIntegration:
         now = datetime.now(UTC)
         if current is None:
@@ -538,7 +539,7 @@ def _to_audit_entry(row: Iterable[Any]) -> AuditEntry:
     )
 
 
-def _decode(text: str, organization_id: str, provider: str) -> Mapping[str, str]:
+def _decode(text: str, organization_id: str, provider: str) -> Mapping[str, StoredValue]:
     del organization_id, provider  # named by the service when it refuses the row
     try:
         value = json.loads(text)
@@ -547,4 +548,4 @@ def _decode(text: str, organization_id: str, provider: str) -> Mapping[str, str]
     if not isinstance(value, dict):
         return UnreadableConfig("is not a JSON object")
     # The store only writes strings; anything else is kept as its JSON text.
-    return {str(key): item if isinstance(item, str) else json.dumps(item) for key, item in value.items()}
+    return {str(key): StoredValue(item if isinstance(item, str) else json.dumps(item)) for key, item in value.items()}
