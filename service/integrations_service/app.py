@@ -23,10 +23,10 @@ from integrations_service.config import ENCRYPTION_KEY_FILE_ENV, KEY_MATERIAL_EN
 from integrations_service.crypto import EncryptionKey, InvalidKey, Keyring, ValueCipher
 from integrations_service.domain.audit import AuditTrail
 from integrations_service.domain.keys import KeyUsage
-from integrations_service.domain.legacy import LegacyPolicy
 from integrations_service.domain.service import CredentialService
 from integrations_service.errors import ConfigurationError
 from integrations_service.metrics import InstrumentedStore, Metrics
+from integrations_service.sealing import LegacyPolicy, Sealer
 from integrations_service.store import IntegrationStore
 from integrations_service.store.factory import open_store
 
@@ -153,7 +153,8 @@ async def start(settings: Settings) -> RunningService:
     store, key_usage = await open_checked_store(settings, cipher, settings.db_pool_size, metrics, listen=True)
     audit = AuditTrail(store, reads=settings.audit_reads)
     try:
-        service = CredentialService(store, cipher, settings.provider_defaults, audit, _legacy_policy(settings, metrics))
+        sealer = Sealer(cipher, _legacy_policy(settings, metrics))
+        service = CredentialService(store, sealer, settings.provider_defaults, audit)
         server, health_servicer = build_server(
             service, audit, authorizer, metrics, reflection_enabled=settings.reflection
         )

@@ -20,9 +20,9 @@ from integrations_service.config import KEY_MATERIAL_ENVS, Settings, add_flags, 
 from integrations_service.crypto import EncryptionKey, ValueCipher
 from integrations_service.devcerts import expiring, make_dev_certs
 from integrations_service.domain.audit import AuditTrail, Caller
-from integrations_service.domain.legacy import LegacyValues
 from integrations_service.domain.rotation import RotationReport, Rotator
 from integrations_service.errors import ConfigurationError, FailedPrecondition, Unavailable
+from integrations_service.sealing import LegacyValues, Sealer
 from integrations_service.store.factory import open_store
 
 log = logging.getLogger("integrations.cli")
@@ -83,7 +83,7 @@ async def _rotate(settings: Settings, batch_size: int) -> int:
     try:
         caller = Caller(f"cli:rotate@{getpass.getuser()}")
         rewrap_legacy = settings.legacy_values is LegacyValues.READ
-        rotator = Rotator(store, cipher, audit, caller, batch_size, _progress, rewrap_legacy=rewrap_legacy)
+        rotator = Rotator(store, Sealer(cipher), audit, caller, batch_size, _progress, rewrap_legacy=rewrap_legacy)
         report = await rotator.rotate()
     finally:
         await audit.close()
@@ -132,7 +132,7 @@ async def _retire(settings: Settings, key_id: str) -> int:
     store, key_usage = await app.open_checked_store(settings, cipher, pool_size=1)
     audit = AuditTrail(store)
     try:
-        rotator = Rotator(store, cipher, audit, Caller(f"cli:retire-key@{getpass.getuser()}"))
+        rotator = Rotator(store, Sealer(cipher), audit, Caller(f"cli:retire-key@{getpass.getuser()}"))
         rows = await rotator.retire(key_id)
     except FailedPrecondition as error:
         log.error("cannot retire key %r: %s", key_id, error, extra={"event": "retire_refused", "key_id": key_id})

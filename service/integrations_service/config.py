@@ -17,9 +17,9 @@ from typing import TypeVar
 
 from integrations_service.crypto import InvalidKey, Keyring
 from integrations_service.domain.audit import ReadAudit
-from integrations_service.domain.legacy import LEGACY_VALUES_ENV, LegacyValues
 from integrations_service.domain.registry import all_env_vars
 from integrations_service.errors import ConfigurationError
+from integrations_service.sealing.legacy import LEGACY_VALUES_ENV, LegacyValues
 
 ENCRYPTION_KEY_ENV = "INTEGRATION_ENCRYPTION_KEY"
 ENCRYPTION_KEYS_ENV = "INTEGRATION_ENCRYPTION_KEYS"

@@ -14,8 +14,8 @@ import pytest
 
 from integrations_service.crypto import ValueCipher
 from integrations_service.domain.audit import AuditTrail
-from integrations_service.domain.legacy import LegacyPolicy
 from integrations_service.domain.service import CredentialService
+from integrations_service.sealing import LegacyPolicy, Sealer
 from integrations_service.store.memory import MemoryDatabase, MemoryStore
 from tests.unit.seam import FIXED_TIME, ServiceFactory, rotated_cipher
 
@@ -45,6 +45,6 @@ def make_service(store: MemoryStore, cipher: ValueCipher, audit: AuditTrail) -> 
     """A CredentialService over the test's store, cipher and audit trail; environment and legacy policy vary."""
 
     def make(environment: Mapping[str, str] | None = None, legacy: LegacyPolicy | None = None) -> CredentialService:
-        return CredentialService(store, cipher, environment or {}, audit, legacy or LegacyPolicy())
+        return CredentialService(store, Sealer(cipher, legacy or LegacyPolicy()), environment or {}, audit)
 
     return make

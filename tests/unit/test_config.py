@@ -18,8 +18,8 @@ from integrations_service.config import (
     load_settings,
 )
 from integrations_service.crypto import DEFAULT_KEY_ID
-from integrations_service.domain.legacy import LegacyValues
 from integrations_service.errors import ConfigurationError
+from integrations_service.sealing import LegacyValues
 from tests.harness import OTHER_KEY, TEST_KEY
 
 TLS = {

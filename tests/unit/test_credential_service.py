@@ -11,13 +11,21 @@ import pytest
 
 from integrations_service.crypto import ValueCipher, legacy_format
 from integrations_service.domain.audit import OUTCOME_OK, AuditTrail
-from integrations_service.domain.legacy import LegacyPolicy, LegacyValues
 from integrations_service.domain.masking import MASK
 from integrations_service.domain.registry import PROVIDERS, Category
 from integrations_service.domain.resolution import ConfigView, EffectiveConfig, ValueSource
-from integrations_service.domain.service import RPC_DELETE, RPC_GET, RPC_SAVE, etag_of
+from integrations_service.domain.service import (
+    RPC_DELETE,
+    RPC_GET,
+    RPC_SAVE,
+    DeleteRequest,
+    ReadRequest,
+    SaveRequest,
+    etag_of,
+)
 from integrations_service.domain.validation import INTEGRATION_RESOURCE, PROVIDER_RESOURCE
 from integrations_service.errors import Conflict, CorruptCredential, InvalidArgument, NotFound
+from integrations_service.sealing import LegacyPolicy, LegacyValues
 from integrations_service.store.memory import MemoryDatabase
 from tests.unit.seam import (
     CALLER,
@@ -109,7 +117,7 @@ async def test_a_masked_read_resolves_each_field_and_masks_secrets(
 ) -> None:
     put_row(database, ORG, "stripe", sealed(cipher, ORG, "stripe", {"secretKey": SECRET}))
 
-    config = await make_service(ENV).get_config(ORG, "stripe", ConfigView.MASKED, CALLER)
+    config = await make_service(ENV).get_config(ReadRequest(ORG, "stripe", ConfigView.MASKED), CALLER)
 
     assert shown(config) == {
         "secretKey": (MASK + SECRET[-4:], ValueSource.ORGANIZATION),
@@ -125,7 +133,7 @@ async def test_a_decrypted_read_returns_the_clear_values(
 ) -> None:
     put_row(database, ORG, "stripe", sealed(cipher, ORG, "stripe", STRIPE))
 
-    config = await make_service(ENV).get_config(ORG, "stripe", ConfigView.DECRYPTED, CALLER)
+    config = await make_service(ENV).get_config(ReadRequest(ORG, "stripe", ConfigView.DECRYPTED), CALLER)
 
     assert shown(config) == {key: (value, ValueSource.ORGANIZATION) for key, value in STRIPE.items()}
 
@@ -136,11 +144,11 @@ async def test_decrypted_reads_are_audited_and_masked_reads_are_not(
     put_row(database, ORG, "stripe", sealed(cipher, ORG, "stripe", STRIPE))
     service = make_service()
 
-    await service.get_config(ORG, "stripe", ConfigView.MASKED, CALLER)
+    await service.get_config(ReadRequest(ORG, "stripe", ConfigView.MASKED), CALLER)
     await audit.flush()
     assert audit_records(database, RPC_GET) == []
 
-    await service.get_config(ORG, "stripe", ConfigView.DECRYPTED, CALLER)
+    await service.get_config(ReadRequest(ORG, "stripe", ConfigView.DECRYPTED), CALLER)
     await audit.flush()
     [record] = audit_records(database, RPC_GET)
     assert (record.caller, record.request_id, record.outcome) == (CALLER.identity, CALLER.request_id, OUTCOME_OK)
@@ -149,7 +157,7 @@ async def test_decrypted_reads_are_audited_and_masked_reads_are_not(
 
 
 async def test_reading_what_was_never_stored_is_the_environment(make_service: ServiceFactory) -> None:
-    config = await make_service(ENV).get_config(ORG, "resend", ConfigView.DECRYPTED, CALLER)
+    config = await make_service(ENV).get_config(ReadRequest(ORG, "resend", ConfigView.DECRYPTED), CALLER)
     assert shown(config) == {
         "apiKey": (ENV["RESEND_API_KEY"], ValueSource.ENVIRONMENT),
         "fromAddress": (ENV["RESEND_FROM_ADDRESS"], ValueSource.ENVIRONMENT),
@@ -165,7 +173,7 @@ async def test_a_value_moved_from_another_organization_is_refused_naming_the_fie
 
     for view in ConfigView:
         with pytest.raises(CorruptCredential) as refused:
-            await make_service().get_config(ORG, "stripe", view, CALLER)
+            await make_service().get_config(ReadRequest(ORG, "stripe", view), CALLER)
         assert (refused.value.organization_id, refused.value.provider, refused.value.fields) == (
             ORG,
             "stripe",
@@ -188,20 +196,20 @@ async def test_legacy_plaintext_is_served_and_counted_or_refused_by_policy(
         refused.append((legacy, provider))
 
     reading = make_service(legacy=LegacyPolicy(LegacyValues.READ, count_read, count_refused))
-    config = await reading.get_config(ORG, "stripe", ConfigView.DECRYPTED, CALLER)
+    config = await reading.get_config(ReadRequest(ORG, "stripe", ConfigView.DECRYPTED), CALLER)
     assert config.values["secretKey"].value == SECRET
     assert (read, refused) == ([("plaintext", "stripe")], [])
 
     refusing = make_service(legacy=LegacyPolicy(LegacyValues.REFUSE, count_read, count_refused))
     with pytest.raises(CorruptCredential) as caught:
-        await refusing.get_config(ORG, "stripe", ConfigView.DECRYPTED, CALLER)
+        await refusing.get_config(ReadRequest(ORG, "stripe", ConfigView.DECRYPTED), CALLER)
     assert caught.value.fields == ("secretKey",)
     assert refused == [("plaintext", "stripe")]
 
 
 async def test_an_unknown_provider_is_not_found(make_service: ServiceFactory) -> None:
     with pytest.raises(NotFound) as missing:
-        await make_service().get_config(ORG, "paypal", ConfigView.MASKED, CALLER)
+        await make_service().get_config(ReadRequest(ORG, "paypal", ConfigView.MASKED), CALLER)
     assert (missing.value.resource_type, missing.value.resource_name) == (PROVIDER_RESOURCE, "paypal")
 
 
@@ -211,7 +219,7 @@ async def test_an_unknown_provider_is_not_found(make_service: ServiceFactory) ->
 async def test_a_save_stores_ciphertext_bound_to_each_field_and_answers_masked(
     database: MemoryDatabase, cipher: ValueCipher, make_service: ServiceFactory
 ) -> None:
-    config = await make_service().save(ORG, "stripe", STRIPE, [], "", CALLER)
+    config = await make_service().save(SaveRequest(ORG, "stripe", STRIPE, (), ""), CALLER)
 
     stored = stored_config(database, ORG, "stripe")
     assert set(stored) == set(STRIPE)
@@ -229,8 +237,8 @@ async def test_a_save_stores_ciphertext_bound_to_each_field_and_answers_masked(
 async def test_a_save_is_audited_in_its_own_write_with_fingerprints_never_values(
     database: MemoryDatabase, cipher: ValueCipher, make_service: ServiceFactory
 ) -> None:
-    await make_service().save(ORG, "stripe", {"secretKey": SECRET}, [], "", CALLER)
-    await make_service().save(ORG, "stripe", {"webhookSecret": WEBHOOK}, ["secretKey"], "", CALLER)
+    await make_service().save(SaveRequest(ORG, "stripe", {"secretKey": SECRET}, (), ""), CALLER)
+    await make_service().save(SaveRequest(ORG, "stripe", {"webhookSecret": WEBHOOK}, ("secretKey",), ""), CALLER)
 
     # Written with the change (no flush needed).
     first, second = audit_records(database, RPC_SAVE)
@@ -248,10 +256,11 @@ async def test_a_save_merges_with_what_is_stored_and_leaves_untouched_ciphertext
     database: MemoryDatabase, cipher: ValueCipher, make_service: ServiceFactory
 ) -> None:
     service = make_service()
-    first = await service.save(ORG, "stripe", {"secretKey": SECRET, "publishableKey": PUBLISHABLE}, [], "", CALLER)
+    both = {"secretKey": SECRET, "publishableKey": PUBLISHABLE}
+    first = await service.save(SaveRequest(ORG, "stripe", both, (), ""), CALLER)
     kept = stored_config(database, ORG, "stripe")["secretKey"]
 
-    second = await service.save(ORG, "stripe", {"webhookSecret": WEBHOOK}, [], first.etag, CALLER)
+    second = await service.save(SaveRequest(ORG, "stripe", {"webhookSecret": WEBHOOK}, (), first.etag), CALLER)
 
     assert stored_config(database, ORG, "stripe")["secretKey"] == kept
     assert stored_clear(database, cipher, ORG, "stripe") == STRIPE
@@ -266,9 +275,9 @@ async def test_clearing_a_field_removes_it_and_the_environment_shows_through(
     database: MemoryDatabase, cipher: ValueCipher, make_service: ServiceFactory
 ) -> None:
     service = make_service(ENV)
-    await service.save(ORG, "stripe", {"secretKey": SECRET, "webhookSecret": WEBHOOK}, [], "", CALLER)
+    await service.save(SaveRequest(ORG, "stripe", {"secretKey": SECRET, "webhookSecret": WEBHOOK}, (), ""), CALLER)
 
-    config = await service.save(ORG, "stripe", {}, ["webhookSecret"], "", CALLER)
+    config = await service.save(SaveRequest(ORG, "stripe", {}, ("webhookSecret",), ""), CALLER)
 
     assert set(stored_config(database, ORG, "stripe")) == {"secretKey"}
     assert shown(config)["webhookSecret"] == (MASK + ENV["STRIPE_WEBHOOK_SECRET"][-4:], ValueSource.ENVIRONMENT)
@@ -279,7 +288,7 @@ async def test_a_save_of_one_field_encrypts_a_kept_legacy_plaintext_value(
 ) -> None:
     put_row(database, ORG, "stripe", {"secretKey": SECRET})
 
-    await make_service().save(ORG, "stripe", {"webhookSecret": WEBHOOK}, [], "", CALLER)
+    await make_service().save(SaveRequest(ORG, "stripe", {"webhookSecret": WEBHOOK}, (), ""), CALLER)
 
     stored = stored_config(database, ORG, "stripe")
     assert [legacy_format(v) for v in stored.values()] == [None, None]
@@ -297,10 +306,10 @@ async def test_a_save_of_one_field_leaves_a_kept_empty_value_unset(
     put_row(database, ORG, "ifthenpay", {"antiPhishingKey": ""})  # the only required field, unset
     service = make_service()
 
-    await service.save(ORG, "ifthenpay", {"mbKey": "mb-key-0001"}, [], "", CALLER)
+    await service.save(SaveRequest(ORG, "ifthenpay", {"mbKey": "mb-key-0001"}, (), ""), CALLER)
 
     assert await listed_status(service, ORG, "ifthenpay") == (True, False)
-    read = await service.get_config(ORG, "ifthenpay", ConfigView.DECRYPTED, CALLER)
+    read = await service.get_config(ReadRequest(ORG, "ifthenpay", ConfigView.DECRYPTED), CALLER)
     assert read.values["antiPhishingKey"].source is ValueSource.UNSET
 
 
@@ -312,16 +321,16 @@ async def test_a_stale_etag_is_a_conflict_and_changes_nothing(
     etag_of_state: str, why: str, database: MemoryDatabase, audit: AuditTrail, make_service: ServiceFactory
 ) -> None:
     service = make_service()
-    read = await service.save(ORG, "stripe", {"secretKey": SECRET}, [], "", CALLER)
+    read = await service.save(SaveRequest(ORG, "stripe", {"secretKey": SECRET}, (), ""), CALLER)
     if etag_of_state == "changed":
-        await service.save(ORG, "stripe", {"webhookSecret": WEBHOOK}, [], "", CALLER)
+        await service.save(SaveRequest(ORG, "stripe", {"webhookSecret": WEBHOOK}, (), ""), CALLER)
     else:
-        await service.delete(ORG, "stripe", allow_missing=False, etag="", caller=CALLER)
+        await service.delete(DeleteRequest(ORG, "stripe", allow_missing=False, etag=""), CALLER)
     before = dict(database.rows)
     saves = len(audit_records(database, RPC_SAVE))
 
     with pytest.raises(Conflict, match=why):
-        await service.save(ORG, "stripe", {"publishableKey": PUBLISHABLE}, [], read.etag, CALLER)
+        await service.save(SaveRequest(ORG, "stripe", {"publishableKey": PUBLISHABLE}, (), read.etag), CALLER)
 
     assert database.rows == before
     await audit.flush()
@@ -332,8 +341,8 @@ async def test_a_save_with_the_current_etag_goes_through(
     database: MemoryDatabase, make_service: ServiceFactory
 ) -> None:
     service = make_service()
-    read = await service.save(ORG, "stripe", {"secretKey": SECRET}, [], "", CALLER)
-    await service.save(ORG, "stripe", {"webhookSecret": WEBHOOK}, [], read.etag, CALLER)
+    read = await service.save(SaveRequest(ORG, "stripe", {"secretKey": SECRET}, (), ""), CALLER)
+    await service.save(SaveRequest(ORG, "stripe", {"webhookSecret": WEBHOOK}, (), read.etag), CALLER)
     assert set(stored_config(database, ORG, "stripe")) == {"secretKey", "webhookSecret"}
 
 
@@ -371,11 +380,11 @@ async def test_an_invalid_save_names_every_bad_field_and_changes_nothing(
     make_service: ServiceFactory,
 ) -> None:
     service = make_service()
-    await service.save(ORG, "stripe", {"webhookSecret": WEBHOOK}, [], "", CALLER)
+    await service.save(SaveRequest(ORG, "stripe", {"webhookSecret": WEBHOOK}, (), ""), CALLER)
     before = dict(database.rows)
 
     with pytest.raises(InvalidArgument) as refused:
-        await service.save(ORG, "stripe", values, clear_fields, "", CALLER)
+        await service.save(SaveRequest(ORG, "stripe", values, tuple(clear_fields), ""), CALLER)
 
     assert sorted(v.field for v in refused.value.violations) == sorted(fields)
     assert database.rows == before
@@ -386,11 +395,11 @@ async def test_a_cross_field_rule_is_checked_against_what_is_already_stored(
     database: MemoryDatabase, make_service: ServiceFactory
 ) -> None:
     service = make_service()
-    await service.save(ORG, "stripe", {"secretKey": "sk_live_StoredLiveKey00000001"}, [], "", CALLER)
+    await service.save(SaveRequest(ORG, "stripe", {"secretKey": "sk_live_StoredLiveKey00000001"}, (), ""), CALLER)
     before = dict(database.rows)
 
     with pytest.raises(InvalidArgument) as refused:
-        await service.save(ORG, "stripe", {"publishableKey": "pk_test_NewTestKey01"}, [], "", CALLER)
+        await service.save(SaveRequest(ORG, "stripe", {"publishableKey": "pk_test_NewTestKey01"}, (), ""), CALLER)
 
     assert sorted(v.field for v in refused.value.violations) == ["values.publishableKey", "values.secretKey"]
     assert database.rows == before
@@ -416,7 +425,7 @@ async def test_a_save_to_a_bad_target_is_refused_and_stores_nothing(
     make_service: ServiceFactory,
 ) -> None:
     with pytest.raises(error) as refused:
-        await make_service().save(organization_id, provider, {"secretKey": SECRET}, [], "", CALLER)
+        await make_service().save(SaveRequest(organization_id, provider, {"secretKey": SECRET}, (), ""), CALLER)
     if isinstance(refused.value, InvalidArgument):
         assert [v.field for v in refused.value.violations] == [field]
     assert database.rows == {}
@@ -430,11 +439,11 @@ async def test_a_save_keeping_an_undecryptable_field_is_refused_and_one_replacin
     service = make_service()
 
     with pytest.raises(CorruptCredential) as refused:
-        await service.save(ORG, "stripe", {"webhookSecret": WEBHOOK}, [], "", CALLER)
+        await service.save(SaveRequest(ORG, "stripe", {"webhookSecret": WEBHOOK}, (), ""), CALLER)
     assert refused.value.fields == ("secretKey",)
     assert stored_config(database, ORG, "stripe") == moved
 
-    await service.save(ORG, "stripe", {"secretKey": SECRET}, [], "", CALLER)
+    await service.save(SaveRequest(ORG, "stripe", {"secretKey": SECRET}, (), ""), CALLER)
     assert stored_clear(database, cipher, ORG, "stripe") == {"secretKey": SECRET}
 
 
@@ -445,9 +454,9 @@ async def test_a_delete_with_the_current_etag_removes_the_row_and_is_audited(
     database: MemoryDatabase, make_service: ServiceFactory
 ) -> None:
     service = make_service()
-    read = await service.save(ORG, "stripe", {"secretKey": SECRET}, [], "", CALLER)
+    read = await service.save(SaveRequest(ORG, "stripe", {"secretKey": SECRET}, (), ""), CALLER)
 
-    await service.delete(ORG, "stripe", allow_missing=False, etag=read.etag, caller=CALLER)
+    await service.delete(DeleteRequest(ORG, "stripe", allow_missing=False, etag=read.etag), CALLER)
 
     assert (ORG, "stripe") not in database.rows
     [record] = audit_records(database, RPC_DELETE)
@@ -461,12 +470,12 @@ async def test_a_delete_with_the_current_etag_removes_the_row_and_is_audited(
 
 async def test_a_delete_with_a_stale_etag_keeps_the_row(database: MemoryDatabase, make_service: ServiceFactory) -> None:
     service = make_service()
-    read = await service.save(ORG, "stripe", {"secretKey": SECRET}, [], "", CALLER)
-    await service.save(ORG, "stripe", {"webhookSecret": WEBHOOK}, [], "", CALLER)
+    read = await service.save(SaveRequest(ORG, "stripe", {"secretKey": SECRET}, (), ""), CALLER)
+    await service.save(SaveRequest(ORG, "stripe", {"webhookSecret": WEBHOOK}, (), ""), CALLER)
     before = dict(database.rows)
 
     with pytest.raises(Conflict):
-        await service.delete(ORG, "stripe", allow_missing=False, etag=read.etag, caller=CALLER)
+        await service.delete(DeleteRequest(ORG, "stripe", allow_missing=False, etag=read.etag), CALLER)
 
     assert database.rows == before
     assert [r.outcome for r in audit_records(database, RPC_DELETE)] == []
@@ -475,19 +484,19 @@ async def test_a_delete_with_a_stale_etag_keeps_the_row(database: MemoryDatabase
 async def test_deleting_what_is_not_there(database: MemoryDatabase, make_service: ServiceFactory) -> None:
     service = make_service()
     with pytest.raises(NotFound) as missing:
-        await service.delete(ORG, "stripe", allow_missing=False, etag="", caller=CALLER)
+        await service.delete(DeleteRequest(ORG, "stripe", allow_missing=False, etag=""), CALLER)
     assert (missing.value.resource_type, missing.value.resource_name) == (
         INTEGRATION_RESOURCE,
         f"organizations/{ORG}/integrations/stripe",
     )
 
-    await service.delete(ORG, "stripe", allow_missing=True, etag="", caller=CALLER)  # no error
+    await service.delete(DeleteRequest(ORG, "stripe", allow_missing=True, etag=""), CALLER)  # no error
     assert [r for r in audit_records(database, RPC_DELETE) if r.outcome == OUTCOME_OK] == []
 
 
 async def test_a_delete_then_save_gets_a_new_etag(database: MemoryDatabase, make_service: ServiceFactory) -> None:
     service = make_service()
-    first = await service.save(ORG, "stripe", {"secretKey": SECRET}, [], "", CALLER)
-    await service.delete(ORG, "stripe", allow_missing=False, etag=first.etag, caller=CALLER)
-    again = await service.save(ORG, "stripe", {"secretKey": SECRET}, [], "", CALLER)
+    first = await service.save(SaveRequest(ORG, "stripe", {"secretKey": SECRET}, (), ""), CALLER)
+    await service.delete(DeleteRequest(ORG, "stripe", allow_missing=False, etag=first.etag), CALLER)
+    again = await service.save(SaveRequest(ORG, "stripe", {"secretKey": SECRET}, (), ""), CALLER)
     assert again.etag != first.etag

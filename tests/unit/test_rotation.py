@@ -10,8 +10,9 @@ from integrations_service.crypto import ValueCipher, seal_v1
 from integrations_service.domain.audit import OUTCOME_OK, AuditTrail
 from integrations_service.domain.resolution import ConfigView
 from integrations_service.domain.rotation import RETIRE_ACTION, ROTATE_ACTION, RotationReport, Rotator
-from integrations_service.domain.service import etag_of
+from integrations_service.domain.service import ReadRequest, etag_of
 from integrations_service.errors import FailedPrecondition
+from integrations_service.sealing import Sealer
 from integrations_service.store.memory import MemoryDatabase, MemoryStore
 from tests.unit.seam import (
     CALLER,
@@ -38,7 +39,7 @@ FIXED_NONCE = bytes(range(12))
 
 
 def rotator(store: MemoryStore, cipher: ValueCipher, audit: AuditTrail, **options: object) -> Rotator:
-    return Rotator(store, cipher, audit, CALLER, **options)  # type: ignore[arg-type]
+    return Rotator(store, Sealer(cipher), audit, CALLER, **options)  # type: ignore[arg-type]
 
 
 def plant_mixed_rows(database: MemoryDatabase, cipher: ValueCipher) -> dict[str, str]:
@@ -116,12 +117,12 @@ async def test_rotation_keeps_the_etag_and_the_values_a_read_returns(
 ) -> None:
     plant_mixed_rows(database, cipher)
     service = make_service()
-    before = await service.get_config("org-a", "stripe", ConfigView.DECRYPTED, CALLER)
+    before = await service.get_config(ReadRequest("org-a", "stripe", ConfigView.DECRYPTED), CALLER)
     row_before = database.rows[("org-a", "stripe")]
 
     await rotator(store, cipher, audit).rotate()
 
-    after = await service.get_config("org-a", "stripe", ConfigView.DECRYPTED, CALLER)
+    after = await service.get_config(ReadRequest("org-a", "stripe", ConfigView.DECRYPTED), CALLER)
     row_after = database.rows[("org-a", "stripe")]
     assert after.values == before.values
     assert (after.etag, row_after.version, row_after.updated_at) == (

@@ -16,7 +16,7 @@ from integrations.v1 import integrations_pb2_grpc as pb_grpc
 from integrations_service.api import convert
 from integrations_service.api.interceptor import current_caller
 from integrations_service.domain.audit import AuditTrail
-from integrations_service.domain.service import CredentialService
+from integrations_service.domain.service import CredentialService, DeleteRequest, ReadRequest, SaveRequest
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -34,27 +34,26 @@ class IntegrationServicer(pb_grpc.IntegrationServiceServicer):
     async def GetProviderConfig(
         self, request: pb.GetProviderConfigRequest, context: Context
     ) -> pb.GetProviderConfigResponse:
-        view = convert.view_from_pb(request.view)
-        config = await self._service.get_config(request.organization_id, request.provider, view, current_caller())
+        read = ReadRequest(request.organization_id, request.provider, convert.view_from_pb(request.view))
+        config = await self._service.get_config(read, current_caller())
         return pb.GetProviderConfigResponse(config=convert.config_to_pb(config))
 
     async def SaveIntegration(self, request: pb.SaveIntegrationRequest, context: Context) -> pb.SaveIntegrationResponse:
-        config = await self._service.save(
-            request.organization_id,
-            request.provider,
-            dict(request.values),
-            list(request.clear_fields),
-            request.etag,
-            current_caller(),
+        save = SaveRequest(
+            organization_id=request.organization_id,
+            provider=request.provider,
+            values=dict(request.values),
+            clear_fields=tuple(request.clear_fields),
+            etag=request.etag,
         )
+        config = await self._service.save(save, current_caller())
         return pb.SaveIntegrationResponse(config=convert.config_to_pb(config))
 
     async def DeleteIntegration(
         self, request: pb.DeleteIntegrationRequest, context: Context
     ) -> pb.DeleteIntegrationResponse:
-        await self._service.delete(
-            request.organization_id, request.provider, request.allow_missing, request.etag, current_caller()
-        )
+        delete = DeleteRequest(request.organization_id, request.provider, request.allow_missing, request.etag)
+        await self._service.delete(delete, current_caller())
         return pb.DeleteIntegrationResponse()
 
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:

@@ -22,14 +22,14 @@ from integrations_service.crypto import (
     LEGACY_PLAINTEXT,
     LEGACY_V1,
     InvalidCiphertext,
-    ValueCipher,
     ValueContext,
     key_id_of,
     legacy_format,
 )
 from integrations_service.domain.audit import OUTCOME_OK, AuditTrail, Caller
 from integrations_service.errors import FailedPrecondition
-from integrations_service.store import IntegrationStore, StoredIntegration, UnreadableConfig
+from integrations_service.sealing import Sealer
+from integrations_service.store import IntegrationStore, StoredIntegration, StoredValue, UnreadableConfig
 
 log = logging.getLogger("integrations.rotation")
 
@@ -71,7 +71,7 @@ class Rotator:
     def __init__(
         self,
         store: IntegrationStore,
-        cipher: ValueCipher,
+        sealer: Sealer,
         audit: AuditTrail,
         caller: Caller,
         batch_size: int = 100,
@@ -79,7 +79,7 @@ class Rotator:
         rewrap_legacy: bool = True,
     ) -> None:
         self._store = store
-        self._cipher = cipher
+        self._sealer = sealer
         self._audit = audit
         self._caller = caller
         self._batch_size = batch_size
@@ -93,7 +93,7 @@ class Rotator:
             after = batch[-1].id
             report.rows_scanned += len(batch)
             report.unreadable_rows.extend(row.id for row in batch if isinstance(row.config, UnreadableConfig))
-            stale = [row.id for row in batch if not all(map(self._cipher.is_current, row.config.values()))]
+            stale = [row.id for row in batch if not all(map(self._sealer.is_current, row.config.values()))]
             if stale:
                 await self._rewrap_batch(stale, report)
             self._progress(report)
@@ -101,7 +101,7 @@ class Rotator:
 
     async def retire(self, key_id: str) -> int:
         """Mark a key retired once no stored value needs it; returns the rows scanned."""
-        if key_id == self._cipher.active_key_id:
+        if key_id == self._sealer.active_key_id:
             raise FailedPrecondition(f"key {key_id!r} is the active key: make another key active first")
         known = {record.key_id for record in await self._store.register_keys({})}  # {}: only reads the ledger
         if key_id not in known:
@@ -126,10 +126,10 @@ class Rotator:
         # Per row id, so that a row rewritten again (a store retry) is counted once.
         outcomes: dict[str, _RowOutcome] = {}
 
-        def rewrite(row: StoredIntegration) -> Mapping[str, str] | None:
+        def rewrite(row: StoredIntegration) -> Mapping[str, StoredValue] | None:
             new, outcome = dict(row.config), _RowOutcome()
             for name, stored in row.config.items():
-                if self._cipher.is_current(stored):
+                if self._sealer.is_current(stored):
                     continue
                 legacy = legacy_format(stored)
                 if legacy:
@@ -139,7 +139,7 @@ class Rotator:
                         continue
                 context = ValueContext(row.organization_id, row.provider, name)
                 try:
-                    new[name] = self._cipher.encrypt(self._cipher.decrypt(stored, context), context)
+                    new[name] = self._sealer.reseal(stored, context)
                 except InvalidCiphertext:
                     outcome.failed.append(name)  # left as it is, and reported
                     outcome.legacy_remaining += bool(legacy)
@@ -148,7 +148,7 @@ class Rotator:
             outcomes[row.id] = outcome
             return new if outcome.rewrapped else None
 
-        details = {"rows": str(len(ids)), "active_key_id": self._cipher.active_key_id}
+        details = {"rows": str(len(ids)), "active_key_id": self._sealer.active_key_id}
         audit = self._audit.record(self._caller, ROTATE_ACTION, OUTCOME_OK, details=details)
         report.rows_rewrapped += await self._store.rewrap(ids, rewrite, audit)
         self._audit.written(audit)

@@ -1,7 +1,7 @@
 """The credential service's use cases, independent of gRPC.
 
-Sits above the crypto layer and the store: values are encrypted here before
-the store sees them and decrypted here after it returns them, so the store
+Sits above the sealing layer (`integrations_service.sealing`), which turns
+clear values into the `StoredValue`s the store holds and back, so the store
 (and its database) only ever hold ciphertext. Every change, every decrypted
 read and every refusal of either leaves an audit record.
 """
@@ -9,22 +9,55 @@ read and every refusal of either leaves an audit record.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from integrations_service.crypto import InvalidCiphertext, ValueCipher, ValueContext, is_encrypted, legacy_format
 from integrations_service.domain import validation
 from integrations_service.domain.audit import OUTCOME_OK, AuditTrail, Caller
-from integrations_service.domain.legacy import LegacyPolicy, refusal_reason
 from integrations_service.domain.registry import Category, ProviderSpec, providers_in
 from integrations_service.domain.resolution import ConfigView, EffectiveConfig, is_ready, resolve_values
-from integrations_service.errors import Conflict, CorruptConfig, CorruptCredential, NotFound, ServiceError
-from integrations_service.store import IntegrationStore, StoredIntegration, UnreadableConfig
+from integrations_service.errors import Conflict, CorruptCredential, NotFound, ServiceError
+from integrations_service.sealing import Sealer, Target
+from integrations_service.store import IntegrationStore, StoredIntegration, StoredValue
 from integrations_service.store.changes import ChangeKind, ConfigChanged
 
 RPC_GET = "GetProviderConfig"
 RPC_SAVE = "SaveIntegration"
 RPC_DELETE = "DeleteIntegration"
+
+
+@dataclass(frozen=True)
+class ReadRequest:
+    """GetProviderConfig: one organization's effective config for one provider."""
+
+    organization_id: str
+    provider: str
+    view: ConfigView = ConfigView.MASKED
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    """SaveIntegration: set `values`, remove `clear_fields`, keep the rest; `etag` ("" for none) guards the write."""
+
+    organization_id: str
+    provider: str
+    values: Mapping[str, str] = field(default_factory=dict)
+    clear_fields: tuple[str, ...] = ()
+    etag: str = ""
+
+    @property
+    def touched(self) -> frozenset[str]:
+        return frozenset(self.values) | frozenset(self.clear_fields)
+
+
+@dataclass(frozen=True)
+class DeleteRequest:
+    """DeleteIntegration: `allow_missing` makes a missing row a success; `etag` ("" for none) guards it."""
+
+    organization_id: str
+    provider: str
+    allow_missing: bool = False
+    etag: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,16 +87,14 @@ class CredentialService:
     def __init__(
         self,
         store: IntegrationStore,
-        cipher: ValueCipher,
+        sealer: Sealer,
         environment: Mapping[str, str],
         audit: AuditTrail,
-        legacy: LegacyPolicy = LegacyPolicy(),  # noqa: B008 (frozen, shared safely)
     ) -> None:
         self._store = store
-        self._cipher = cipher
+        self._sealer = sealer
         self._environment = dict(environment)
         self._audit = audit
-        self._legacy = legacy
 
     async def list_providers(self, organization_id: str, category: Category | None) -> list[ProviderStatus]:
         if not organization_id:
@@ -72,90 +103,62 @@ class CredentialService:
         rows = {row.provider: row for row in await self._store.list_for_organization(organization_id)}
         return [self._listed(spec, rows.get(spec.id)) for spec in providers_in(category)]
 
-    async def get_config(
-        self, organization_id: str, provider_id: str, view: ConfigView, caller: Caller
-    ) -> EffectiveConfig:
-        decrypted = view is ConfigView.DECRYPTED
+    async def get_config(self, request: ReadRequest, caller: Caller) -> EffectiveConfig:
+        decrypted = request.view is ConfigView.DECRYPTED
         try:
-            spec = validation.check_target(organization_id, provider_id)
-            row = await self._store.get(organization_id, provider_id)
-            clear = self._decrypt(spec, row, skip=()) if row else {}
+            spec = validation.check_target(request.organization_id, request.provider)
+            row = await self._store.get(request.organization_id, spec.id)
+            clear = self._sealer.unseal(row, _field_keys(spec)) if row else {}
             if decrypted:
                 fields = [f.key for f in spec.fields]
                 # With INTEGRATIONS_AUDIT_READS=strict this waits until the record is stored (or fails).
                 await self._audit.decrypted_read(
-                    self._audit.record(caller, RPC_GET, OUTCOME_OK, organization_id, spec.id, fields)
+                    self._audit.record(caller, RPC_GET, OUTCOME_OK, request.organization_id, spec.id, fields)
                 )
         except ServiceError as error:
             if decrypted:  # every refusal of a decrypted read is on the record, whatever refused it
                 broken = error.fields if isinstance(error, CorruptCredential) else ()
-                self._audit.refused(caller, RPC_GET, error, organization_id, provider_id, broken)
+                self._audit.refused(caller, RPC_GET, error, request.organization_id, request.provider, broken)
             raise
-        return self._effective(spec, organization_id, row, clear, view)
+        return self._effective(spec, request.organization_id, row, clear, request.view)
 
-    async def save(
-        self,
-        organization_id: str,
-        provider_id: str,
-        values: Mapping[str, str],
-        clear_fields: Sequence[str],
-        etag: str,
-        caller: Caller,
-    ) -> EffectiveConfig:
-        touched = set(values) | set(clear_fields)
+    async def save(self, request: SaveRequest, caller: Caller) -> EffectiveConfig:
+        touched = request.touched
         try:
-            spec = validation.check_target(organization_id, provider_id)
-            validation.check_changes(spec, values, clear_fields)
-            merged_clear: dict[str, str] = {}
-
-            def merge(current: StoredIntegration | None) -> dict[str, str]:
-                _check_etag(current, etag)
-                kept_clear = self._decrypt(spec, current, skip=touched) if current else {}
-                merged_clear.clear()
-                merged_clear.update(kept_clear)
-                merged_clear.update(values)
-                validation.check_cross_field_rules(spec, merged_clear)
-                # Untouched fields keep their stored ciphertext (nothing is re-encrypted needlessly),
-                # except legacy plaintext, which a write never carries back in the clear.
-                kept = {k: v for k, v in current.config.items() if k not in touched} if current else {}
-                to_encrypt = {k: kept_clear[k] for k, v in kept.items() if not is_encrypted(v) and k in kept_clear}
-                return kept | {
-                    key: self._cipher.encrypt(value, ValueContext(organization_id, spec.id, key))
-                    for key, value in (to_encrypt | dict(values)).items()
-                }
-
-            fingerprints = {f"fingerprint.{key}": self._cipher.fingerprint(value) for key, value in values.items()}
-            cleared = {f"cleared.{key}": "true" for key in clear_fields}
+            spec = validation.check_target(request.organization_id, request.provider)
+            validation.check_changes(spec, request.values, request.clear_fields)
+            merge = _SaveMerge(self._sealer, spec, request)
+            fingerprints = {f"fingerprint.{k}": v for k, v in self._sealer.fingerprints(request.values).items()}
+            cleared = {f"cleared.{key}": "true" for key in request.clear_fields}
             audit = self._audit.record(
-                caller, RPC_SAVE, OUTCOME_OK, organization_id, spec.id, touched, fingerprints | cleared
+                caller, RPC_SAVE, OUTCOME_OK, request.organization_id, spec.id, touched, fingerprints | cleared
             )
-            row = await self._store.upsert(organization_id, spec.id, merge, audit)
+            row = await self._store.upsert(request.organization_id, spec.id, merge, audit)
             self._audit.written(audit)
         except ServiceError as error:
-            self._audit.refused(caller, RPC_SAVE, error, organization_id, provider_id, touched)
+            self._audit.refused(caller, RPC_SAVE, error, request.organization_id, request.provider, touched)
             raise
-        return self._effective(spec, organization_id, row, merged_clear, ConfigView.MASKED)
+        return self._effective(spec, request.organization_id, row, merge.clear_of(row), ConfigView.MASKED)
 
-    async def delete(
-        self, organization_id: str, provider_id: str, allow_missing: bool, etag: str, caller: Caller
-    ) -> None:
+    async def delete(self, request: DeleteRequest, caller: Caller) -> None:
+        organization_id = request.organization_id
         try:
-            spec = validation.check_target(organization_id, provider_id)
+            spec = validation.check_target(organization_id, request.provider)
 
             def check(current: StoredIntegration) -> None:
-                _check_etag(current, etag)
+                _check_etag(current, request.etag)
 
             audit = self._audit.record(caller, RPC_DELETE, OUTCOME_OK, organization_id, spec.id)
             if await self._store.delete(organization_id, spec.id, check, audit):
                 self._audit.written(audit)
-            elif not allow_missing:
+            elif not request.allow_missing:
                 raise NotFound(
                     f"organization {organization_id!r} has no stored credentials for provider {spec.id!r}",
                     resource_type=validation.INTEGRATION_RESOURCE,
                     resource_name=f"organizations/{organization_id}/integrations/{spec.id}",
                 )
         except ServiceError as error:
-            self._audit.refused(caller, RPC_DELETE, error, organization_id, provider_id)
+            self._audit.refused(caller, RPC_DELETE, error, organization_id, request.provider)
             raise
 
     def _status(self, spec: ProviderSpec, row: StoredIntegration | None) -> ProviderStatus:
@@ -164,47 +167,9 @@ class CredentialService:
 
     def _listed(self, spec: ProviderSpec, row: StoredIntegration | None) -> ProviderStatus:
         """A stored row that reads would refuse is configured (it exists) but never ready."""
-        if row is not None and (isinstance(row.config, UnreadableConfig) or self._refused_fields(spec, row)):
+        if row is not None and not self._sealer.readable(row, _field_keys(spec)):
             return ProviderStatus(spec, configured=True, ready=False)
         return self._status(spec, row)
-
-    def _refused_fields(self, spec: ProviderSpec, row: StoredIntegration) -> list[str]:
-        if not self._legacy.refuses:
-            return []
-        return [k for k, v in row.config.items() if spec.field(k) and legacy_format(v)]
-
-    def _decrypt(self, spec: ProviderSpec, row: StoredIntegration, skip: Collection[str]) -> dict[str, str]:
-        """Clear text of the row's registry fields, except those in `skip`.
-
-        Legacy values (plaintext, enc:v1) are refused like tampered ciphertext when the policy says so,
-        so a save that keeps such a field fails too, instead of re-encrypting it as genuine.
-        """
-        if isinstance(row.config, UnreadableConfig):
-            raise CorruptConfig(row.organization_id, row.provider, row.config.reason)
-        clear: dict[str, str] = {}
-        broken: dict[str, str] = {}
-        legacy_read: list[str] = []
-        for key, stored in row.config.items():
-            if key in skip or spec.field(key) is None:
-                continue
-            legacy = legacy_format(stored)
-            if legacy and self._legacy.refuses:
-                self._legacy.count_refused(legacy, row.provider)
-                broken[key] = refusal_reason(legacy)
-                continue
-            try:
-                clear[key] = self._cipher.decrypt(stored, ValueContext(row.organization_id, row.provider, key))
-            except InvalidCiphertext as error:
-                broken[key] = str(error)
-                continue
-            if legacy:
-                legacy_read.append(legacy)
-        if broken:
-            fields = sorted(broken)
-            raise CorruptCredential(row.organization_id, row.provider, fields, reason=broken[fields[0]])
-        for legacy in legacy_read:
-            self._legacy.count_read(legacy, row.provider)
-        return clear
 
     def _effective(
         self,
@@ -221,6 +186,43 @@ class CredentialService:
             etag=etag_of(row) if row else "",
             update_time=row.updated_at if row else None,
         )
+
+
+class _SaveMerge:
+    """A save's merge, run by the store with the row locked (again, if the store retries the write).
+
+    Returns the config to store; `clear_of` then gives the clear config of the
+    row it wrote, from the values it unsealed and sealed, so that a save
+    decrypts each kept field once and never decrypts what it just encrypted.
+    """
+
+    def __init__(self, sealer: Sealer, spec: ProviderSpec, request: SaveRequest) -> None:
+        self._sealer = sealer
+        self._spec = spec
+        self._request = request
+        self._written: tuple[Mapping[str, StoredValue], dict[str, str]] | None = None
+
+    def __call__(self, current: StoredIntegration | None) -> Mapping[str, StoredValue]:
+        request = self._request
+        _check_etag(current, request.etag)
+        touched = request.touched
+        kept_clear = self._sealer.unseal(current, _field_keys(self._spec) - touched) if current else {}
+        merged_clear = kept_clear | dict(request.values)
+        validation.check_cross_field_rules(self._spec, merged_clear)
+        target = Target(request.organization_id, self._spec.id)
+        stored = self._sealer.merge(current, kept_clear, request.values, touched, target)
+        self._written = (stored, merged_clear)
+        return stored
+
+    def clear_of(self, row: StoredIntegration) -> dict[str, str]:
+        if self._written is None or self._written[0] != row.config:
+            raise RuntimeError("the store returned a config this save did not write")
+        return self._written[1]
+
+
+def _field_keys(spec: ProviderSpec) -> frozenset[str]:
+    """The registry's fields of a provider: only these are ever decrypted."""
+    return frozenset(f.key for f in spec.fields)
 
 
 def _check_etag(current: StoredIntegration | None, etag: str) -> None:

@@ -10,6 +10,7 @@ from integrations_service.store.base import (
     Precondition,
     Rewrite,
     StoredIntegration,
+    StoredValue,
     UnreadableConfig,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "Precondition",
     "Rewrite",
     "StoredIntegration",
+    "StoredValue",
     "UnreadableConfig",
 ]

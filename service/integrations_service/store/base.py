@@ -2,8 +2,11 @@
 
 A store keeps one row per (organization, provider): a mapping of field key to
 the *stored* (encrypted) value, a version that grows with every write, and
-timestamps. Encryption happens above the store (the domain layer), so a store,
-its logs and its database only ever see ciphertext.
+timestamps. Encryption happens above the store, in the sealing layer
+(`integrations_service.sealing`), so a store, its logs and its database only
+ever see ciphertext. The type says so: a stored value is a `StoredValue`, which
+only the sealing layer creates from clear text (and a store's row decoding from
+what its database holds), so mypy rejects a clear-text `str` handed to a store.
 
 Writes that depend on the current row (merging fields, etag checks, cross-field
 rules) run as a callback *inside* the store's transaction, with the row locked,
@@ -17,10 +20,14 @@ import abc
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NewType
 
 if TYPE_CHECKING:
     from integrations_service.store.changes import ChangeFeed
+
+
+# A value as the store holds it: enc:v2 ciphertext, or a legacy value read from the database.
+StoredValue = NewType("StoredValue", str)
 
 
 @dataclass(frozen=True)
@@ -30,13 +37,13 @@ class StoredIntegration:
     id: str
     organization_id: str
     provider: str
-    config: Mapping[str, str]
+    config: Mapping[str, StoredValue]
     version: int
     created_at: datetime
     updated_at: datetime
 
 
-class UnreadableConfig(Mapping[str, str]):
+class UnreadableConfig(Mapping[str, StoredValue]):
     """Stands in for a stored config that is not a JSON object: it holds no values, and says why.
 
     The store returns it rather than failing, so one bad row cannot break a
@@ -47,7 +54,7 @@ class UnreadableConfig(Mapping[str, str]):
     def __init__(self, reason: str) -> None:
         self.reason = reason
 
-    def __getitem__(self, key: str) -> str:
+    def __getitem__(self, key: str) -> StoredValue:
         raise KeyError(key)
 
     def __iter__(self) -> Iterator[str]:
@@ -100,11 +107,11 @@ class KeyRecord:
 
 # Given the current row (None when there is none), return the new config to
 # store, or raise to abort the write.
-Mutation = Callable[[StoredIntegration | None], Mapping[str, str]]
+Mutation = Callable[[StoredIntegration | None], Mapping[str, StoredValue]]
 # Given the current row, raise to refuse the delete.
 Precondition = Callable[[StoredIntegration], None]
 # Given a row, return its re-encrypted config, or None to leave it as it is.
-Rewrite = Callable[[StoredIntegration], Mapping[str, str] | None]
+Rewrite = Callable[[StoredIntegration], Mapping[str, StoredValue] | None]
 
 
 class IntegrationStore(abc.ABC):

@@ -11,7 +11,14 @@ import json
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
-from integrations_service.store.base import AuditEntry, AuditRecord, KeyRecord, StoredIntegration, UnreadableConfig
+from integrations_service.store.base import (
+    AuditEntry,
+    AuditRecord,
+    KeyRecord,
+    StoredIntegration,
+    StoredValue,
+    UnreadableConfig,
+)
 
 # The columns an audit insert writes, in the one order of its statement and of its parameters.
 AUDIT_COLUMNS = ("time", "caller", "rpc", "outcome", "organization_id", "provider", "fields", "request_id", "details")
@@ -56,14 +63,18 @@ def integration(
     )
 
 
-def config_of(value: object) -> Mapping[str, str]:
-    """A decoded config column; one that is not a JSON object is kept as unreadable, and named by the service."""
+def config_of(value: object) -> Mapping[str, StoredValue]:
+    """A decoded config column; one that is not a JSON object is kept as unreadable, and named by the service.
+
+    What the database holds is a stored value by definition: this and the sealing layer are the only
+    places that make `StoredValue`s.
+    """
     if isinstance(value, UnreadableConfig):
         return value
     if not isinstance(value, Mapping):
         return UnreadableConfig("is not a JSON object")
     # The store writes only strings (the dashboard too); anything else is kept as its JSON text.
-    return _string_values(value)
+    return {key: StoredValue(item) for key, item in _string_values(value).items()}
 
 
 def key_record(*, key_id: object, check_value: object, encryptions: int, retired: object) -> KeyRecord:

@@ -41,6 +41,7 @@ from integrations_service.store.base import (
     Precondition,
     Rewrite,
     StoredIntegration,
+    StoredValue,
     UnreadableConfig,
 )
 from integrations_service.store.budget import Budget, bounded
@@ -456,7 +457,7 @@ class SqliteStore(IntegrationStore):
         organization_id: str,
         provider: str,
         current: StoredIntegration | None,
-        config: dict[str, str],
+        config: dict[str, StoredValue],
     ) -> StoredIntegration:
         now = datetime.now(UTC)
         if current is None:
