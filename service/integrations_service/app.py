@@ -28,6 +28,7 @@ from integrations_service.domain.service import CredentialService
 from integrations_service.errors import ConfigurationError
 from integrations_service.metrics import InstrumentedStore, Metrics
 from integrations_service.store import IntegrationStore
+from integrations_service.store.cached import CachingStore
 from integrations_service.store.factory import open_store
 
 log = logging.getLogger("integrations.app")
@@ -150,6 +151,7 @@ async def start(settings: Settings) -> RunningService:
     credentials, authorizer = _security(settings)  # bad TLS files or policy stop us before the store opens
     metrics = Metrics()
     store, key_usage = await open_checked_store(settings, cipher, settings.db_pool_size, metrics, listen=True)
+    store = _with_row_cache(store, settings, metrics)
     audit = AuditTrail(store, reads=settings.audit_reads)
     try:
         service = CredentialService(store, cipher, settings.provider_defaults, audit, _legacy_policy(settings, metrics))
@@ -179,6 +181,15 @@ async def start(settings: Settings) -> RunningService:
         },
     )
     return RunningService(server, health_servicer, store, audit, key_usage, port, metrics, metrics_port, readiness)
+
+
+def _with_row_cache(store: IntegrationStore, settings: Settings, metrics: Metrics) -> IntegrationStore:
+    """Reads from memory while the change feed vouches for them (serving only: the commands read once)."""
+    if settings.cache_ttl <= 0:
+        return store
+    cached = CachingStore(store, ttl=settings.cache_ttl)
+    metrics.cache.counts = cached.counts
+    return cached
 
 
 def _serve_metrics(
