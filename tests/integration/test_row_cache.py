@@ -130,6 +130,14 @@ async def until_served(replica: Replica, org: str, wanted: Callable[[pb.Provider
     return time.perf_counter() - started
 
 
+async def until_invalidated(replica: Replica, changes: int) -> None:
+    """Until `replica`'s cache has applied at least `changes` notified changes since it started."""
+    started = time.perf_counter()
+    while await replica.invalidations("change") < changes:
+        assert time.perf_counter() - started < 5, f"fewer than {changes} notifications reached the cache"
+        await asyncio.sleep(0.01)
+
+
 def percentiles(delays: list[float]) -> tuple[float, float]:
     ordered = sorted(delays)
     return statistics.median(ordered), ordered[max(0, round(len(ordered) * 0.99) - 1)]
@@ -202,14 +210,18 @@ async def test_a_manual_sql_update_and_the_rotate_command_invalidate_the_other_r
     await insert_rows(database, [(f"legacy-{org}", org, "stripe", {"secretKey": SK}) for org in legacy])
     for org in legacy:
         await until_served(b, org, lambda config: config.etag != "")
+    # The database is this test's own: the save, the SQL fix and the inserts notified so far.
+    await until_invalidated(b, 2 + len(legacy))
+    for org in legacy:
+        await b.get(org)  # cached again, had an insert's notification evicted it
+    hits = (await b.cache())["hit"]
+    for org in legacy:
+        await b.get(org)
+    assert (await b.cache())["hit"] == hits + len(legacy)
     legacy_reads = await b.sample("integrations_legacy_values_read_total", format="plaintext", provider="stripe")
-    changes = await b.invalidations("change")
     rotated = await cli(["rotate"], database, f"default:{TEST_KEY}", tmp_path)
     assert rotated.returncode == 0, rotated.stderr
-    started = time.perf_counter()
-    while await b.invalidations("change") < changes + len(legacy):
-        assert time.perf_counter() - started < 5, "the rotation's notifications did not reach B's cache"
-        await asyncio.sleep(0.01)
+    await until_invalidated(b, 2 + 2 * len(legacy))
     misses = (await b.cache())["miss"]
     for org in legacy:
         assert (await b.get(org)).values["secretKey"].source == pb.VALUE_SOURCE_ORGANIZATION
@@ -227,8 +239,8 @@ async def test_a_rolled_back_sql_write_invalidates_nothing(database: str, start_
     org = new_org()
     etag = (await a.save(org, secretKey=SK)).etag
     await until_served(b, org, lambda config: config.etag == etag)
-    await b.get(org)
-    changes = await b.invalidations("change")
+    await until_invalidated(b, 1)  # the save's own notification (the database is this test's own)
+    await b.get(org)  # cached again, had that notification evicted it
 
     conn = await asyncpg.connect(database)
     try:
@@ -241,11 +253,8 @@ async def test_a_rolled_back_sql_write_invalidates_nothing(database: str, start_
         await insert_rows(database, [("marker-row", new_org(), "stripe", {"secretKey": SK})])
     finally:
         await conn.close()
-    started = time.perf_counter()
-    while await b.invalidations("change") < changes + 1:
-        assert time.perf_counter() - started < 5, "the marker's notification never reached B"
-        await asyncio.sleep(0.01)
-    assert await b.invalidations("change") == changes + 1
+    await until_invalidated(b, 2)
+    assert await b.invalidations("change") == 2, "the rolled-back write notified"
     before = await b.cache()
     assert (await b.get(org)).etag == etag
     after = await b.cache()
