@@ -13,6 +13,8 @@ from dataclasses import replace
 
 import pytest
 
+from integrations_service.config import load_settings
+from integrations_service.errors import ConfigurationError
 from integrations_service.store import StoredIntegration
 from integrations_service.store.cached import CachingStore
 from integrations_service.store.changes import ChangeHub, FeedReset, ResetReason
@@ -282,3 +284,15 @@ async def test_a_store_without_a_feed_is_never_cached() -> None:
 def test_a_ttl_of_zero_is_no_cache() -> None:
     with pytest.raises(ValueError, match="ttl must be positive"):
         CachingStore(MemoryStore(), ttl=0)
+
+
+@pytest.mark.parametrize(("raw", "ttl"), [(None, 5.0), ("0", 0.0), ("0.25", 0.25)])
+def test_the_ttl_setting_defaults_to_five_seconds_and_zero_is_allowed(raw: str | None, ttl: float) -> None:
+    environ = {"INTEGRATIONS_CACHE_TTL": raw} if raw is not None else {}
+    assert load_settings(None, environ).cache_ttl == ttl
+
+
+@pytest.mark.parametrize("raw", ["-1", "soon"])
+def test_a_bad_ttl_setting_is_refused_by_name(raw: str) -> None:
+    with pytest.raises(ConfigurationError, match="INTEGRATIONS_CACHE_TTL"):
+        load_settings(None, {"INTEGRATIONS_CACHE_TTL": raw})
