@@ -28,6 +28,7 @@ from integrations_service.errors import ConfigurationError
 from integrations_service.metrics import InstrumentedStore, Metrics
 from integrations_service.sealing import LegacyPolicy, Sealer
 from integrations_service.store import IntegrationStore
+from integrations_service.store.cached import CachingStore
 from integrations_service.store.factory import open_store
 
 log = logging.getLogger("integrations.app")
@@ -151,6 +152,7 @@ async def start(settings: Settings) -> RunningService:
     credentials, authorizer = _security(settings)  # bad TLS files or policy stop us before the store opens
     metrics = Metrics()
     store, key_usage = await open_checked_store(settings, cipher, settings.db_pool_size, metrics, listen=True)
+    store = _with_row_cache(store, settings, metrics)
     audit = AuditTrail(store, reads=settings.audit_reads)
     try:
         sealer = Sealer(cipher, _legacy_policy(settings, metrics))
@@ -181,6 +183,15 @@ async def start(settings: Settings) -> RunningService:
         },
     )
     return RunningService(server, health_servicer, store, audit, key_usage, port, metrics, metrics_port, readiness)
+
+
+def _with_row_cache(store: IntegrationStore, settings: Settings, metrics: Metrics) -> IntegrationStore:
+    """Reads from memory while the change feed vouches for them (serving only: the commands read once)."""
+    if settings.cache_ttl <= 0:
+        return store
+    cached = CachingStore(store, ttl=settings.cache_ttl)
+    metrics.cache.counts = cached.counts
+    return cached
 
 
 def _serve_metrics(

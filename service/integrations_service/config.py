@@ -121,6 +121,13 @@ AUDIT_READS = Setting(
     "buffered (a decrypted read's audit record is stored within about 1 s, lost if the process dies first) or "
     "strict (a decrypted value is returned only once its record is stored; UNAVAILABLE when it cannot be)",
 )
+CACHE_TTL = Setting(
+    "INTEGRATIONS_CACHE_TTL",
+    "--cache-ttl",
+    "5",
+    "seconds a cached stored row (ciphertext) may be served at most, however the change feed fares; 0 turns "
+    "the row cache off",
+)
 
 SETTINGS = (
     LISTEN_ADDRESS,
@@ -140,6 +147,7 @@ SETTINGS = (
     INSECURE_PLAINTEXT,
     LEGACY_VALUES,
     AUDIT_READS,
+    CACHE_TTL,
 )
 
 
@@ -171,6 +179,8 @@ class Settings:
     audit_reads: ReadAudit
     provider_defaults: Mapping[str, str] = field(repr=False)
     legacy_values: LegacyValues = LegacyValues.READ
+    # Seconds; 0: no row cache.
+    cache_ttl: float = 5.0
     # The env var the keys came from (None: none set, development key file).
     key_source: str | None = None
 
@@ -216,6 +226,7 @@ def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str], s
         audit_reads=reader.choice(AUDIT_READS, ReadAudit) or ReadAudit.BUFFERED,
         provider_defaults={var: environ[var] for var in all_env_vars() if environ.get(var)},
         legacy_values=legacy_values or LegacyValues.READ,
+        cache_ttl=reader.number(CACHE_TTL, float, minimum=0),
         key_source=reader.key_source(),
     )
     reader.raise_problems()

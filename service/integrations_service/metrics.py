@@ -44,6 +44,7 @@ from integrations_service.store import (
     Rewrite,
     StoredIntegration,
 )
+from integrations_service.store.cached import INVALIDATION_REASONS, RESULTS, CacheCounts
 from integrations_service.store.changes import ChangeFeed
 
 T = TypeVar("T")
@@ -124,6 +125,9 @@ class Metrics:
             "Audit records given up: refused by the store even on their own, or not stored before shutdown",
             registry=r,
         )
+
+        # Zeros until `serve` wires a row cache in (none with INTEGRATIONS_CACHE_TTL=0): the series always exist.
+        self.cache = _CacheCollector(registry=r)
 
     def rpc(self, method: str) -> RpcMetrics:
         """The instruments of one unary RPC (`/package.Service/Method`), made once and kept."""
@@ -216,6 +220,34 @@ class _FunctionCounter(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(self._name, self._documentation, value=self._read())
+
+
+class _CacheCollector(Collector):
+    """The row cache's counts (store/cached.py), read at scrape time: the store layer knows no Prometheus."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.counts = CacheCounts()
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "integrations_cache_requests",
+            "Row reads (get, list) by what the row cache did: hit, miss (read the store, may fill the cache), "
+            "bypass (the change feed is down: read the store, cache nothing)",
+            labels=["result"],
+        )
+        for result in RESULTS:
+            requests.add_metric([result], self.counts.requests[result])
+        yield requests
+        invalidations = CounterMetricFamily(
+            "integrations_cache_invalidations",
+            "Row cache invalidations by reason: change (a notified write), write (this process's own), expired "
+            "(past INTEGRATIONS_CACHE_TTL), or the reason of a change feed reset (flushes everything)",
+            labels=["reason"],
+        )
+        for reason in INVALIDATION_REASONS:
+            invalidations.add_metric([reason], self.counts.invalidations[reason])
+        yield invalidations
 
 
 class _StateCollector(Collector):

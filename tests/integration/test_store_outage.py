@@ -147,7 +147,11 @@ async def proxy(database_url: str) -> AsyncIterator[TcpProxy]:
 @pytest.fixture
 async def proxied(proxy: TcpProxy, database_url: str, tmp_path: Path) -> AsyncIterator[Running]:
     url = _with_address(database_url, "127.0.0.1", proxy.port)
-    running = await start_service(url, tmp_path, {"INTEGRATIONS_DB_TIMEOUT": str(DB_TIMEOUT)})
+    # No row cache: these tests are about the store's waits (a cached row outlives a partition by up to its
+    # TTL; tests/integration/test_row_cache.py shows that bound).
+    running = await start_service(
+        url, tmp_path, {"INTEGRATIONS_DB_TIMEOUT": str(DB_TIMEOUT), "INTEGRATIONS_CACHE_TTL": "0"}
+    )
     yield running
     await running.close()
 

@@ -145,6 +145,12 @@ class Subscription:
     ) -> None:
         self.close()
 
+    def drain(self) -> list[ChangeEvent]:
+        """Every queued event, oldest first, without waiting: for a consumer that polls (the row cache)."""
+        events = list(self._events)
+        self._events.clear()
+        return events
+
     def __aiter__(self) -> Subscription:
         return self
 
