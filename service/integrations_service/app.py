@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1._async import HealthServicer
@@ -20,7 +19,8 @@ from integrations_service.api.readiness import Readiness
 from integrations_service.api.server import SERVICE_NAME, build_server, listen, mark_serving
 from integrations_service.api.tls import ReloadingCredentials
 from integrations_service.config import ENCRYPTION_KEY_FILE_ENV, KEY_MATERIAL_ENVS, Mode, Settings
-from integrations_service.crypto import EncryptionKey, InvalidKey, Keyring, ValueCipher
+from integrations_service.crypto import Keyring, ValueCipher
+from integrations_service.devkey import load_or_create_dev_key
 from integrations_service.domain.audit import AuditTrail
 from integrations_service.domain.keys import KeyUsage
 from integrations_service.domain.legacy import LegacyPolicy
@@ -50,16 +50,49 @@ class RunningService:
         await self.readiness.close()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        # In this order (the store last: the others write to it), and each whatever the others did: a failed
-        # audit flush must not keep the encryption counts, which the nonce budget depends on, from being saved.
-        for step, close in (("audit", self.audit.close), ("key_usage", self.key_usage.close),
-                            ("store", self.store.close)):
-            try:
-                await close()
-            except Exception:
-                log.exception("a shutdown step failed; going on with the others",
-                              extra={"event": "stop_failed", "store": step})
+        await _close_in_order(self.audit, self.key_usage, self.store)
         log.info("stopped", extra={"event": "stopped"})
+
+
+async def _close_in_order(audit: AuditTrail, key_usage: KeyUsage, store: IntegrationStore) -> None:
+    """The store last (the others write to it), and each whatever the others did: a failed audit flush must not
+    keep the encryption counts, which the nonce budget depends on, from being saved."""
+    steps: Sequence[tuple[str, Callable[[], Awaitable[None]]]] = (
+        ("audit", audit.close), ("key_usage", key_usage.close), ("store", store.close)
+    )
+    for step, close in steps:
+        try:
+            await close()
+        except Exception:
+            log.exception("a shutdown step failed; going on with the others",
+                          extra={"event": "stop_failed", "store": step})
+
+
+@dataclass(frozen=True)
+class Maintenance:
+    """What the `rotate` and `retire-key` commands work with: the checked store, the cipher, and the audit trail."""
+
+    store: IntegrationStore
+    cipher: ValueCipher
+    audit: AuditTrail
+
+
+@contextlib.asynccontextmanager
+async def maintenance(settings: Settings, pool_size: int) -> AsyncIterator[Maintenance]:
+    """The collaborators of a one-off command, closed afterwards as `RunningService.stop` closes the service's."""
+    cipher = ValueCipher(resolve_keyring(settings))
+    store, key_usage = await open_checked_store(settings, cipher, pool_size)
+    audit = AuditTrail(store)
+    try:
+        yield Maintenance(store, cipher, audit)
+    finally:
+        await _close_in_order(audit, key_usage, store)
+
+
+async def migrate(settings: Settings) -> None:
+    """Apply the migrations (opening the store does) without needing the encryption keys."""
+    store = await open_store(settings.database_url, settings.data_dir, timeout=settings.db_timeout, pool_size=1)
+    await store.close()
 
 
 def resolve_keyring(settings: Settings) -> Keyring:
@@ -68,25 +101,6 @@ def resolve_keyring(settings: Settings) -> Keyring:
     if settings.mode is Mode.PRODUCTION:  # load_settings already refuses this; belt and braces
         raise ConfigurationError("a dedicated encryption key is required in production mode")
     return load_or_create_dev_key(settings.dev_key_path)
-
-
-def load_or_create_dev_key(path: Path) -> Keyring:
-    """A development key kept in a 0600 file, so restarts can read what was written before."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(EncryptionKey.generate().to_text() + "\n")
-        log.warning(
-            "no encryption key set: generated a development key file; never use it in production",
-            extra={"event": "dev_key_generated", "path": str(path)},
-        )
-    if path.stat().st_mode & 0o077:
-        raise ConfigurationError(f"development key file {path} must not be readable by others (chmod 600)")
-    try:
-        return Keyring.parse(path.read_text())
-    except InvalidKey as error:
-        raise ConfigurationError(f"development key file {path} is invalid: {error}") from None
 
 
 def check_security_files(settings: Settings) -> None:

@@ -17,13 +17,12 @@ from pathlib import Path
 from integrations_service import app, healthcheck, logs
 from integrations_service.api.server import SERVICE_NAME
 from integrations_service.config import KEY_MATERIAL_ENVS, Settings, add_flags, load_settings
-from integrations_service.crypto import EncryptionKey, ValueCipher
+from integrations_service.crypto import EncryptionKey
 from integrations_service.devcerts import expiring, make_dev_certs
-from integrations_service.domain.audit import AuditTrail, Caller
+from integrations_service.domain.audit import Caller
 from integrations_service.domain.legacy import LegacyValues
 from integrations_service.domain.rotation import RotationReport, Rotator
 from integrations_service.errors import ConfigurationError, FailedPrecondition, Unavailable
-from integrations_service.store.factory import open_store
 
 log = logging.getLogger("integrations.cli")
 
@@ -71,30 +70,24 @@ async def _serve(settings: Settings) -> None:
 
 
 async def _migrate(settings: Settings) -> None:
-    store = await open_store(settings.database_url, settings.data_dir, timeout=settings.db_timeout, pool_size=1)
-    await store.close()
+    await app.migrate(settings)
     log.info("migrations applied", extra={"event": "migrated"})
 
 
 async def _rotate(settings: Settings, batch_size: int) -> int:
-    cipher = ValueCipher(app.resolve_keyring(settings))
-    store, key_usage = await app.open_checked_store(settings, cipher, pool_size=2)
-    audit = AuditTrail(store)
-    try:
-        caller = Caller(f"cli:rotate@{getpass.getuser()}")
-        rewrap_legacy = settings.legacy_values is LegacyValues.READ
-        rotator = Rotator(store, cipher, audit, caller, batch_size, _progress, rewrap_legacy=rewrap_legacy)
+    caller = Caller(f"cli:rotate@{getpass.getuser()}")
+    rewrap_legacy = settings.legacy_values is LegacyValues.READ
+    async with app.maintenance(settings, pool_size=2) as parts:
+        rotator = Rotator(
+            parts.store, parts.cipher, parts.audit, caller, batch_size, _progress, rewrap_legacy=rewrap_legacy
+        )
         report = await rotator.rotate()
-    finally:
-        await audit.close()
-        await key_usage.close()
-        await store.close()
     summary = {
         "rows_scanned": report.rows_scanned,
         "rows_rewrapped": report.rows_rewrapped,
         "values_rewrapped": report.values_rewrapped,
         "from_keys": dict(report.from_keys),
-        "active_key_id": cipher.active_key_id,
+        "active_key_id": parts.cipher.active_key_id,
         "undecryptable": [{"row_id": row, "field": field} for row, field in report.undecryptable],
         # Found before this run, and still legacy after it: 0 remaining means refuse can be switched on.
         "legacy_values": dict(report.legacy_found),
@@ -128,19 +121,13 @@ def _progress(report: RotationReport) -> None:
 
 
 async def _retire(settings: Settings, key_id: str) -> int:
-    cipher = ValueCipher(app.resolve_keyring(settings))
-    store, key_usage = await app.open_checked_store(settings, cipher, pool_size=1)
-    audit = AuditTrail(store)
     try:
-        rotator = Rotator(store, cipher, audit, Caller(f"cli:retire-key@{getpass.getuser()}"))
-        rows = await rotator.retire(key_id)
+        async with app.maintenance(settings, pool_size=1) as parts:
+            rotator = Rotator(parts.store, parts.cipher, parts.audit, Caller(f"cli:retire-key@{getpass.getuser()}"))
+            rows = await rotator.retire(key_id)
     except FailedPrecondition as error:
         log.error("cannot retire key %r: %s", key_id, error, extra={"event": "retire_refused", "key_id": key_id})
         return 1
-    finally:
-        await audit.close()
-        await key_usage.close()
-        await store.close()
     log.info("key %r retired (%d rows checked)", key_id, rows, extra={"event": "key_retired", "key_id": key_id})
     return 0
 
