@@ -16,7 +16,13 @@ from pathlib import Path
 
 from integrations_service import app, healthcheck, logs
 from integrations_service.api.server import SERVICE_NAME
-from integrations_service.config import KEY_MATERIAL_ENVS, Settings, add_flags, load_settings
+from integrations_service.config import (
+    KEY_MATERIAL_ENVS,
+    Settings,
+    add_flags,
+    load_healthcheck_settings,
+    load_settings,
+)
 from integrations_service.crypto import EncryptionKey
 from integrations_service.devcerts import expiring, make_dev_certs
 from integrations_service.domain.audit import Caller
@@ -147,6 +153,15 @@ def _dev_certs(directory: Path, if_expiring: bool) -> int:
     return 0
 
 
+def _healthcheck(address: str | None, timeout: float, ready: bool) -> int:
+    try:
+        settings = load_healthcheck_settings(address, os.environ)
+    except ConfigurationError as error:
+        print(f"healthcheck: {error}", file=sys.stderr)
+        return healthcheck.UNHEALTHY
+    return healthcheck.check(settings, timeout, SERVICE_NAME if ready else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "gen-key":
@@ -155,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "dev-certs":
         return _dev_certs(args.out, args.if_expiring)
     if args.command == "healthcheck":
-        return healthcheck.check(os.environ, args.address, args.timeout, SERVICE_NAME if args.ready else "")
+        return _healthcheck(args.address, args.timeout, ready=args.ready)
     try:
         settings = load_settings(args, os.environ, serving=args.command == "serve")
     except ConfigurationError as error:
