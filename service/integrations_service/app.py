@@ -22,13 +22,14 @@ from integrations_service.config import ENCRYPTION_KEY_FILE_ENV, KEY_MATERIAL_EN
 from integrations_service.crypto import Keyring, ValueCipher
 from integrations_service.devkey import load_or_create_dev_key
 from integrations_service.domain.audit import AuditTrail
-from integrations_service.domain.keys import KeyUsage
+from integrations_service.domain.keys import EncryptionCounter, KeyUsage
 from integrations_service.domain.legacy import LegacyPolicy
 from integrations_service.domain.service import CredentialService
 from integrations_service.errors import ConfigurationError
-from integrations_service.metrics import InstrumentedStore, Metrics
+from integrations_service.metrics import Metrics
 from integrations_service.store import IntegrationStore
 from integrations_service.store.factory import open_store
+from integrations_service.store.instrumented import instrumented
 
 log = logging.getLogger("integrations.app")
 
@@ -80,8 +81,8 @@ class Maintenance:
 @contextlib.asynccontextmanager
 async def maintenance(settings: Settings, pool_size: int) -> AsyncIterator[Maintenance]:
     """The collaborators of a one-off command, closed afterwards as `RunningService.stop` closes the service's."""
-    cipher = ValueCipher(resolve_keyring(settings))
-    store, key_usage = await open_checked_store(settings, cipher, pool_size)
+    cipher, counter = _cipher(settings)
+    store, key_usage = await open_checked_store(settings, cipher, counter, pool_size)
     audit = AuditTrail(store)
     try:
         yield Maintenance(store, cipher, audit)
@@ -93,6 +94,12 @@ async def migrate(settings: Settings) -> None:
     """Apply the migrations (opening the store does) without needing the encryption keys."""
     store = await open_store(settings.database_url, settings.data_dir, timeout=settings.db_timeout, pool_size=1)
     await store.close()
+
+
+def _cipher(settings: Settings) -> tuple[ValueCipher, EncryptionCounter]:
+    """The cipher, and the counter it reports its encryptions to (for the nonce budget)."""
+    counter = EncryptionCounter()
+    return ValueCipher(resolve_keyring(settings), monitor=counter), counter
 
 
 def resolve_keyring(settings: Settings) -> Keyring:
@@ -121,15 +128,21 @@ def _security(settings: Settings) -> tuple[grpc.ServerCredentials | None, Author
 
 
 async def open_checked_store(
-    settings: Settings, cipher: ValueCipher, pool_size: int, metrics: Metrics | None = None, *, listen: bool = False
+    settings: Settings,
+    cipher: ValueCipher,
+    counter: EncryptionCounter,
+    pool_size: int,
+    metrics: Metrics | None = None,
+    *,
+    listen: bool = False,
 ) -> tuple[IntegrationStore, KeyUsage]:
     """The store, migrated, with the configured keys proven to be the ones its data was written with."""
     store = await open_store(
         settings.database_url, settings.data_dir, timeout=settings.db_timeout, pool_size=pool_size, listen=listen
     )
     if metrics is not None:
-        store = InstrumentedStore(store, metrics)
-    key_usage = KeyUsage(store, cipher)
+        store = instrumented(store, metrics)
+    key_usage = KeyUsage(store, cipher, counter)
     try:
         await key_usage.verify()
     except BaseException:
@@ -160,10 +173,12 @@ def _legacy_policy(settings: Settings, metrics: Metrics) -> LegacyPolicy:
 
 async def start(settings: Settings) -> RunningService:
     _warn_if_key_in_environment(settings)
-    cipher = ValueCipher(resolve_keyring(settings))
+    cipher, counter = _cipher(settings)
     credentials, authorizer = _security(settings)  # bad TLS files or policy stop us before the store opens
     metrics = Metrics()
-    store, key_usage = await open_checked_store(settings, cipher, settings.db_pool_size, metrics, listen=True)
+    store, key_usage = await open_checked_store(
+        settings, cipher, counter, settings.db_pool_size, metrics, listen=True
+    )
     audit = AuditTrail(store, reads=settings.audit_reads)
     try:
         service = CredentialService(store, cipher, settings.provider_defaults, audit, _legacy_policy(settings, metrics))
