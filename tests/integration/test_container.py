@@ -185,7 +185,8 @@ async def test_healthcheck_names_the_variable_it_cannot_use_and_reports_unhealth
     tls = {"INTEGRATIONS_TLS_CERT": str(tmp_path / "server.crt")}
     code, _, err = await healthcheck("127.0.0.1:1", tls)
     assert code == 1  # not 2, which Docker reserves
-    assert "INTEGRATIONS_HEALTHCHECK_CA is required" in err and "Traceback" not in err
+    assert "INTEGRATIONS_HEALTHCHECK_CA is required" in err
+    assert "Traceback" not in err
     files = {name: str(tmp_path / "missing.pem") for name in
              ("INTEGRATIONS_HEALTHCHECK_CA", "INTEGRATIONS_HEALTHCHECK_CERT", "INTEGRATIONS_HEALTHCHECK_KEY")}
     code, _, err = await healthcheck("127.0.0.1:1", {**tls, **files})
