@@ -22,7 +22,7 @@ from integrations_service.config import ENCRYPTION_KEY_FILE_ENV, KEY_MATERIAL_EN
 from integrations_service.crypto import Keyring, ValueCipher
 from integrations_service.devkey import load_or_create_dev_key
 from integrations_service.domain.audit import AuditTrail
-from integrations_service.domain.keys import EncryptionCounter, KeyUsage
+from integrations_service.domain.key_ledger import EncryptionCounter, KeyUsage
 from integrations_service.domain.legacy import LegacyPolicy
 from integrations_service.domain.service import CredentialService
 from integrations_service.errors import ConfigurationError

@@ -14,7 +14,7 @@ from integrations_service.crypto.aead import (
     legacy_format,
     seal_v1,
 )
-from integrations_service.crypto.keys import DEFAULT_KEY_ID, EncryptionKey, InvalidKey, Keyring
+from integrations_service.crypto.keyring import DEFAULT_KEY_ID, EncryptionKey, InvalidKey, Keyring
 
 __all__ = [
     "DEFAULT_KEY_ID",

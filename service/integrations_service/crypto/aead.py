@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from integrations_service.crypto.keys import DEFAULT_KEY_ID, KEY_ID_PATTERN, EncryptionKey, Keyring
+from integrations_service.crypto.keyring import DEFAULT_KEY_ID, KEY_ID_PATTERN, EncryptionKey, Keyring
 
 NONCE_BYTES = 12
 TAG_BYTES = 16

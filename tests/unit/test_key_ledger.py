@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from integrations_service.crypto import EncryptionKey, Keyring, ValueCipher, ValueContext
-from integrations_service.domain.keys import EncryptionCounter, KeyUsage
+from integrations_service.domain.key_ledger import EncryptionCounter, KeyUsage
 from integrations_service.errors import Unavailable
 from integrations_service.store.memory import MemoryStore
 
