@@ -32,7 +32,7 @@ async def key_usage(store: MemoryStore) -> tuple[ValueCipher, KeyUsage]:
 
 
 async def stored_counts(store: MemoryStore) -> dict[str, int]:
-    return {record.key_id: record.encryptions for record in await store.register_keys({})}
+    return {record.key_id: record.encryptions for record in await store.list_keys()}
 
 
 async def test_encryptions_are_counted_before_and_after_they_are_saved() -> None:

@@ -87,7 +87,7 @@ class KeyUsage:
         # Check against what is stored before recording anything: a start refused for another reason must not
         # leave a new key's (possibly mistyped) check value behind. Then check again, in case another replica
         # registered the same new key id at the same time.
-        check_keys(await self._store.register_keys({}), self._cipher)
+        check_keys(await self._store.list_keys(), self._cipher)
         records = await self._store.register_keys(self._cipher.check_values())
         check_keys(records, self._cipher)
         self._stored_totals = {r.key_id: r.encryptions for r in records}

@@ -174,6 +174,10 @@ class IntegrationStore(abc.ABC):
     # --- keys ---------------------------------------------------------------------------------------
 
     @abc.abstractmethod
+    async def list_keys(self) -> list[KeyRecord]:
+        """Every key record, retired ones too, in key id order; changes nothing."""
+
+    @abc.abstractmethod
     async def register_keys(self, check_values: Mapping[str, str]) -> list[KeyRecord]:
         """Record keys not known yet (with 0 encryptions); return every key record, retired ones too.
 
