@@ -46,12 +46,12 @@ def refuse(error: Exception) -> Callable[[StoredIntegration | None], dict[str, s
     return mutate
 
 
-def event(rpc: str = "SaveIntegration", organization_id: str = ORG, **overrides: object) -> AuditRecord:
+def event(action: str = "SaveIntegration", organization_id: str = ORG, **overrides: object) -> AuditRecord:
     """An audit record with every field set (overridable)."""
     values: dict[str, object] = {
         "time": datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC),
         "caller": "svc-dashboard",
-        "rpc": rpc,
+        "action": action,
         "outcome": "OK",
         "organization_id": organization_id,
         "provider": "stripe",
@@ -344,7 +344,7 @@ async def test_audit_records_round_trip_exactly(store: IntegrationStore) -> None
         request_id="\"'; DROP TABLE audit_events; --",
         details={"reason": "Olá 世界 ✓", "count": "12", "": ""},
     )
-    bare = AuditRecord(time=datetime(2024, 7, 1, 12, 0, tzinfo=UTC), caller="cli", rpc="Rotate", outcome="OK")
+    bare = AuditRecord(time=datetime(2024, 7, 1, 12, 0, tzinfo=UTC), caller="cli", action="Rotate", outcome="OK")
     await store.append_audit([full, bare])
 
     newest, oldest = await trail(store)

@@ -63,7 +63,8 @@ class AuditRecord:
 
     time: datetime
     caller: str
-    rpc: str
+    # What was done: an RPC's name (SaveIntegration) or a command's (RotateKeys); the database column is `rpc`.
+    action: str
     outcome: str
     organization_id: str = ""
     provider: str = ""

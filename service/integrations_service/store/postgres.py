@@ -749,7 +749,7 @@ def _audit_parameters(record: AuditRecord) -> tuple[object, ...]:
     return (
         _utc(record.time),
         record.caller,
-        record.rpc,
+        record.action,
         record.outcome,
         record.organization_id,
         record.provider,
@@ -767,7 +767,7 @@ def _to_audit_entry(record: Any) -> AuditEntry:
         record=AuditRecord(
             time=_utc(record["time"]),
             caller=str(record["caller"]),
-            rpc=str(record["rpc"]),
+            action=str(record["rpc"]),
             outcome=str(record["outcome"]),
             organization_id=str(record["organization_id"]),
             provider=str(record["provider"]),

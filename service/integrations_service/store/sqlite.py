@@ -511,7 +511,7 @@ def _audit_parameters(record: AuditRecord) -> tuple[object, ...]:
     return (
         _utc_text(record.time),
         record.caller,
-        record.rpc,
+        record.action,
         record.outcome,
         record.organization_id,
         record.provider,
@@ -530,7 +530,7 @@ def _to_audit_entry(row: Iterable[Any]) -> AuditEntry:
         record=AuditRecord(
             time=_parse_time(str(time)).astimezone(UTC),
             caller=str(caller),
-            rpc=str(rpc),
+            action=str(rpc),
             outcome=str(outcome),
             organization_id=str(organization_id),
             provider=str(provider),
