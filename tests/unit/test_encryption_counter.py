@@ -1,4 +1,4 @@
-"""The nonce budget: the cipher tells its monitor of each encryption, and KeyUsage saves the counts."""
+"""The nonce budget: the cipher tells its EncryptionCounter of each encryption; KeyUsage saves the counts."""
 
 from __future__ import annotations
 
