@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1._async import HealthServicer
@@ -20,16 +19,18 @@ from integrations_service.api.readiness import Readiness
 from integrations_service.api.server import SERVICE_NAME, build_server, listen, mark_serving
 from integrations_service.api.tls import ReloadingCredentials
 from integrations_service.config import ENCRYPTION_KEY_FILE_ENV, KEY_MATERIAL_ENVS, Mode, Settings
-from integrations_service.crypto import EncryptionKey, InvalidKey, Keyring, ValueCipher
+from integrations_service.crypto import Keyring, ValueCipher
+from integrations_service.devkey import load_or_create_dev_key
 from integrations_service.domain.audit import AuditTrail
-from integrations_service.domain.keys import KeyUsage
+from integrations_service.domain.key_ledger import EncryptionCounter, KeyUsage
 from integrations_service.domain.service import CredentialService
 from integrations_service.errors import ConfigurationError
-from integrations_service.metrics import InstrumentedStore, Metrics
+from integrations_service.metrics import Metrics
 from integrations_service.sealing import LegacyPolicy, Sealer
 from integrations_service.store import IntegrationStore
 from integrations_service.store.cached import CachingStore
 from integrations_service.store.factory import open_store
+from integrations_service.store.instrumented import instrumented
 
 log = logging.getLogger("integrations.app")
 
@@ -51,17 +52,56 @@ class RunningService:
         await self.readiness.close()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
-        # In this order (the store last: the others write to it), and each whatever the others did: a failed
-        # audit flush must not keep the encryption counts, which the nonce budget depends on, from being saved.
-        for step, close in (("audit", self.audit.close), ("key_usage", self.key_usage.close),
-                            ("store", self.store.close)):
-            try:
-                await close()
-            except Exception:
-                log.exception("a shutdown step failed; going on with the others",
-                              extra={"event": "stop_failed", "store": step})
+        await _close_in_order(self.audit, self.key_usage, self.store)
         log.info("stopped", extra={"event": "stopped"})
         await self.metrics.close()
+
+
+async def _close_in_order(audit: AuditTrail, key_usage: KeyUsage, store: IntegrationStore) -> None:
+    """The store last (the others write to it), and each whatever the others did: a failed audit flush must not
+    keep the encryption counts, which the nonce budget depends on, from being saved."""
+    steps: Sequence[tuple[str, Callable[[], Awaitable[None]]]] = (
+        ("audit", audit.close), ("key_usage", key_usage.close), ("store", store.close)
+    )
+    for step, close in steps:
+        try:
+            await close()
+        except Exception:
+            log.exception("a shutdown step failed; going on with the others",
+                          extra={"event": "stop_failed", "store": step})
+
+
+@dataclass(frozen=True)
+class Maintenance:
+    """What the `rotate` and `retire-key` commands work with: the checked store, the cipher, and the audit trail."""
+
+    store: IntegrationStore
+    cipher: ValueCipher
+    audit: AuditTrail
+
+
+@contextlib.asynccontextmanager
+async def maintenance(settings: Settings, pool_size: int) -> AsyncIterator[Maintenance]:
+    """The collaborators of a one-off command, closed afterwards as `RunningService.stop` closes the service's."""
+    cipher, counter = _cipher(settings)
+    store, key_usage = await open_checked_store(settings, cipher, counter, pool_size)
+    audit = AuditTrail(store)
+    try:
+        yield Maintenance(store, cipher, audit)
+    finally:
+        await _close_in_order(audit, key_usage, store)
+
+
+async def migrate(settings: Settings) -> None:
+    """Apply the migrations (opening the store does) without needing the encryption keys."""
+    store = await open_store(settings.database_url, settings.data_dir, timeout=settings.db_timeout, pool_size=1)
+    await store.close()
+
+
+def _cipher(settings: Settings) -> tuple[ValueCipher, EncryptionCounter]:
+    """The cipher, and the counter it reports its encryptions to (for the nonce budget)."""
+    counter = EncryptionCounter()
+    return ValueCipher(resolve_keyring(settings), monitor=counter), counter
 
 
 def resolve_keyring(settings: Settings) -> Keyring:
@@ -70,25 +110,6 @@ def resolve_keyring(settings: Settings) -> Keyring:
     if settings.mode is Mode.PRODUCTION:  # load_settings already refuses this; belt and braces
         raise ConfigurationError("a dedicated encryption key is required in production mode")
     return load_or_create_dev_key(settings.dev_key_path)
-
-
-def load_or_create_dev_key(path: Path) -> Keyring:
-    """A development key kept in a 0600 file, so restarts can read what was written before."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(EncryptionKey.generate().to_text() + "\n")
-        log.warning(
-            "no encryption key set: generated a development key file; never use it in production",
-            extra={"event": "dev_key_generated", "path": str(path)},
-        )
-    if path.stat().st_mode & 0o077:
-        raise ConfigurationError(f"development key file {path} must not be readable by others (chmod 600)")
-    try:
-        return Keyring.parse(path.read_text())
-    except InvalidKey as error:
-        raise ConfigurationError(f"development key file {path} is invalid: {error}") from None
 
 
 def check_security_files(settings: Settings) -> None:
@@ -109,15 +130,21 @@ def _security(settings: Settings) -> tuple[grpc.ServerCredentials | None, Author
 
 
 async def open_checked_store(
-    settings: Settings, cipher: ValueCipher, pool_size: int, metrics: Metrics | None = None, *, listen: bool = False
+    settings: Settings,
+    cipher: ValueCipher,
+    counter: EncryptionCounter,
+    pool_size: int,
+    metrics: Metrics | None = None,
+    *,
+    listen: bool = False,
 ) -> tuple[IntegrationStore, KeyUsage]:
     """The store, migrated, with the configured keys proven to be the ones its data was written with."""
     store = await open_store(
         settings.database_url, settings.data_dir, timeout=settings.db_timeout, pool_size=pool_size, listen=listen
     )
     if metrics is not None:
-        store = InstrumentedStore(store, metrics)
-    key_usage = KeyUsage(store, cipher)
+        store = instrumented(store, metrics)
+    key_usage = KeyUsage(store, cipher, counter)
     try:
         await key_usage.verify()
     except BaseException:
@@ -148,10 +175,12 @@ def _legacy_policy(settings: Settings, metrics: Metrics) -> LegacyPolicy:
 
 async def start(settings: Settings) -> RunningService:
     _warn_if_key_in_environment(settings)
-    cipher = ValueCipher(resolve_keyring(settings))
+    cipher, counter = _cipher(settings)
     credentials, authorizer = _security(settings)  # bad TLS files or policy stop us before the store opens
     metrics = Metrics()
-    store, key_usage = await open_checked_store(settings, cipher, settings.db_pool_size, metrics, listen=True)
+    store, key_usage = await open_checked_store(
+        settings, cipher, counter, settings.db_pool_size, metrics, listen=True
+    )
     store = _with_row_cache(store, settings, metrics)
     audit = AuditTrail(store, reads=settings.audit_reads)
     try:

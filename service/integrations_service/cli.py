@@ -16,14 +16,19 @@ from pathlib import Path
 
 from integrations_service import app, healthcheck, logs
 from integrations_service.api.server import SERVICE_NAME
-from integrations_service.config import KEY_MATERIAL_ENVS, Settings, add_flags, load_settings
-from integrations_service.crypto import EncryptionKey, ValueCipher
+from integrations_service.config import (
+    KEY_MATERIAL_ENVS,
+    Settings,
+    add_flags,
+    load_healthcheck_settings,
+    load_settings,
+)
+from integrations_service.crypto import EncryptionKey
 from integrations_service.devcerts import expiring, make_dev_certs
-from integrations_service.domain.audit import AuditTrail, Caller
+from integrations_service.domain.audit import Caller
 from integrations_service.domain.rotation import RotationReport, Rotator
 from integrations_service.errors import ConfigurationError, FailedPrecondition, Unavailable
 from integrations_service.sealing import LegacyValues, Sealer
-from integrations_service.store.factory import open_store
 
 log = logging.getLogger("integrations.cli")
 
@@ -71,30 +76,24 @@ async def _serve(settings: Settings) -> None:
 
 
 async def _migrate(settings: Settings) -> None:
-    store = await open_store(settings.database_url, settings.data_dir, timeout=settings.db_timeout, pool_size=1)
-    await store.close()
+    await app.migrate(settings)
     log.info("migrations applied", extra={"event": "migrated"})
 
 
 async def _rotate(settings: Settings, batch_size: int) -> int:
-    cipher = ValueCipher(app.resolve_keyring(settings))
-    store, key_usage = await app.open_checked_store(settings, cipher, pool_size=2)
-    audit = AuditTrail(store)
-    try:
-        caller = Caller(f"cli:rotate@{getpass.getuser()}")
-        rewrap_legacy = settings.legacy_values is LegacyValues.READ
-        rotator = Rotator(store, Sealer(cipher), audit, caller, batch_size, _progress, rewrap_legacy=rewrap_legacy)
+    caller = Caller(f"cli:rotate@{getpass.getuser()}")
+    rewrap_legacy = settings.legacy_values is LegacyValues.READ
+    async with app.maintenance(settings, pool_size=2) as parts:
+        rotator = Rotator(
+            parts.store, Sealer(parts.cipher), parts.audit, caller, batch_size, _progress, rewrap_legacy=rewrap_legacy
+        )
         report = await rotator.rotate()
-    finally:
-        await audit.close()
-        await key_usage.close()
-        await store.close()
     summary = {
         "rows_scanned": report.rows_scanned,
         "rows_rewrapped": report.rows_rewrapped,
         "values_rewrapped": report.values_rewrapped,
         "from_keys": dict(report.from_keys),
-        "active_key_id": cipher.active_key_id,
+        "active_key_id": parts.cipher.active_key_id,
         "undecryptable": [{"row_id": row, "field": field} for row, field in report.undecryptable],
         # Found before this run, and still legacy after it: 0 remaining means refuse can be switched on.
         "legacy_values": dict(report.legacy_found),
@@ -128,19 +127,15 @@ def _progress(report: RotationReport) -> None:
 
 
 async def _retire(settings: Settings, key_id: str) -> int:
-    cipher = ValueCipher(app.resolve_keyring(settings))
-    store, key_usage = await app.open_checked_store(settings, cipher, pool_size=1)
-    audit = AuditTrail(store)
     try:
-        rotator = Rotator(store, Sealer(cipher), audit, Caller(f"cli:retire-key@{getpass.getuser()}"))
-        rows = await rotator.retire(key_id)
+        async with app.maintenance(settings, pool_size=1) as parts:
+            rotator = Rotator(
+                parts.store, Sealer(parts.cipher), parts.audit, Caller(f"cli:retire-key@{getpass.getuser()}")
+            )
+            rows = await rotator.retire(key_id)
     except FailedPrecondition as error:
         log.error("cannot retire key %r: %s", key_id, error, extra={"event": "retire_refused", "key_id": key_id})
         return 1
-    finally:
-        await audit.close()
-        await key_usage.close()
-        await store.close()
     log.info("key %r retired (%d rows checked)", key_id, rows, extra={"event": "key_retired", "key_id": key_id})
     return 0
 
@@ -160,6 +155,15 @@ def _dev_certs(directory: Path, if_expiring: bool) -> int:
     return 0
 
 
+def _healthcheck(address: str | None, timeout: float, ready: bool) -> int:
+    try:
+        settings = load_healthcheck_settings(address, os.environ)
+    except ConfigurationError as error:
+        print(f"healthcheck: {error}", file=sys.stderr)
+        return healthcheck.UNHEALTHY
+    return healthcheck.check(settings, timeout, SERVICE_NAME if ready else "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "gen-key":
@@ -168,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "dev-certs":
         return _dev_certs(args.out, args.if_expiring)
     if args.command == "healthcheck":
-        return healthcheck.check(os.environ, args.address, args.timeout, SERVICE_NAME if args.ready else "")
+        return _healthcheck(args.address, args.timeout, ready=args.ready)
     try:
         settings = load_settings(args, os.environ, serving=args.command == "serve")
     except ConfigurationError as error:

@@ -233,6 +233,57 @@ def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str], s
     return settings
 
 
+HEALTHCHECK_CA_ENV = "INTEGRATIONS_HEALTHCHECK_CA"
+HEALTHCHECK_CERT_ENV = "INTEGRATIONS_HEALTHCHECK_CERT"
+HEALTHCHECK_KEY_ENV = "INTEGRATIONS_HEALTHCHECK_KEY"
+HEALTHCHECK_SERVER_NAME_ENV = "INTEGRATIONS_HEALTHCHECK_SERVER_NAME"
+HEALTHCHECK_FILE_ENVS = (HEALTHCHECK_CA_ENV, HEALTHCHECK_CERT_ENV, HEALTHCHECK_KEY_ENV)
+
+
+@dataclass(frozen=True)
+class HealthcheckTls:
+    """The health checker's own client certificate, and the name it verifies on the server's."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    # None: the first DNS name of `server_cert`, else the dialled host.
+    server_name: str | None
+    server_cert: Path
+
+
+@dataclass(frozen=True)
+class HealthcheckSettings:
+    """What `integrations-service healthcheck` needs (env only: the container's HEALTHCHECK sets no flags)."""
+
+    address: str
+    # None: the service serves plaintext (no INTEGRATIONS_TLS_CERT).
+    tls: HealthcheckTls | None
+
+
+def load_healthcheck_settings(address: str | None, environ: Mapping[str, str]) -> HealthcheckSettings:
+    """`address` (the --address flag) else INTEGRATIONS_LISTEN_ADDRESS; problems reported by env var name."""
+    reader = _Reader(None, environ)
+    address = address or reader.text(LISTEN_ADDRESS)
+    try:
+        split_address(address)
+    except ValueError:
+        reader.problem(LISTEN_ADDRESS.env, f"(or --address) must be host:port, got {address!r}")
+    server_cert = reader.text(TLS_CERT)
+    tls = None
+    if server_cert:
+        files = [(env, environ.get(env, "")) for env in HEALTHCHECK_FILE_ENVS]
+        for env, path in files:
+            if not path:
+                reader.problem(env, f"is required when the service serves TLS ({TLS_CERT.env} is set)")
+        if all(path for _, path in files):
+            ca, cert, key = (Path(path) for _, path in files)
+            server_name = environ.get(HEALTHCHECK_SERVER_NAME_ENV) or None
+            tls = HealthcheckTls(ca, cert, key, server_name, Path(server_cert))
+    reader.raise_problems()
+    return HealthcheckSettings(address, tls)
+
+
 def _dest(setting: Setting) -> str:
     return setting.flag.removeprefix("--").replace("-", "_")
 

@@ -5,31 +5,40 @@ serves); with `--ready`, for `integrations.v1.IntegrationService` (readiness:
 NOT_SERVING while the credential store is unreachable).
 
 The container's HEALTHCHECK runs it, so no extra binary is needed. It reads
-the same environment as the service: INTEGRATIONS_LISTEN_ADDRESS (a wildcard
-host is reached on loopback) and, when the service serves mutual TLS, a
-client certificate of its own from INTEGRATIONS_HEALTHCHECK_CERT / _KEY and
-the CA of the server's certificate from INTEGRATIONS_HEALTHCHECK_CA. Health
-checking is open to any authenticated caller, so that certificate needs no
-role in the policy. The name it verifies is INTEGRATIONS_HEALTHCHECK_SERVER_NAME
-or, unset, the first DNS name of the service's own certificate
-(INTEGRATIONS_TLS_CERT): a production certificate names `integrations.internal`
-or the like, never the loopback address the check dials.
+the same environment as the service (through `config.load_healthcheck_settings`):
+INTEGRATIONS_LISTEN_ADDRESS (a wildcard host is reached on loopback) and, when
+the service serves mutual TLS, a client certificate of its own from
+INTEGRATIONS_HEALTHCHECK_CERT / _KEY and the CA of the server's certificate
+from INTEGRATIONS_HEALTHCHECK_CA. Health checking is open to any authenticated
+caller, so that certificate needs no role in the policy. The name it verifies
+is INTEGRATIONS_HEALTHCHECK_SERVER_NAME or, unset, the first DNS name of the
+service's own certificate (INTEGRATIONS_TLS_CERT): a production certificate
+names `integrations.internal` or the like, never the loopback address the
+check dials.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
 from cryptography import x509
 from grpc_health.v1 import health_pb2
 
-from integrations_service.config import LISTEN_ADDRESS, TLS_CERT, split_address
+from integrations_service.config import (
+    HEALTHCHECK_CA_ENV,
+    HEALTHCHECK_CERT_ENV,
+    HEALTHCHECK_KEY_ENV,
+    HealthcheckSettings,
+    HealthcheckTls,
+    split_address,
+)
+from integrations_service.errors import ConfigurationError
 
-HEALTHCHECK_FILES = ("INTEGRATIONS_HEALTHCHECK_CA", "INTEGRATIONS_HEALTHCHECK_CERT", "INTEGRATIONS_HEALTHCHECK_KEY")
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}  # noqa: S104 (mapped away from)
+# Not 2: Docker reserves that exit code of a HEALTHCHECK; 1 is "unhealthy".
+UNHEALTHY = 1
 
 
 def target_of(address: str) -> str:
@@ -37,18 +46,25 @@ def target_of(address: str) -> str:
     return f"{_WILDCARDS.get(host, host)}:{port}"
 
 
-def _channel(target: str, environ: Mapping[str, str]) -> grpc.Channel:
-    if not environ.get(TLS_CERT.env):
+def _channel(target: str, tls: HealthcheckTls | None) -> grpc.Channel:
+    if tls is None:
         return grpc.insecure_channel(target)
-    missing = [name for name in HEALTHCHECK_FILES if not environ.get(name)]
-    if missing:
-        raise SystemExit(f"healthcheck: the service serves TLS; set {', '.join(missing)}")
-    ca, cert, key = (Path(environ[name]).read_bytes() for name in HEALTHCHECK_FILES)
+    ca, cert, key = (
+        _read(env, path) for env, path in ((HEALTHCHECK_CA_ENV, tls.ca), (HEALTHCHECK_CERT_ENV, tls.cert),
+                                           (HEALTHCHECK_KEY_ENV, tls.key))
+    )
     credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
     options = []
-    if name := environ.get("INTEGRATIONS_HEALTHCHECK_SERVER_NAME") or server_dns_name(Path(environ[TLS_CERT.env])):
+    if name := tls.server_name or server_dns_name(tls.server_cert):
         options.append(("grpc.ssl_target_name_override", name))
     return grpc.secure_channel(target, credentials, options=options)
+
+
+def _read(env: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ConfigurationError(f"{env} names {path}, which cannot be read: {error.strerror}") from None
 
 
 def server_dns_name(cert_path: Path) -> str | None:
@@ -76,14 +92,20 @@ def _check_method(
     )
 
 
-def check(environ: Mapping[str, str], address: str | None, timeout: float, service: str = "") -> int:
-    target = target_of(address or environ.get(LISTEN_ADDRESS.env) or str(LISTEN_ADDRESS.default))
-    with _channel(target, environ) as channel:
+def check(settings: HealthcheckSettings, timeout: float, service: str = "") -> int:
+    """0 when `service` is SERVING; UNHEALTHY otherwise, also when the health checker's own files are unreadable."""
+    target = target_of(settings.address)
+    try:
+        channel = _channel(target, settings.tls)
+    except ConfigurationError as error:
+        print(f"healthcheck: {error}", file=sys.stderr)
+        return UNHEALTHY
+    with channel:
         try:
             reply = _check_method(channel)(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError as error:
             print(f"healthcheck: {target}: {error.code().name}", file=sys.stderr)
-            return 1
+            return UNHEALTHY
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"healthcheck: {target}: {status}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else UNHEALTHY

@@ -12,9 +12,7 @@ grpc_method,grpc_code}`, ...), so stock dashboards and alerts work unchanged.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Mapping
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -32,22 +30,9 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from integrations_service import errors
-from integrations_service.store import (
-    AuditEntry,
-    AuditRecord,
-    IntegrationStore,
-    KeyRecord,
-    Mutation,
-    PoolStats,
-    Precondition,
-    Rewrite,
-    StoredIntegration,
-)
+from integrations_service.store import IntegrationStore, PoolStats
 from integrations_service.store.cached import INVALIDATION_REASONS, RESULTS, CacheCounts
-from integrations_service.store.changes import ChangeFeed
 
-T = TypeVar("T")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -135,6 +120,16 @@ class Metrics:
         if instruments is None:
             instruments = self._rpcs[method] = RpcMetrics(method, self._grpc, self)
         return instruments
+
+    def observed(self, operation: str, seconds: float) -> None:
+        """A store call's latency (`store.instrumented.StoreObserver`)."""
+        self.store_seconds.labels(operation).observe(seconds)
+
+    def unavailable(self, operation: str) -> None:
+        """A store call that answered UNAVAILABLE (`store.instrumented.StoreObserver`)."""
+        self.store_unavailable.labels(operation).inc()
+        for listener in self.store_unavailable_listeners:
+            listener()
 
     def watch(self, store: IntegrationStore, key_totals: Callable[[], Mapping[str, int]]) -> None:
         """Expose pool use and per-key encryption counts, read at scrape time."""
@@ -271,73 +266,3 @@ class _StateCollector(Collector):
             pool.add_metric(["idle"], stats.idle)
             pool.add_metric(["max"], stats.max_size)
             yield pool
-
-
-class InstrumentedStore(IntegrationStore):
-    """Times every store call; otherwise passes everything through unchanged."""
-
-    def __init__(self, inner: IntegrationStore, metrics: Metrics) -> None:
-        self._inner = inner
-        self._metrics = metrics
-
-    async def _timed(self, operation: str, call: Awaitable[T]) -> T:
-        started = time.perf_counter()
-        try:
-            return await call
-        except errors.Unavailable:
-            self._metrics.store_unavailable.labels(operation).inc()
-            for listener in self._metrics.store_unavailable_listeners:
-                listener()
-            raise
-        finally:
-            self._metrics.store_seconds.labels(operation).observe(time.perf_counter() - started)
-
-    async def ping(self) -> None:
-        # Not timed or counted: the readiness probe's checks are not calls anyone waits for.
-        await self._inner.ping()
-
-    async def get(self, organization_id: str, provider: str) -> StoredIntegration | None:
-        return await self._timed("get", self._inner.get(organization_id, provider))
-
-    async def list_for_organization(self, organization_id: str) -> list[StoredIntegration]:
-        return await self._timed("list_for_organization", self._inner.list_for_organization(organization_id))
-
-    async def upsert(
-        self, organization_id: str, provider: str, mutate: Mutation, audit: AuditRecord | None = None
-    ) -> StoredIntegration:
-        return await self._timed("upsert", self._inner.upsert(organization_id, provider, mutate, audit))
-
-    async def delete(
-        self, organization_id: str, provider: str, check: Precondition, audit: AuditRecord | None = None
-    ) -> bool:
-        return await self._timed("delete", self._inner.delete(organization_id, provider, check, audit))
-
-    async def scan(self, after_id: str, limit: int) -> list[StoredIntegration]:
-        return await self._timed("scan", self._inner.scan(after_id, limit))
-
-    async def rewrap(self, ids: Sequence[str], rewrite: Rewrite, audit: AuditRecord | None = None) -> int:
-        return await self._timed("rewrap", self._inner.rewrap(ids, rewrite, audit))
-
-    async def register_keys(self, check_values: Mapping[str, str]) -> list[KeyRecord]:
-        return await self._timed("register_keys", self._inner.register_keys(check_values))
-
-    async def add_encryptions(self, counts: Mapping[str, int]) -> None:
-        await self._timed("add_encryptions", self._inner.add_encryptions(counts))
-
-    async def retire_key(self, key_id: str) -> None:
-        await self._timed("retire_key", self._inner.retire_key(key_id))
-
-    async def append_audit(self, records: Sequence[AuditRecord]) -> None:
-        await self._timed("append_audit", self._inner.append_audit(records))
-
-    async def list_audit(self, organization_id: str, before_id: int, limit: int) -> list[AuditEntry]:
-        return await self._timed("list_audit", self._inner.list_audit(organization_id, before_id, limit))
-
-    def pool_stats(self) -> PoolStats | None:
-        return self._inner.pool_stats()
-
-    def changes(self) -> ChangeFeed | None:
-        return self._inner.changes()
-
-    async def close(self) -> None:
-        await self._inner.close()

@@ -170,7 +170,7 @@ def unstorable(request_id: str, kind: str) -> AuditRecord:
     """A record no store can take (built around `AuditTrail.record`, which would have made it storable)."""
     # PostgreSQL refuses NUL in text; neither store can encode a lone surrogate.
     provider = "stri\x00pe" if kind == "postgres" else "\ud800"
-    return AuditRecord(time=datetime.now(UTC), caller="tester", rpc="GetProviderConfig", outcome="OK",
+    return AuditRecord(time=datetime.now(UTC), caller="tester", action="GetProviderConfig", outcome="OK",
                        organization_id="org_unstorable", provider=provider, request_id=request_id)
 
 
@@ -202,7 +202,7 @@ async def test_the_trail_splits_a_batch_around_records_the_store_refuses(
     for i in range(5):
         for _ in range(6):
             request_id = rid(f"good{i}")
-            audit.enqueue(AuditRecord(time=datetime.now(UTC), caller="tester", rpc="GetProviderConfig",
+            audit.enqueue(AuditRecord(time=datetime.now(UTC), caller="tester", action="GetProviderConfig",
                                       outcome="OK", organization_id="org_split", provider="stripe",
                                       request_id=request_id))
             good.append(request_id)

@@ -181,6 +181,20 @@ async def test_healthcheck_verifies_the_dns_name_of_a_production_certificate(
     assert "UNAVAILABLE" in err
 
 
+async def test_healthcheck_names_the_variable_it_cannot_use_and_reports_unhealthy(tmp_path: Path) -> None:
+    tls = {"INTEGRATIONS_TLS_CERT": str(tmp_path / "server.crt")}
+    code, _, err = await healthcheck("127.0.0.1:1", tls)
+    assert code == 1  # not 2, which Docker reserves
+    assert "INTEGRATIONS_HEALTHCHECK_CA is required" in err
+    assert "Traceback" not in err
+    files = {name: str(tmp_path / "missing.pem") for name in
+             ("INTEGRATIONS_HEALTHCHECK_CA", "INTEGRATIONS_HEALTHCHECK_CERT", "INTEGRATIONS_HEALTHCHECK_KEY")}
+    code, _, err = await healthcheck("127.0.0.1:1", {**tls, **files})
+    assert code == 1
+    assert f"INTEGRATIONS_HEALTHCHECK_CA names {tmp_path / 'missing.pem'}, which cannot be read" in err
+    assert "Traceback" not in err
+
+
 def test_wheels_carry_migrations_and_type_markers(tmp_path: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),

@@ -118,7 +118,7 @@ def record(rpc: str, organization_id: str, request_id: str) -> AuditRecord:
     return AuditRecord(
         time=datetime.now(UTC),
         caller="test",
-        rpc=rpc,
+        action=rpc,
         outcome="OK",
         organization_id=organization_id,
         provider=PROVIDER,

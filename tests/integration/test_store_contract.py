@@ -48,12 +48,12 @@ def refuse(error: Exception) -> Callable[[StoredIntegration | None], dict[str, s
     return mutate
 
 
-def event(rpc: str = "SaveIntegration", organization_id: str = ORG, **overrides: object) -> AuditRecord:
+def event(action: str = "SaveIntegration", organization_id: str = ORG, **overrides: object) -> AuditRecord:
     """An audit record with every field set (overridable)."""
     values: dict[str, object] = {
         "time": datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC),
         "caller": "svc-dashboard",
-        "rpc": rpc,
+        "action": action,
         "outcome": "OK",
         "organization_id": organization_id,
         "provider": "stripe",
@@ -361,7 +361,7 @@ async def test_audit_records_round_trip_exactly(store: IntegrationStore) -> None
         request_id="\"'; DROP TABLE audit_events; --",
         details={"reason": "Olá 世界 ✓", "count": "12", "": ""},
     )
-    bare = AuditRecord(time=datetime(2024, 7, 1, 12, 0, tzinfo=UTC), caller="cli", rpc="Rotate", outcome="OK")
+    bare = AuditRecord(time=datetime(2024, 7, 1, 12, 0, tzinfo=UTC), caller="cli", action="Rotate", outcome="OK")
     await store.append_audit([full, bare])
 
     newest, oldest = await trail(store)
@@ -575,17 +575,31 @@ async def test_register_keys_records_new_keys_once(store: IntegrationStore) -> N
     assert keys_by_id(await store.register_keys({})) == again
 
 
+async def test_list_keys_reads_every_key_in_id_order_and_changes_nothing(store: IntegrationStore) -> None:
+    assert await store.list_keys() == []
+    assert await store.list_keys() == []  # reading registered nothing
+    await store.register_keys({"k2": "check-2", "k1": "check-1", "k10": "check-10"})
+    await store.add_encryptions({"k2": 3})
+    await store.retire_key("k1")
+    assert await store.list_keys() == [
+        KeyRecord("k1", "check-1", 0, retired=True),
+        KeyRecord("k10", "check-10", 0, retired=False),
+        KeyRecord("k2", "check-2", 3, retired=False),
+    ]
+    assert await store.list_keys() == await store.register_keys({})
+
+
 async def test_add_encryptions_accumulates(store: IntegrationStore) -> None:
     await store.register_keys({"k1": "c1", "k2": "c2"})
     await store.add_encryptions({"k1": 3})
     await store.add_encryptions({"k1": 4, "k2": 1, "unknown": 5})
     await store.add_encryptions({})
     await store.add_encryptions({"k2": 0})
-    keys = keys_by_id(await store.register_keys({}))
+    keys = keys_by_id(await store.list_keys())
     assert {key_id: key.encryptions for key_id, key in keys.items()} == {"k1": 7, "k2": 1}
     big = 2**40
     await store.add_encryptions({"k1": big})
-    assert keys_by_id(await store.register_keys({}))["k1"].encryptions == big + 7
+    assert keys_by_id(await store.list_keys())["k1"].encryptions == big + 7
 
 
 async def test_concurrent_key_registrations_and_counts_all_land(store: IntegrationStore) -> None:
@@ -594,7 +608,7 @@ async def test_concurrent_key_registrations_and_counts_all_land(store: Integrati
     # Each caller names the keys in another order: the store must not deadlock on them.
     orders = [{"c": 1, "a": 2, "b": 3}, {"b": 3, "a": 2, "c": 1}]
     await asyncio.gather(*(store.add_encryptions(orders[i % 2]) for i in range(callers)))
-    keys = keys_by_id(await store.register_keys({}))
+    keys = keys_by_id(await store.list_keys())
     assert {key_id: key.encryptions for key_id, key in keys.items()} == {"a": 20, "b": 30, "c": 10}
 
 

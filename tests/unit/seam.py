@@ -79,4 +79,4 @@ async def listed_status(
 
 def audit_records(database: MemoryDatabase, action: str | None = None) -> list[AuditRecord]:
     """What the store's audit trail holds, oldest first (optionally of one RPC or action)."""
-    return [entry.record for entry in database.audit if action is None or entry.record.rpc == action]
+    return [entry.record for entry in database.audit if action is None or entry.record.action == action]

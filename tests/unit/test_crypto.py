@@ -67,7 +67,7 @@ def test_v1_vectors_both_ways(key_text: str, plaintext: str, nonce_hex: str, sto
 def test_v2_vectors_both_ways(plaintext: str, context: ValueContext, nonce_hex: str, aad_hex: str, stored: str) -> None:
     cipher = ValueCipher(Keyring.parse(f"k2026:{VECTOR_KEY_HEX}"))
     assert associated_data("k2026", context).hex() == aad_hex
-    assert cipher.encrypt_with_nonce(plaintext, context, bytes.fromhex(nonce_hex)) == stored
+    assert cipher._encrypt_with_nonce(plaintext, context, bytes.fromhex(nonce_hex)) == stored
     assert cipher.decrypt(stored, context) == plaintext
 
 
@@ -83,10 +83,20 @@ def test_v2_round_trip_any_unicode(plaintext: str) -> None:
     assert CIPHER.decrypt(stored, CONTEXT) == plaintext
 
 
-def test_two_encryptions_differ_and_are_counted_per_key() -> None:
-    cipher = ValueCipher(Keyring([("a", KEY_A)]))
+class Encryptions:
+    def __init__(self) -> None:
+        self.key_ids: list[str] = []
+
+    def encrypted(self, key_id: str) -> None:
+        self.key_ids.append(key_id)
+
+
+def test_two_encryptions_differ_and_each_is_told_to_the_monitor_by_key() -> None:
+    monitor = Encryptions()
+    cipher = ValueCipher(Keyring([("a", KEY_A), ("b", KEY_B)]), monitor=monitor)
     assert cipher.encrypt("sk_test_same", CONTEXT) != cipher.encrypt("sk_test_same", CONTEXT)
-    assert cipher.encryptions == {"a": 2}
+    cipher.decrypt(cipher.encrypt("x", CONTEXT), CONTEXT)
+    assert monitor.key_ids == ["a", "a", "a"]  # decryptions are not counted
 
 
 @pytest.mark.parametrize(

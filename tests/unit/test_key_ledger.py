@@ -7,8 +7,8 @@ from collections.abc import Mapping
 
 import pytest
 
-from integrations_service.crypto import NONCE_LIMIT, ValueCipher, ValueContext
-from integrations_service.domain.keys import WARN_AT_ENCRYPTIONS, KeyUsage, check_keys
+from integrations_service.crypto import NONCE_LIMIT, Keyring, ValueCipher, ValueContext
+from integrations_service.domain.key_ledger import WARN_AT_ENCRYPTIONS, EncryptionCounter, KeyUsage, check_keys
 from integrations_service.errors import ConfigurationError, Unavailable
 from integrations_service.store import KeyRecord
 from integrations_service.store.memory import MemoryDatabase, MemoryStore
@@ -19,6 +19,17 @@ OLD_CHECK = old_cipher().check_values()[OLD_KEY_ID]
 NEW_CHECK = rotated_cipher().check_values()[NEW_KEY_ID]
 # The check value the old key's id would have if another key had been registered under it.
 WRONG_CHECK = cipher_of((OLD_KEY_ID, NEW_KEY)).check_values()[OLD_KEY_ID]
+
+
+@pytest.fixture
+def counter() -> EncryptionCounter:
+    return EncryptionCounter()
+
+
+@pytest.fixture
+def cipher(counter: EncryptionCounter) -> ValueCipher:
+    """The rotated keyring (conftest's cipher), telling `counter` of each encryption, as the wiring does."""
+    return ValueCipher(Keyring([(NEW_KEY_ID, NEW_KEY), (OLD_KEY_ID, OLD_KEY)]), monitor=counter)
 
 
 def record(key_id: str, check_value: str, retired: bool = False, encryptions: int = 0) -> KeyRecord:
@@ -75,9 +86,9 @@ def test_the_key_check_never_shows_key_material() -> None:
 
 
 async def test_verify_registers_every_configured_key_with_its_check_value(
-    database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher
+    database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher, counter: EncryptionCounter
 ) -> None:
-    await KeyUsage(store, cipher).verify()
+    await KeyUsage(store, cipher, counter).verify()
 
     assert database.keys == {
         NEW_KEY_ID: record(NEW_KEY_ID, NEW_CHECK),
@@ -87,10 +98,11 @@ async def test_verify_registers_every_configured_key_with_its_check_value(
 
 async def test_a_refused_start_registers_nothing(database: MemoryDatabase, store: MemoryStore) -> None:
     """A new key configured next to a mistyped old one is not recorded: the operator fixes the keyring first."""
-    await KeyUsage(store, cipher_of((OLD_KEY_ID, NEW_KEY))).verify()  # the store now knows the wrong key as default
+    # The store now knows the wrong key as default.
+    await KeyUsage(store, cipher_of((OLD_KEY_ID, NEW_KEY)), EncryptionCounter()).verify()
 
     with pytest.raises(ConfigurationError, match="check value differs"):
-        await KeyUsage(store, rotated_cipher()).verify()
+        await KeyUsage(store, rotated_cipher(), EncryptionCounter()).verify()
 
     assert set(database.keys) == {OLD_KEY_ID}
     assert database.keys[OLD_KEY_ID].check_value == WRONG_CHECK
@@ -102,11 +114,11 @@ def encrypt(cipher: ValueCipher, times: int) -> None:
 
 
 async def test_totals_are_the_stored_count_plus_this_process_unflushed_encryptions(
-    database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher
+    database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher, counter: EncryptionCounter
 ) -> None:
     await store.register_keys(cipher.check_values())
     await store.add_encryptions({NEW_KEY_ID: 40, OLD_KEY_ID: 7})  # other replicas, earlier runs
-    usage = KeyUsage(store, cipher)
+    usage = KeyUsage(store, cipher, counter)
     await usage.verify()
 
     encrypt(cipher, 3)
@@ -135,10 +147,10 @@ class OutageStore(MemoryStore):
 
 
 async def test_encryptions_a_failed_flush_could_not_store_are_stored_by_the_next(
-    database: MemoryDatabase, cipher: ValueCipher
+    database: MemoryDatabase, cipher: ValueCipher, counter: EncryptionCounter
 ) -> None:
     store = OutageStore(database)
-    usage = KeyUsage(store, cipher)
+    usage = KeyUsage(store, cipher, counter)
     await usage.verify()
     encrypt(cipher, 4)
 
@@ -158,13 +170,17 @@ def wear_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 
 async def test_the_wear_warning_starts_at_a_quarter_of_the_nonce_budget(
-    database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher, caplog: pytest.LogCaptureFixture
+    database: MemoryDatabase,
+    store: MemoryStore,
+    cipher: ValueCipher,
+    counter: EncryptionCounter,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     assert WARN_AT_ENCRYPTIONS == NONCE_LIMIT // 4 == 2**30
     await store.register_keys(cipher.check_values())
     await store.add_encryptions({NEW_KEY_ID: WARN_AT_ENCRYPTIONS - 2})
     caplog.set_level(logging.WARNING, logger="integrations.keys")
-    usage = KeyUsage(store, cipher)
+    usage = KeyUsage(store, cipher, counter)
 
     await usage.verify()
     encrypt(cipher, 1)
@@ -185,11 +201,11 @@ async def test_a_worn_active_key_is_reported_at_start_and_a_worn_old_key_is_not(
     await store.add_encryptions({OLD_KEY_ID: NONCE_LIMIT // 2})
     caplog.set_level(logging.WARNING, logger="integrations.keys")
 
-    await KeyUsage(store, old_cipher()).verify()
+    await KeyUsage(store, old_cipher(), EncryptionCounter()).verify()
     [warning] = wear_warnings(caplog)
     assert warning.key_id == OLD_KEY_ID  # type: ignore[attr-defined]
     assert "50.0%" in warning.getMessage()
 
     caplog.clear()
-    await KeyUsage(store, rotated_cipher()).verify()
+    await KeyUsage(store, rotated_cipher(), EncryptionCounter()).verify()
     assert wear_warnings(caplog) == []  # the worn key no longer encrypts: the rotation answered the warning

@@ -14,17 +14,17 @@ import yaml
 from integrations_service.api.auth import Policy
 from integrations_service.config import (
     ENCRYPTION_KEY_FILE_ENV,
+    HEALTHCHECK_FILE_ENVS,
     SETTINGS,
     SHUTDOWN_GRACE,
 )
-from integrations_service.healthcheck import HEALTHCHECK_FILES
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "deploy" / "kubernetes"
 MAKEFILE = (ROOT / "Makefile").read_text()
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 FILE_SETTINGS = {ENCRYPTION_KEY_FILE_ENV, "INTEGRATIONS_TLS_CERT", "INTEGRATIONS_TLS_KEY", "INTEGRATIONS_TLS_CLIENT_CA",
-                 "INTEGRATIONS_AUTHZ_POLICY", *HEALTHCHECK_FILES}
+                 "INTEGRATIONS_AUTHZ_POLICY", *HEALTHCHECK_FILE_ENVS}
 
 
 def documents() -> list[tuple[str, dict[str, Any]]]:

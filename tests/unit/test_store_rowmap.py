@@ -12,7 +12,7 @@ from integrations_service.store import AuditRecord, UnreadableConfig, postgres, 
 RECORD = AuditRecord(
     time=datetime(2024, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2))),
     caller="svc-dashboard",
-    rpc="SaveIntegration",
+    action="SaveIntegration",
     outcome="OK",
     organization_id="org_1",
     provider="stripe",

@@ -85,7 +85,7 @@ def audit_to_pb(entry: AuditEntry) -> pb.AuditEvent:
     event = pb.AuditEvent(
         id=entry.id,
         caller=record.caller,
-        action=record.rpc,
+        action=record.action,
         outcome=record.outcome,
         organization_id=record.organization_id,
         provider=record.provider,

@@ -4,6 +4,7 @@ from integrations_service.crypto.aead import (
     LEGACY_PLAINTEXT,
     LEGACY_V1,
     NONCE_LIMIT,
+    EncryptionMonitor,
     InvalidCiphertext,
     UnknownKeyId,
     ValueCipher,
@@ -13,7 +14,7 @@ from integrations_service.crypto.aead import (
     legacy_format,
     seal_v1,
 )
-from integrations_service.crypto.keys import DEFAULT_KEY_ID, EncryptionKey, InvalidKey, Keyring
+from integrations_service.crypto.keyring import DEFAULT_KEY_ID, EncryptionKey, InvalidKey, Keyring
 
 __all__ = [
     "DEFAULT_KEY_ID",
@@ -21,6 +22,7 @@ __all__ = [
     "LEGACY_V1",
     "NONCE_LIMIT",
     "EncryptionKey",
+    "EncryptionMonitor",
     "InvalidCiphertext",
     "InvalidKey",
     "Keyring",

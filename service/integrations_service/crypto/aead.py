@@ -24,16 +24,16 @@ import hashlib
 import hmac
 import os
 import struct
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from integrations_service.crypto.keys import DEFAULT_KEY_ID, KEY_ID_PATTERN, EncryptionKey, Keyring
+from integrations_service.crypto.keyring import DEFAULT_KEY_ID, KEY_ID_PATTERN, EncryptionKey, Keyring
 
 NONCE_BYTES = 12
 TAG_BYTES = 16
@@ -122,6 +122,17 @@ def seal_v1(key: EncryptionKey, plaintext: str, nonce: bytes) -> str:
     return V1_PREFIX + base64.b64encode(nonce + sealed).decode("ascii")
 
 
+class EncryptionMonitor(Protocol):
+    """Told of every encryption, by key id (as Tink's monitoring client is): the nonce budget is counted outside."""
+
+    def encrypted(self, key_id: str) -> None: ...
+
+
+class _Unmonitored:
+    def encrypted(self, key_id: str) -> None:
+        pass
+
+
 class _KeyMaterial:
     """Everything derived from one master key, computed once."""
 
@@ -141,11 +152,11 @@ class ValueCipher:
     Build it once at start-up: key derivation and AES key schedules happen here.
     """
 
-    def __init__(self, keyring: Keyring) -> None:
+    def __init__(self, keyring: Keyring, monitor: EncryptionMonitor | None = None) -> None:
         self._keyring = keyring
         self._keys = {key_id: _KeyMaterial(key) for key_id, key in keyring}
         self._active = self._keys[keyring.active_id]
-        self.encryptions: Counter[str] = Counter()
+        self._monitor = monitor or _Unmonitored()
 
     @property
     def active_key_id(self) -> str:
@@ -161,14 +172,14 @@ class ValueCipher:
 
     def encrypt(self, plaintext: str, context: ValueContext) -> str:
         """enc:v2 under the active key and a fresh random nonce."""
-        return self.encrypt_with_nonce(plaintext, context, os.urandom(NONCE_BYTES))
+        return self._encrypt_with_nonce(plaintext, context, os.urandom(NONCE_BYTES))
 
-    def encrypt_with_nonce(self, plaintext: str, context: ValueContext, nonce: bytes) -> str:
-        """Encrypt with a given nonce. Only for test vectors: a reused nonce breaks GCM."""
+    def _encrypt_with_nonce(self, plaintext: str, context: ValueContext, nonce: bytes) -> str:
+        """Encrypt with a given nonce. Private, for the documented test vectors only: a reused nonce breaks GCM."""
         key_id = self._keyring.active_id
         aad = associated_data(key_id, context)
         sealed = self._active.v2.encrypt(_checked_nonce(nonce), plaintext.encode("utf-8"), aad)
-        self.encryptions[key_id] += 1
+        self._monitor.encrypted(key_id)
         return f"{V2_PREFIX}{key_id}:" + base64.b64encode(nonce + sealed).decode("ascii")
 
     def decrypt(self, stored: str, context: ValueContext) -> str:

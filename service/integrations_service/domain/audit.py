@@ -99,7 +99,7 @@ class AuditTrail:
     def record(
         self,
         caller: Caller,
-        rpc: str,
+        action: str,
         outcome: str,
         organization_id: str = "",
         provider: str = "",
@@ -113,7 +113,7 @@ class AuditTrail:
         return AuditRecord(
             time=self._clock(),
             caller=bounded(caller.identity, _CALLER_LIMIT),
-            rpc=rpc,
+            action=action,
             outcome=outcome,
             organization_id=bounded(organization_id),
             provider=bounded(provider),
@@ -129,7 +129,7 @@ class AuditTrail:
             extra={
                 "event": "audit",
                 "caller": audit.caller,
-                "rpc": audit.rpc,
+                "rpc": audit.action,
                 "outcome": audit.outcome,
                 "organization_id": audit.organization_id or None,
                 "provider": audit.provider or None,
@@ -168,7 +168,7 @@ class AuditTrail:
     def refused(
         self,
         caller: Caller,
-        rpc: str,
+        action: str,
         error: ServiceError,
         organization_id: str = "",
         provider: str = "",
@@ -176,7 +176,7 @@ class AuditTrail:
     ) -> None:
         """Record a refused call: the outcome is the error's class, the reason its message (never a value)."""
         details = {"reason": error.message}
-        self.enqueue(self.record(caller, rpc, type(error).__name__, organization_id, provider, fields, details))
+        self.enqueue(self.record(caller, action, type(error).__name__, organization_id, provider, fields, details))
 
     async def flush(self) -> None:
         """Store what is buffered. The store being down keeps the records for the next flush; records it
@@ -230,7 +230,7 @@ class AuditTrail:
             exc_info=not isinstance(error, StoreRejected),
             extra={
                 "event": "audit_failed",
-                "rpc": bounded(audit.rpc),
+                "rpc": bounded(audit.action),
                 "outcome": bounded(audit.outcome),
                 "organization_id": bounded(audit.organization_id) or None,
                 "provider": bounded(audit.provider) or None,

@@ -103,7 +103,7 @@ class Rotator:
         """Mark a key retired once no stored value needs it; returns the rows scanned."""
         if key_id == self._sealer.active_key_id:
             raise FailedPrecondition(f"key {key_id!r} is the active key: make another key active first")
-        known = {record.key_id for record in await self._store.register_keys({})}  # {}: only reads the ledger
+        known = {record.key_id for record in await self._store.list_keys()}
         if key_id not in known:
             raise FailedPrecondition(
                 f"no key {key_id!r} is registered in the store (known: {', '.join(map(repr, sorted(known)))})"

@@ -70,7 +70,8 @@ class AuditRecord:
 
     time: datetime
     caller: str
-    rpc: str
+    # What was done: an RPC's name (SaveIntegration) or a command's (RotateKeys); the database column is `rpc`.
+    action: str
     outcome: str
     organization_id: str = ""
     provider: str = ""
@@ -179,6 +180,10 @@ class IntegrationStore(abc.ABC):
         """
 
     # --- keys ---------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def list_keys(self) -> list[KeyRecord]:
+        """Every key record, retired ones too, in key id order; changes nothing."""
 
     @abc.abstractmethod
     async def register_keys(self, check_values: Mapping[str, str]) -> list[KeyRecord]:

@@ -230,6 +230,9 @@ class CachingStore(IntegrationStore):
     async def register_keys(self, check_values: Mapping[str, str]) -> list[KeyRecord]:
         return await self._inner.register_keys(check_values)
 
+    async def list_keys(self) -> list[KeyRecord]:
+        return await self._inner.list_keys()
+
     async def add_encryptions(self, counts: Mapping[str, int]) -> None:
         await self._inner.add_encryptions(counts)
 

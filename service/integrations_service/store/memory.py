@@ -140,11 +140,15 @@ class MemoryStore(IntegrationStore):
             self._db.append_audit([audit])
         return len(changes)
 
+    async def list_keys(self) -> list[KeyRecord]:
+        self._check_open()
+        return [self._db.keys[key_id] for key_id in sorted(self._db.keys)]
+
     async def register_keys(self, check_values: Mapping[str, str]) -> list[KeyRecord]:
         self._check_open()
         for key_id in sorted(check_values):
             self._db.keys.setdefault(key_id, KeyRecord(key_id, check_values[key_id], 0, retired=False))
-        return [self._db.keys[key_id] for key_id in sorted(self._db.keys)]
+        return await self.list_keys()
 
     async def add_encryptions(self, counts: Mapping[str, int]) -> None:
         self._check_open()
@@ -193,7 +197,7 @@ class MemoryStore(IntegrationStore):
 
 
 def _storable(record: AuditRecord) -> bool:
-    texts = (record.caller, record.rpc, record.outcome, record.organization_id, record.provider, record.request_id,
+    texts = (record.caller, record.action, record.outcome, record.organization_id, record.provider, record.request_id,
              *record.fields, *record.details.keys(), *record.details.values())
     try:
         for text in texts:

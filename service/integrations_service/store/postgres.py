@@ -379,9 +379,12 @@ class PostgresStore(IntegrationStore):
 
     # --- keys -----------------------------------------------------------------------------------
 
+    async def list_keys(self) -> list[KeyRecord]:
+        return await self._read(_fetch_keys)
+
     async def register_keys(self, check_values: Mapping[str, str]) -> list[KeyRecord]:
         if not check_values:
-            return await self._read(_fetch_keys)
+            return await self.list_keys()
         # Sorted: two replicas registering the same new keys take their locks in the same order.
         parameters = [(key_id, check_values[key_id]) for key_id in sorted(check_values)]
         async with self._transaction() as conn:

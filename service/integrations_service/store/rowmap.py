@@ -96,7 +96,7 @@ def audit_values(record: AuditRecord) -> tuple[object, ...]:
     values: dict[str, object] = {
         "time": utc(record.time),
         "caller": record.caller,
-        "rpc": record.rpc,
+        "rpc": record.action,  # the column keeps its first name
         "outcome": record.outcome,
         "organization_id": record.organization_id,
         "provider": record.provider,
@@ -128,7 +128,7 @@ def audit_entry(
         record=AuditRecord(
             time=utc(time),
             caller=str(caller),
-            rpc=str(rpc),
+            action=str(rpc),
             outcome=str(outcome),
             organization_id=str(organization_id),
             provider=str(provider),

@@ -268,11 +268,14 @@ class SqliteStore(IntegrationStore):
 
     # --- keys -----------------------------------------------------------------------------------
 
+    async def list_keys(self) -> list[KeyRecord]:
+        async with self._reading() as reader:
+            rows = await self._fetch_all(_SELECT_KEYS, (), reader)
+        return [_to_key(row) for row in rows]
+
     async def register_keys(self, check_values: Mapping[str, str]) -> list[KeyRecord]:
         if not check_values:
-            async with self._reading() as reader:
-                rows = await self._fetch_all(_SELECT_KEYS, (), reader)
-            return [_to_key(row) for row in rows]
+            return await self.list_keys()
         created = _text(datetime.now(UTC))
         parameters = [(key_id, check_values[key_id], created) for key_id in sorted(check_values)]
         async with self._write_transaction():

@@ -49,13 +49,37 @@ def check_keys(records: list[KeyRecord], cipher: ValueCipher) -> None:
         raise ConfigurationError("encryption keys do not match the store:\n  " + "\n  ".join(problems))
 
 
+class EncryptionCounter:
+    """The cipher's monitor (`ValueCipher(keyring, monitor=...)`): encryptions per key not yet saved to the store."""
+
+    def __init__(self) -> None:
+        self._unsaved: Counter[str] = Counter()
+
+    def encrypted(self, key_id: str) -> None:
+        self._unsaved[key_id] += 1
+
+    @property
+    def unsaved(self) -> Counter[str]:
+        return self._unsaved.copy()
+
+    def take(self) -> Counter[str]:
+        """The unsaved counts, now the caller's to save (or to `give_back`)."""
+        taken, self._unsaved = self._unsaved, Counter()
+        return taken
+
+    def give_back(self, counts: Counter[str]) -> None:
+        self._unsaved.update(counts)
+
+
 class KeyUsage:
     """Registers keys at start-up, then keeps the per-key encryption counts in the store."""
 
-    def __init__(self, store: IntegrationStore, cipher: ValueCipher) -> None:
+    def __init__(self, store: IntegrationStore, cipher: ValueCipher, counter: EncryptionCounter) -> None:
         self._store = store
         self._cipher = cipher
-        self._flushed: Counter[str] = Counter()
+        self._counter = counter
+        # Taken from the counter and being saved: still counted by `totals` until the store has them.
+        self._saving: Counter[str] = Counter()
         self._stored_totals: dict[str, int] = {}
         self._periodic = PeriodicFlush(self.flush, FLUSH_INTERVAL_SECONDS, "key-usage-flush")
 
@@ -63,7 +87,7 @@ class KeyUsage:
         # Check against what is stored before recording anything: a start refused for another reason must not
         # leave a new key's (possibly mistyped) check value behind. Then check again, in case another replica
         # registered the same new key id at the same time.
-        check_keys(await self._store.register_keys({}), self._cipher)
+        check_keys(await self._store.list_keys(), self._cipher)
         records = await self._store.register_keys(self._cipher.check_values())
         check_keys(records, self._cipher)
         self._stored_totals = {r.key_id: r.encryptions for r in records}
@@ -71,20 +95,25 @@ class KeyUsage:
 
     def totals(self) -> dict[str, int]:
         """Encryptions per key over its whole life: stored count plus this process's unflushed ones."""
-        unflushed = self._cipher.encryptions - self._flushed
+        unflushed = self._counter.unsaved + self._saving
         return {
             key_id: self._stored_totals.get(key_id, 0) + unflushed.get(key_id, 0) for key_id in self._cipher.key_ids
         }
 
     async def flush(self) -> None:
-        delta = self._cipher.encryptions - self._flushed
+        delta = self._counter.take()
         if not delta:
             return
+        self._saving.update(delta)
         try:
             await self._store.add_encryptions(dict(delta))
-        except Unavailable:
-            return  # counted again at the next flush
-        self._flushed.update(delta)
+        except BaseException as error:
+            self._counter.give_back(delta)  # counted again at the next flush
+            if isinstance(error, Unavailable):
+                return
+            raise
+        finally:
+            self._saving.subtract(delta)
         for key_id, count in delta.items():
             self._stored_totals[key_id] = self._stored_totals.get(key_id, 0) + count
         self._warn_if_worn()
@@ -95,7 +124,7 @@ class KeyUsage:
     async def close(self) -> None:
         """Stop the flush task and save the counts once more; say so when the store did not take them."""
         await self._periodic.close()
-        if unsaved := sum((self._cipher.encryptions - self._flushed).values()):
+        if unsaved := sum(self._counter.unsaved.values()):
             log.error(
                 "the store did not take the last encryption counts before shutdown: %d encryptions are not "
                 "counted against their keys' nonce budget",
