@@ -120,6 +120,13 @@ AUDIT_READS = Setting(
     "buffered (a decrypted read's audit record is stored within about 1 s, lost if the process dies first) or "
     "strict (a decrypted value is returned only once its record is stored; UNAVAILABLE when it cannot be)",
 )
+WORKERS = Setting(
+    "INTEGRATIONS_WORKERS",
+    "--workers",
+    "1",
+    "server processes sharing the listen port under a supervisor (SO_REUSEPORT); above 1 needs PostgreSQL "
+    "and a fixed port",
+)
 
 SETTINGS = (
     LISTEN_ADDRESS,
@@ -139,6 +146,7 @@ SETTINGS = (
     INSECURE_PLAINTEXT,
     LEGACY_VALUES,
     AUDIT_READS,
+    WORKERS,
 )
 
 
@@ -172,6 +180,8 @@ class Settings:
     legacy_values: LegacyValues = LegacyValues.READ
     # The env var the keys came from (None: none set, development key file).
     key_source: str | None = None
+    # Above 1: `serve` runs this many server processes under a supervisor (supervisor.py).
+    workers: int = 1
 
     @property
     def dev_key_path(self) -> Path:
@@ -216,6 +226,7 @@ def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str], s
         provider_defaults={var: environ[var] for var in all_env_vars() if environ.get(var)},
         legacy_values=legacy_values or LegacyValues.READ,
         key_source=reader.key_source(),
+        workers=reader.workers(database_url) if serving else 1,
     )
     reader.raise_problems()
     return settings
@@ -328,6 +339,26 @@ class _Reader:
             got = f" (got scheme {scheme!r})" if sep and scheme.replace("+", "").isalnum() else ""
             self.problem(DATABASE_URL.env, f"must start with postgresql://, postgres:// or sqlite:///{got}")
         return url
+
+    def workers(self, database_url: str | None) -> int:
+        workers = int(self.number(WORKERS, int, minimum=1))
+        if workers <= 1:
+            return workers
+        if not (database_url or "").lower().startswith(("postgresql://", "postgres://")):
+            # Each worker would open its own embedded store on the same files: writers that do not see each other.
+            self.problem(
+                WORKERS.env,
+                f"is {workers}, but the embedded SQLite store serves one process only: set {WORKERS.env}=1, "
+                f"or set {DATABASE_URL.env} to a postgresql:// URL to run several workers",
+            )
+        address = self.text(LISTEN_ADDRESS)
+        if address.endswith(":0"):
+            self.problem(
+                WORKERS.env,
+                f"is {workers}, but {LISTEN_ADDRESS.env} asks for any free port (:0): the workers must share one "
+                "fixed port",
+            )
+        return workers
 
     def metrics_address(self) -> str | None:
         address = self.text(METRICS_ADDRESS, empty_is_a_value=True)  # empty turns the endpoint off

@@ -28,6 +28,8 @@ _FIELDS = (
     "fields",
     "key_id",
     "count",
+    "worker",
+    "pid",
 )
 
 
