@@ -18,6 +18,7 @@ import pytest
 
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
+from integrations_client import IntegrationsClient, IntegrationsClientSync
 from integrations_service.store.postgres import ROW_LOCK_NAMESPACE
 from tests.harness import TEST_KEY, new_org
 from tests.integration.test_metrics import sample
@@ -186,6 +187,33 @@ async def test_a_killed_worker_is_restarted_and_serving_goes_on(
     text = await asyncio.to_thread(scrape, env["INTEGRATIONS_METRICS_ADDRESS"])
     assert sum(sample(text, "integrations_worker_restarts_total", worker=w) for w in ("0", "1")) == 1
     assert server.terminate() == 0
+
+
+async def test_the_clients_channels_option_spreads_calls_over_the_workers(
+    processes: Processes, postgres_database_url: str, tmp_path: Path
+) -> None:
+    server = processes.serve(tmp_path / "work", workers_env(postgres_database_url), ["--workers", "2"])
+    server.wait_workers_serving(2)
+
+    def served_by() -> set[object]:
+        return workers_that_logged(server, LIST)
+
+    # One channel is one connection, which the kernel gave to one worker: every call goes there.
+    async with IntegrationsClient(server.target) as one:
+        for _ in range(CHANNELS):
+            await one.list_providers()
+    assert len(served_by()) == 1
+    async with IntegrationsClient(server.target, channels=CHANNELS) as spread:
+        for _ in range(CHANNELS):
+            await spread.list_providers()
+    assert served_by() == {0, 1}
+
+    before = len([e for e in log_entries(server) if e.get("rpc") == LIST])
+    with IntegrationsClientSync(server.target, channels=CHANNELS) as blocking:
+        for _ in range(CHANNELS):
+            blocking.list_providers()
+    sync_calls = [e for e in log_entries(server) if e.get("rpc") == LIST][before:]
+    assert {e.get("worker") for e in sync_calls} == {0, 1}
 
 
 def test_a_crash_loop_ends_the_service_with_an_error(postgres_database_url: str, tmp_path: Path) -> None:
