@@ -27,6 +27,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ MAX_BACKOFF = 10.0
 # More deaths than this within RESTART_WINDOW seconds end the service.
 RESTART_BUDGET = 5
 RESTART_WINDOW = 60.0
+ORPHAN_CHECK_SECONDS = 1.0
 # Beyond the shutdown grace the workers get to close their stores and flush audit records.
 STOP_MARGIN = 10.0
 
@@ -245,6 +247,19 @@ class _WorkerField(logging.Filter):
         return True
 
 
+def _drain_when_orphaned() -> None:
+    """A worker whose supervisor died (SIGKILL, OOM) drains and exits instead of serving on unsupervised."""
+    supervisor = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(ORPHAN_CHECK_SECONDS)
+        log.error("the supervisor is gone: stopping", extra={"event": "supervisor_gone"})
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
 def _worker_main(settings: Settings, index: int, serve: Serve) -> None:
     """A worker process: the whole service, metrics to the multiprocess files; its exit code as `serve`'s."""
     # Ctrl-C reaches the whole process group: the worker drains on it as on the supervisor's SIGTERM.
@@ -252,6 +267,7 @@ def _worker_main(settings: Settings, index: int, serve: Serve) -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_WorkerField(index))
     metrics.run_as_worker(index)
+    _drain_when_orphaned()
     try:
         asyncio.run(serve(settings))
     except (ConfigurationError, Unavailable) as error:

@@ -216,6 +216,25 @@ async def test_the_clients_channels_option_spreads_calls_over_the_workers(
     assert {e.get("worker") for e in sync_calls} == {0, 1}
 
 
+def test_workers_whose_supervisor_was_killed_drain_and_exit(
+    processes: Processes, postgres_database_url: str, tmp_path: Path
+) -> None:
+    server = processes.serve(tmp_path / "work", workers_env(postgres_database_url), ["--workers", "2"])
+    server.wait_workers_serving(2)
+    workers = server.worker_pids()
+    server.kill()  # SIGKILL: no chance to stop its workers
+
+    def exited(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    until(lambda: all(exited(pid) for pid in workers))
+    assert sum(e.get("event") == "supervisor_gone" for e in log_entries(server)) == 2
+    assert sum(e.get("event") == "stopped" for e in log_entries(server)) == 2
+
+
 def test_a_crash_loop_ends_the_service_with_an_error(postgres_database_url: str, tmp_path: Path) -> None:
     # A plain socket (no SO_REUSEPORT) on the port: every worker fails to bind it, again and again.
     with socket.socket() as taken:
