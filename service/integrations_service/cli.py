@@ -186,9 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print("configuration is valid", file=sys.stderr)
         return 0
-    if args.command == "serve" and settings.workers > 1:
-        return supervisor.run(settings, _serve)
     try:
+        if args.command == "serve" and settings.workers > 1:
+            return supervisor.run(settings, _serve)
         return asyncio.run(_run(args, settings))
     except (ConfigurationError, Unavailable) as error:
         log.error("cannot start: %s", error, extra={"event": "start_failed"})

@@ -56,12 +56,11 @@ STOP_MARGIN = 10.0
 
 
 def run(settings: Settings, serve: Serve) -> int:
-    """Supervise `settings.workers` processes each running `serve(settings)`; the service's exit code."""
-    try:
-        asyncio.run(_prepare(settings))
-    except (ConfigurationError, Unavailable) as error:
-        log.error("cannot start: %s", error, extra={"event": "start_failed"})
-        return 1
+    """Supervise `settings.workers` processes each running `serve(settings)`; the service's exit code.
+
+    ConfigurationError and Unavailable (a setting, file or store that stops the start) reach the caller.
+    """
+    asyncio.run(_prepare(settings))
     metrics_dir = tempfile.mkdtemp(prefix="integrations-metrics-")
     # Read by prometheus_client when a worker imports it: every worker writes its series there.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir

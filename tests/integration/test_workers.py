@@ -248,6 +248,19 @@ def test_a_crash_loop_ends_the_service_with_an_error(postgres_database_url: str,
     assert "cannot listen on" in result.stderr
 
 
+def test_a_metrics_address_in_use_stops_the_supervisor_before_any_worker(
+    postgres_database_url: str, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = workers_env(postgres_database_url, INTEGRATIONS_METRICS_ADDRESS=f"127.0.0.1:{taken.getsockname()[1]}")
+        result = run_cli(["serve", "--workers", "2"], tmp_path, env, timeout=30)
+    assert result.returncode == 1
+    assert "INTEGRATIONS_METRICS_ADDRESS: cannot listen on" in result.stderr
+    assert "worker_started" not in result.stderr
+
+
 @pytest.mark.parametrize("database_url", ["", "sqlite:///data/store.sqlite3"])
 def test_the_embedded_store_refuses_more_than_one_worker(database_url: str, tmp_path: Path) -> None:
     env = clean_env({"DATABASE_URL": database_url} if database_url else {})
