@@ -109,6 +109,7 @@ class Metrics:
         self.store_unavailable_listeners: list[Callable[[], None]] = []
         # Read at scrape time (set_function, watch): one process's state, which a worker under a supervisor
         # cannot hand to prometheus_client's multiprocess files; `_WorkerMirror` copies it there instead.
+        # A new gauge goes through `_scraped` too: a plain Gauge under workers would be one series per pid.
         self._read_at_scrape: list[Collector] = []
         self.audit_buffered = self._scraped(
             _FunctionGauge("integrations_audit_buffered_records", "Audit records waiting to be stored")
