@@ -20,6 +20,9 @@ _FIELDS = (
     "provider",
     "event",
     "address",
+    # A worker of `serve --workers N` (its index), and the processes the supervisor starts.
+    "worker",
+    "pid",
     "store",
     "path",
     "mode",
@@ -28,8 +31,6 @@ _FIELDS = (
     "fields",
     "key_id",
     "count",
-    "worker",
-    "pid",
 )
 
 

@@ -154,12 +154,8 @@ class Metrics:
 
     def serve(self, address: str) -> int:
         """Start the /metrics HTTP server in a thread; the port actually bound."""
-        return self.serve_registry(self.registry, address)
-
-    @staticmethod
-    def serve_registry(registry: CollectorRegistry, address: str) -> int:
         host, _, port = address.rpartition(":")
-        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
         return int(server.server_port)
 
 

@@ -124,7 +124,13 @@ class Supervisor:
     def _serve_metrics(self) -> None:
         if self._settings.metrics_address is None:
             return
-        from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, multiprocess
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            disable_created_metrics,
+            multiprocess,
+            start_http_server,
+        )
 
         disable_created_metrics()  # type: ignore[no-untyped-call]
         registry = CollectorRegistry()
@@ -136,8 +142,9 @@ class Supervisor:
         )
         for slot in self._slots:
             self._restarts.labels(str(slot.index))
+        host, _, port = self._settings.metrics_address.rpartition(":")
         try:
-            metrics.Metrics.serve_registry(registry, self._settings.metrics_address)
+            start_http_server(int(port), addr=host.strip("[]"), registry=registry)
         except OSError as error:
             raise ConfigurationError(
                 f"INTEGRATIONS_METRICS_ADDRESS: cannot listen on {self._settings.metrics_address}: {error.strerror}"
