@@ -11,10 +11,10 @@ grpc_method,grpc_code}`, ...), so stock dashboards and alerts work unchanged.
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from logging import getLogger
+from threading import Thread
 from typing import TypeVar
 
 import grpc
@@ -48,7 +48,7 @@ from integrations_service.store.changes import ChangeFeed
 
 T = TypeVar("T")
 _Scraped = TypeVar("_Scraped", bound=Collector)
-log = logging.getLogger("integrations.metrics")
+log = getLogger("integrations.metrics")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -241,7 +241,7 @@ def run_as_worker(index: int) -> None:
     _worker = str(index)
 
 
-class _WorkerMirror(threading.Thread):
+class _WorkerMirror(Thread):
     """Copies the read-at-scrape metrics of one worker into multiprocess series labelled `worker`, every second.
 
     Counters stay counters (the supervisor sums each worker's series over its restarts); gauges are the live
