@@ -18,6 +18,7 @@ environment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import multiprocessing
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -155,7 +156,8 @@ class Supervisor:
             target=_worker_main, args=(self._worker_settings, slot.index, self._serve),
             name=f"integrations-worker-{slot.index}", daemon=False,
         )
-        process.start()
+        with _log_stream_as_stderr():
+            process.start()
         slot.process, slot.started, slot.restart_at = process, time.monotonic(), None
         log.info("worker %d started (pid %s)", slot.index, process.pid,
                  extra={"event": "worker_started", "worker": slot.index, "pid": process.pid})
@@ -239,6 +241,35 @@ class Supervisor:
             self._forget(slot.process)
         log.info("stopped", extra={"event": "stopped"})
         return 0 if clean else 1
+
+
+@contextlib.contextmanager
+def _log_stream_as_stderr() -> Iterator[None]:
+    """While a worker is spawned, fd 2 is the file the log lines go to, for the worker to inherit.
+
+    Where logging writes to a stream of its own rather than to fd 2 itself (fd 2 captured through a
+    pipe the supervisor reads), a worker writing to the inherited fd 2 would depend on the supervisor
+    to pass its lines on, and lose them when the supervisor is killed.
+    """
+    log_fd = _log_fd()
+    if log_fd is None or log_fd == 2:
+        yield
+        return
+    saved = os.dup(2)
+    os.dup2(log_fd, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _log_fd() -> int | None:
+    for handler in logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            return int(stream.fileno())  # type: ignore[union-attr]
+    return None
 
 
 class _WorkerField(logging.Filter):
