@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -91,6 +93,29 @@ def run_cli(
     )
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc)."""
+    found: list[int] = []
+    with contextlib.suppress(FileNotFoundError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def scrape(address: str) -> str:
+    """The text of http://<address>/metrics."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as reply:
+        return str(reply.read().decode())
+
+
 class ServeDied(AssertionError):
     """The process ended (or never answered) before health said SERVING."""
 
@@ -116,6 +141,18 @@ class ServeProcess:
 
     def running(self) -> bool:
         return self.popen.poll() is None
+
+    def wait_workers_serving(self, count: int, timeout: float = START_TIMEOUT) -> None:
+        """Until `count` workers logged that they serve (health answers as soon as the first one does)."""
+        deadline = time.monotonic() + timeout
+        while len(re.findall(r'event(?:=|": ")serving\b', self.stderr())) < count:
+            if not self.running() or time.monotonic() > deadline:
+                raise ServeDied(f"{count} workers did not all start serving; stderr:\n{self.stderr()}")
+            time.sleep(0.05)
+
+    def worker_pids(self) -> set[int]:
+        """The `serve --workers N` supervisor's worker processes (empty for a single-process server)."""
+        return {pid for pid in children(self.popen.pid) if b"spawn_main" in _cmdline(pid)}
 
     def terminate(self, timeout: float = STOP_TIMEOUT) -> int:
         """SIGTERM and wait; SIGKILL (and fail) if it does not exit in `timeout` seconds."""

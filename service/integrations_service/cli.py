@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from integrations_service import app, healthcheck, logs
+from integrations_service import app, healthcheck, logs, supervisor
 from integrations_service.api.server import SERVICE_NAME
 from integrations_service.config import (
     KEY_MATERIAL_ENVS,
@@ -191,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("configuration is valid", file=sys.stderr)
         return 0
     try:
+        if args.command == "serve" and settings.workers > 1:
+            return supervisor.run(settings, _serve)
         return asyncio.run(_run(args, settings))
     except (ConfigurationError, Unavailable) as error:
         log.error("cannot start: %s", error, extra={"event": "start_failed"})

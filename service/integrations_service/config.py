@@ -128,6 +128,13 @@ CACHE_TTL = Setting(
     "seconds a cached stored row (ciphertext) may be served at most, however the change feed fares; 0 turns "
     "the row cache off",
 )
+WORKERS = Setting(
+    "INTEGRATIONS_WORKERS",
+    "--workers",
+    "1",
+    "server processes sharing the listen port under a supervisor (SO_REUSEPORT); above 1 needs PostgreSQL "
+    "and a fixed port",
+)
 
 SETTINGS = (
     LISTEN_ADDRESS,
@@ -148,6 +155,7 @@ SETTINGS = (
     LEGACY_VALUES,
     AUDIT_READS,
     CACHE_TTL,
+    WORKERS,
 )
 
 
@@ -183,6 +191,8 @@ class Settings:
     cache_ttl: float = 5.0
     # The env var the keys came from (None: none set, development key file).
     key_source: str | None = None
+    # Above 1: `serve` runs this many server processes under a supervisor (supervisor.py).
+    workers: int = 1
 
     @property
     def dev_key_path(self) -> Path:
@@ -228,6 +238,7 @@ def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str], s
         legacy_values=legacy_values or LegacyValues.READ,
         cache_ttl=reader.number(CACHE_TTL, float, minimum=0),
         key_source=reader.key_source(),
+        workers=reader.workers(database_url) if serving else 1,
     )
     reader.raise_problems()
     return settings
@@ -396,6 +407,26 @@ class _Reader:
             got = f" (got scheme {scheme!r})" if sep and scheme.replace("+", "").isalnum() else ""
             self.problem(DATABASE_URL.env, f"must start with postgresql://, postgres:// or sqlite:///{got}")
         return url
+
+    def workers(self, database_url: str | None) -> int:
+        workers = int(self.number(WORKERS, int, minimum=1))
+        if workers <= 1:
+            return workers
+        if not (database_url or "").lower().startswith(("postgresql://", "postgres://")):
+            # Each worker would open its own embedded store on the same files: writers that do not see each other.
+            self.problem(
+                WORKERS.env,
+                f"is {workers}, but the embedded SQLite store serves one process only: set {WORKERS.env}=1, "
+                f"or set {DATABASE_URL.env} to a postgresql:// URL to run several workers",
+            )
+        address = self.text(LISTEN_ADDRESS)
+        if address.endswith(":0"):
+            self.problem(
+                WORKERS.env,
+                f"is {workers}, but {LISTEN_ADDRESS.env} asks for any free port (:0): the workers must share one "
+                "fixed port",
+            )
+        return workers
 
     def metrics_address(self) -> str | None:
         address = self.text(METRICS_ADDRESS, empty_is_a_value=True)  # empty turns the endpoint off

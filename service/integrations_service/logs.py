@@ -36,6 +36,9 @@ _FIELDS = (
     "provider",
     "event",
     "address",
+    # A worker of `serve --workers N` (its index), and the processes the supervisor starts.
+    "worker",
+    "pid",
     "store",
     "path",
     "mode",

@@ -12,7 +12,11 @@ grpc_method,grpc_code}`, ...), so stock dashboards and alerts work unchanged.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator, Mapping
+from logging import getLogger
+from threading import Thread
+from typing import TypeVar
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -33,6 +37,9 @@ from prometheus_client.registry import Collector
 from integrations_service.store import IntegrationStore, PoolStats
 from integrations_service.store.cached import INVALIDATION_REASONS, RESULTS, CacheCounts
 
+T = TypeVar("T")
+_Scraped = TypeVar("_Scraped", bound=Collector)
+log = getLogger("integrations.metrics")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -92,27 +99,41 @@ class Metrics:
         )
         # Called on every store call that found the database unreachable (readiness re-checks at once).
         self.store_unavailable_listeners: list[Callable[[], None]] = []
-        self.audit_buffered = Gauge(
-            "integrations_audit_buffered_records", "Audit records waiting to be stored", registry=r
+        # Read at scrape time (set_function, watch): one process's state, which a worker under a supervisor
+        # cannot hand to prometheus_client's multiprocess files; `_WorkerMirror` copies it there instead.
+        # A new gauge goes through `_scraped` too: a plain Gauge under workers would be one series per pid.
+        self._read_at_scrape: list[Collector] = []
+        self.audit_buffered = self._scraped(
+            _FunctionGauge("integrations_audit_buffered_records", "Audit records waiting to be stored")
         )
-        self.audit_dropped = Gauge(
-            "integrations_audit_dropped_records",
-            "Audit records dropped because the buffer was full while the store was down",
-            registry=r,
+        self.audit_dropped = self._scraped(
+            _FunctionGauge(
+                "integrations_audit_dropped_records",
+                "Audit records dropped because the buffer was full while the store was down",
+            )
         )
-        self.change_feed_connected = Gauge(
-            "integrations_change_feed_connected",
-            "1 while every committed row change reaches this process (PostgreSQL: its LISTEN connection is up)",
-            registry=r,
+        self.change_feed_connected = self._scraped(
+            _FunctionGauge(
+                "integrations_change_feed_connected",
+                "1 while every committed row change reaches this process (PostgreSQL: its LISTEN connection is up)",
+            )
         )
-        self.audit_failed = _FunctionCounter(
-            "integrations_audit_records_failed",
-            "Audit records given up: refused by the store even on their own, or not stored before shutdown",
-            registry=r,
+        self.audit_failed = self._scraped(
+            _FunctionCounter(
+                "integrations_audit_records_failed",
+                "Audit records given up: refused by the store even on their own, or not stored before shutdown",
+            )
         )
-
         # Zeros until `serve` wires a row cache in (none with INTEGRATIONS_CACHE_TTL=0): the series always exist.
-        self.cache = _CacheCollector(registry=r)
+        self.cache = self._scraped(_CacheCollector())
+        if _worker is not None:
+            _WorkerMirror(self._read_at_scrape, _worker).start()
+
+    def _scraped(self, collector: _Scraped) -> _Scraped:
+        self._read_at_scrape.append(collector)
+        if _worker is None:
+            self.registry.register(collector)
+        return collector
 
     def rpc(self, method: str) -> RpcMetrics:
         """The instruments of one unary RPC (`/package.Service/Method`), made once and kept."""
@@ -133,7 +154,7 @@ class Metrics:
 
     def watch(self, store: IntegrationStore, key_totals: Callable[[], Mapping[str, int]]) -> None:
         """Expose pool use and per-key encryption counts, read at scrape time."""
-        self.registry.register(_StateCollector(store, key_totals))
+        self._scraped(_StateCollector(store, key_totals))
 
     def serve(self, address: str) -> int:
         """Start the /metrics HTTP server in a thread; the port actually bound."""
@@ -204,11 +225,10 @@ class RpcMetrics:
 class _FunctionCounter(Collector):
     """A counter whose total is kept elsewhere (the domain counts, without knowing Prometheus), read at scrape time."""
 
-    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+    def __init__(self, name: str, documentation: str) -> None:
         self._name = name
         self._documentation = documentation
         self._read: Callable[[], float] = lambda: 0
-        registry.register(self)
 
     def set_function(self, read: Callable[[], float]) -> None:
         self._read = read
@@ -220,9 +240,8 @@ class _FunctionCounter(Collector):
 class _CacheCollector(Collector):
     """The row cache's counts (store/cached.py), read at scrape time: the store layer knows no Prometheus."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self) -> None:
         self.counts = CacheCounts()
-        registry.register(self)
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -243,6 +262,80 @@ class _CacheCollector(Collector):
         for reason in INVALIDATION_REASONS:
             invalidations.add_metric([reason], self.counts.invalidations[reason])
         yield invalidations
+
+
+class _FunctionGauge(_FunctionCounter):
+    """A gauge read at scrape time (what `Gauge.set_function` does, but one a worker's mirror can copy)."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(self._name, self._documentation, value=float(self._read()))
+
+
+# This process's index when it is one of `serve --workers N` (set by the supervisor before the service starts).
+_worker: str | None = None
+
+
+def run_as_worker(index: int) -> None:
+    """From here on, `Metrics` writes to prometheus_client's multiprocess files, labelled `worker=<index>`."""
+    global _worker
+    _worker = str(index)
+
+
+class _WorkerMirror(Thread):
+    """Copies the read-at-scrape metrics of one worker into multiprocess series labelled `worker`, every second.
+
+    Counters stay counters (the supervisor sums each worker's series over its restarts); gauges are the live
+    worker's latest value (`livemostrecent`: the supervisor drops a dead worker's gauges).
+    """
+
+    INTERVAL = 1.0
+
+    def __init__(self, sources: list[Collector], worker: str) -> None:
+        super().__init__(name="metrics-mirror", daemon=True)
+        self._sources = sources
+        self._worker = worker
+        self._gauges: dict[str, Gauge] = {}
+        self._counters: dict[str, Counter] = {}
+        self._counted: dict[tuple[str, tuple[str, ...]], float] = {}
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.copy()
+            except Exception:  # a scrape-time read racing the event loop; the next round reads again
+                log.debug("metrics mirror round failed", exc_info=True)
+            time.sleep(self.INTERVAL)
+
+    def copy(self) -> None:
+        for source in self._sources:
+            for family in source.collect():
+                for sample in family.samples:
+                    labels = tuple(sample.labels.values())
+                    if family.type == "counter":
+                        self._count(family, [*sample.labels], labels, sample.value)
+                    else:
+                        self._gauge(family, [*sample.labels]).labels(*labels, self._worker).set(sample.value)
+
+    def _gauge(self, family: Metric, names: list[str]) -> Gauge:
+        gauge = self._gauges.get(family.name)
+        if gauge is None:
+            gauge = self._gauges[family.name] = Gauge(
+                family.name, family.documentation, [*names, "worker"], registry=None,
+                multiprocess_mode="livemostrecent",
+            )
+        return gauge
+
+    def _count(self, family: Metric, names: list[str], labels: tuple[str, ...], value: float) -> None:
+        counter = self._counters.get(family.name)
+        if counter is None:
+            counter = self._counters[family.name] = Counter(
+                family.name, family.documentation, [*names, "worker"], registry=None
+            )
+        child = counter.labels(*labels, self._worker)  # a zero series from the start, as in one process
+        last = self._counted.get((family.name, labels), 0.0)
+        if value > last:
+            child.inc(value - last)
+            self._counted[(family.name, labels)] = value
 
 
 class _StateCollector(Collector):

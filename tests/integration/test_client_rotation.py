@@ -45,11 +45,11 @@ class Client:
     close: Callable[[], Awaitable[None]]
 
 
-def open_client(kind: str, target: str, tls: TlsConfig, timeout: float = 5) -> Client:
+def open_client(kind: str, target: str, tls: TlsConfig, timeout: float = 5, channels: int = 1) -> Client:
     if kind == "aio":
-        aio = IntegrationsClient(target, tls=tls, cache_ttl=0, timeout=timeout)
+        aio = IntegrationsClient(target, tls=tls, cache_ttl=0, timeout=timeout, channels=channels)
         return Client(aio.get_config, aio.list_providers, aio.close)
-    sync = IntegrationsClientSync(target, tls=tls, cache_ttl=0, timeout=timeout)
+    sync = IntegrationsClientSync(target, tls=tls, cache_ttl=0, timeout=timeout, channels=channels)
     return Client(
         lambda org, provider: asyncio.to_thread(sync.get_config, org, provider),
         lambda: asyncio.to_thread(sync.list_providers),
@@ -165,13 +165,14 @@ async def pki_and_fake(tmp_path: Path) -> AsyncIterator[tuple[Pki, FakeServer]]:
     await server.stop()
 
 
+@pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("kind", ["aio", "sync"])
 async def test_new_files_serve_new_connections_and_calls_in_flight_finish(
-    kind: str, pki_and_fake: tuple[Pki, FakeServer], tmp_path: Path
+    kind: str, channels: int, pki_and_fake: tuple[Pki, FakeServer], tmp_path: Path
 ) -> None:
     pki, server = pki_and_fake
     tls = client_files(pki, tmp_path / "client", COMMERCE)
-    client = open_client(kind, server.target, tls)
+    client = open_client(kind, server.target, tls, channels=channels)
     try:
         assert (await client.get_config("org_1", "stripe"))["secretKey"] == SK
         server.script.delays["ListProviders"] = 2.0
@@ -180,13 +181,14 @@ async def test_new_files_serve_new_connections_and_calls_in_flight_finish(
 
         rotate_files(pki, tls, ROTATED)
         await asyncio.sleep(NOTICED)
-        assert (await client.get_config("org_1", "stripe"))["secretKey"] == SK
+        for _ in range(channels):  # every channel: all of them were replaced
+            assert (await client.get_config("org_1", "stripe"))["secretKey"] == SK
 
         await slow  # finished on the old channel, not cancelled by the swap
         assert server.script.peers == [
             ("GetProviderConfig", COMMERCE),
             ("ListProviders", COMMERCE),
-            ("GetProviderConfig", ROTATED),
+            *[("GetProviderConfig", ROTATED)] * channels,
         ]
     finally:
         await client.close()

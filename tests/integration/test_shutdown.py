@@ -21,15 +21,19 @@ from tests.processes import Processes, clean_env, health_status
 pytestmark = pytest.mark.postgres
 
 
-async def wait_until_blocked(admin: asyncpg.Connection, database: str) -> None:
-    """Until a service connection waits on the advisory lock this test holds."""
+async def wait_until_blocked(admin: asyncpg.Connection, database: str, at_least: int = 1) -> None:
+    """Until `at_least` service connections wait on the advisory lock this test holds.
+
+    Ask on a connection outside the transaction holding the locks: within a transaction, pg_stat_activity
+    is a snapshot, and connections opened after it are not in it.
+    """
     for _ in range(200):
         waiting = await admin.fetchval(
             "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
             "WHERE NOT l.granted AND l.locktype = 'advisory' AND a.datname = $1",
             database,
         )
-        if waiting:
+        if waiting >= at_least:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the save never reached the row lock")

@@ -140,13 +140,24 @@ def test_a_refresh_with_a_stale_value_to_fall_back_on_does_not_wait_for_the_serv
 def test_both_clients_take_the_documented_constructor_arguments() -> None:
     expected = {
         "target": inspect.Parameter.empty, "tls": None, "cache_ttl": 30.0, "cache_max_entries": 1024,
-        "stale_if_error": 300.0, "timeout": 2.0, "wait_for_ready": True, "channel_options": (),
+        "stale_if_error": 300.0, "timeout": 2.0, "wait_for_ready": True, "channel_options": (), "channels": 1,
     }
     for cls in (IntegrationsClient, IntegrationsClientSync):
         parameters = inspect.signature(cls).parameters
-        assert list(parameters) == [*list(expected)[:-1], "clock", "channel_options"]
+        assert list(parameters) == [*list(expected)[:-2], "clock", "channel_options", "channels"]
         assert {name: parameters[name].default for name in expected} == expected
 
 
 def _credentials() -> ProviderCredentials:
     return core()._credentials_call(KEY, None, True).convert(pb.GetProviderConfigResponse())
+
+
+def test_calls_take_the_channels_in_turn_each_on_a_connection_of_its_own() -> None:
+    client = core(channels=3)
+    assert [client._next_channel() for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert ("grpc.use_local_subchannel_pool", 1) in client._options
+    single = core()
+    assert {single._next_channel() for _ in range(3)} == {0}
+    assert ("grpc.use_local_subchannel_pool", 1) not in single._options
+    with pytest.raises(ValueError, match="channels must be at least 1"):
+        core(channels=0)

@@ -15,6 +15,7 @@ one-line method in each shell.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -89,18 +90,23 @@ class ClientCore(Generic[_Flight]):
         wait_for_ready: bool = True,
         clock: Callable[[], float] = time.monotonic,
         channel_options: Sequence[tuple[str, Any]] = (),
+        channels: int = 1,
     ) -> None:
         if not target:
             raise ValueError("target is required (host:port of the integrations service)")
         if timeout <= 0:
             raise ValueError("timeout must be > 0 seconds")
+        if channels < 1:
+            raise ValueError("channels must be at least 1")
         self._target = target
         self._tls = tls
         self._timeout = timeout
         self._wait_for_ready = wait_for_ready
         # Read the TLS files now, so a wrong path fails at start-up rather than on the first call.
         self._tls_files = ReloadingTls(tls) if tls else None
-        self._options = [*tls_channel_options(tls), *channel_options]
+        self._options = [*tls_channel_options(tls), *channel_options, *_spread_options(channels)]
+        self._channel_count = channels
+        self._turns = itertools.count()
         self._cache = CredentialCache(cache_ttl, cache_max_entries, stale_if_error, clock)
         self._inflight: dict[Key, _Flight] = {}
         self._closed = False
@@ -152,6 +158,14 @@ class ClientCore(Generic[_Flight]):
         if credentials is None:
             return insecure(self._target, options=self._options)
         return secure(self._target, credentials, options=self._options)
+
+    def _next_channel(self) -> int:
+        """The index of the channel for the next call: round-robin over `channels`.
+
+        A server with several worker processes (`serve --workers N`) gets a connection, not a call, to
+        each worker: calls spread over its workers only as far as the client spreads them over connections.
+        """
+        return next(self._turns) % self._channel_count
 
     def _tls_changed(self) -> bool:
         """True when new TLS files have loaded since the channel was opened: open a new one."""
@@ -307,6 +321,11 @@ class ClientCore(Generic[_Flight]):
         self._cache.invalidate(matches)
         for key in [key for key in self._inflight if matches(key)]:
             del self._inflight[key]
+
+
+def _spread_options(channels: int) -> list[tuple[str, Any]]:
+    # Equal channels otherwise share one subchannel, hence one TCP connection, through grpc's global pool.
+    return [("grpc.use_local_subchannel_pool", 1)] if channels > 1 else []
 
 
 def invalidation_matches(key: Key, organization_id: str | None, provider: str | None) -> bool:

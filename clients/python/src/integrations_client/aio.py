@@ -45,8 +45,9 @@ class IntegrationsClient(ClientCore[_Flight]):
     """
 
     def _open_transport(self) -> None:
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: IntegrationServiceAsyncStub | None = None
+        # One slot per channel (`channels=`), each opened on its first call.
+        self._channels: list[grpc.aio.Channel | None] = [None] * self._channel_count
+        self._stubs: list[IntegrationServiceAsyncStub | None] = [None] * self._channel_count
         # Channels replaced after a certificate change, closing once their calls finish.
         self._retired: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
 
@@ -63,23 +64,32 @@ class IntegrationsClient(ClientCore[_Flight]):
     async def close(self) -> None:
         """Closes the channel (cancelling calls in flight) and forgets the cache. Idempotent."""
         self._closed = True
-        channel, self._channel, self._stub = self._channel, None, None
+        channels = self._take_channels()
         self._forget(lambda _key: True)
         retired, self._retired = self._retired, {}
         for task in retired.values():
             task.cancel()
-        for old in [*retired, *([channel] if channel is not None else [])]:
+        for old in [*retired, *channels]:
             await old.close(grace=None)
+
+    def _take_channels(self) -> list[grpc.aio.Channel]:
+        """The open channels, their slots emptied."""
+        opened = [channel for channel in self._channels if channel is not None]
+        self._channels = [None] * self._channel_count
+        self._stubs = [None] * self._channel_count
+        return opened
 
     def _service(self) -> IntegrationServiceAsyncStub:
         self._ensure_open()
-        if self._tls_changed() and self._channel is not None:
-            self._retire(self._channel)
-            self._channel = self._stub = None
-        if self._stub is None:
-            self._channel = self._connect(grpc.aio.insecure_channel, grpc.aio.secure_channel)
-            self._stub = pb_grpc.IntegrationServiceStub(self._channel)
-        return self._stub
+        if self._tls_changed():
+            for channel in self._take_channels():
+                self._retire(channel)
+        index = self._next_channel()
+        stub = self._stubs[index]
+        if stub is None:
+            channel = self._channels[index] = self._connect(grpc.aio.insecure_channel, grpc.aio.secure_channel)
+            stub = self._stubs[index] = pb_grpc.IntegrationServiceStub(channel)
+        return stub
 
     def _retire(self, channel: grpc.aio.Channel) -> None:
         """New calls go to a new channel; this one closes when its calls are done (or after the grace period)."""

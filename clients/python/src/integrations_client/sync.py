@@ -60,7 +60,7 @@ class IntegrationsClientSync(ClientCore[_Flight]):
         return threading.Lock()
 
     def _open_transport(self) -> None:
-        self._current = self._open_channel()
+        self._current = [self._open_channel() for _ in range(self._channel_count)]
         self._retired: set[_Channel] = set()
 
     # --- lifecycle -------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ class IntegrationsClientSync(ClientCore[_Flight]):
                 return
             self._closed = True
             self._forget(lambda _key: True)
-            channels, self._retired = [self._current, *self._retired], set()
+            channels, self._retired = [*self._current, *self._retired], set()
         for channel in channels:
             channel.channel.close()
 
@@ -88,20 +88,20 @@ class IntegrationsClientSync(ClientCore[_Flight]):
         return _Channel(self._connect(grpc.insecure_channel, grpc.secure_channel))
 
     def _checkout(self) -> _Channel:
-        """The channel for one call; after a certificate change, a new one, the old one retired."""
+        """The channel for one call; after a certificate change, new ones, the old ones retired."""
         with self._lock:
             self._ensure_open()
+            idle: list[_Channel] = []
             if self._tls_changed():
-                old, self._current = self._current, self._open_channel()
-                old.retired = True
-                self._retired.add(old)
-                idle = old.calls == 0
-            else:
-                old, idle = None, False
-            self._current.calls += 1
-            current = self._current
-        if old is not None and idle:
-            self._close_retired(old)
+                old, self._current = self._current, [self._open_channel() for _ in range(self._channel_count)]
+                for channel in old:
+                    channel.retired = True
+                    self._retired.add(channel)
+                idle = [channel for channel in old if channel.calls == 0]
+            current = self._current[self._next_channel()]
+            current.calls += 1
+        for channel in idle:
+            self._close_retired(channel)
         return current
 
     def _checkin(self, channel: _Channel) -> None:

@@ -1,0 +1,311 @@
+"""`serve --workers N`: N server processes on one port, under this supervisor.
+
+The supervisor migrates the store and checks the keys once, then starts the
+workers. Each worker is a whole server (its own pool, health, graceful stop)
+binding the same address: gRPC sets SO_REUSEPORT, so the kernel spreads the
+incoming connections over them. The supervisor itself serves no gRPC; it
+serves the one /metrics endpoint, adding up the workers' series from
+prometheus_client's multiprocess files. SIGTERM or SIGINT drains every worker;
+a worker that dies otherwise is restarted after a backoff, and a crash loop
+ends the service.
+
+Workers are spawned, not forked: a forked child of a process that has run
+gRPC or asyncio inherits their threads' locks half-held. The settings,
+keyring included, reach a worker through the spawn pipe, never through its
+environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from integrations_service import app, logs, metrics
+from integrations_service.config import Settings
+from integrations_service.errors import ConfigurationError, Unavailable
+
+log = logging.getLogger("integrations.supervisor")
+
+Serve = Callable[[Settings], Coroutine[Any, Any, None]]
+
+# A worker that lived this long was not crash-looping: its next death starts the backoff again.
+STABLE_SECONDS = 30.0
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 10.0
+# More deaths than this within RESTART_WINDOW seconds end the service.
+RESTART_BUDGET = 5
+RESTART_WINDOW = 60.0
+ORPHAN_CHECK_SECONDS = 1.0
+# Beyond the shutdown grace the workers get to close their stores and flush audit records.
+STOP_MARGIN = 10.0
+
+
+def run(settings: Settings, serve: Serve) -> int:
+    """Supervise `settings.workers` processes each running `serve(settings)`; the service's exit code.
+
+    ConfigurationError and Unavailable (a setting, file or store that stops the start) reach the caller.
+    """
+    asyncio.run(_prepare(settings))
+    metrics_dir = tempfile.mkdtemp(prefix="integrations-metrics-")
+    # Read by prometheus_client when a worker imports it: every worker writes its series there.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        supervisor = Supervisor(settings, serve, metrics_dir)
+        return supervisor.run()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+async def _prepare(settings: Settings) -> None:
+    """Once, before any worker: bad TLS files, policy or keys stop the service here, and migrations run alone."""
+    app.check_security_files(settings)
+    async with app.maintenance(settings, pool_size=1):
+        pass  # opening migrates and checks the keys; closing saves nothing new
+    log.info("migrations applied and keys checked", extra={"event": "migrated"})
+
+
+@dataclass
+class _Slot:
+    index: int
+    process: BaseProcess | None = None
+    started: float = 0.0
+    backoff: float = FIRST_BACKOFF
+    restart_at: float | None = None
+    deaths: list[float] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, serve: Serve, metrics_dir: str) -> None:
+        self._settings = settings
+        # The supervisor serves the metrics of all; a worker opens no metrics port of its own.
+        self._worker_settings = dataclasses.replace(settings, metrics_address=None)
+        self._serve = serve
+        self._metrics_dir = metrics_dir
+        self._slots = [_Slot(index) for index in range(settings.workers)]
+        self._context = multiprocessing.get_context("spawn")
+        self._wake_read, self._wake_write = os.pipe()
+        self._stopping = False
+        self._restarts: Any = None
+
+    def run(self) -> int:
+        self._serve_metrics()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        for slot in self._slots:
+            self._start(slot)
+        log.info(
+            "supervising %d workers", len(self._slots),
+            extra={"event": "supervising", "count": len(self._slots), "address": self._settings.listen_address},
+        )
+        code = self._watch()
+        return self._stop_all() if code is None else code
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._stopping = True
+        os.write(self._wake_write, b"x")
+
+    def _serve_metrics(self) -> None:
+        if self._settings.metrics_address is None:
+            return
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            disable_created_metrics,
+            multiprocess,
+            start_http_server,
+        )
+
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
+        # prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set: this one is the supervisor's own.
+        self._restarts = Counter(
+            "integrations_worker_restarts", "Workers restarted after dying unexpectedly, by worker", ["worker"],
+            registry=registry,
+        )
+        for slot in self._slots:
+            self._restarts.labels(str(slot.index))
+        host, _, port = self._settings.metrics_address.rpartition(":")
+        try:
+            start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+        except OSError as error:
+            raise ConfigurationError(
+                f"INTEGRATIONS_METRICS_ADDRESS: cannot listen on {self._settings.metrics_address}: {error.strerror}"
+            ) from None
+
+    def _start(self, slot: _Slot) -> None:
+        process = self._context.Process(
+            target=_worker_main, args=(self._worker_settings, slot.index, self._serve),
+            name=f"integrations-worker-{slot.index}", daemon=False,
+        )
+        with _log_stream_as_stderr():
+            process.start()
+        slot.process, slot.started, slot.restart_at = process, time.monotonic(), None
+        log.info("worker %d started (pid %s)", slot.index, process.pid,
+                 extra={"event": "worker_started", "worker": slot.index, "pid": process.pid})
+
+    def _watch(self) -> int | None:
+        """Until a signal (None) or a crash loop (the exit code)."""
+        while not self._stopping:
+            now = time.monotonic()
+            for slot in self._slots:
+                if slot.restart_at is not None and slot.restart_at <= now:
+                    self._start(slot)
+            due = [slot.restart_at for slot in self._slots if slot.restart_at is not None]
+            timeout = max(0.0, min(due) - now) if due else None
+            sentinels: list[Any] = [
+                slot.process.sentinel for slot in self._slots if slot.process is not None and slot.restart_at is None
+            ]
+            multiprocessing.connection.wait([*sentinels, self._wake_read], timeout)
+            if self._stopping:
+                return None
+            for slot in self._slots:
+                if slot.process is not None and slot.restart_at is None and not slot.process.is_alive() \
+                        and self._died(slot):
+                    return 1
+        return None
+
+    def _died(self, slot: _Slot) -> bool:
+        """Schedule the restart of a worker that died on its own; True when its restart budget is spent."""
+        assert slot.process is not None
+        now = time.monotonic()
+        code = slot.process.exitcode
+        self._forget(slot.process)
+        if now - slot.started >= STABLE_SECONDS:
+            slot.backoff = FIRST_BACKOFF
+        slot.deaths = [t for t in slot.deaths if now - t < RESTART_WINDOW] + [now]
+        if len(slot.deaths) > RESTART_BUDGET:
+            log.error(
+                "worker %d died %d times within %.0f s (last exit code %s): stopping the service; its log lines "
+                "above say why", slot.index, len(slot.deaths), RESTART_WINDOW, code,
+                extra={"event": "workers_crash_loop", "worker": slot.index, "code": code},
+            )
+            self._stop_all()
+            return True
+        log.error(
+            "worker %d (pid %s) died unexpectedly (exit code %s): restarting it in %.1f s",
+            slot.index, slot.process.pid, code, slot.backoff,
+            extra={"event": "worker_died", "worker": slot.index, "pid": slot.process.pid, "code": code},
+        )
+        if self._restarts is not None:
+            self._restarts.labels(str(slot.index)).inc()
+        slot.restart_at = now + slot.backoff
+        slot.backoff = min(slot.backoff * 2, MAX_BACKOFF)
+        return False
+
+    def _forget(self, process: BaseProcess) -> None:
+        from prometheus_client import multiprocess
+
+        if process.pid is not None:
+            multiprocess.mark_process_dead(process.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
+
+    def _stop_all(self) -> int:
+        """SIGTERM to every worker, each drains; 0 when every one of them stopped cleanly."""
+        running = [slot for slot in self._slots if slot.process is not None and slot.process.is_alive()]
+        log.info("stopping %d workers", len(running), extra={"event": "shutting_down", "count": len(running)})
+        for slot in running:
+            assert slot.process is not None
+            slot.process.terminate()  # SIGTERM
+        deadline = time.monotonic() + self._settings.shutdown_grace + STOP_MARGIN
+        clean = True
+        for slot in running:
+            assert slot.process is not None
+            slot.process.join(max(0.0, deadline - time.monotonic()))
+            if slot.process.is_alive():
+                log.error("worker %d did not stop in time: killed", slot.index,
+                          extra={"event": "worker_killed", "worker": slot.index, "pid": slot.process.pid})
+                slot.process.kill()
+                slot.process.join(5)
+            if slot.process.exitcode != 0:
+                clean = False
+                log.error("worker %d stopped with exit code %s", slot.index, slot.process.exitcode,
+                          extra={"event": "worker_failed", "worker": slot.index, "code": slot.process.exitcode})
+            self._forget(slot.process)
+        log.info("stopped", extra={"event": "stopped"})
+        return 0 if clean else 1
+
+
+@contextlib.contextmanager
+def _log_stream_as_stderr() -> Iterator[None]:
+    """While a worker is spawned, fd 2 is the file the log lines go to, for the worker to inherit.
+
+    Where logging writes to a stream of its own rather than to fd 2 itself (fd 2 captured through a
+    pipe the supervisor reads), a worker writing to the inherited fd 2 would depend on the supervisor
+    to pass its lines on, and lose them when the supervisor is killed.
+    """
+    log_fd = _log_fd()
+    if log_fd is None or log_fd == 2:
+        yield
+        return
+    saved = os.dup(2)
+    os.dup2(log_fd, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _log_fd() -> int | None:
+    for handler in logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            return int(stream.fileno())  # type: ignore[union-attr]
+    return None
+
+
+class _WorkerField(logging.Filter):
+    """Adds `worker=<index>` to every log line of a worker, so interleaved lines can be told apart."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self._index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self._index
+        return True
+
+
+def _drain_when_orphaned() -> None:
+    """A worker whose supervisor died (SIGKILL, OOM) drains and exits instead of serving on unsupervised."""
+    supervisor = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(ORPHAN_CHECK_SECONDS)
+        log.error("the supervisor is gone: stopping", extra={"event": "supervisor_gone"})
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
+def _worker_main(settings: Settings, index: int, serve: Serve) -> None:
+    """A worker process: the whole service, metrics to the multiprocess files; its exit code as `serve`'s."""
+    # Ctrl-C reaches the whole process group: the worker drains on it as on the supervisor's SIGTERM.
+    logs.configure(json_lines=settings.json_logs)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerField(index))
+    metrics.run_as_worker(index)
+    _drain_when_orphaned()
+    try:
+        asyncio.run(serve(settings))
+    except (ConfigurationError, Unavailable) as error:
+        log.error("cannot start: %s", error, extra={"event": "start_failed"})
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
