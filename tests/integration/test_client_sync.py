@@ -47,19 +47,13 @@ T = TypeVar("T")
 
 
 @pytest.fixture
-async def svc(tmp_path: Path) -> AsyncIterator[Running]:
-    running = await start_service(f"sqlite:///{tmp_path / 'store.sqlite3'}", tmp_path, ENV_DEFAULTS)
-    yield running
-    await running.close()
+def service_env() -> dict[str, str]:
+    return ENV_DEFAULTS
 
 
 @pytest.fixture
-async def svc_any_store(store_location: tuple[str, str], tmp_path: Path) -> AsyncIterator[Running]:
-    kind, where = store_location
-    url = f"sqlite:///{where}" if kind == "sqlite" else where
-    running = await start_service(url, tmp_path, ENV_DEFAULTS)
-    yield running
-    await running.close()
+def svc(sqlite_svc: Running) -> Running:
+    return sqlite_svc
 
 
 @pytest.fixture
