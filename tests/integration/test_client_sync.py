@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,31 +36,14 @@ from tests.client_fixtures import (
     FakeClock,
     FakeServer,
     rpc_log,
-    start_fake_server,
 )
 from tests.harness import Running, new_org, start_service
+from tests.integration.client_service import client_fake, client_service_env, client_svc  # noqa: F401 (fixtures)
 
 # The organization's own secret key; the publishable key and webhook secret are the environment's defaults
 # (a stored publishableKey would withhold the environment's webhook secret: see docs/api.md).
 STRIPE = {"secretKey": SK}
 T = TypeVar("T")
-
-
-@pytest.fixture
-def service_env() -> dict[str, str]:
-    return ENV_DEFAULTS
-
-
-@pytest.fixture
-def svc(sqlite_svc: Running) -> Running:
-    return sqlite_svc
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeServer]:
-    server = await start_fake_server()
-    yield server
-    await server.stop()
 
 
 async def in_thread(work: Callable[[], T]) -> T:
