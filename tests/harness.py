@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -85,3 +86,43 @@ def rich_error(error: grpc.aio.AioRpcError) -> RichError:
 
 def values_of(config: pb.ProviderConfig) -> dict[str, tuple[str, int]]:
     return {key: (v.value, v.source) for key, v in config.values.items()}
+
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+async def save(
+    svc: Running,
+    org: str,
+    provider: str = "stripe",
+    etag: str = "",
+    clear: tuple[str, ...] = (),
+    metadata: Metadata | None = None,
+    **values: str,
+) -> pb.ProviderConfig:
+    """SaveIntegration of `values` (field key -> value) over the service's socket; the saved config."""
+    request = pb.SaveIntegrationRequest(
+        organization_id=org, provider=provider, values=values, clear_fields=list(clear), etag=etag
+    )
+    reply = await svc.stub.SaveIntegration(request, metadata=metadata)
+    return reply.config
+
+
+async def get(
+    svc: Running,
+    org: str,
+    provider: str = "stripe",
+    view: int = pb.CONFIG_VIEW_UNSPECIFIED,
+    metadata: Metadata | None = None,
+) -> pb.ProviderConfig:
+    """GetProviderConfig in the given view over the service's socket."""
+    request = pb.GetProviderConfigRequest(organization_id=org, provider=provider, view=view)  # type: ignore[arg-type]
+    reply = await svc.stub.GetProviderConfig(request, metadata=metadata)
+    return reply.config
+
+
+async def refused(call: object) -> grpc.aio.AioRpcError:
+    """The error a call that must fail ends with (the test fails if it succeeds)."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call  # type: ignore[misc]
+    return caught.value

@@ -1,4 +1,4 @@
-"""The `store` fixture: every contract test runs once per backend."""
+"""The `store` fixture (every contract test runs once per backend) and the `svc` fixture (a service on each store)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from integrations_service.store import IntegrationStore
 from integrations_service.store.memory import MemoryDatabase, MemoryStore
 from integrations_service.store.postgres import PostgresStore
 from integrations_service.store.sqlite import SqliteStore
+from tests.harness import Running, start_service
+from tests.integration.raw_rows import service_url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -23,6 +25,42 @@ def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str,
     cannot be used from inside a running event loop.
     """
     return _location(request.param, request, tmp_path)
+
+
+@pytest.fixture
+def service_env() -> dict[str, str]:
+    """Extra environment of the services below; a module overrides this fixture to give its own defaults."""
+    return {}
+
+
+@pytest.fixture
+async def svc_any_store(
+    store_location: tuple[str, str], tmp_path: Path, service_env: dict[str, str]
+) -> AsyncIterator[Running]:
+    """The real service, in-process, on each store: SQLite and this run's PostgreSQL database."""
+    running = await start_service(service_url(*store_location), tmp_path, service_env)
+    yield running
+    await running.close()
+
+
+@pytest.fixture
+def svc(svc_any_store: Running) -> Running:
+    """The service of a test that runs on each store (a module may override it with a one-store service)."""
+    return svc_any_store
+
+
+@pytest.fixture
+def located(svc_any_store: Running, store_location: tuple[str, str]) -> tuple[Running, str, str]:
+    """(service, kind, where): a running service and where its store keeps rows."""
+    return svc_any_store, *store_location
+
+
+@pytest.fixture
+async def sqlite_svc(tmp_path: Path, service_env: dict[str, str]) -> AsyncIterator[Running]:
+    """The real service, in-process, on an SQLite file only."""
+    running = await start_service(f"sqlite:///{tmp_path / 'store.sqlite3'}", tmp_path, service_env)
+    yield running
+    await running.close()
 
 
 # The in-memory store's "databases", by test: a second MemoryStore on one of them is another replica.

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
 
 from integrations.v1 import integrations_pb2 as pb
-from tests.harness import Running, new_org, rich_error, start_service, values_of
+from tests.harness import Running, get, new_org, refused, rich_error, save, values_of
 
 ENV_DEFAULTS = {
     "STRIPE_WEBHOOK_SECRET": "whsec_environment_default_7777",
@@ -24,38 +22,8 @@ PK = "pk_test_51HxPublishable0001"
 
 
 @pytest.fixture
-async def svc(store_location: tuple[str, str], tmp_path: Path) -> AsyncIterator[Running]:
-    kind, where = store_location
-    url = f"sqlite:///{where}" if kind == "sqlite" else where
-    running = await start_service(url, tmp_path, ENV_DEFAULTS)
-    yield running
-    await running.close()
-
-
-async def save(
-    svc: Running, org: str, provider: str = "stripe", etag: str = "", clear: tuple[str, ...] = (), **values: str
-) -> pb.ProviderConfig:
-    reply = await svc.stub.SaveIntegration(
-        pb.SaveIntegrationRequest(
-            organization_id=org, provider=provider, values=values, clear_fields=list(clear), etag=etag
-        )
-    )
-    return reply.config
-
-
-async def get(
-    svc: Running, org: str, provider: str = "stripe", view: int = pb.CONFIG_VIEW_UNSPECIFIED
-) -> pb.ProviderConfig:
-    reply = await svc.stub.GetProviderConfig(
-        pb.GetProviderConfigRequest(organization_id=org, provider=provider, view=view)  # type: ignore[arg-type]
-    )
-    return reply.config
-
-
-async def refused(call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    return caught.value
+def service_env() -> dict[str, str]:
+    return ENV_DEFAULTS
 
 
 # --- ListProviders -----------------------------------------------------------------------------------

@@ -13,17 +13,16 @@ import base64
 import json
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator
 from contextlib import closing
-from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 import grpc
 import pytest
 
 from integrations.v1 import integrations_pb2 as pb
-from tests.harness import Running, new_org, rich_error, start_service
-from tests.integration.raw_rows import overwrite_config, service_url, stored_config, tampered
+from tests import harness
+from tests.harness import Running, new_org, refused, rich_error
+from tests.integration.raw_rows import overwrite_config, stored_config, tampered
 
 CALLER = "development-plaintext"
 SK = "sk_test_51AuditSecretValue00000001"
@@ -31,14 +30,6 @@ SK_OTHER = "sk_test_51AuditSecretValue00000002"
 PK = "pk_test_51AuditPublishable0000001"
 WEBHOOK = "whsec_audit_webhook_secret_000001"
 DECRYPTED = pb.CONFIG_VIEW_DECRYPTED
-
-
-@pytest.fixture
-async def svc(store_location: tuple[str, str], tmp_path: Path) -> AsyncIterator[Running]:
-    kind, where = store_location
-    running = await start_service(service_url(kind, where), tmp_path)
-    yield running
-    await running.close()
 
 
 def request_id(label: str) -> str:
@@ -50,25 +41,11 @@ def metadata(rid: str) -> tuple[tuple[str, str], ...]:
 
 
 async def save(svc: Running, org: str, rid: str, etag: str = "", **values: str) -> pb.ProviderConfig:
-    reply = await svc.stub.SaveIntegration(
-        pb.SaveIntegrationRequest(organization_id=org, provider="stripe", values=values, etag=etag),
-        metadata=metadata(rid),
-    )
-    return reply.config
+    return await harness.save(svc, org, etag=etag, metadata=metadata(rid), **values)
 
 
 async def read(svc: Running, org: str, rid: str, view: int) -> pb.ProviderConfig:
-    reply = await svc.stub.GetProviderConfig(
-        pb.GetProviderConfigRequest(organization_id=org, provider="stripe", view=view),  # type: ignore[arg-type]
-        metadata=metadata(rid),
-    )
-    return reply.config
-
-
-async def refused(call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    return caught.value
+    return await harness.get(svc, org, view=view, metadata=metadata(rid))
 
 
 async def events_of(svc: Running, org: str) -> list[pb.AuditEvent]:

@@ -128,13 +128,6 @@ def assert_bounded(events: dict[str, pb.AuditEvent]) -> None:
         assert len(event.details.get("reason", "")) < 1100
 
 
-@pytest.fixture
-async def svc(store_location: tuple[str, str], tmp_path: Path) -> AsyncIterator[Running]:
-    running = await start_service(service_url(*store_location), tmp_path)
-    yield running
-    await running.close()
-
-
 async def test_hostile_identifiers_are_recorded_bounded_and_later_reads_are_still_audited(svc: Running) -> None:
     org = new_org()
     calls = hostile_calls(svc.stub, org)

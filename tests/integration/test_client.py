@@ -15,7 +15,7 @@ import logging
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import closing
 from datetime import datetime
 from pathlib import Path
@@ -61,36 +61,12 @@ from tests.client_fixtures import (
     start_fake_server,
 )
 from tests.harness import TEST_KEY, Running, new_org, start_service
+from tests.integration.client_service import client_fake, client_service_env, client_svc  # noqa: F401 (fixtures)
 from tests.processes import Processes, clean_env, free_port
 
 # The organization's own secret key; the publishable key and webhook secret are the environment's defaults
 # (a stored publishableKey would withhold the environment's webhook secret: see docs/api.md).
 STRIPE = {"secretKey": SK}
-
-
-@pytest.fixture
-async def svc(tmp_path: Path) -> AsyncIterator[Running]:
-    """The real service, in-process, on an SQLite file."""
-    running = await start_service(f"sqlite:///{tmp_path / 'store.sqlite3'}", tmp_path, ENV_DEFAULTS)
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def svc_any_store(store_location: tuple[str, str], tmp_path: Path) -> AsyncIterator[Running]:
-    """The real service on each store: SQLite and this run's PostgreSQL database."""
-    kind, where = store_location
-    url = f"sqlite:///{where}" if kind == "sqlite" else where
-    running = await start_service(url, tmp_path, ENV_DEFAULTS)
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeServer]:
-    server = await start_fake_server()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -36,37 +36,14 @@ from tests.client_fixtures import (
     FakeClock,
     FakeServer,
     rpc_log,
-    start_fake_server,
 )
 from tests.harness import Running, new_org, start_service
+from tests.integration.client_service import client_fake, client_service_env, client_svc  # noqa: F401 (fixtures)
 
 # The organization's own secret key; the publishable key and webhook secret are the environment's defaults
 # (a stored publishableKey would withhold the environment's webhook secret: see docs/api.md).
 STRIPE = {"secretKey": SK}
 T = TypeVar("T")
-
-
-@pytest.fixture
-async def svc(tmp_path: Path) -> AsyncIterator[Running]:
-    running = await start_service(f"sqlite:///{tmp_path / 'store.sqlite3'}", tmp_path, ENV_DEFAULTS)
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def svc_any_store(store_location: tuple[str, str], tmp_path: Path) -> AsyncIterator[Running]:
-    kind, where = store_location
-    url = f"sqlite:///{where}" if kind == "sqlite" else where
-    running = await start_service(url, tmp_path, ENV_DEFAULTS)
-    yield running
-    await running.close()
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeServer]:
-    server = await start_fake_server()
-    yield server
-    await server.stop()
 
 
 async def in_thread(work: Callable[[], T]) -> T:

@@ -22,7 +22,7 @@ from integrations.v1 import integrations_pb2 as pb
 from integrations_client import IntegrationsClient
 from integrations_client import errors as client_errors
 from integrations_service.logs import TextFormatter
-from tests.harness import Running, new_org, rich_error, start_service
+from tests.harness import Running, new_org, refused, rich_error, start_service
 from tests.integration.test_metrics import sample, scrape
 from tests.integration.test_mtls import StartMtls
 from tests.integration.test_mtls import start_mtls as start_mtls  # the fixture
@@ -34,18 +34,7 @@ MAX_MESSAGE_BYTES = 1024
 MAX_TRAILER_BYTES = 4096
 
 
-@pytest.fixture
-async def svc(store_location: tuple[str, str], tmp_path: Path) -> AsyncIterator[Running]:
-    kind, where = store_location
-    running = await start_service(f"sqlite:///{where}" if kind == "sqlite" else where, tmp_path)
-    yield running
-    await running.close()
 
-
-async def refused(call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    return caught.value
 
 
 def trailer_bytes(error: grpc.aio.AioRpcError) -> int:

@@ -24,7 +24,7 @@ from integrations.v1 import integrations_pb2 as pb
 from integrations_service.config import load_settings
 from integrations_service.crypto import EncryptionKey
 from integrations_service.errors import ConfigurationError
-from tests.harness import OTHER_KEY, TEST_KEY, Running, new_org, rich_error, start_service, values_of
+from tests.harness import OTHER_KEY, TEST_KEY, Running, new_org, rich_error, save, start_service, values_of
 from tests.integration.raw_rows import overwrite_config, service_url, stored_config
 from tests.processes import clean_env, run_cli
 
@@ -76,13 +76,6 @@ def key_env(**env: str) -> dict[str, str]:
 async def start_and_stop(url: str, tmp_path: Path, env: dict[str, str]) -> None:
     running = await start_service(url, tmp_path, env)
     await running.close()
-
-
-async def save(running: Running, org: str, **values: str) -> pb.ProviderConfig:
-    reply = await running.stub.SaveIntegration(
-        pb.SaveIntegrationRequest(organization_id=org, provider="stripe", values=values)
-    )
-    return reply.config
 
 
 async def clear_values(running: Running, org: str) -> dict[str, str]:

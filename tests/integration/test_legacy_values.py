@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from integrations.v1 import integrations_pb2 as pb
-from tests.harness import TEST_KEY, Running, new_org, rich_error, start_service, values_of
+from tests.harness import TEST_KEY, Running, get, new_org, refused, rich_error, start_service, values_of
 from tests.integration.raw_rows import (
     DEFAULT_KEY_ID,
     V2_PREFIX,
@@ -73,19 +73,6 @@ async def plant_legacy_row(location: Location, org: str) -> None:
     })
 
 
-async def get(svc: Running, org: str, provider: str = "stripe", view: int = DECRYPTED) -> pb.ProviderConfig:
-    reply = await svc.stub.GetProviderConfig(
-        pb.GetProviderConfigRequest(organization_id=org, provider=provider, view=view)  # type: ignore[arg-type]
-    )
-    return reply.config
-
-
-async def refused(call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    return caught.value
-
-
 def legacy_sample(text: str, name: str, fmt: str) -> float:
     try:
         return sample(text, name, format=fmt, provider="stripe")
@@ -100,7 +87,7 @@ async def test_legacy_values_are_served_and_counted_by_default(reading: Running,
     org = new_org()
     await plant_legacy_row(own_store, org)
 
-    config = await get(reading, org)
+    config = await get(reading, org, view=DECRYPTED)
 
     assert values_of(config)["secretKey"] == (PLAIN_SECRET, ORG)
     assert values_of(config)["webhookSecret"] == (V1_WEBHOOK, ORG)
@@ -158,7 +145,7 @@ async def test_saving_new_values_repairs_a_refused_row(refusing: Running, own_st
         organization_id=org, provider="stripe", values={"secretKey": NEW_SECRET, "webhookSecret": NEW_WEBHOOK}
     ))
 
-    config = await get(refusing, org)
+    config = await get(refusing, org, view=DECRYPTED)
     assert values_of(config)["secretKey"] == (NEW_SECRET, ORG)
     assert values_of(config)["webhookSecret"] == (NEW_WEBHOOK, ORG)
     stored = await stored_config(*own_store, org, "stripe")
@@ -170,7 +157,7 @@ async def test_an_empty_dashboard_field_is_not_a_refused_value(refusing: Running
     genuine = encrypt_v2(NEW_SECRET, TEST_KEY, DEFAULT_KEY_ID, org, "stripe", "secretKey")
     await insert_dashboard_row(*own_store, org, "stripe", {"secretKey": genuine, "publishableKey": ""})
 
-    config = await get(refusing, org)
+    config = await get(refusing, org, view=DECRYPTED)
 
     assert values_of(config)["secretKey"] == (NEW_SECRET, ORG)
 
@@ -204,7 +191,7 @@ async def test_a_config_that_is_not_an_object_is_data_loss_and_the_listing_still
     await reading.stub.SaveIntegration(pb.SaveIntegrationRequest(
         organization_id=org, provider="stripe", values={"secretKey": NEW_SECRET}
     ))
-    assert values_of(await get(reading, org))["secretKey"] == (NEW_SECRET, ORG)
+    assert values_of(await get(reading, org, view=DECRYPTED))["secretKey"] == (NEW_SECRET, ORG)
 
 
 # --- rotate tells the operator when to switch ----------------------------------------------------------

@@ -9,14 +9,13 @@ not by the service's crypto module. Both stores.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 
 from integrations.v1 import integrations_pb2 as pb
-from tests.harness import OTHER_KEY, TEST_KEY, Running, new_org, rich_error, start_service, values_of
+from tests.harness import OTHER_KEY, TEST_KEY, Running, get, new_org, refused, rich_error, save, values_of
 from tests.integration.raw_rows import (
     V2_PREFIX,
     blob_offset,
@@ -29,7 +28,6 @@ from tests.integration.raw_rows import (
     raw_row,
     reencrypted,
     row_text,
-    service_url,
     stored_config,
     tampered,
 )
@@ -43,35 +41,6 @@ PK = "pk_test_51HxAtRestPublishable0001"
 # Non-ASCII on purpose: the stored bytes are the UTF-8 encoding.
 UNICODE_SECRET = "pässwörd ✓ anti-phishing 9876"
 WRITTEN = documented_write_prefix()
-
-
-@pytest.fixture
-async def located(store_location: tuple[str, str], tmp_path: Path) -> AsyncIterator[tuple[Running, str, str]]:
-    """(service, kind, where): a running service and where its store keeps rows."""
-    kind, where = store_location
-    running = await start_service(service_url(kind, where), tmp_path)
-    yield running, kind, where
-    await running.close()
-
-
-async def save(svc: Running, org: str, provider: str = "stripe", **values: str) -> pb.ProviderConfig:
-    reply = await svc.stub.SaveIntegration(
-        pb.SaveIntegrationRequest(organization_id=org, provider=provider, values=values)
-    )
-    return reply.config
-
-
-async def get(svc: Running, org: str, provider: str = "stripe", view: int = DECRYPTED) -> pb.ProviderConfig:
-    reply = await svc.stub.GetProviderConfig(
-        pb.GetProviderConfigRequest(organization_id=org, provider=provider, view=view)  # type: ignore[arg-type]
-    )
-    return reply.config
-
-
-async def refused(call: object) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    return caught.value
 
 
 # --- ciphertext at rest ----------------------------------------------------------------------------
@@ -175,8 +144,8 @@ async def test_saving_a_legacy_plaintext_field_encrypts_it(located: tuple[Runnin
     row = await raw_row(kind, where, org, "easypay")
     assert "replacement-api-key-0002" not in row_text(row)
     assert "legacy-api-key-0001" not in row_text(row)
-    assert values_of(await get(svc, org, "easypay"))["apiKey"] == ("replacement-api-key-0002", ORG)
-    assert values_of(await get(svc, org, "easypay"))["accountId"] == ("acc-legacy", ORG)
+    assert values_of(await get(svc, org, "easypay", view=DECRYPTED))["apiKey"] == ("replacement-api-key-0002", ORG)
+    assert values_of(await get(svc, org, "easypay", view=DECRYPTED))["accountId"] == ("acc-legacy", ORG)
 
 
 # --- corrupt rows: tampered, wrong key, unknown format -------------------------------------------
@@ -214,7 +183,7 @@ async def test_an_undecryptable_value_is_data_loss_naming_where_it_is_and_a_save
     # The server keeps serving everyone else.
     other = new_org()
     await save(svc, other, secretKey="sk_test_unaffectedOrganization77")
-    assert values_of(await get(svc, other))["secretKey"] == ("sk_test_unaffectedOrganization77", ORG)
+    assert values_of(await get(svc, other, view=DECRYPTED))["secretKey"] == ("sk_test_unaffectedOrganization77", ORG)
 
     # ListProviders only looks at which fields are stored: it does not decrypt, so it still answers.
     providers = await svc.stub.ListProviders(pb.ListProvidersRequest(organization_id=org))
@@ -283,12 +252,12 @@ async def test_a_row_under_another_key_is_repaired_by_saving_all_its_fields_or_d
     assert "acc-under-other-key" not in error.message
 
     await save(svc, org, "easypay", accountId="acc-new", apiKey="api-key-new")
-    clear = values_of(await get(svc, org, "easypay"))
+    clear = values_of(await get(svc, org, "easypay", view=DECRYPTED))
     assert (clear["accountId"], clear["apiKey"]) == (("acc-new", ORG), ("api-key-new", ORG))
 
     # DeleteIntegration does not decrypt: it is the other way out.
     await svc.stub.DeleteIntegration(pb.DeleteIntegrationRequest(organization_id=deleted, provider="easypay"))
-    assert values_of(await get(svc, deleted, "easypay"))["apiKey"] == ("", pb.VALUE_SOURCE_UNSET)
+    assert values_of(await get(svc, deleted, "easypay", view=DECRYPTED))["apiKey"] == ("", pb.VALUE_SOURCE_UNSET)
 
 
 async def test_following_the_data_loss_advice_repairs_a_row_with_several_broken_fields(
@@ -300,7 +269,7 @@ async def test_following_the_data_loss_advice_repairs_a_row_with_several_broken_
     await insert_row_under_other_key(kind, where, org)
     for _ in EASYPAY_FIELDS:
         try:
-            await get(svc, org, "easypay")
+            await get(svc, org, "easypay", view=DECRYPTED)
             break
         except grpc.aio.AioRpcError as failure:
             error = rich_error(failure)
@@ -308,5 +277,5 @@ async def test_following_the_data_loss_advice_repairs_a_row_with_several_broken_
         named = {key: NEW_EASYPAY[key] for key in EASYPAY_FIELDS if f"'{key}'" in error.message}
         assert named, error.message
         await save(svc, org, "easypay", **named)  # the advice of the message
-    clear = values_of(await get(svc, org, "easypay"))
+    clear = values_of(await get(svc, org, "easypay", view=DECRYPTED))
     assert (clear["accountId"], clear["apiKey"]) == (("acc-new", ORG), ("api-key-new", ORG))

@@ -19,7 +19,7 @@ import asyncio
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,20 +32,11 @@ from integrations_service.errors import Unavailable
 from integrations_service.store import IntegrationStore
 from integrations_service.store.base import AuditRecord, StoredIntegration
 from integrations_service.store.sqlite import SqliteStore
-from tests.harness import Running, new_org, start_service, values_of
-from tests.integration.raw_rows import service_url
+from tests.harness import Running, new_org, values_of
 
 ROUNDS = 5
 IN_FLIGHT = 64
 SK_AFTER = "sk_test_51HxCancelAfter000000001"
-
-
-@pytest.fixture
-async def svc(store_location: tuple[str, str], tmp_path: Path) -> AsyncIterator[Running]:
-    kind, where = store_location
-    running = await start_service(service_url(kind, where), tmp_path)
-    yield running
-    await running.close()
 
 
 def save_request(org: str, value: str) -> pb.SaveIntegrationRequest:
