@@ -22,6 +22,7 @@ from integrations_service.config import ENCRYPTION_KEY_FILE_ENV, KEY_MATERIAL_EN
 from integrations_service.crypto import Keyring, ValueCipher
 from integrations_service.devkey import load_or_create_dev_key
 from integrations_service.domain.audit import AuditTrail
+from integrations_service.domain.audit_pages import AuditPages
 from integrations_service.domain.key_ledger import EncryptionCounter, KeyUsage
 from integrations_service.domain.service import CredentialService
 from integrations_service.errors import ConfigurationError
@@ -187,7 +188,7 @@ async def start(settings: Settings) -> RunningService:
         sealer = Sealer(cipher, _legacy_policy(settings, metrics))
         service = CredentialService(store, sealer, settings.provider_defaults, audit)
         server, health_servicer = build_server(
-            service, audit, authorizer, metrics, reflection_enabled=settings.reflection
+            service, audit, AuditPages(store), authorizer, metrics, reflection_enabled=settings.reflection
         )
         port = listen(server, settings.listen_address, credentials)
         metrics_port = _serve_metrics(metrics, settings.metrics_address, store, audit, key_usage)

@@ -253,3 +253,38 @@ def test_an_unknown_setting_value_stops_the_start_naming_the_variable(tmp_path: 
         assert result.returncode == 2
         assert "INTEGRATIONS_LEGACY_VALUES" in result.stderr
         assert "read, refuse" in result.stderr
+
+
+# --- the dashboard's empty (unset) values --------------------------------------------------------------
+
+
+async def listed(svc: Running, org: str, provider: str) -> tuple[bool, bool]:
+    reply = await svc.stub.ListProviders(pb.ListProvidersRequest(organization_id=org))
+    return next((p.configured, p.ready) for p in reply.providers if p.id == provider)
+
+
+async def test_an_empty_dashboard_value_stays_unset_through_rotate_and_a_save_of_another_field(
+    own_store: Location, tmp_path: Path
+) -> None:
+    org = new_org()
+    await (await running(own_store, tmp_path)).close()  # creates the schema
+    await insert_dashboard_row(*own_store, org, "ifthenpay", {"antiPhishingKey": "", "mbKey": ""})
+
+    code, _ = rotate(own_store, tmp_path)
+    assert code == 0
+    assert await stored_config(*own_store, org, "ifthenpay") == {"antiPhishingKey": "", "mbKey": ""}
+    svc = await running(own_store, tmp_path)
+    try:
+        assert await listed(svc, org, "ifthenpay") == (False, False)
+        await svc.stub.SaveIntegration(
+            pb.SaveIntegrationRequest(organization_id=org, provider="ifthenpay", values={"mbwayKey": "mbway-0001"})
+        )
+        # Configured by mbwayKey alone: the required antiPhishingKey is as unset as the read says, so not ready.
+        assert await listed(svc, org, "ifthenpay") == (True, False)
+        values = values_of(await get(svc, org, "ifthenpay"))
+        assert values["mbKey"] == values["antiPhishingKey"] == ("", pb.VALUE_SOURCE_UNSET)
+        assert values["mbwayKey"] == ("mbway-0001", ORG)
+    finally:
+        await svc.close()
+    stored = await stored_config(*own_store, org, "ifthenpay")
+    assert (stored["antiPhishingKey"], stored["mbKey"]) == ("", "")

@@ -295,11 +295,6 @@ async def test_a_save_of_one_field_encrypts_a_kept_legacy_plaintext_value(
     assert stored_clear(database, cipher, ORG, "stripe") == {"secretKey": SECRET, "webhookSecret": WEBHOOK}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a save of another field encrypts a kept empty (the dashboard's unset) value as enc:v2 of ''; "
-    "ListProviders then counts it as stored and answers ready while a read answers the field unset",
-)
 async def test_a_save_of_one_field_leaves_a_kept_empty_value_unset(
     database: MemoryDatabase, make_service: ServiceFactory
 ) -> None:

@@ -242,11 +242,6 @@ async def test_after_rotation_the_old_key_retires_and_the_retirement_is_audited(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: rotation encrypts the dashboard's empty (unset) values as enc:v2 of ''; ListProviders then "
-    "counts the field as stored and answers configured and ready, while a read answers it unset",
-)
 async def test_an_empty_value_stays_unset_through_rotation(
     database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher, audit: AuditTrail, make_service: ServiceFactory
 ) -> None:

@@ -14,6 +14,7 @@ from integrations_service.api.auth import Authorizer
 from integrations_service.api.interceptor import RpcInterceptor
 from integrations_service.api.servicer import IntegrationServicer
 from integrations_service.domain.audit import AuditTrail
+from integrations_service.domain.audit_pages import AuditPages
 from integrations_service.domain.service import CredentialService
 from integrations_service.errors import ConfigurationError
 from integrations_service.metrics import Metrics
@@ -32,6 +33,7 @@ _SERVER_OPTIONS = (
 def build_server(
     service: CredentialService,
     audit: AuditTrail,
+    audit_pages: AuditPages,
     authorizer: Authorizer,
     metrics: Metrics,
     *,
@@ -41,7 +43,7 @@ def build_server(
         metrics.rpc(method)  # their series exist from the first scrape, at zero
     interceptor = RpcInterceptor(authorizer, audit, metrics)
     server = grpc.aio.server(interceptors=[interceptor], options=_SERVER_OPTIONS)
-    pb_grpc.add_IntegrationServiceServicer_to_server(IntegrationServicer(service, audit), server)
+    pb_grpc.add_IntegrationServiceServicer_to_server(IntegrationServicer(service, audit_pages), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled:

@@ -15,16 +15,16 @@ from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
 from integrations_service.api import convert
 from integrations_service.api.interceptor import current_caller
-from integrations_service.domain.audit import AuditTrail
+from integrations_service.domain.audit_pages import AuditPages
 from integrations_service.domain.service import CredentialService, DeleteRequest, ReadRequest, SaveRequest
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class IntegrationServicer(pb_grpc.IntegrationServiceServicer):
-    def __init__(self, service: CredentialService, audit: AuditTrail) -> None:
+    def __init__(self, service: CredentialService, audit_pages: AuditPages) -> None:
         self._service = service
-        self._audit = audit
+        self._audit_pages = audit_pages
 
     async def ListProviders(self, request: pb.ListProvidersRequest, context: Context) -> pb.ListProvidersResponse:
         category = convert.category_from_pb(request.category)
@@ -57,7 +57,7 @@ class IntegrationServicer(pb_grpc.IntegrationServiceServicer):
         return pb.DeleteIntegrationResponse()
 
     async def ListAuditEvents(self, request: pb.ListAuditEventsRequest, context: Context) -> pb.ListAuditEventsResponse:
-        page = await self._audit.page(request.organization_id, request.page_size, request.page_token)
+        page = await self._audit_pages.page(request.organization_id, request.page_size, request.page_token)
         return pb.ListAuditEventsResponse(
             events=[convert.audit_to_pb(entry) for entry in page.entries], next_page_token=page.next_page_token
         )

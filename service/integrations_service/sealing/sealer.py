@@ -45,8 +45,16 @@ class Sealer:
         return self._cipher.active_key_id
 
     def seal(self, values: Mapping[str, str], target: Target) -> dict[str, StoredValue]:
-        """enc:v2 of each value under the active key, bound to its target and field."""
-        return {key: StoredValue(self._cipher.encrypt(value, target.context(key))) for key, value in values.items()}
+        """enc:v2 of each value under the active key, bound to its target and field.
+
+        An empty value (the dashboard's unset field) stays empty: sealed, it
+        would count as stored, and the listing would call the provider
+        configured while a read answers the field unset.
+        """
+        return {key: self._sealed(value, target.context(key)) for key, value in values.items()}
+
+    def _sealed(self, value: str, context: ValueContext) -> StoredValue:
+        return StoredValue(self._cipher.encrypt(value, context)) if value else StoredValue("")
 
     def unseal(self, row: StoredIntegration, fields: Collection[str]) -> dict[str, str]:
         """Clear text of the row's values in `fields` (the others are not decrypted).
@@ -120,12 +128,13 @@ class Sealer:
     # --- rotation -----------------------------------------------------------------------------------
 
     def is_current(self, stored: StoredValue) -> bool:
-        """True when the value is enc:v2 under the active key: rotation leaves it alone."""
-        return self._cipher.is_current(stored)
+        """True when the value is enc:v2 under the active key, or empty (unset): rotation leaves it alone."""
+        return not stored or self._cipher.is_current(stored)
 
     def reseal(self, stored: StoredValue, context: ValueContext) -> StoredValue:
         """The same clear value sealed again under the active key; raises InvalidCiphertext when unreadable.
 
         Legacy values pass through decryption as they are: the caller decides whether they may.
+        An empty value stays empty (see `seal`).
         """
-        return StoredValue(self._cipher.encrypt(self._cipher.decrypt(stored, context), context))
+        return self._sealed(self._cipher.decrypt(stored, context), context) if stored else StoredValue("")
