@@ -93,6 +93,7 @@ kubernetes-validate: install
 
 lint: install buf-lint gen-check observability-check kubernetes-validate
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 # The client's declared lower bounds are real: installed exactly, in a throwaway virtualenv, it imports.

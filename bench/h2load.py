@@ -79,8 +79,18 @@ class Load:
 def command(load: Load, log_file: Path, binary: str = "h2load") -> list[str]:
     """The h2load command line: count- (-n) or time-bounded (-D), one thread, per-request log in `log_file`."""
     bound = ["--requests", str(load.requests)] if load.requests else ["--duration", f"{round(load.seconds * 1000)}ms"]
-    argv = [binary, "--clients", str(load.clients), "--max-concurrent-streams", str(load.streams),
-            "--threads", "1", *bound, "--log-file", str(log_file)]
+    argv = [
+        binary,
+        "--clients",
+        str(load.clients),
+        "--max-concurrent-streams",
+        str(load.streams),
+        "--threads",
+        "1",
+        *bound,
+        "--log-file",
+        str(log_file),
+    ]
     if load.body is not None:
         argv += ["--data", str(load.body)]
     for header in load.headers:
@@ -126,14 +136,19 @@ def parse_summary(text: str) -> Result:
     """The numbers of h2load's closing summary (stdout); H2loadError if it has none."""
     result = Result()
     finished = re.search(r"^finished in ([0-9.]+(?:us|ms|s)), ([0-9.]+) req/s", text, re.M)
-    requests = re.search(r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
-                         r"(\d+) failed, (\d+) errored, (\d+) timeout", text, re.M)
+    requests = re.search(
+        r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+        r"(\d+) failed, (\d+) errored, (\d+) timeout",
+        text,
+        re.M,
+    )
     if finished is None or requests is None:
         raise H2loadError("h2load printed no summary")
     result.seconds = _milliseconds(finished.group(1)) / 1e3
     result.rps = float(finished.group(2))
-    (result.total, _, result.done, result.succeeded, result.failed, result.errored,
-     result.timeout) = (int(n) for n in requests.groups())
+    (result.total, _, result.done, result.succeeded, result.failed, result.errored, result.timeout) = (
+        int(n) for n in requests.groups()
+    )
     status = re.search(r"^status codes: (.*)$", text, re.M)
     if status:
         result.status = {kind: int(count) for count, kind in re.findall(r"(\d+) (\dxx)", status.group(1))}
@@ -193,7 +208,8 @@ async def run(load: Load, work_dir: Path, name: str, timeout_margin: float = 30.
     log_file.unlink(missing_ok=True)  # h2load appends to an existing log
     process = await asyncio.create_subprocess_exec(
         *command(load, log_file, executable()),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         stdout, _ = await asyncio.wait_for(process.communicate(), load.seconds + timeout_margin)

@@ -120,8 +120,9 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-async def _worker(call: Call, index: int, serial: itertools.count[int], deadline: float, limit: int,
-                  recorder: Recorder) -> None:
+async def _worker(
+    call: Call, index: int, serial: itertools.count[int], deadline: float, limit: int, recorder: Recorder
+) -> None:
     while time.perf_counter() < deadline and recorder.calls < limit:
         started = time.perf_counter()
         try:
@@ -164,9 +165,7 @@ async def measure(call: Call, args: argparse.Namespace) -> tuple[dict[str, Stats
 
 def grpc_call(stub: pb_grpc.IntegrationServiceStub, kind: str, org: str) -> Call:
     if kind == "get":
-        request = pb.GetProviderConfigRequest(
-            organization_id=org, provider=PROVIDER, view=pb.CONFIG_VIEW_DECRYPTED
-        )
+        request = pb.GetProviderConfigRequest(organization_id=org, provider=PROVIDER, view=pb.CONFIG_VIEW_DECRYPTED)
         return lambda _n, _worker: stub.GetProviderConfig(request, timeout=CALL_TIMEOUT_S)
 
     def save(n: int, _worker: int) -> Awaitable[object]:
@@ -184,8 +183,9 @@ def upsert_call(pool: Any, table: str, org: str, rows: int) -> Call:
     def upsert(n: int, worker: int) -> Awaitable[object]:
         organization = f"{org}_{worker % rows}" if rows > 1 else org
         change = json.dumps({"publishableKey": f"pk_test_bench{n:010d}"})
-        return pool.fetchrow(sql, uuid.uuid4().hex, organization, PROVIDER, change, uuid.uuid4().hex,
-                             timeout=CALL_TIMEOUT_S)
+        return pool.fetchrow(
+            sql, uuid.uuid4().hex, organization, PROVIDER, change, uuid.uuid4().hex, timeout=CALL_TIMEOUT_S
+        )
 
     return upsert
 
@@ -196,8 +196,7 @@ def transaction_call(pool: Any, org: str) -> Call:
             await conn.execute(TXN_LOCK_SQL, ROW_LOCK_NAMESPACE, org, PROVIDER)
             row = await conn.fetchrow(TXN_SELECT_SQL, org, PROVIDER)
             config = {**json.loads(row["config"]), "publishableKey": f"pk_test_bench{n:010d}"}
-            return await conn.fetchrow(TXN_UPDATE_SQL, row["id"], json.dumps(config), org, PROVIDER,
-                                       uuid.uuid4().hex)
+            return await conn.fetchrow(TXN_UPDATE_SQL, row["id"], json.dumps(config), org, PROVIDER, uuid.uuid4().hex)
 
     return save
 
@@ -209,11 +208,15 @@ async def _keep_session(_connection: Any) -> None:
 async def run(args: argparse.Namespace) -> tuple[dict[str, Stats], int]:
     if args.call in ("upsert", "txn"):
         # No reset query on release, like the service's pool (asyncpg still rolls back an open transaction).
-        pool = await asyncpg.create_pool(args.dsn, min_size=args.pool_size, max_size=args.pool_size,
-                                         reset=_keep_session)
+        pool = await asyncpg.create_pool(
+            args.dsn, min_size=args.pool_size, max_size=args.pool_size, reset=_keep_session
+        )
         try:
-            call = (upsert_call(pool, args.table, args.org, args.rows) if args.call == "upsert"
-                    else transaction_call(pool, args.org))
+            call = (
+                upsert_call(pool, args.table, args.org, args.rows)
+                if args.call == "upsert"
+                else transaction_call(pool, args.org)
+            )
             return await measure(call, args)
         finally:
             await pool.close()

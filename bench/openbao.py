@@ -80,8 +80,12 @@ def start(binary: str, log_dir: Path, home: Path) -> OpenBao:
 
 def _request(bao: OpenBao, method: str, path: str, body: object = None) -> tuple[int, object]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"http://{bao.server.target}{path}", data=data, method=method,
-                                     headers={"X-Vault-Token": bao.token, "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://{bao.server.target}{path}",
+        data=data,
+        method=method,
+        headers={"X-Vault-Token": bao.token, "Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=5) as reply:
             return reply.status, json.loads(reply.read() or b"null")

@@ -66,8 +66,7 @@ def _label(key: Key) -> str:
     return f"{key[0]} · {key[1]} ({key[2]})"
 
 
-def _ratio_table(results: Mapping[Key, Measurement], comparisons: Sequence[Comparison],
-                 concurrency: int) -> list[str]:
+def _ratio_table(results: Mapping[Key, Measurement], comparisons: Sequence[Comparison], concurrency: int) -> list[str]:
     lines = [
         f"| service row | baseline row | req/s ratio, {concurrency} in flight | mean latency ratio, 1 in flight "
         "| server CPU µs/call (service / baseline) | target |",
@@ -75,8 +74,10 @@ def _ratio_table(results: Mapping[Key, Measurement], comparisons: Sequence[Compa
     ]
     for c in comparisons:
         cpu = f"{_cpu(results.get(c.service))} / {_cpu(results.get(c.baseline))}"
-        lines.append(f"| {_label(c.service)} | {_label(c.baseline)} | {throughput_ratio(results, c)} | "
-                     f"{latency_ratio(results, c)} | {cpu} | {c.target} |")
+        lines.append(
+            f"| {_label(c.service)} | {_label(c.baseline)} | {throughput_ratio(results, c)} | "
+            f"{latency_ratio(results, c)} | {cpu} | {c.target} |"
+        )
     return lines
 
 
@@ -106,8 +107,9 @@ def _row_table(results: Mapping[Key, Measurement], concurrency: int) -> list[str
     return lines
 
 
-def render(results: Mapping[Key, Measurement], comparisons: Sequence[Comparison],
-           machine: Mapping[str, str], concurrency: int) -> str:
+def render(
+    results: Mapping[Key, Measurement], comparisons: Sequence[Comparison], machine: Mapping[str, str], concurrency: int
+) -> str:
     header = " · ".join(f"{key}: {value}" for key, value in machine.items())
     lines = [
         "# integrations-service benchmark",

@@ -177,9 +177,12 @@ async def create_scratch_table(database_url: str) -> None:
     conn = await asyncpg.connect(database_url, timeout=5)
     try:
         await conn.execute(f"CREATE TABLE {SCRATCH_TABLE} (LIKE integration_config INCLUDING ALL)")
-        await conn.execute(f"INSERT INTO {SCRATCH_TABLE} SELECT * FROM integration_config "
-                           "WHERE provider = 'stripe' AND (organization_id = $1 OR organization_id LIKE $2)",
-                           ORG, f"{ROWS_ORG}_%")
+        await conn.execute(
+            f"INSERT INTO {SCRATCH_TABLE} SELECT * FROM integration_config "
+            "WHERE provider = 'stripe' AND (organization_id = $1 OR organization_id LIKE $2)",
+            ORG,
+            f"{ROWS_ORG}_%",
+        )
     finally:
         await conn.close()
 
@@ -216,13 +219,15 @@ def running(servers: dict[str, Server]) -> Iterator[dict[str, Server]]:
 
 def supports_workers() -> bool:
     """Whether `serve` has --workers yet (the 2-worker row is a placeholder until it does)."""
-    done = subprocess.run([*service_command(), "--help"], capture_output=True, text=True, check=False,
-                          env=clean_environment())
+    done = subprocess.run(
+        [*service_command(), "--help"], capture_output=True, text=True, check=False, env=clean_environment()
+    )
     return "--workers" in done.stdout
 
 
-def start_servers(servers: dict[str, Server], missing: dict[str, str], database_url: str, work_dir: Path,
-                  log_dir: Path) -> None:
+def start_servers(
+    servers: dict[str, Server], missing: dict[str, str], database_url: str, work_dir: Path, log_dir: Path
+) -> None:
     key = base64.b64encode(secrets.token_bytes(32)).decode()  # a fresh key, only in the servers' environment
     sqlite_url = f"sqlite:///{work_dir / 'integrations.sqlite3'}"
     stores: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -288,9 +293,22 @@ def load_command(job: Job, args: argparse.Namespace, target: str, database_url: 
     org = {"txn": RAW_ORG, "save": SAVE_ORG}.get(job.call, ORG)
     if job.rows > 1:
         org = ROWS_ORG
-    command = [sys.executable, str(BENCH_DIR / "load.py"), "--call", job.call, "--org", org,
-               "--concurrency", str(args.concurrency), "--duration", str(args.duration),
-               "--warmup", str(args.warmup), "--rows", str(job.rows)]
+    command = [
+        sys.executable,
+        str(BENCH_DIR / "load.py"),
+        "--call",
+        job.call,
+        "--org",
+        org,
+        "--concurrency",
+        str(args.concurrency),
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+        "--rows",
+        str(job.rows),
+    ]
     if job.call in ("upsert", "txn"):
         table = SCRATCH_TABLE if job.call == "upsert" else "integration_config"
         return [*command, "--dsn", database_url, "--table", table, "--pool-size", str(POOL_SIZE)]
@@ -334,16 +352,27 @@ def h2load_loads(job: Job, ctx: Context, mode: str, seconds: float, requests: in
     if job.call == "kv":
         assert ctx.bao is not None
         clients = args.concurrency if mode == CONCURRENT else 1  # HTTP/1.1: one request in flight per connection
-        return [h2load.Load(ctx.bao.read_url, clients, 1, seconds, headers=ctx.bao.headers, http1=True,
-                            requests=requests)]
+        return [
+            h2load.Load(ctx.bao.read_url, clients, 1, seconds, headers=ctx.bao.headers, http1=True, requests=requests)
+        ]
     call = CALLS[job.call]
     url = h2load.grpc_url(ctx.servers[job.server].target, SERVICE, call.method)
     org = SAVE_ORG if job.call == "save" else ORG
     if job.rows > 1:
         rows = range(job.rows) if mode == CONCURRENT else range(1)
         each = max(1, requests // len(rows))
-        return [h2load.Load(url, 1, 1, seconds, call.write_body(f"{ROWS_ORG}_{i}", ctx.work_dir, f"{job.call}-{i}"),
-                            h2load.GRPC_HEADERS, requests=each) for i in rows]
+        return [
+            h2load.Load(
+                url,
+                1,
+                1,
+                seconds,
+                call.write_body(f"{ROWS_ORG}_{i}", ctx.work_dir, f"{job.call}-{i}"),
+                h2load.GRPC_HEADERS,
+                requests=each,
+            )
+            for i in rows
+        ]
     body = call.write_body(org, ctx.work_dir, job.call)
     if mode == SEQUENTIAL:
         return [h2load.Load(url, 1, 1, seconds, body, h2load.GRPC_HEADERS, requests=requests)]
@@ -374,8 +403,11 @@ async def stored_versions(job: Job, ctx: Context) -> int | None:
     organizations = [f"{ROWS_ORG}_{i}" for i in range(job.rows)] if job.rows > 1 else [SAVE_ORG]
     conn = await asyncpg.connect(ctx.database_url, timeout=5)
     try:
-        total = await conn.fetchval("SELECT coalesce(sum(version), 0) FROM integration_config "
-                                    "WHERE provider = 'stripe' AND organization_id = ANY($1::text[])", organizations)
+        total = await conn.fetchval(
+            "SELECT coalesce(sum(version), 0) FROM integration_config "
+            "WHERE provider = 'stripe' AND organization_id = ANY($1::text[])",
+            organizations,
+        )
     finally:
         await conn.close()
     return int(total)
@@ -392,8 +424,14 @@ def _phase(result: h2load.Result) -> dict[str, object]:
     if result.errors:
         first_error = ", ".join(f"{n} {kind}" for kind, n in result.status.items() if kind != "2xx" and n)
         first_error = first_error or f"{result.failed} failed"
-    return {"rps": result.rps, "mean_ms": result.mean_ms, "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
-            "errors": result.errors, "first_error": first_error}
+    return {
+        "rps": result.rps,
+        "mean_ms": result.mean_ms,
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
+        "errors": result.errors,
+        "first_error": first_error,
+    }
 
 
 async def measure_h2load(job: Job, ctx: Context) -> Measurement:
@@ -452,9 +490,9 @@ def cpu_model() -> str:
 
 def source_revision() -> str:
     """The checkout's commit, flagged when the service's sources differ from it or PYTHONPATH overrides them."""
+
     def git(*argv: str) -> str:
-        done = subprocess.run(["git", "-C", str(BENCH_DIR.parent), *argv], capture_output=True, text=True,
-                              check=False)
+        done = subprocess.run(["git", "-C", str(BENCH_DIR.parent), *argv], capture_output=True, text=True, check=False)
         return done.stdout.strip() if done.returncode == 0 else ""
 
     revision = git("rev-parse", "--short", "HEAD") or "unknown"
@@ -473,8 +511,9 @@ def load_average() -> float:
 def warn_if_busy() -> float:
     load = load_average()
     if load > 0.5 * (os.cpu_count() or 1):
-        print(f"bench: warning: load average {load:.2f} before the run; other work will skew the numbers",
-              file=sys.stderr)
+        print(
+            f"bench: warning: load average {load:.2f} before the run; other work will skew the numbers", file=sys.stderr
+        )
     return load
 
 
@@ -487,9 +526,11 @@ def machine(args: argparse.Namespace, postgres_version: str, load_before: float)
         "Python": platform.python_version(),
         "grpcio": version("grpcio"),
         "PostgreSQL": postgres_version.split()[0],
-        "phases": (f"h2load: ~{args.duration:g} s of calls each after max({WARMUP_CALLS}, "
-                   f"{WARMUP_CALLS_PER_STREAM} × in flight) warm-up calls, {args.connections} connections at "
-                   f"{args.concurrency} in flight; python: {args.duration:g} s after {args.warmup:g} s"),
+        "phases": (
+            f"h2load: ~{args.duration:g} s of calls each after max({WARMUP_CALLS}, "
+            f"{WARMUP_CALLS_PER_STREAM} × in flight) warm-up calls, {args.connections} connections at "
+            f"{args.concurrency} in flight; python: {args.duration:g} s after {args.warmup:g} s"
+        ),
         "load avg (1 min) before": f"{load_before:.2f}",
         "after": f"{load_average():.2f}",  # this run's own load counts too (up to ~2 on 2 cores)
     }
@@ -533,21 +574,29 @@ async def bench(args: argparse.Namespace) -> None:
                 print(f"measuring {job.workload} on {job.server} with {job.tool} …", file=sys.stderr)
                 results[job.key] = await measure(job, ctx)
     path = publish(render(results, COMPARISONS, machine(args, pg_version, load_before), args.concurrency))
-    print(f"written to {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}",
-          file=sys.stderr)
+    print(f"written to {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}", file=sys.stderr)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per phase (default 3)")
-    parser.add_argument("--warmup", type=float, default=1.0,
-                        help="seconds of warm-up per phase of the python rows (default 1); an h2load phase warms "
-                             f"up with max({WARMUP_CALLS}, {WARMUP_CALLS_PER_STREAM} × calls in flight) calls")
-    parser.add_argument("--concurrency", type=int, default=64,
-                        help="calls in flight in the concurrent phase (default 64)")
-    parser.add_argument("--connections", type=int, default=4,
-                        help="h2load's connections to a gRPC server in the concurrent phase, the calls in "
-                             "flight shared among them as HTTP/2 streams (default 4)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        help="seconds of warm-up per phase of the python rows (default 1); an h2load phase warms "
+        f"up with max({WARMUP_CALLS}, {WARMUP_CALLS_PER_STREAM} × calls in flight) calls",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=64, help="calls in flight in the concurrent phase (default 64)"
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=4,
+        help="h2load's connections to a gRPC server in the concurrent phase, the calls in "
+        "flight shared among them as HTTP/2 streams (default 4)",
+    )
     args = parser.parse_args()
     if args.duration <= 0 or args.warmup <= 0 or args.concurrency < 1 or not 1 <= args.connections <= args.concurrency:
         parser.error("--duration and --warmup must be > 0, --concurrency >= 1, 1 <= --connections <= --concurrency")

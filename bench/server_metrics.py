@@ -11,7 +11,7 @@ import re
 import urllib.request
 from collections import Counter
 
-_SAMPLE = re.compile(r'^integrations_rpc_requests_total\{(?P<labels>[^}]*)\}\s+(?P<value>[0-9.eE+-]+)\s*$', re.M)
+_SAMPLE = re.compile(r"^integrations_rpc_requests_total\{(?P<labels>[^}]*)\}\s+(?P<value>[0-9.eE+-]+)\s*$", re.M)
 _CODE = re.compile(r'code="([A-Z_]+)"')
 
 

@@ -49,11 +49,19 @@ class GrpcCall:
 
 
 CALLS = {
-    "get": GrpcCall("GetProviderConfig", lambda org: pb.GetProviderConfigRequest(
-        organization_id=org, provider=PROVIDER, view=pb.CONFIG_VIEW_DECRYPTED)),
-    "masked": GrpcCall("GetProviderConfig", lambda org: pb.GetProviderConfigRequest(
-        organization_id=org, provider=PROVIDER, view=pb.CONFIG_VIEW_MASKED)),
+    "get": GrpcCall(
+        "GetProviderConfig",
+        lambda org: pb.GetProviderConfigRequest(organization_id=org, provider=PROVIDER, view=pb.CONFIG_VIEW_DECRYPTED),
+    ),
+    "masked": GrpcCall(
+        "GetProviderConfig",
+        lambda org: pb.GetProviderConfigRequest(organization_id=org, provider=PROVIDER, view=pb.CONFIG_VIEW_MASKED),
+    ),
     "list": GrpcCall("ListProviders", lambda org: pb.ListProvidersRequest(organization_id=org)),
-    "save": GrpcCall("SaveIntegration", lambda org: pb.SaveIntegrationRequest(
-        organization_id=org, provider=PROVIDER, values={"publishableKey": SAVED_VALUE})),
+    "save": GrpcCall(
+        "SaveIntegration",
+        lambda org: pb.SaveIntegrationRequest(
+            organization_id=org, provider=PROVIDER, values={"publishableKey": SAVED_VALUE}
+        ),
+    ),
 }

@@ -60,8 +60,13 @@ class RpcLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         method = getattr(record, "rpc", None)
         if method and record.getMessage() == "rpc finished":
-            self.records.append((str(method).rsplit("/", 1)[-1], str(getattr(record, "code", "")),
-                                 getattr(record, "organization_id", None)))
+            self.records.append(
+                (
+                    str(method).rsplit("/", 1)[-1],
+                    str(getattr(record, "code", "")),
+                    getattr(record, "organization_id", None),
+                )
+            )
 
     def count(self, method: str, organization_id: str | None = None) -> int:
         return sum(1 for m, _, org in self.records if m == method and organization_id in (None, org))
@@ -153,8 +158,11 @@ class FakeService(pb_grpc.IntegrationServiceServicer):
 
     async def SaveIntegration(self, request: pb.SaveIntegrationRequest, context: Any) -> pb.SaveIntegrationResponse:
         await self._play("SaveIntegration", context)
-        return pb.SaveIntegrationResponse(config=pb.ProviderConfig(organization_id=request.organization_id,
-                                                                   provider=request.provider, etag="fake-etag-2"))
+        return pb.SaveIntegrationResponse(
+            config=pb.ProviderConfig(
+                organization_id=request.organization_id, provider=request.provider, etag="fake-etag-2"
+            )
+        )
 
     async def DeleteIntegration(
         self, request: pb.DeleteIntegrationRequest, context: Any

@@ -83,8 +83,9 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     for _ in range(2):
         terminalreporter.write_sep("!", "POSTGRESQL TESTS WERE SKIPPED", red=True, bold=True)
     terminalreporter.write_line(reason, red=True, bold=True)
-    terminalreporter.write_line("This run did NOT test the production store. (Under CI this is a failure.)",
-                                red=True, bold=True)
+    terminalreporter.write_line(
+        "This run did NOT test the production store. (Under CI this is a failure.)", red=True, bold=True
+    )
     terminalreporter.write_sep("!", red=True, bold=True)
 
 

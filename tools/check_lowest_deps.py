@@ -56,8 +56,18 @@ def main() -> int:
         constraints = root / "lowest.txt"
         constraints.write_text("\n".join(pins) + "\n")
         print("lowest declared versions:", ", ".join(pins), flush=True)
-        _run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-c", constraints, project,
-             cwd=root)
+        _run(
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-c",
+            constraints,
+            project,
+            cwd=root,
+        )
         _run(python, "-m", "pip", "check", cwd=root)
         _run(python, "-c", "\n".join(f"import {module}" for module in args.modules), cwd=root)
     print(f"{project.name}: imports with the lowest declared versions of its dependencies")

@@ -62,14 +62,17 @@ async def _close_in_order(audit: AuditTrail, key_usage: KeyUsage, store: Integra
     """The store last (the others write to it), and each whatever the others did: a failed audit flush must not
     keep the encryption counts, which the nonce budget depends on, from being saved."""
     steps: Sequence[tuple[str, Callable[[], Awaitable[None]]]] = (
-        ("audit", audit.close), ("key_usage", key_usage.close), ("store", store.close)
+        ("audit", audit.close),
+        ("key_usage", key_usage.close),
+        ("store", store.close),
     )
     for step, close in steps:
         try:
             await close()
         except Exception:
-            log.exception("a shutdown step failed; going on with the others",
-                          extra={"event": "stop_failed", "store": step})
+            log.exception(
+                "a shutdown step failed; going on with the others", extra={"event": "stop_failed", "store": step}
+            )
 
 
 @dataclass(frozen=True)
@@ -179,9 +182,7 @@ async def start(settings: Settings) -> RunningService:
     cipher, counter = _cipher(settings)
     credentials, authorizer = _security(settings)  # bad TLS files or policy stop us before the store opens
     metrics = Metrics()
-    store, key_usage = await open_checked_store(
-        settings, cipher, counter, settings.db_pool_size, metrics, listen=True
-    )
+    store, key_usage = await open_checked_store(settings, cipher, counter, settings.db_pool_size, metrics, listen=True)
     store = _with_row_cache(store, settings, metrics)
     audit = AuditTrail(store, reads=settings.audit_reads)
     try:

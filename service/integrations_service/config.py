@@ -33,8 +33,6 @@ class Mode(enum.Enum):
     PRODUCTION = "production"
 
 
-
-
 @dataclass(frozen=True)
 class Setting:
     env: str

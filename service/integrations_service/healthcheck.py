@@ -50,8 +50,12 @@ def _channel(target: str, tls: HealthcheckTls | None) -> grpc.Channel:
     if tls is None:
         return grpc.insecure_channel(target)
     ca, cert, key = (
-        _read(env, path) for env, path in ((HEALTHCHECK_CA_ENV, tls.ca), (HEALTHCHECK_CERT_ENV, tls.cert),
-                                           (HEALTHCHECK_KEY_ENV, tls.key))
+        _read(env, path)
+        for env, path in (
+            (HEALTHCHECK_CA_ENV, tls.ca),
+            (HEALTHCHECK_CERT_ENV, tls.cert),
+            (HEALTHCHECK_KEY_ENV, tls.key),
+        )
     )
     credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
     options = []

@@ -179,7 +179,9 @@ class _GrpcServerMetrics:
         labels = ["grpc_type", "grpc_service", "grpc_method"]
         self.started = Counter("grpc_server_started", "RPCs started on the server", labels, registry=r)
         self.handled = Counter(
-            "grpc_server_handled", "RPCs completed on the server, regardless of outcome", [*labels, "grpc_code"],
+            "grpc_server_handled",
+            "RPCs completed on the server, regardless of outcome",
+            [*labels, "grpc_code"],
             registry=r,
         )
         self.seconds = Histogram(
@@ -320,7 +322,10 @@ class _WorkerMirror(Thread):
         gauge = self._gauges.get(family.name)
         if gauge is None:
             gauge = self._gauges[family.name] = Gauge(
-                family.name, family.documentation, [*names, "worker"], registry=None,
+                family.name,
+                family.documentation,
+                [*names, "worker"],
+                registry=None,
                 multiprocess_mode="livemostrecent",
             )
         return gauge

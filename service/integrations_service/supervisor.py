@@ -109,7 +109,8 @@ class Supervisor:
         for slot in self._slots:
             self._start(slot)
         log.info(
-            "supervising %d workers", len(self._slots),
+            "supervising %d workers",
+            len(self._slots),
             extra={"event": "supervising", "count": len(self._slots), "address": self._settings.listen_address},
         )
         code = self._watch()
@@ -135,7 +136,9 @@ class Supervisor:
         multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
         # prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set: this one is the supervisor's own.
         self._restarts = Counter(
-            "integrations_worker_restarts", "Workers restarted after dying unexpectedly, by worker", ["worker"],
+            "integrations_worker_restarts",
+            "Workers restarted after dying unexpectedly, by worker",
+            ["worker"],
             registry=registry,
         )
         for slot in self._slots:
@@ -150,14 +153,20 @@ class Supervisor:
 
     def _start(self, slot: _Slot) -> None:
         process = self._context.Process(
-            target=_worker_main, args=(self._worker_settings, slot.index, self._serve),
-            name=f"integrations-worker-{slot.index}", daemon=False,
+            target=_worker_main,
+            args=(self._worker_settings, slot.index, self._serve),
+            name=f"integrations-worker-{slot.index}",
+            daemon=False,
         )
         with _log_stream_as_stderr():
             process.start()
         slot.process, slot.started, slot.restart_at = process, time.monotonic(), None
-        log.info("worker %d started (pid %s)", slot.index, process.pid,
-                 extra={"event": "worker_started", "worker": slot.index, "pid": process.pid})
+        log.info(
+            "worker %d started (pid %s)",
+            slot.index,
+            process.pid,
+            extra={"event": "worker_started", "worker": slot.index, "pid": process.pid},
+        )
 
     def _watch(self) -> int | None:
         """Until a signal (None) or a crash loop (the exit code)."""
@@ -175,8 +184,12 @@ class Supervisor:
             if self._stopping:
                 return None
             for slot in self._slots:
-                if slot.process is not None and slot.restart_at is None and not slot.process.is_alive() \
-                        and self._died(slot):
+                if (
+                    slot.process is not None
+                    and slot.restart_at is None
+                    and not slot.process.is_alive()
+                    and self._died(slot)
+                ):
                     return 1
         return None
 
@@ -192,14 +205,21 @@ class Supervisor:
         if len(slot.deaths) > RESTART_BUDGET:
             log.error(
                 "worker %d died %d times within %.0f s (last exit code %s): stopping the service; its log lines "
-                "above say why", slot.index, len(slot.deaths), RESTART_WINDOW, code,
+                "above say why",
+                slot.index,
+                len(slot.deaths),
+                RESTART_WINDOW,
+                code,
                 extra={"event": "workers_crash_loop", "worker": slot.index, "code": code},
             )
             self._stop_all()
             return True
         log.error(
             "worker %d (pid %s) died unexpectedly (exit code %s): restarting it in %.1f s",
-            slot.index, slot.process.pid, code, slot.backoff,
+            slot.index,
+            slot.process.pid,
+            code,
+            slot.backoff,
             extra={"event": "worker_died", "worker": slot.index, "pid": slot.process.pid, "code": code},
         )
         if self._restarts is not None:
@@ -227,14 +247,21 @@ class Supervisor:
             assert slot.process is not None
             slot.process.join(max(0.0, deadline - time.monotonic()))
             if slot.process.is_alive():
-                log.error("worker %d did not stop in time: killed", slot.index,
-                          extra={"event": "worker_killed", "worker": slot.index, "pid": slot.process.pid})
+                log.error(
+                    "worker %d did not stop in time: killed",
+                    slot.index,
+                    extra={"event": "worker_killed", "worker": slot.index, "pid": slot.process.pid},
+                )
                 slot.process.kill()
                 slot.process.join(5)
             if slot.process.exitcode != 0:
                 clean = False
-                log.error("worker %d stopped with exit code %s", slot.index, slot.process.exitcode,
-                          extra={"event": "worker_failed", "worker": slot.index, "code": slot.process.exitcode})
+                log.error(
+                    "worker %d stopped with exit code %s",
+                    slot.index,
+                    slot.process.exitcode,
+                    extra={"event": "worker_failed", "worker": slot.index, "code": slot.process.exitcode},
+                )
             self._forget(slot.process)
         log.info("stopped", extra={"event": "stopped"})
         return 0 if clean else 1

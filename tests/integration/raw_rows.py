@@ -85,8 +85,9 @@ async def stored_config(kind: str, where: str, organization_id: str, provider: s
     return config
 
 
-async def overwrite_config(kind: str, where: str, organization_id: str, provider: str,
-                           config: Mapping[str, str]) -> None:
+async def overwrite_config(
+    kind: str, where: str, organization_id: str, provider: str, config: Mapping[str, str]
+) -> None:
     """Replace the stored config in place (no version bump: the dashboard and an attacker do not bump it)."""
     text = json.dumps(dict(config))
     if kind == "postgres":
@@ -94,7 +95,9 @@ async def overwrite_config(kind: str, where: str, organization_id: str, provider
         try:
             status = await conn.execute(
                 "UPDATE integration_config SET config = $3::jsonb WHERE organization_id = $1 AND provider = $2",
-                organization_id, provider, text,
+                organization_id,
+                provider,
+                text,
             )
         finally:
             await conn.close()
@@ -112,8 +115,9 @@ async def overwrite_config(kind: str, where: str, organization_id: str, provider
     await asyncio.to_thread(write)
 
 
-async def insert_dashboard_row(kind: str, where: str, organization_id: str, provider: str,
-                               config: Mapping[str, str]) -> None:
+async def insert_dashboard_row(
+    kind: str, where: str, organization_id: str, provider: str, config: Mapping[str, str]
+) -> None:
     """A row written the way the dashboard writes it: its own columns only, timestamps now()."""
     await insert_raw_config(kind, where, organization_id, provider, json.dumps(dict(config)))
 
@@ -127,7 +131,10 @@ async def insert_raw_config(kind: str, where: str, organization_id: str, provide
             await conn.execute(
                 "INSERT INTO integration_config (id, organization_id, provider, config, created_at, updated_at) "
                 "VALUES ($1, $2, $3, $4::jsonb, now(), now())",
-                row_id, organization_id, provider, text,
+                row_id,
+                organization_id,
+                provider,
+                text,
             )
         finally:
             await conn.close()
@@ -150,8 +157,10 @@ async def insert_raw_config(kind: str, where: str, organization_id: str, provide
 
 def master_key(text: str) -> bytes:
     text = text.strip()
-    material = bytes.fromhex(text) if re.fullmatch(r"[0-9a-fA-F]{64}", text) else base64.b64decode(
-        text.replace("-", "+").replace("_", "/"), validate=True
+    material = (
+        bytes.fromhex(text)
+        if re.fullmatch(r"[0-9a-fA-F]{64}", text)
+        else base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
     )
     assert len(material) == 32
     return material
@@ -188,8 +197,9 @@ def documented_write_prefix() -> str:
 
     A doc without such a heading predates enc:v2, when the service wrote the dashboard's enc:v1.
     """
-    heading = re.search(r"^#+ `(enc:v\d+:)`[^\n]*written by this service", DOC.read_text(encoding="utf-8"),
-                        flags=re.MULTILINE)
+    heading = re.search(
+        r"^#+ `(enc:v\d+:)`[^\n]*written by this service", DOC.read_text(encoding="utf-8"), flags=re.MULTILINE
+    )
     return heading[1] if heading else V1_PREFIX
 
 
@@ -201,7 +211,7 @@ def is_encrypted(stored: str) -> bool:
 def decrypt(stored: str, key_text: str, organization_id: str, provider: str, field: str) -> str:
     """Read a stored string as the doc says; raises (cryptography's InvalidTag, ValueError) when it cannot."""
     if stored.startswith(V1_PREFIX):
-        blob = base64.b64decode(stored[len(V1_PREFIX):], validate=True)
+        blob = base64.b64decode(stored[len(V1_PREFIX) :], validate=True)
         return AESGCM(master_key(key_text)).decrypt(blob[:12], blob[12:], None).decode()
     match = _V2.fullmatch(stored)
     if match is None:
@@ -211,8 +221,7 @@ def decrypt(stored: str, key_text: str, organization_id: str, provider: str, fie
     return AESGCM(_v2_subkey(key_text)).decrypt(blob[:12], blob[12:], aad).decode()
 
 
-def reencrypted(stored: str, key_text: str, organization_id: str, provider: str, field: str,
-                plaintext: str) -> str:
+def reencrypted(stored: str, key_text: str, organization_id: str, provider: str, field: str, plaintext: str) -> str:
     """`plaintext` in the same format (and key id) as `stored`, but under the key `key_text`."""
     if stored.startswith(V1_PREFIX):
         return encrypt_v1(plaintext, key_text)
@@ -240,6 +249,6 @@ def tampered(stored: str) -> str:
     position = start + 8
     old = stored[position]
     new = _BASE64_ALPHABET[(_BASE64_ALPHABET.index(old) + 1) % len(_BASE64_ALPHABET)]
-    changed = stored[:position] + new + stored[position + 1:]
+    changed = stored[:position] + new + stored[position + 1 :]
     assert base64.b64decode(changed[start:], validate=True) != base64.b64decode(stored[start:], validate=True)
     return changed

@@ -102,8 +102,7 @@ async def test_each_audited_call_leaves_one_event_naming_who_what_where(svc: Run
     summary = [(e.action, e.outcome, e.organization_id, e.provider, list(e.fields), e.request_id) for e in events]
     assert summary == [
         ("DeleteIntegration", "OK", org, "stripe", [], rids["delete"]),
-        ("GetProviderConfig", "OK", org, "stripe", ["publishableKey", "secretKey", "webhookSecret"],
-         rids["decrypted"]),
+        ("GetProviderConfig", "OK", org, "stripe", ["publishableKey", "secretKey", "webhookSecret"], rids["decrypted"]),
         ("SaveIntegration", "InvalidArgument", org, "stripe", ["secretKey"], rids["bad-save"]),
         ("SaveIntegration", "OK", org, "stripe", ["publishableKey", "secretKey"], rids["save"]),
     ]
@@ -228,8 +227,10 @@ async def test_pages_are_newest_first_without_duplicates_and_filtered_by_organiz
     everything = await svc.stub.ListAuditEvents(pb.ListAuditEventsRequest(page_size=500))
     assert {org, other} <= {e.organization_id for e in everything.events}
     # A page size above the maximum is lowered, not refused.
-    assert len((await svc.stub.ListAuditEvents(pb.ListAuditEventsRequest(organization_id=org, page_size=100_000)))
-               .events) == 6
+    assert (
+        len((await svc.stub.ListAuditEvents(pb.ListAuditEventsRequest(organization_id=org, page_size=100_000))).events)
+        == 6
+    )
 
 
 def _token(text: str) -> str:
@@ -292,9 +293,11 @@ async def test_the_audit_log_line_says_ok_only_for_changes_that_happened(
     caplog.set_level("INFO", logger="integrations.audit")
     await refused(save(svc, org, stale, etag=first.etag, publishableKey="pk_test_lost"))
     missing = request_id("missing")
-    await refused(svc.stub.DeleteIntegration(
-        pb.DeleteIntegrationRequest(organization_id=new_org(), provider="stripe"), metadata=metadata(missing)
-    ))
+    await refused(
+        svc.stub.DeleteIntegration(
+            pb.DeleteIntegrationRequest(organization_id=new_org(), provider="stripe"), metadata=metadata(missing)
+        )
+    )
 
     def outcomes(rid: str) -> list[str]:
         audit_lines = (r for r in caplog.records if r.name == "integrations.audit")

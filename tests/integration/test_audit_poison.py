@@ -66,11 +66,13 @@ def hostile_calls(stub: pb_grpc.IntegrationServiceStub, org: str) -> dict[str, o
         get, save = rid(f"get-{label}"), rid(f"save-{label}")
         calls[get] = stub.GetProviderConfig(
             pb.GetProviderConfigRequest(organization_id=organization_id, provider=provider, view=DECRYPTED),
-            metadata=with_rid(get), timeout=10,
+            metadata=with_rid(get),
+            timeout=10,
         )
         calls[save] = stub.SaveIntegration(
             pb.SaveIntegrationRequest(organization_id=organization_id, provider=provider, values={"secretKey": SK}),
-            metadata=with_rid(save), timeout=10,
+            metadata=with_rid(save),
+            timeout=10,
         )
     return calls
 
@@ -106,11 +108,13 @@ async def save_then_read(stub: pb_grpc.IntegrationServiceStub, org: str) -> tupl
     save, read = rid("save"), rid("read")
     await stub.SaveIntegration(
         pb.SaveIntegrationRequest(organization_id=org, provider="stripe", values={"secretKey": SK}),
-        metadata=with_rid(save), timeout=10,
+        metadata=with_rid(save),
+        timeout=10,
     )
     reply = await stub.GetProviderConfig(
         pb.GetProviderConfigRequest(organization_id=org, provider="stripe", view=DECRYPTED),
-        metadata=with_rid(read), timeout=10,
+        metadata=with_rid(read),
+        timeout=10,
     )
     assert reply.config.values["secretKey"].value == SK
     return save, read
@@ -163,8 +167,15 @@ def unstorable(request_id: str, kind: str) -> AuditRecord:
     """A record no store can take (built around `AuditTrail.record`, which would have made it storable)."""
     # PostgreSQL refuses NUL in text; neither store can encode a lone surrogate.
     provider = "stri\x00pe" if kind == "postgres" else "\ud800"
-    return AuditRecord(time=datetime.now(UTC), caller="tester", action="GetProviderConfig", outcome="OK",
-                       organization_id="org_unstorable", provider=provider, request_id=request_id)
+    return AuditRecord(
+        time=datetime.now(UTC),
+        caller="tester",
+        action="GetProviderConfig",
+        outcome="OK",
+        organization_id="org_unstorable",
+        provider=provider,
+        request_id=request_id,
+    )
 
 
 async def test_a_record_the_store_refuses_is_given_up_and_counted_and_blocks_nothing(
@@ -195,9 +206,17 @@ async def test_the_trail_splits_a_batch_around_records_the_store_refuses(
     for i in range(5):
         for _ in range(6):
             request_id = rid(f"good{i}")
-            audit.enqueue(AuditRecord(time=datetime.now(UTC), caller="tester", action="GetProviderConfig",
-                                      outcome="OK", organization_id="org_split", provider="stripe",
-                                      request_id=request_id))
+            audit.enqueue(
+                AuditRecord(
+                    time=datetime.now(UTC),
+                    caller="tester",
+                    action="GetProviderConfig",
+                    outcome="OK",
+                    organization_id="org_split",
+                    provider="stripe",
+                    request_id=request_id,
+                )
+            )
             good.append(request_id)
         audit.enqueue(unstorable(rid(f"bad{i}"), contract_location[0]))
     await audit.flush()
@@ -213,9 +232,7 @@ STRICT_DB_TIMEOUT = 2.0
 
 
 @pytest.fixture
-async def strict(
-    proxy: TcpProxy, database_url: str, tmp_path: Path
-) -> AsyncIterator[Running]:
+async def strict(proxy: TcpProxy, database_url: str, tmp_path: Path) -> AsyncIterator[Running]:
     url = _with_address(database_url, "127.0.0.1", proxy.port)
     running = await start_service(
         url, tmp_path, {"INTEGRATIONS_AUDIT_READS": "strict", "INTEGRATIONS_DB_TIMEOUT": str(STRICT_DB_TIMEOUT)}
@@ -227,8 +244,9 @@ async def strict(
 async def audit_rows(database_url: str, request_id: str) -> list[str]:
     conn = await asyncpg.connect(database_url)
     try:
-        return [r["outcome"] for r in await conn.fetch("SELECT outcome FROM audit_events WHERE request_id = $1",
-                                                        request_id)]
+        return [
+            r["outcome"] for r in await conn.fetch("SELECT outcome FROM audit_events WHERE request_id = $1", request_id)
+        ]
     finally:
         await conn.close()
 
@@ -236,13 +254,13 @@ async def audit_rows(database_url: str, request_id: str) -> list[str]:
 def strict_read(svc: Running, org: str, request_id: str) -> object:
     return svc.stub.GetProviderConfig(
         pb.GetProviderConfigRequest(organization_id=org, provider="stripe", view=DECRYPTED),
-        metadata=with_rid(request_id), timeout=15,
+        metadata=with_rid(request_id),
+        timeout=15,
     )
 
 
 @pytest.mark.postgres
-async def test_strict_reads_answer_only_once_their_record_is_stored(strict: Running, database_url: str
-) -> None:
+async def test_strict_reads_answer_only_once_their_record_is_stored(strict: Running, database_url: str) -> None:
     org = new_org()
     await save_then_read(strict.stub, org)
     admin = await asyncpg.connect(database_url)

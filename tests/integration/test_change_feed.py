@@ -151,9 +151,7 @@ asyncio.run(main())
 
 
 @pytest.mark.postgres
-async def test_saves_of_another_process_reach_the_feed_within_tens_of_ms(
-    database: str, events: Subscription
-) -> None:
+async def test_saves_of_another_process_reach_the_feed_within_tens_of_ms(database: str, events: Subscription) -> None:
     received: dict[int, float] = {}
 
     async def consume() -> None:
@@ -164,8 +162,13 @@ async def test_saves_of_another_process_reach_the_feed_within_tens_of_ms(
                 return
 
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", WRITER, database,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=clean_env(),
+        sys.executable,
+        "-c",
+        WRITER,
+        database,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env=clean_env(),
     )
     consumer = asyncio.ensure_future(consume())
     try:
@@ -184,8 +187,10 @@ async def test_saves_of_another_process_reach_the_feed_within_tens_of_ms(
     assert sorted(received) == [save["version"] for save in saves] == list(range(1, 201))
     for name in ("called", "acknowledged"):
         delays = sorted(received[save["version"]] - save[name] for save in saves)
-        print(f"\nchange feed across processes, 200 saves, save {name} -> event received: "
-              f"p50 {statistics.median(delays) * 1000:.2f} ms, p99 {delays[197] * 1000:.2f} ms")
+        print(
+            f"\nchange feed across processes, 200 saves, save {name} -> event received: "
+            f"p50 {statistics.median(delays) * 1000:.2f} ms, p99 {delays[197] * 1000:.2f} ms"
+        )
         if name == "acknowledged":
             # Typically p50 < 0.2 ms, p99 < 3 ms; loose bounds, since the 2-core CI machine is shared.
             assert statistics.median(delays) < 0.01, f"p50 {statistics.median(delays) * 1000:.1f} ms"
@@ -239,15 +244,22 @@ async def test_a_rolled_back_or_refused_write_notifies_nothing(
 async def test_a_manual_sql_insert_update_and_delete_notify(
     database: str, listener: PostgresStore, events: Subscription
 ) -> None:
-    await raw(database, "INSERT INTO integration_config (id, organization_id, provider, config) "
-              "VALUES ('manual-1', $1, 'resend', '{}')", ORG)
+    await raw(
+        database,
+        "INSERT INTO integration_config (id, organization_id, provider, config) "
+        "VALUES ('manual-1', $1, 'resend', '{}')",
+        ORG,
+    )
     inserted = await next_event(events)
     row = await listener.get(ORG, "resend")
     assert row is not None
     assert inserted == ConfigChanged.saved(row)
 
-    await raw(database, "UPDATE integration_config SET config = '{\"apiKey\": \"x\"}', version = version + 1, "
-              "updated_at = now() WHERE id = 'manual-1'")
+    await raw(
+        database,
+        'UPDATE integration_config SET config = \'{"apiKey": "x"}\', version = version + 1, '
+        "updated_at = now() WHERE id = 'manual-1'",
+    )
     updated = await next_event(events)
     row = await listener.get(ORG, "resend")
     assert row is not None
@@ -274,8 +286,9 @@ async def test_a_rewrap_notifies_with_the_same_version(writer: PostgresStore, ev
 async def test_the_rotate_command_notifies_every_row_it_rewraps(
     database: str, events: Subscription, tmp_path: Path
 ) -> None:
-    await insert_rows(database, [(f"legacy-{i}", f"org_legacy_{i}", "stripe", {"secretKey": f"sk_test_{i}"})
-                                 for i in range(3)])
+    await insert_rows(
+        database, [(f"legacy-{i}", f"org_legacy_{i}", "stripe", {"secretKey": f"sk_test_{i}"}) for i in range(3)]
+    )
     inserted = [await next_event(events) for _ in range(3)]
     rotated = await cli(["rotate"], database, BEFORE, tmp_path)
     assert rotated.returncode == 0, rotated.stderr
@@ -293,8 +306,11 @@ async def test_truncate_and_an_undescribable_write_send_a_reset_and_the_write_su
     assert await next_event(events) == FeedReset(ResetReason.TRUNCATED)
 
     huge = "o" * 9000  # the payload would pass pg_notify's 8000-byte limit
-    await raw(database, "INSERT INTO integration_config (id, organization_id, provider, config) "
-              "VALUES ('huge-1', $1, 'stripe', '{}')", huge)
+    await raw(
+        database,
+        "INSERT INTO integration_config (id, organization_id, provider, config) VALUES ('huge-1', $1, 'stripe', '{}')",
+        huge,
+    )
     assert await next_event(events) == FeedReset(ResetReason.UNDESCRIBED)
     row = await writer.get(huge, "stripe")
     assert row is not None
@@ -352,8 +368,10 @@ async def test_while_the_database_is_unreachable_the_feed_says_so_and_resets_whe
         silent = await until(lambda: not hub.connected)
         proxy.thaw()
         await until(lambda: hub.connected)
-        print(f"\nlistener: loss seen in {lost * 1000:.0f} ms, back {back * 1000:.0f} ms after the database, "
-              f"a silent partition seen in {silent * 1000:.0f} ms")
+        print(
+            f"\nlistener: loss seen in {lost * 1000:.0f} ms, back {back * 1000:.0f} ms after the database, "
+            f"a silent partition seen in {silent * 1000:.0f} ms"
+        )
         assert lost < 1.0
         assert back < 6.0
         assert silent < 2.0
@@ -427,14 +445,20 @@ async def test_a_store_that_does_not_listen_never_claims_to_be_connected(writer:
 async def test_the_migration_applies_on_a_database_of_the_previous_version(database: str) -> None:
     conn = await asyncpg.connect(database)
     try:
-        await conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
-                           "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
         for migration in load_migrations("postgres")[:2]:
             await conn.execute(migration.sql)
-            await conn.execute("INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                               migration.version, migration.name)
-        await conn.execute("INSERT INTO integration_config (id, organization_id, provider, config) "
-                           "VALUES ('old-1', $1, 'stripe', '{}')", ORG)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", migration.version, migration.name
+            )
+        await conn.execute(
+            "INSERT INTO integration_config (id, organization_id, provider, config) "
+            "VALUES ('old-1', $1, 'stripe', '{}')",
+            ORG,
+        )
     finally:
         await conn.close()
     store = await PostgresStore.connect(database, migrate=False)
@@ -448,8 +472,11 @@ async def test_the_migration_applies_on_a_database_of_the_previous_version(datab
 @pytest.mark.postgres
 async def test_the_dashboards_adopted_table_notifies_the_dashboards_own_writes(database: str) -> None:
     await raw(database, DASHBOARD_TABLE)
-    await raw(database, "INSERT INTO integration_config (id, organization_id, provider, config) "
-              "VALUES ('old-1', $1, 'stripe', '{}')", ORG)
+    await raw(
+        database,
+        "INSERT INTO integration_config (id, organization_id, provider, config) VALUES ('old-1', $1, 'stripe', '{}')",
+        ORG,
+    )
     store = await PostgresStore.connect(database)
     await store.close()
     await assert_changes_notify(database)
@@ -466,7 +493,11 @@ async def assert_changes_notify(database: str) -> None:
     finally:
         await conn.close()
     assert {key: message[key] for key in ("operation", "organization_id", "provider", "id", "version")} == {
-        "operation": "saved", "organization_id": ORG, "provider": "stripe", "id": "old-1", "version": 1
+        "operation": "saved",
+        "organization_id": ORG,
+        "provider": "stripe",
+        "id": "old-1",
+        "version": 1,
     }
 
 
@@ -548,9 +579,7 @@ async def test_sqlite_does_not_see_another_stores_writes_on_the_same_file(tmp_pa
 # --- the served process ---------------------------------------------------------------------------
 
 
-async def test_a_serving_process_reports_its_feed_connected(
-    store_location: tuple[str, str], tmp_path: Path
-) -> None:
+async def test_a_serving_process_reports_its_feed_connected(store_location: tuple[str, str], tmp_path: Path) -> None:
     kind, where = store_location
     running = await start_service(f"sqlite:///{where}" if kind == "sqlite" else where, tmp_path)
     try:

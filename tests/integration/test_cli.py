@@ -206,9 +206,7 @@ def test_keyring_entry_with_id_and_key_swapped_is_refused_without_echoing_the_ke
     ],
 )
 def test_non_loopback_listen_address_is_refused(workdir: Path, env: dict[str, str], args: list[str]) -> None:
-    result = run_cli(
-        ["serve", *args], workdir, clean_env({"INTEGRATION_ENCRYPTION_KEY": TEST_KEY, **ANY_PORT, **env})
-    )
+    result = run_cli(["serve", *args], workdir, clean_env({"INTEGRATION_ENCRYPTION_KEY": TEST_KEY, **ANY_PORT, **env}))
     assert result.returncode != 0
     assert "INTEGRATIONS_LISTEN_ADDRESS" in result.stderr
 
@@ -283,16 +281,21 @@ def test_migrate_against_postgres_twice(workdir: Path, postgres_database_url: st
 
 @pytest.mark.postgres
 def test_migrate_flags_override_the_environment(workdir: Path, postgres_database_url: str) -> None:
-    env = clean_env({
-        "INTEGRATIONS_LISTEN_ADDRESS": "0.0.0.0:1",  # invalid: only the flags make this run valid
-        "DATABASE_URL": MYSQL_URL,
-        "INTEGRATIONS_LOG_FORMAT": "xml",
-    })
+    env = clean_env(
+        {
+            "INTEGRATIONS_LISTEN_ADDRESS": "0.0.0.0:1",  # invalid: only the flags make this run valid
+            "DATABASE_URL": MYSQL_URL,
+            "INTEGRATIONS_LOG_FORMAT": "xml",
+        }
+    )
     args = [
         "migrate",
-        "--listen-address", "127.0.0.1:0",
-        "--database-url", postgres_database_url,
-        "--log-format", "text",
+        "--listen-address",
+        "127.0.0.1:0",
+        "--database-url",
+        postgres_database_url,
+        "--log-format",
+        "text",
     ]
     result = run_cli(args, workdir, env, timeout=30)
     assert result.returncode == 0, result.stderr
@@ -302,12 +305,14 @@ def test_migrate_flags_override_the_environment(workdir: Path, postgres_database
 
 def test_serve_flags_override_the_environment(workdir: Path, processes: Processes) -> None:
     env_port, flag_port = free_port(), free_port()
-    env = clean_env({
-        "INTEGRATIONS_MODE": "production",  # no key, TLS or database: refused unless the flag wins
-        "INTEGRATIONS_LISTEN_ADDRESS": f"127.0.0.1:{env_port}",
-        "INTEGRATIONS_LOG_FORMAT": "text",
-        "INTEGRATIONS_DATA_DIR": "from-env",
-    })
+    env = clean_env(
+        {
+            "INTEGRATIONS_MODE": "production",  # no key, TLS or database: refused unless the flag wins
+            "INTEGRATIONS_LISTEN_ADDRESS": f"127.0.0.1:{env_port}",
+            "INTEGRATIONS_LOG_FORMAT": "text",
+            "INTEGRATIONS_DATA_DIR": "from-env",
+        }
+    )
     target = f"127.0.0.1:{flag_port}"
     args = ["--mode", "development", "--listen-address", target, "--log-format", "json", "--data-dir", "state"]
     process = processes.serve(workdir, env, args, target=target)

@@ -76,14 +76,16 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 
 def serve_env(tmp_path: Path, target: str) -> dict[str, str]:
-    return clean_env({
-        "INTEGRATIONS_LISTEN_ADDRESS": target,
-        "INTEGRATION_ENCRYPTION_KEY": TEST_KEY,
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'process.sqlite3'}",
-        "INTEGRATIONS_DATA_DIR": str(tmp_path / "data"),
-        "INTEGRATIONS_SHUTDOWN_GRACE": "1",
-        **ENV_DEFAULTS,
-    })
+    return clean_env(
+        {
+            "INTEGRATIONS_LISTEN_ADDRESS": target,
+            "INTEGRATION_ENCRYPTION_KEY": TEST_KEY,
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'process.sqlite3'}",
+            "INTEGRATIONS_DATA_DIR": str(tmp_path / "data"),
+            "INTEGRATIONS_SHUTDOWN_GRACE": "1",
+            **ENV_DEFAULTS,
+        }
+    )
 
 
 # --- every method, on both stores ---------------------------------------------------------------------
@@ -138,7 +140,10 @@ async def test_list_providers(svc_any_store: Running) -> None:
         assert (stripe.display_name, stripe.category, stripe.runtime_supported) == ("Stripe", Category.PAYMENTS, True)
         secret_key = stripe.fields[0]
         assert (secret_key.key, secret_key.env_var, secret_key.secret, secret_key.required) == (
-            "secretKey", "STRIPE_SECRET_KEY", True, True,
+            "secretKey",
+            "STRIPE_SECRET_KEY",
+            True,
+            True,
         )
         assert [f.key for f in stripe.fields if f.binds_secrets] == ["publishableKey"]
         payments = await client.list_providers(category=Category.PAYMENTS)
@@ -240,7 +245,7 @@ async def test_undecryptable_value_is_data_loss(svc: Running, tmp_path: Path) ->
             config = json.loads(text)
             stored = config["secretKey"]
             middle = len(stored) // 2
-            config["secretKey"] = stored[:middle] + ("A" if stored[middle] != "A" else "B") + stored[middle + 1:]
+            config["secretKey"] = stored[:middle] + ("A" if stored[middle] != "A" else "B") + stored[middle + 1 :]
             db.execute(
                 "UPDATE integration_config SET config = ? WHERE organization_id = ? AND provider = 'stripe'",
                 (json.dumps(config), org),
@@ -524,9 +529,7 @@ async def test_stale_if_error_then_unavailable_then_recovery(
         assert client.cache_stats.stale_served == 2
 
 
-async def test_stale_value_recovers_within_the_window(
-    tmp_path: Path, processes: Processes
-) -> None:
+async def test_stale_value_recovers_within_the_window(tmp_path: Path, processes: Processes) -> None:
     target = f"127.0.0.1:{free_port()}"
     env = serve_env(tmp_path, target)
     process = await asyncio.to_thread(processes.serve, tmp_path, env, target=target)
@@ -692,7 +695,8 @@ async def test_readme_quick_start_runs(svc: Running, tmp_path: Path) -> None:
     script = tmp_path / "example.py"
     script.write_text(readme_example())
     process = await asyncio.create_subprocess_exec(
-        sys.executable, str(script),
+        sys.executable,
+        str(script),
         env=clean_env({"INTEGRATIONS_SERVICE_TARGET": svc.target}),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -105,14 +105,18 @@ def rotate_files(pki: Pki, tls: TlsConfig, name: str, not_after: datetime.dateti
 async def start_tls_service(pki: Pki, tmp_path: Path, address: str) -> Running:
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
-    return await start_service(f"sqlite:///{tmp_path / 'store.sqlite3'}", tmp_path, {
-        "INTEGRATIONS_LISTEN_ADDRESS": address,
-        "INTEGRATIONS_TLS_CERT": str(pki.server_cert),
-        "INTEGRATIONS_TLS_KEY": str(pki.server_key),
-        "INTEGRATIONS_TLS_CLIENT_CA": str(pki.ca),
-        "INTEGRATIONS_AUTHZ_POLICY": str(policy),
-        "STRIPE_SECRET_KEY": SK,
-    })
+    return await start_service(
+        f"sqlite:///{tmp_path / 'store.sqlite3'}",
+        tmp_path,
+        {
+            "INTEGRATIONS_LISTEN_ADDRESS": address,
+            "INTEGRATIONS_TLS_CERT": str(pki.server_cert),
+            "INTEGRATIONS_TLS_KEY": str(pki.server_key),
+            "INTEGRATIONS_TLS_CLIENT_CA": str(pki.ca),
+            "INTEGRATIONS_AUTHZ_POLICY": str(policy),
+            "STRIPE_SECRET_KEY": SK,
+        },
+    )
 
 
 async def test_clients_keep_working_after_their_first_certificate_expires(tmp_path: Path) -> None:

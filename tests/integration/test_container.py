@@ -43,8 +43,10 @@ def dockerignored(path: str) -> bool:
     ignored = False
     for rule in (r for r in rules if r and not r.startswith("#")):
         negated, pattern = rule.startswith("!"), rule.removeprefix("!")
-        if any(fnmatch.fnmatchcase(prefix, pattern) or fnmatch.fnmatchcase(prefix, pattern.removeprefix("**/"))
-               for prefix in prefixes):
+        if any(
+            fnmatch.fnmatchcase(prefix, pattern) or fnmatch.fnmatchcase(prefix, pattern.removeprefix("**/"))
+            for prefix in prefixes
+        ):
             ignored = not negated
     return ignored
 
@@ -55,12 +57,23 @@ def test_build_context_has_what_copy_needs_and_nothing_private() -> None:
     for source in sources:
         assert (ROOT / source).exists(), source
         assert not dockerignored(source), f"COPY {source} but .dockerignore leaves it out"
-    for needed in ("service/integrations_service/app.py", "clients/python/src/integrations/v1/integrations_pb2.py",
-                   "service/integrations_service/store/migrations/postgres/0001_integration_config.sql"):
+    for needed in (
+        "service/integrations_service/app.py",
+        "clients/python/src/integrations/v1/integrations_pb2.py",
+        "service/integrations_service/store/migrations/postgres/0001_integration_config.sql",
+    ):
         assert not dockerignored(needed), needed
-    for private in (".venv/bin/python", ".git/HEAD", ".data/dev-encryption.key", ".data/dev-certs/ca.key",
-                    "tools/node_modules/x/index.js", "tests/conftest.py", "bench/results/run.json",
-                    "service/integrations_service/__pycache__/app.cpython-311.pyc", "deploy/kubernetes/secret.yaml"):
+    for private in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        ".data/dev-encryption.key",
+        ".data/dev-certs/ca.key",
+        "tools/node_modules/x/index.js",
+        "tests/conftest.py",
+        "bench/results/run.json",
+        "service/integrations_service/__pycache__/app.cpython-311.pyc",
+        "deploy/kubernetes/secret.yaml",
+    ):
         assert dockerignored(private), private
 
 
@@ -120,9 +133,11 @@ async def plaintext_service(tmp_path: Path) -> Running:
 async def healthcheck(target: str, env: Mapping[str, str] = {}) -> tuple[int, str, str]:
     # Not subprocess.run: the server under test shares this event loop and must keep answering.
     process = await asyncio.create_subprocess_exec(
-        str(BIN / "integrations-service"), "healthcheck",
+        str(BIN / "integrations-service"),
+        "healthcheck",
         env={"PATH": str(BIN), "INTEGRATIONS_LISTEN_ADDRESS": target, **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode is not None
@@ -187,8 +202,10 @@ async def test_healthcheck_names_the_variable_it_cannot_use_and_reports_unhealth
     assert code == 1  # not 2, which Docker reserves
     assert "INTEGRATIONS_HEALTHCHECK_CA is required" in err
     assert "Traceback" not in err
-    files = {name: str(tmp_path / "missing.pem") for name in
-             ("INTEGRATIONS_HEALTHCHECK_CA", "INTEGRATIONS_HEALTHCHECK_CERT", "INTEGRATIONS_HEALTHCHECK_KEY")}
+    files = {
+        name: str(tmp_path / "missing.pem")
+        for name in ("INTEGRATIONS_HEALTHCHECK_CA", "INTEGRATIONS_HEALTHCHECK_CERT", "INTEGRATIONS_HEALTHCHECK_KEY")
+    }
     code, _, err = await healthcheck("127.0.0.1:1", {**tls, **files})
     assert code == 1
     assert f"INTEGRATIONS_HEALTHCHECK_CA names {tmp_path / 'missing.pem'}, which cannot be read" in err
@@ -197,9 +214,22 @@ async def test_healthcheck_names_the_variable_it_cannot_use_and_reports_unhealth
 
 def test_wheels_carry_migrations_and_type_markers(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-         str(ROOT / "clients" / "python"), str(ROOT)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT / "clients" / "python"),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     service_wheel = next(tmp_path.glob("integrations_service-*.whl"))
     client_wheel = next(tmp_path.glob("integrations_client-*.whl"))
@@ -210,12 +240,17 @@ def test_wheels_carry_migrations_and_type_markers(tmp_path: Path) -> None:
     assert {"integrations/v1/integrations_pb2.py", "integrations/v1/integrations_pb2_grpc.py"} <= generated
     assert generated <= set(service_files)
     assert not any(f.startswith("integrations_client/") for f in service_files)
-    metadata = zipfile.ZipFile(service_wheel).read(
-        next(f for f in service_files if f.endswith(".dist-info/METADATA"))
-    ).decode()
+    metadata = (
+        zipfile.ZipFile(service_wheel)
+        .read(next(f for f in service_files if f.endswith(".dist-info/METADATA")))
+        .decode()
+    )
     assert "Requires-Dist: integrations-client" not in metadata
     assert any(f.endswith("migrations/postgres/0001_integration_config.sql") for f in service_files)
     assert any(f.endswith("migrations/sqlite/0002_keys_and_audit.sql") for f in service_files)
     assert "integrations_service/py.typed" in service_files
-    assert {"integrations/v1/integrations_pb2.pyi", "integrations_client/py.typed",
-            "integrations/v1/integrations_descriptor_set.binpb"} <= set(client_files)  # reflection serves it
+    assert {
+        "integrations/v1/integrations_pb2.pyi",
+        "integrations_client/py.typed",
+        "integrations/v1/integrations_descriptor_set.binpb",
+    } <= set(client_files)  # reflection serves it

@@ -183,7 +183,9 @@ def test_readme_grpcurl_sessions(own_store: tuple[str, str], tmp_path: Path, pro
 
     decrypted_values = json.loads(decrypted.stdout)["config"]["values"]
     assert decrypted_values["secretKey"] == {
-        "value": saved_values["secretKey"], "source": "VALUE_SOURCE_ORGANIZATION", "secret": True
+        "value": saved_values["secretKey"],
+        "source": "VALUE_SOURCE_ORGANIZATION",
+        "secret": True,
     }
 
     assert refused.returncode != 0
@@ -238,9 +240,16 @@ def test_readme_grpcurl_sessions(own_store: tuple[str, str], tmp_path: Path, pro
 
     # What the first comment of the block says: the dashboard may not read the clear text.
     dashboard = commands[0][: commands[0].index("-d")]
-    denied = run([*dashboard, "-d", json.dumps({"organization_id": "org_demo", "provider": "stripe",
-                                                 "view": "CONFIG_VIEW_DECRYPTED"}),
-                  tls_server.target, f"{SERVICE}/GetProviderConfig"], workdir)
+    denied = run(
+        [
+            *dashboard,
+            "-d",
+            json.dumps({"organization_id": "org_demo", "provider": "stripe", "view": "CONFIG_VIEW_DECRYPTED"}),
+            tls_server.target,
+            f"{SERVICE}/GetProviderConfig",
+        ],
+        workdir,
+    )
     assert denied.returncode != 0
     assert "PermissionDenied" in denied.stdout + denied.stderr
     assert tls_server.terminate() == 0

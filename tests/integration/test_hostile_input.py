@@ -34,9 +34,6 @@ MAX_MESSAGE_BYTES = 1024
 MAX_TRAILER_BYTES = 4096
 
 
-
-
-
 def trailer_bytes(error: grpc.aio.AioRpcError) -> int:
     pairs = error.trailing_metadata() or ()
     return sum(len(key) + len(value) for key, value in pairs) + len((error.details() or "").encode())
@@ -93,8 +90,12 @@ async def test_megabyte_organization_ids_from_a_caller_with_no_role_grow_store_a
     before = await store_bytes(kind, where)
     with log_bytes() as logged:
         for _ in range(20):
-            error = await refused(stub.GetProviderConfig(pb.GetProviderConfigRequest(
-                organization_id=huge, provider="stripe", view=pb.CONFIG_VIEW_DECRYPTED), timeout=10))
+            error = await refused(
+                stub.GetProviderConfig(
+                    pb.GetProviderConfigRequest(organization_id=huge, provider="stripe", view=pb.CONFIG_VIEW_DECRYPTED),
+                    timeout=10,
+                )
+            )
             assert error.code() is grpc.StatusCode.PERMISSION_DENIED
             assert len((error.details() or "").encode()) < MAX_MESSAGE_BYTES
         await mtls.running.service.audit.flush()
@@ -115,12 +116,20 @@ async def test_oversized_and_malformed_identifiers_are_refused_naming_the_field(
         assert error.code is INVALID, field
         assert field in error.violations, error
     for provider in ("Stripe", "stripe\n", "str ipe", "stripe\x00"):
-        error = rich_error(await refused(svc.stub.GetProviderConfig(
-            pb.GetProviderConfigRequest(organization_id=org, provider=provider))))
+        error = rich_error(
+            await refused(
+                svc.stub.GetProviderConfig(pb.GetProviderConfigRequest(organization_id=org, provider=provider))
+            )
+        )
         assert (error.code, list(error.violations)) == (INVALID, ["provider"]), provider
     for organization_id in ("org\nx", "org\x00", "org\x7f", "org x", "org\u2028"):
-        error = rich_error(await refused(svc.stub.GetProviderConfig(
-            pb.GetProviderConfigRequest(organization_id=organization_id, provider="stripe"))))
+        error = rich_error(
+            await refused(
+                svc.stub.GetProviderConfig(
+                    pb.GetProviderConfigRequest(organization_id=organization_id, provider="stripe")
+                )
+            )
+        )
         assert (error.code, list(error.violations)) == (INVALID, ["organization_id"]), organization_id
         assert "\n" not in error.message
 
@@ -143,8 +152,13 @@ async def test_values_with_control_characters_are_refused_and_nothing_is_stored(
     svc: Running, provider: str, key: str, value: str
 ) -> None:
     org = new_org()
-    error = rich_error(await refused(svc.stub.SaveIntegration(
-        pb.SaveIntegrationRequest(organization_id=org, provider=provider, values={key: value}))))
+    error = rich_error(
+        await refused(
+            svc.stub.SaveIntegration(
+                pb.SaveIntegrationRequest(organization_id=org, provider=provider, values={key: value})
+            )
+        )
+    )
     assert error.code is INVALID
     assert list(error.violations) == [f"values.{key}"]
     assert "control character" in error.violations[f"values.{key}"]
@@ -155,8 +169,15 @@ async def test_values_with_control_characters_are_refused_and_nothing_is_stored(
 
 async def test_unknown_field_keys_are_echoed_bounded(svc: Running) -> None:
     key = "k\n" + "x" * 5000
-    error = rich_error(await refused(svc.stub.SaveIntegration(pb.SaveIntegrationRequest(
-        organization_id=new_org(), provider="stripe", values={key: "v"}, clear_fields=[key + "y"]))))
+    error = rich_error(
+        await refused(
+            svc.stub.SaveIntegration(
+                pb.SaveIntegrationRequest(
+                    organization_id=new_org(), provider="stripe", values={key: "v"}, clear_fields=[key + "y"]
+                )
+            )
+        )
+    )
     assert error.code is INVALID
     assert len(error.violations) == 2
     for field, description in error.violations.items():
@@ -175,8 +196,9 @@ async def test_fifty_unknown_fields_reach_the_python_client_as_invalid_argument(
             await client.save(new_org(), "stripe", values)
     assert len(str(caught.value).encode()) < MAX_MESSAGE_BYTES + 200
     assert "more" in str(caught.value)
-    raw = await refused(svc.stub.SaveIntegration(
-        pb.SaveIntegrationRequest(organization_id=new_org(), provider="stripe", values=values)))
+    raw = await refused(
+        svc.stub.SaveIntegration(pb.SaveIntegrationRequest(organization_id=new_org(), provider="stripe", values=values))
+    )
     assert raw.code() is INVALID
     assert len((raw.details() or "").encode()) < MAX_MESSAGE_BYTES
     assert trailer_bytes(raw) < MAX_TRAILER_BYTES, trailer_bytes(raw)
@@ -190,8 +212,9 @@ async def test_five_thousand_character_provider_reaches_the_python_client_as_inv
         with pytest.raises(client_errors.InvalidArgument) as caught:
             await client.get_masked_config(new_org(), "p" * 5000)
     assert "provider" in caught.value.fields
-    raw = await refused(svc.stub.DeleteIntegration(
-        pb.DeleteIntegrationRequest(organization_id=new_org(), provider="p" * 5000)))
+    raw = await refused(
+        svc.stub.DeleteIntegration(pb.DeleteIntegrationRequest(organization_id=new_org(), provider="p" * 5000))
+    )
     assert raw.code() is INVALID
     assert trailer_bytes(raw) < MAX_TRAILER_BYTES
 
@@ -281,9 +304,7 @@ async def row_locked(kind: str, where: str, organization_id: str) -> AsyncIterat
         await conn.close()
 
 
-async def test_timed_out_and_cancelled_saves_are_counted_as_such(
-    svc: Running, store_location: tuple[str, str]
-) -> None:
+async def test_timed_out_and_cancelled_saves_are_counted_as_such(svc: Running, store_location: tuple[str, str]) -> None:
     save = f"{SERVICE}/SaveIntegration"
     org = new_org()
     request = pb.SaveIntegrationRequest(organization_id=org, provider="stripe", values={"secretKey": "sk_test_1"})
@@ -322,4 +343,3 @@ async def test_stop_also_stops_the_metrics_server(tmp_path: Path) -> None:
     await svc.close()
     with pytest.raises(urllib.error.URLError, match="Connection refused"):
         await scrape(svc)
-

@@ -125,7 +125,9 @@ async def test_a_different_key_under_the_same_id_stops_the_start(fresh: Location
 
     # The same through the real command: a start-up error naming the key id, never the key.
     result = run_cli(
-        ["serve"], tmp_path, clean_env({**ANY_PORT, "DATABASE_URL": url, "INTEGRATION_ENCRYPTION_KEY": KEY_B}),
+        ["serve"],
+        tmp_path,
+        clean_env({**ANY_PORT, "DATABASE_URL": url, "INTEGRATION_ENCRYPTION_KEY": KEY_B}),
         timeout=20,
     )
     assert result.returncode != 0
@@ -360,9 +362,7 @@ async def test_encryption_counts_reach_the_store_at_shutdown(fresh: Location, tm
 # --- values moved between rows ----------------------------------------------------------------------------
 
 
-async def test_a_value_copied_into_another_organization_is_data_loss(
-    store_location: Location, tmp_path: Path
-) -> None:
+async def test_a_value_copied_into_another_organization_is_data_loss(store_location: Location, tmp_path: Path) -> None:
     kind, where = store_location
     # No row cache: the rows are rewritten behind the service's back and read at once (SQLite never notifies
     # another process's write; the cache would serve the row it read before for up to its TTL).

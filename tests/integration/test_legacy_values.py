@@ -67,10 +67,15 @@ async def refusing(own_store: Location, tmp_path: Path) -> AsyncIterator[Running
 
 async def plant_legacy_row(location: Location, org: str) -> None:
     """secretKey in clear (what an attacker with table access writes), webhookSecret in the dashboard's v1."""
-    await insert_dashboard_row(*location, org, "stripe", {
-        "secretKey": PLAIN_SECRET,
-        "webhookSecret": encrypt_v1(V1_WEBHOOK, TEST_KEY),
-    })
+    await insert_dashboard_row(
+        *location,
+        org,
+        "stripe",
+        {
+            "secretKey": PLAIN_SECRET,
+            "webhookSecret": encrypt_v1(V1_WEBHOOK, TEST_KEY),
+        },
+    )
 
 
 def legacy_sample(text: str, name: str, fmt: str) -> float:
@@ -127,9 +132,11 @@ async def test_a_save_of_other_fields_never_blesses_a_refused_value(refusing: Ru
     await plant_legacy_row(own_store, org)
     before = await stored_config(*own_store, org, "stripe")
 
-    save = refusing.stub.SaveIntegration(pb.SaveIntegrationRequest(
-        organization_id=org, provider="stripe", values={"publishableKey": "pk_test_51OtherField000001"}
-    ))
+    save = refusing.stub.SaveIntegration(
+        pb.SaveIntegrationRequest(
+            organization_id=org, provider="stripe", values={"publishableKey": "pk_test_51OtherField000001"}
+        )
+    )
     error = rich_error(await refused(save))
 
     assert error.code is grpc.StatusCode.DATA_LOSS
@@ -141,9 +148,11 @@ async def test_saving_new_values_repairs_a_refused_row(refusing: Running, own_st
     org = new_org()
     await plant_legacy_row(own_store, org)
 
-    await refusing.stub.SaveIntegration(pb.SaveIntegrationRequest(
-        organization_id=org, provider="stripe", values={"secretKey": NEW_SECRET, "webhookSecret": NEW_WEBHOOK}
-    ))
+    await refusing.stub.SaveIntegration(
+        pb.SaveIntegrationRequest(
+            organization_id=org, provider="stripe", values={"secretKey": NEW_SECRET, "webhookSecret": NEW_WEBHOOK}
+        )
+    )
 
     config = await get(refusing, org, view=DECRYPTED)
     assert values_of(config)["secretKey"] == (NEW_SECRET, ORG)
@@ -188,9 +197,9 @@ async def test_a_config_that_is_not_an_object_is_data_loss_and_the_listing_still
 
     # Deleting the row is the repair; then the provider saves as new.
     await reading.stub.DeleteIntegration(pb.DeleteIntegrationRequest(organization_id=org, provider="stripe"))
-    await reading.stub.SaveIntegration(pb.SaveIntegrationRequest(
-        organization_id=org, provider="stripe", values={"secretKey": NEW_SECRET}
-    ))
+    await reading.stub.SaveIntegration(
+        pb.SaveIntegrationRequest(organization_id=org, provider="stripe", values={"secretKey": NEW_SECRET})
+    )
     assert values_of(await get(reading, org, view=DECRYPTED))["secretKey"] == (NEW_SECRET, ORG)
 
 

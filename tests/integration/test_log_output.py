@@ -70,13 +70,15 @@ def test_a_request_cannot_forge_a_text_log_line(tmp_path: Path, processes: Proce
 def _tls_env(tmp_path: Path) -> tuple[dict[str, str], grpc.ChannelCredentials]:
     certs = tmp_path / "certs"
     dev = make_dev_certs(certs)
-    env = clean_env({
-        "INTEGRATIONS_LOG_FORMAT": "json",
-        "INTEGRATIONS_TLS_CERT": str(dev["server"].cert),
-        "INTEGRATIONS_TLS_KEY": str(dev["server"].key),
-        "INTEGRATIONS_TLS_CLIENT_CA": str(dev["ca"].cert),
-        "INTEGRATIONS_AUTHZ_POLICY": str(certs / "policy.toml"),
-    })
+    env = clean_env(
+        {
+            "INTEGRATIONS_LOG_FORMAT": "json",
+            "INTEGRATIONS_TLS_CERT": str(dev["server"].cert),
+            "INTEGRATIONS_TLS_KEY": str(dev["server"].key),
+            "INTEGRATIONS_TLS_CLIENT_CA": str(dev["ca"].cert),
+            "INTEGRATIONS_AUTHZ_POLICY": str(certs / "policy.toml"),
+        }
+    )
     client = dev["commerce"]
     credentials = grpc.ssl_channel_credentials(
         dev["ca"].cert.read_bytes(), client.key.read_bytes(), client.cert.read_bytes()

@@ -47,11 +47,13 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 async def test_rpcs_store_calls_and_key_use_are_counted(svc: Running) -> None:
     org = new_org()
-    await svc.stub.SaveIntegration(pb.SaveIntegrationRequest(organization_id=org, provider="stripe",
-                                                             values={"secretKey": SECRET}))
+    await svc.stub.SaveIntegration(
+        pb.SaveIntegrationRequest(organization_id=org, provider="stripe", values={"secretKey": SECRET})
+    )
     for _ in range(3):
-        await svc.stub.GetProviderConfig(pb.GetProviderConfigRequest(organization_id=org, provider="stripe",
-                                                                      view=pb.CONFIG_VIEW_DECRYPTED))
+        await svc.stub.GetProviderConfig(
+            pb.GetProviderConfigRequest(organization_id=org, provider="stripe", view=pb.CONFIG_VIEW_DECRYPTED)
+        )
     with pytest.raises(grpc.aio.AioRpcError):
         await svc.stub.GetProviderConfig(pb.GetProviderConfigRequest(organization_id=org, provider="paypal"))
 
@@ -74,8 +76,9 @@ async def test_rpcs_store_calls_and_key_use_are_counted(svc: Running) -> None:
 
 async def test_decryption_failures_are_counted_by_provider(svc: Running, store_location: tuple[str, str]) -> None:
     org = new_org()
-    await svc.stub.SaveIntegration(pb.SaveIntegrationRequest(organization_id=org, provider="easypay",
-                                                             values={"apiKey": "easypay-api-key-0001"}))
+    await svc.stub.SaveIntegration(
+        pb.SaveIntegrationRequest(organization_id=org, provider="easypay", values={"apiKey": "easypay-api-key-0001"})
+    )
     kind, where = store_location
     stored = await stored_config(kind, where, org, "easypay")
     await overwrite_config(kind, where, org, "easypay", {**stored, "apiKey": tampered(stored["apiKey"])})
@@ -99,16 +102,20 @@ async def test_pool_use_is_reported_for_postgresql(postgres_database_url: str, t
 
 async def test_grpc_server_metrics_use_the_names_stock_dashboards_query(svc: Running) -> None:
     org = new_org()
-    await svc.stub.SaveIntegration(pb.SaveIntegrationRequest(organization_id=org, provider="stripe",
-                                                             values={"secretKey": SECRET}))
+    await svc.stub.SaveIntegration(
+        pb.SaveIntegrationRequest(organization_id=org, provider="stripe", values={"secretKey": SECRET})
+    )
     for _ in range(2):
         await svc.stub.GetProviderConfig(pb.GetProviderConfigRequest(organization_id=org, provider="stripe"))
     with pytest.raises(grpc.aio.AioRpcError):
         await svc.stub.GetProviderConfig(pb.GetProviderConfigRequest(organization_id=org, provider="paypal"))
 
     text = await scrape(svc)
-    get = {"grpc_type": "unary", "grpc_service": "integrations.v1.IntegrationService",
-           "grpc_method": "GetProviderConfig"}
+    get = {
+        "grpc_type": "unary",
+        "grpc_service": "integrations.v1.IntegrationService",
+        "grpc_method": "GetProviderConfig",
+    }
     assert sample(text, "grpc_server_started_total", **get) == 3
     assert sample(text, "grpc_server_handled_total", **get, grpc_code="OK") == 2
     assert sample(text, "grpc_server_handled_total", **get, grpc_code="NOT_FOUND") == 1
@@ -119,15 +126,31 @@ async def test_grpc_server_metrics_use_the_names_stock_dashboards_query(svc: Run
     # Methods not called yet are there at zero, every code included, as go-grpc-prometheus initialises them.
     delete = {**get, "grpc_method": "DeleteIntegration"}
     assert sample(text, "grpc_server_handled_total", **delete, grpc_code="UNAVAILABLE") == 0
-    assert sample(text, "grpc_server_started_total", grpc_type="unary", grpc_service="grpc.health.v1.Health",
-                  grpc_method="Check") >= 0
+    assert (
+        sample(
+            text,
+            "grpc_server_started_total",
+            grpc_type="unary",
+            grpc_service="grpc.health.v1.Health",
+            grpc_method="Check",
+        )
+        >= 0
+    )
 
 
 async def test_process_metrics_are_exported_and_no_created_series(svc: Running) -> None:
     text = await scrape(svc)
     names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
-    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
-            "process_start_time_seconds", "python_info", "python_gc_collections_total"} <= names
-    assert float(next(line.split()[1] for line in text.splitlines()
-                      if line.startswith("process_resident_memory_bytes "))) > 0
+    assert {
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+        "python_info",
+        "python_gc_collections_total",
+    } <= names
+    assert (
+        float(next(line.split()[1] for line in text.splitlines() if line.startswith("process_resident_memory_bytes ")))
+        > 0
+    )
     assert not [line for line in text.splitlines() if "_created" in line], "no _created series"

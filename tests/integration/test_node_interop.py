@@ -172,8 +172,11 @@ def _end_of_type_alias(code: str, start: int) -> int:
             index = _closing(code, index)
         elif code[index] == ";":
             return index + 1
-        elif code[index] == "\n" and code[start:index].strip() and not code[start:index].rstrip().endswith(
-                ("|", "&", "=")):
+        elif (
+            code[index] == "\n"
+            and code[start:index].strip()
+            and not code[start:index].rstrip().endswith(("|", "&", "="))
+        ):
             return index
         index += 1
     return index
@@ -194,19 +197,19 @@ def typescript_to_javascript(source: str) -> str:
     code, kept = _protect(source)
     code = re.sub(r"^[ \t]*import\s+type\b[^;\n]*;?[ \t]*$", "", code, flags=re.MULTILINE)
     while alias := re.search(r"^[ \t]*(?:export\s+)?type\s+\w+\s*(?:<[^>]*>)?\s*=", code, flags=re.MULTILINE):
-        code = code[:alias.start()] + code[_end_of_type_alias(code, alias.end()):]
+        code = code[: alias.start()] + code[_end_of_type_alias(code, alias.end()) :]
     while interface := re.search(r"^[ \t]*(?:export\s+)?interface\s+\w+[^{]*\{", code, flags=re.MULTILINE):
-        code = code[:interface.start()] + code[_closing(code, interface.end() - 1) + 1:]
+        code = code[: interface.start()] + code[_closing(code, interface.end() - 1) + 1 :]
     position = 0
     while signature := _SIGNATURE.search(code, position):
         open_index = signature.end() - 1
         close_index = _closing(code, open_index)
-        head = re.sub(r"\s*<[^>]*>\s*\($", "(", code[signature.start():open_index + 1])
-        rest = code[close_index + 1:]
+        head = re.sub(r"\s*<[^>]*>\s*\($", "(", code[signature.start() : open_index + 1])
+        rest = code[close_index + 1 :]
         if returns := _RETURN_TYPE.match(rest):
-            rest = rest[returns.end():]
-        rebuilt = head + _strip_parameters(code[open_index + 1:close_index]) + ")"
-        code = code[:signature.start()] + rebuilt + rest
+            rest = rest[returns.end() :]
+        rebuilt = head + _strip_parameters(code[open_index + 1 : close_index]) + ")"
+        code = code[: signature.start()] + rebuilt + rest
         position = signature.start() + len(rebuilt)
     code = re.sub(r"\b(const|let|var)\s+(\w+)\s*:\s*[^=;]+=", r"\1 \2 =", code)
     code = re.sub(r"(?<=[\w)\]])!(?!=)", "", code)  # non-null assertions: x!, f()!, a[0]!
@@ -240,8 +243,11 @@ def node_script(tmp_path: Path) -> Path:
 
 async def run_node(node: str, script: Path, stdin: bytes) -> tuple[int, bytes, bytes]:
     process = await asyncio.create_subprocess_exec(
-        node, str(script),
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        node,
+        str(script),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         cwd=script.parent,
     )
     try:
@@ -254,8 +260,9 @@ async def run_node(node: str, script: Path, stdin: bytes) -> tuple[int, bytes, b
     return process.returncode, stdout, stderr
 
 
-async def node_decrypt(node: str, script: Path, values: list[dict[str, str]],
-                       keys: dict[str, str] | None = None) -> list[dict[str, str]]:
+async def node_decrypt(
+    node: str, script: Path, values: list[dict[str, str]], keys: dict[str, str] | None = None
+) -> list[dict[str, str]]:
     request = {"keys": keys or {DEFAULT_KEY_ID: TEST_KEY}, "values": values}
     code, stdout, stderr = await run_node(node, script, json.dumps(request).encode())
     assert code == 0, f"node failed ({code}):\n{stderr.decode(errors='replace')}"
@@ -339,10 +346,14 @@ async def test_node_reads_dashboard_values_and_legacy_plaintext(node: str, node_
     """The doc's table: enc:v1 values under the dashboard's key, and plaintext returned as it is."""
     org = new_org()
     values = ["sk_test_dashboardEncrypted0001", "whsec_legacyPlaintext0002"]
-    results = await node_decrypt(node, node_script, [
-        entry(encrypt_v1(values[0], TEST_KEY), org, "stripe", "secretKey"),
-        entry(values[1], org, "stripe", "webhookSecret"),
-    ])
+    results = await node_decrypt(
+        node,
+        node_script,
+        [
+            entry(encrypt_v1(values[0], TEST_KEY), org, "stripe", "secretKey"),
+            entry(values[1], org, "stripe", "webhookSecret"),
+        ],
+    )
     assert results == [{"ok": value} for value in values]
 
 

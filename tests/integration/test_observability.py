@@ -30,8 +30,21 @@ ABSENT_FOR_A_REASON = {
     "integrations_legacy_values_read_total": "counted by the legacy-values work, which lands separately",
 }
 PROMETHEUS_LABELS = {"job", "instance"}
-PROMQL_WORDS = {"and", "or", "unless", "offset", "bool", "by", "without", "on", "ignoring", "group_left",
-                "group_right", "inf", "nan"}
+PROMQL_WORDS = {
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "bool",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "inf",
+    "nan",
+}
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _SELECTOR = re.compile(r"(?<![\w:.])([a-zA-Z_:][\w:]*)\s*\{([^}]*)\}")
 
@@ -86,16 +99,19 @@ def expressions() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def scrape() -> Scrape:
-    result = subprocess.run([sys.executable, str(TOOL), "--scrape-only"], capture_output=True, text=True,
-                            timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, str(TOOL), "--scrape-only"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 0, result.stderr
     return Scrape(result.stdout)
 
 
 def test_the_expression_parser_finds_names_and_only_names() -> None:
-    expr = ('histogram_quantile(0.99, sum by (le, grpc_method) (rate(grpc_server_handling_seconds_bucket'
-            '{job=~"a|b",grpc_code!="OK"}[5m]))) / on (job) group_left max(integrations_key_encryptions) '
-            '/ 4294967296 > 0.5 and absent(up{job="x"}) or vector(1) unless foo offset 10m')
+    expr = (
+        "histogram_quantile(0.99, sum by (le, grpc_method) (rate(grpc_server_handling_seconds_bucket"
+        '{job=~"a|b",grpc_code!="OK"}[5m]))) / on (job) group_left max(integrations_key_encryptions) '
+        '/ 4294967296 > 0.5 and absent(up{job="x"}) or vector(1) unless foo offset 10m'
+    )
     assert metric_names(expr) == {"grpc_server_handling_seconds_bucket", "integrations_key_encryptions", "up", "foo"}
     assert matcher_labels(expr)["grpc_server_handling_seconds_bucket"] == {"job", "grpc_code"}
 
@@ -103,10 +119,17 @@ def test_the_expression_parser_finds_names_and_only_names() -> None:
 def test_alerts_and_dashboards_query_something(scrape: Scrape) -> None:
     used = {name for _, expr in expressions() for name in metric_names(expr)}
     # The families the issue names: gRPC traffic, store, audit, key wear, legacy reads.
-    assert {"grpc_server_handled_total", "grpc_server_handling_seconds_bucket",
-            "integrations_store_operation_duration_seconds_bucket", "integrations_store_unavailable_total",
-            "integrations_audit_buffered_records", "integrations_audit_dropped_records",
-            "integrations_key_encryptions", "integrations_legacy_values_read_total", "up"} <= used
+    assert {
+        "grpc_server_handled_total",
+        "grpc_server_handling_seconds_bucket",
+        "integrations_store_operation_duration_seconds_bucket",
+        "integrations_store_unavailable_total",
+        "integrations_audit_buffered_records",
+        "integrations_audit_dropped_records",
+        "integrations_key_encryptions",
+        "integrations_legacy_values_read_total",
+        "up",
+    } <= used
     assert "grpc_server_handling_seconds_bucket" in scrape.names
 
 
@@ -151,9 +174,17 @@ def test_dashboard_panels_are_laid_out_and_use_the_data_source_variable() -> Non
             assert panel["targets"], panel["title"]
             assert panel["description"], panel["title"]
     titles = {p["title"] for p in panels}
-    assert {"Requests by method", "Errors by code", "Latency percentiles", "Store latency p99 by operation",
-            "Store outages", "Audit records buffered", "Audit records dropped",
-            "Key usage against the nonce budget", "Legacy values read"} <= titles
+    assert {
+        "Requests by method",
+        "Errors by code",
+        "Latency percentiles",
+        "Store latency p99 by operation",
+        "Store outages",
+        "Audit records buffered",
+        "Audit records dropped",
+        "Key usage against the nonce budget",
+        "Legacy values read",
+    } <= titles
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["query"] == "prometheus"
     assert variables["job"]["current"]["value"] == "integrations-service"  # the alerts' job

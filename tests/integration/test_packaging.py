@@ -39,12 +39,17 @@ def test_service_and_client_install_from_the_checkout_into_fresh_virtualenvs(tmp
     assert "integrations_client" not in installed
     assert "healthcheck" in run(service_bin / "integrations-service", "--help", cwd=tmp_path)
     # Outside the checkout, so the installed copy is the one imported.
-    run(service_bin / "python", "-c", "import integrations.v1.integrations_pb2_grpc, integrations_service.cli",
-        cwd=tmp_path)
+    run(
+        service_bin / "python",
+        "-c",
+        "import integrations.v1.integrations_pb2_grpc, integrations_service.cli",
+        cwd=tmp_path,
+    )
 
     client_bin = fresh_venv(tmp_path / "client")
     run(client_bin / "python", *pip, ROOT / "clients" / "python", cwd=tmp_path)
     run(client_bin / "python", "-m", "pip", "check", cwd=tmp_path)
-    where = run(client_bin / "python", "-c", "import integrations_client; print(integrations_client.__file__)",
-                cwd=tmp_path)
+    where = run(
+        client_bin / "python", "-c", "import integrations_client; print(integrations_client.__file__)", cwd=tmp_path
+    )
     assert where.startswith(str(tmp_path / "client")), where

@@ -129,11 +129,7 @@ async def raw_rows(url: str) -> list[dict[str, object]]:
 
 def stored_values(rows: Sequence[Mapping[str, object]]) -> dict[tuple[str, str], str]:
     """(row id, field) -> stored string."""
-    return {
-        (str(row["id"]), name): value
-        for row in rows
-        for name, value in json.loads(str(row["config"])).items()
-    }
+    return {(str(row["id"]), name): value for row in rows for name, value in json.loads(str(row["config"])).items()}
 
 
 def v1(plaintext: str) -> str:
@@ -179,8 +175,14 @@ async def seed(url: str, running_k1: Running) -> tuple[Seed, list[str]]:
     for i in range(20):
         org = f"legacy_mixed_{i:03d}"
         clear = {"antiPhishingKey": f"anti-mixed-{i:04d}", "mbKey": f"MB-mixed-{i:04d}"}
-        raw.append((f"mixed-{i:03d}", org, "ifthenpay", {"antiPhishingKey": v1(clear["antiPhishingKey"]),
-                                                       "mbKey": clear["mbKey"]}))
+        raw.append(
+            (
+                f"mixed-{i:03d}",
+                org,
+                "ifthenpay",
+                {"antiPhishingKey": v1(clear["antiPhishingKey"]), "mbKey": clear["mbKey"]},
+            )
+        )
         result.expected[org] = ("ifthenpay", clear)
         result.from_keys["default"] += 1
         result.from_keys["plaintext"] += 1
@@ -419,11 +421,13 @@ async def test_retire_key_only_once_nothing_needs_it_and_restart_without_it(data
 
     conn = await asyncpg.connect(database)
     try:
-        keys = {r["key_id"]: r["retired"] for r in await conn.fetch(
-            "SELECT key_id, retired_at IS NOT NULL AS retired FROM encryption_keys"
-        )}
-        retire_events = await conn.fetch("SELECT caller, outcome, details::text AS details FROM audit_events "
-                                         "WHERE rpc = 'RetireKey'")
+        keys = {
+            r["key_id"]: r["retired"]
+            for r in await conn.fetch("SELECT key_id, retired_at IS NOT NULL AS retired FROM encryption_keys")
+        }
+        retire_events = await conn.fetch(
+            "SELECT caller, outcome, details::text AS details FROM audit_events WHERE rpc = 'RetireKey'"
+        )
     finally:
         await conn.close()
     assert keys == {"k1": True, "k2": False, "default": False}
@@ -438,8 +442,10 @@ async def test_retire_key_only_once_nothing_needs_it_and_restart_without_it(data
 async def test_an_undecryptable_value_is_reported_and_the_rest_of_its_batch_still_rotates(
     database: str, tmp_path: Path
 ) -> None:
-    clear = {f"row-{i:02d}": {"secretKey": f"sk_test_batch_{i:04d}", "publishableKey": f"pk_test_batch_{i:04d}"}
-             for i in range(1, 10)}
+    clear = {
+        f"row-{i:02d}": {"secretKey": f"sk_test_batch_{i:04d}", "publishableKey": f"pk_test_batch_{i:04d}"}
+        for i in range(1, 10)
+    }
     configs = {row_id: {k: v1(v) for k, v in values.items()} for row_id, values in clear.items()}
     bad = tampered(configs["row-05"]["secretKey"])
     configs["row-05"]["secretKey"] = bad
@@ -455,7 +461,7 @@ async def test_an_undecryptable_value_is_reported_and_the_rest_of_its_batch_stil
     assert report["from_keys"] == {"default": 17}
     output = result.stdout + result.stderr
     assert bad not in output
-    assert bad[len("enc:v1:"):][:16] not in output
+    assert bad[len("enc:v1:") :][:16] not in output
     assert not any(value in output for values in clear.values() for value in values.values())
 
     values = stored_values(await raw_rows(database))

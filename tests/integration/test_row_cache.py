@@ -76,8 +76,10 @@ class Replica:
         return await self.sample("integrations_cache_invalidations_total", reason=reason)
 
     async def cache(self) -> dict[str, float]:
-        return {result: await self.sample("integrations_cache_requests_total", result=result)
-                for result in ("hit", "miss", "bypass")}
+        return {
+            result: await self.sample("integrations_cache_requests_total", result=result)
+            for result in ("hit", "miss", "bypass")
+        }
 
 
 StartReplica = Callable[..., Awaitable[Replica]]
@@ -96,13 +98,15 @@ async def start_replica(tmp_path: Path) -> AsyncIterator[StartReplica]:
 
         async def start(name: str, database_url: str | None, **env: str) -> Replica:
             metrics = f"127.0.0.1:{free_port()}"
-            environment = clean_env({
-                "INTEGRATION_ENCRYPTION_KEY": TEST_KEY,
-                "INTEGRATIONS_METRICS_ADDRESS": metrics,
-                "INTEGRATIONS_DATA_DIR": str(tmp_path / name),
-                **({"DATABASE_URL": database_url} if database_url else {}),
-                **env,
-            })
+            environment = clean_env(
+                {
+                    "INTEGRATION_ENCRYPTION_KEY": TEST_KEY,
+                    "INTEGRATIONS_METRICS_ADDRESS": metrics,
+                    "INTEGRATIONS_DATA_DIR": str(tmp_path / name),
+                    **({"DATABASE_URL": database_url} if database_url else {}),
+                    **env,
+                }
+            )
             # On a thread: the event loop keeps running (a TcpProxy in it may carry the process's connections).
             process = await asyncio.to_thread(processes.serve, tmp_path / name, environment)
             channel = grpc.aio.insecure_channel(process.target)
@@ -157,8 +161,10 @@ async def test_saves_through_one_replica_are_served_by_the_other_within_millisec
         etag = (await a.save(org, secretKey=f"sk_test_51HxRowCache{i:012d}")).etag
         delays.append(await until_served(b, org, lambda config, etag=etag: config.etag == etag))  # type: ignore[misc]
     p50, p99 = percentiles(delays)
-    print(f"\nrow cache across replicas, 200 saves through A: B serves the new etag "
-          f"p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms after A acknowledged the save")
+    print(
+        f"\nrow cache across replicas, 200 saves through A: B serves the new etag "
+        f"p50 {p50 * 1000:.2f} ms, p99 {p99 * 1000:.2f} ms after A acknowledged the save"
+    )
     # Target 50 ms; the bound is loose since the 2-core CI machine is shared.
     assert p99 <= 0.25, f"p99 {p99 * 1000:.1f} ms"
 
@@ -198,8 +204,12 @@ async def test_a_manual_sql_update_and_the_rotate_command_invalidate_the_other_r
     await until_served(b, org, lambda config: config.etag == etag)
 
     # A manual fix, behind both replicas: the trigger notifies in the writing transaction.
-    await sql(database, "UPDATE integration_config SET config = config - 'webhookSecret', version = version + 1 "
-              "WHERE organization_id = $1", org)
+    await sql(
+        database,
+        "UPDATE integration_config SET config = config - 'webhookSecret', version = version + 1 "
+        "WHERE organization_id = $1",
+        org,
+    )
     delay = await until_served(b, org, lambda config: config.etag != etag)
     assert (await b.get(org)).values["webhookSecret"].source != pb.VALUE_SOURCE_ORGANIZATION
     assert delay < 1.0
@@ -227,9 +237,9 @@ async def test_a_manual_sql_update_and_the_rotate_command_invalidate_the_other_r
         assert (await b.get(org)).values["secretKey"].source == pb.VALUE_SOURCE_ORGANIZATION
     assert (await b.cache())["miss"] == misses + len(legacy), "B served rows cached before the rotation"
     # What B read again is the rewrapped row, not legacy plaintext.
-    assert await b.sample(
-        "integrations_legacy_values_read_total", format="plaintext", provider="stripe"
-    ) == legacy_reads
+    assert (
+        await b.sample("integrations_legacy_values_read_total", format="plaintext", provider="stripe") == legacy_reads
+    )
 
 
 @pytest.mark.postgres
@@ -288,8 +298,12 @@ async def test_with_the_listener_killed_mid_run_no_read_is_older_than_the_ttl(
 
     async def kill_listeners() -> None:
         await asyncio.sleep(0.3)
-        killed = await sql(database, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                           "WHERE application_name = $1 AND datname = current_database()", APPLICATION_NAME)
+        killed = await sql(
+            database,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = $1 AND datname = current_database()",
+            APPLICATION_NAME,
+        )
         assert killed == "SELECT 2", killed  # A's and B's
 
     await asyncio.gather(write(), read(), kill_listeners())
@@ -302,8 +316,10 @@ async def test_with_the_listener_killed_mid_run_no_read_is_older_than_the_ttl(
         staleness.append(max(0.0, started - superseded))
     assert set(acknowledged) >= {etag for _, etag in reads}
     bypassed = await b.sample("integrations_cache_requests_total", result="bypass")
-    print(f"\nlistener killed mid-run: {len(reads)} reads on B, {bypassed:.0f} bypassed the cache while "
-          f"disconnected; oldest read {max(staleness) * 1000:.1f} ms behind the latest acknowledged save")
+    print(
+        f"\nlistener killed mid-run: {len(reads)} reads on B, {bypassed:.0f} bypassed the cache while "
+        f"disconnected; oldest read {max(staleness) * 1000:.1f} ms behind the latest acknowledged save"
+    )
     assert max(staleness) < ttl, "a read served a row older than the TTL"
     assert bypassed > 0, "B kept answering from its cache while its listener was down"
     assert await b.sample("integrations_change_feed_connected") == 1
@@ -321,8 +337,12 @@ async def test_through_a_silent_partition_the_ttl_caps_what_a_cached_row_may_be_
     await proxy.start()
     try:
         a = await start_replica("a", database)
-        b = await start_replica("b", _with_address(database, "127.0.0.1", proxy.port),
-                                INTEGRATIONS_CACHE_TTL=str(ttl), INTEGRATIONS_DB_TIMEOUT="0.5")
+        b = await start_replica(
+            "b",
+            _with_address(database, "127.0.0.1", proxy.port),
+            INTEGRATIONS_CACHE_TTL=str(ttl),
+            INTEGRATIONS_DB_TIMEOUT="0.5",
+        )
         org = new_org()
         etag = (await a.save(org, secretKey=SK)).etag
         await until_served(b, org, lambda config: config.etag == etag)

@@ -81,10 +81,29 @@ ARRAY_ROW_VALUE = "PLANTED0array0row0value0NOP925"
 BROKEN_JSON_VALUE = "PLANTED0broken0json0row0QRS036"
 
 PLANTED = (
-    SK, WEBHOOK, SMTP_PASSWORD, ANTI_PHISHING, MB_KEY, ANTI_PHISHING_NEW, MB_KEY_NEW, MBWAY_KEY, RESEND_KEY,
-    GA_SECRET, *ENV_FALLBACKS.values(), WRONG_PREFIX, TOO_LONG, MASKED_BACK, UNKNOWN_FIELD_VALUE, MIXED_MODE,
-    STALE_ETAG_VALUE, UNKNOWN_PROVIDER_VALUE, NO_ORGANIZATION_VALUE, UNKNOWN_VERSION, LEGACY_PLAINTEXT,
-    ARRAY_ROW_VALUE, BROKEN_JSON_VALUE,
+    SK,
+    WEBHOOK,
+    SMTP_PASSWORD,
+    ANTI_PHISHING,
+    MB_KEY,
+    ANTI_PHISHING_NEW,
+    MB_KEY_NEW,
+    MBWAY_KEY,
+    RESEND_KEY,
+    GA_SECRET,
+    *ENV_FALLBACKS.values(),
+    WRONG_PREFIX,
+    TOO_LONG,
+    MASKED_BACK,
+    UNKNOWN_FIELD_VALUE,
+    MIXED_MODE,
+    STALE_ETAG_VALUE,
+    UNKNOWN_PROVIDER_VALUE,
+    NO_ORGANIZATION_VALUE,
+    UNKNOWN_VERSION,
+    LEGACY_PLAINTEXT,
+    ARRAY_ROW_VALUE,
+    BROKEN_JSON_VALUE,
 )
 PIECE = 12
 
@@ -175,7 +194,8 @@ class RawRows:
         cast = "" if self.kind == "sqlite" else "::text"
         rows = await self._fetch(
             f"SELECT config{cast} FROM integration_config WHERE organization_id = $1 AND provider = $2",
-            organization_id, provider,
+            organization_id,
+            provider,
         )
         assert len(rows) == 1, f"no row for {organization_id}/{provider}"
         return json.loads(rows[0][0])  # type: ignore[no-any-return]
@@ -192,7 +212,9 @@ class RawRows:
             try:
                 status = await conn.execute(
                     "UPDATE integration_config SET config = $3::jsonb WHERE organization_id = $1 AND provider = $2",
-                    organization_id, provider, text,
+                    organization_id,
+                    provider,
+                    text,
                 )
             finally:
                 await conn.close()
@@ -235,9 +257,7 @@ class Client:
     stub: pb_grpc.IntegrationServiceStub
     calls: list[Call] = field(default_factory=list)
 
-    async def __call__(
-        self, rpc: str, request: Any, expect: grpc.StatusCode | tuple[grpc.StatusCode, ...] = OK
-    ) -> Any:
+    async def __call__(self, rpc: str, request: Any, expect: grpc.StatusCode | tuple[grpc.StatusCode, ...] = OK) -> Any:
         expected = expect if isinstance(expect, tuple) else (expect,)
         organization_id = request.organization_id
         try:
@@ -298,9 +318,14 @@ async def run_scenario(call: Client, rows: RawRows, org: str) -> None:
     assert resend.values["apiKey"].value == masked(ENV_FALLBACKS["RESEND_API_KEY"])
     assert_masked(resend)
 
-    assert_masked(await call("SaveIntegration", save(
-        org, "smtp", host="smtp.example.com", port="587", password=SMTP_PASSWORD, fromAddress="shop@example.com"
-    )))
+    assert_masked(
+        await call(
+            "SaveIntegration",
+            save(
+                org, "smtp", host="smtp.example.com", port="587", password=SMTP_PASSWORD, fromAddress="shop@example.com"
+            ),
+        )
+    )
     assert_masked(await call("SaveIntegration", save(org, "ifthenpay", antiPhishingKey=ANTI_PHISHING, mbKey=MB_KEY)))
 
     # Refused saves whose offending value is a secret: nothing stored, nothing echoed.
@@ -437,12 +462,14 @@ async def test_a_serving_process_logs_no_secret(
 ) -> None:
     kind, where = own_store
     keys = keys_for(key_source, tmp_path)
-    env = clean_env({
-        "INTEGRATIONS_LOG_FORMAT": log_format,
-        "DATABASE_URL": database_url(kind, where),
-        **keys.env,
-        **ENV_FALLBACKS,
-    })
+    env = clean_env(
+        {
+            "INTEGRATIONS_LOG_FORMAT": log_format,
+            "DATABASE_URL": database_url(kind, where),
+            **keys.env,
+            **ENV_FALLBACKS,
+        }
+    )
     server = processes.serve(tmp_path / "work", env)
     org = new_org()
     rows = RawRows(kind, where)

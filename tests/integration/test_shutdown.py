@@ -42,12 +42,14 @@ async def wait_until_blocked(admin: asyncpg.Connection, database: str, at_least:
 async def test_sigterm_lets_the_in_flight_save_finish_and_refuses_new_calls(
     postgres_database_url: str, tmp_path: Path
 ) -> None:
-    env = clean_env({
-        "DATABASE_URL": postgres_database_url,
-        "INTEGRATION_ENCRYPTION_KEY": TEST_KEY,
-        "INTEGRATIONS_SHUTDOWN_GRACE": "10",
-        "INTEGRATIONS_METRICS_ADDRESS": "",
-    })
+    env = clean_env(
+        {
+            "DATABASE_URL": postgres_database_url,
+            "INTEGRATION_ENCRYPTION_KEY": TEST_KEY,
+            "INTEGRATIONS_SHUTDOWN_GRACE": "10",
+            "INTEGRATIONS_METRICS_ADDRESS": "",
+        }
+    )
     org = f"org_shutdown_{int(time.time() * 1000)}"
     with Processes(tmp_path) as processes:
         server = processes.serve(tmp_path / "work", env)
@@ -58,11 +60,10 @@ async def test_sigterm_lets_the_in_flight_save_finish_and_refuses_new_calls(
             # Hold the row lock the service's upsert takes, so the save stays in flight.
             lock = admin.transaction()
             await lock.start()
-            await admin.execute(
-                "SELECT pg_advisory_xact_lock($1, hashtext($2))", ROW_LOCK_NAMESPACE, f"{org}/stripe"
+            await admin.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", ROW_LOCK_NAMESPACE, f"{org}/stripe")
+            request = pb.SaveIntegrationRequest(
+                organization_id=org, provider="stripe", values={"secretKey": "sk_test_in_flight_0001"}
             )
-            request = pb.SaveIntegrationRequest(organization_id=org, provider="stripe",
-                                                values={"secretKey": "sk_test_in_flight_0001"})
             in_flight = asyncio.ensure_future(stub.SaveIntegration(request, timeout=20))
             await wait_until_blocked(admin, postgres_database_url.rsplit("/", 1)[1])
 
@@ -102,26 +103,40 @@ async def test_sigterm_with_hostile_records_in_the_audit_buffer_exits_0_and_save
             stub = pb_grpc.IntegrationServiceStub(channel)
             for organization_id, provider in (("o" + secrets.token_urlsafe(9000), "stripe"), (org, "stri\x00pe")):
                 for call in (
-                    stub.GetProviderConfig(pb.GetProviderConfigRequest(
-                        organization_id=organization_id, provider=provider, view=pb.CONFIG_VIEW_DECRYPTED)),
-                    stub.SaveIntegration(pb.SaveIntegrationRequest(
-                        organization_id=organization_id, provider=provider, values={"secretKey": "sk_test_x"})),
+                    stub.GetProviderConfig(
+                        pb.GetProviderConfigRequest(
+                            organization_id=organization_id, provider=provider, view=pb.CONFIG_VIEW_DECRYPTED
+                        )
+                    ),
+                    stub.SaveIntegration(
+                        pb.SaveIntegrationRequest(
+                            organization_id=organization_id, provider=provider, values={"secretKey": "sk_test_x"}
+                        )
+                    ),
                 ):
                     with pytest.raises(grpc.aio.AioRpcError):
                         await call
             for i in range(saves):
-                await stub.SaveIntegration(pb.SaveIntegrationRequest(
-                    organization_id=org, provider="stripe", values={"secretKey": f"sk_test_poison_{i:04d}"}))
-            await stub.GetProviderConfig(pb.GetProviderConfigRequest(
-                organization_id=org, provider="stripe", view=pb.CONFIG_VIEW_DECRYPTED))
+                await stub.SaveIntegration(
+                    pb.SaveIntegrationRequest(
+                        organization_id=org, provider="stripe", values={"secretKey": f"sk_test_poison_{i:04d}"}
+                    )
+                )
+            await stub.GetProviderConfig(
+                pb.GetProviderConfigRequest(organization_id=org, provider="stripe", view=pb.CONFIG_VIEW_DECRYPTED)
+            )
         # Well within the key counts' 10 s flush interval: only the shutdown can save them.
         exit_code = server.terminate()
     assert exit_code == 0, server.stderr()
     conn = await asyncpg.connect(database_url)
     try:
         encryptions = await conn.fetchval("SELECT encryptions FROM encryption_keys WHERE key_id = 'default'")
-        outcomes = [tuple(r) for r in await conn.fetch(
-            "SELECT rpc, outcome FROM audit_events WHERE organization_id = $1 ORDER BY id", org)]
+        outcomes = [
+            tuple(r)
+            for r in await conn.fetch(
+                "SELECT rpc, outcome FROM audit_events WHERE organization_id = $1 ORDER BY id", org
+            )
+        ]
         longest = await conn.fetchval("SELECT max(length(organization_id)) FROM audit_events")
     finally:
         await conn.close()

@@ -49,8 +49,10 @@ WRITTEN = documented_write_prefix()
 async def test_saved_values_are_stored_as_documented_ciphertext_only(located: tuple[Running, str, str]) -> None:
     svc, kind, where = located
     org = new_org()
-    saved = {"stripe": {"secretKey": SK, "webhookSecret": WHSEC, "publishableKey": PK},
-             "ifthenpay": {"antiPhishingKey": UNICODE_SECRET, "mbKey": "MB-KEY-000777"}}
+    saved = {
+        "stripe": {"secretKey": SK, "webhookSecret": WHSEC, "publishableKey": PK},
+        "ifthenpay": {"antiPhishingKey": UNICODE_SECRET, "mbKey": "MB-KEY-000777"},
+    }
     for provider, values in saved.items():
         await save(svc, org, provider, **values)
 
@@ -88,7 +90,7 @@ async def test_the_same_value_saved_twice_is_stored_differently(located: tuple[R
 
     assert len({first, second, third}) == 3
     # Fresh nonces: the first 12 bytes of the blob differ too, not just the text.
-    assert len({value[blob_offset(value):][:16] for value in (first, second, third)}) == 3
+    assert len({value[blob_offset(value) :][:16] for value in (first, second, third)}) == 3
     assert {decrypt(value, TEST_KEY, org, "stripe", "secretKey") for value in (first, second)} == {SK}
     assert decrypt(third, TEST_KEY, other, "stripe", "secretKey") == SK
 
@@ -103,10 +105,16 @@ async def test_dashboard_rows_with_plaintext_and_encrypted_values_are_read(
     org = new_org()
     legacy_plain_secret = "sk_test_legacyPlaintextSecret1111"
     legacy_encrypted_webhook = "whsec_legacyEncryptedWebhook2222"
-    await insert_dashboard_row(kind, where, org, "stripe", {
-        "secretKey": legacy_plain_secret,  # written before the dashboard encrypted anything
-        "webhookSecret": encrypt_v1(legacy_encrypted_webhook, TEST_KEY),  # the dashboard's format
-    })
+    await insert_dashboard_row(
+        kind,
+        where,
+        org,
+        "stripe",
+        {
+            "secretKey": legacy_plain_secret,  # written before the dashboard encrypted anything
+            "webhookSecret": encrypt_v1(legacy_encrypted_webhook, TEST_KEY),  # the dashboard's format
+        },
+    )
 
     clear = await get(svc, org, view=DECRYPTED)
     assert values_of(clear)["secretKey"] == (legacy_plain_secret, ORG)
@@ -117,9 +125,14 @@ async def test_dashboard_rows_with_plaintext_and_encrypted_values_are_read(
     assert masked.etag
 
     # A save of another field (with the etag read from the legacy row) keeps both legacy values readable.
-    after_save = await svc.stub.SaveIntegration(pb.SaveIntegrationRequest(
-        organization_id=org, provider="stripe", values={"publishableKey": PK}, etag=masked.etag,
-    ))
+    after_save = await svc.stub.SaveIntegration(
+        pb.SaveIntegrationRequest(
+            organization_id=org,
+            provider="stripe",
+            values={"publishableKey": PK},
+            etag=masked.etag,
+        )
+    )
     assert values_of(after_save.config)["secretKey"] == ("••••••••1111", ORG)
     assert values_of(await get(svc, org, view=DECRYPTED)) == {
         "secretKey": (legacy_plain_secret, ORG),
@@ -138,8 +151,9 @@ async def test_dashboard_rows_with_plaintext_and_encrypted_values_are_read(
 async def test_saving_a_legacy_plaintext_field_encrypts_it(located: tuple[Running, str, str]) -> None:
     svc, kind, where = located
     org = new_org()
-    await insert_dashboard_row(kind, where, org, "easypay",
-                               {"accountId": "acc-legacy", "apiKey": "legacy-api-key-0001"})
+    await insert_dashboard_row(
+        kind, where, org, "easypay", {"accountId": "acc-legacy", "apiKey": "legacy-api-key-0001"}
+    )
     await save(svc, org, "easypay", apiKey="replacement-api-key-0002")
     row = await raw_row(kind, where, org, "easypay")
     assert "replacement-api-key-0002" not in row_text(row)
@@ -154,7 +168,7 @@ CORRUPTIONS = {
     "tampered": lambda stored, org: tampered(stored),
     # The same format and key id, but under a key the service does not have.
     "other_key": lambda stored, org: reencrypted(stored, OTHER_KEY, org, "stripe", "secretKey", SK),
-    "unknown_version": lambda stored, org: "enc:v9:" + stored[blob_offset(stored):],
+    "unknown_version": lambda stored, org: "enc:v9:" + stored[blob_offset(stored) :],
 }
 
 
@@ -177,7 +191,7 @@ async def test_an_undecryptable_value_is_data_loss_naming_where_it_is_and_a_save
         assert "'stripe'" in error.message
         assert "'secretKey'" in error.message
         assert error.request_id
-        for leaked in (bad_value, bad_value[blob_offset(stored["secretKey"]):], stored["secretKey"], SK, PK):
+        for leaked in (bad_value, bad_value[blob_offset(stored["secretKey"]) :], stored["secretKey"], SK, PK):
             assert leaked not in error.message
 
     # The server keeps serving everyone else.
@@ -227,10 +241,16 @@ async def test_a_value_copied_into_another_organizations_row_does_not_decrypt(
 
 async def insert_row_under_other_key(kind: str, where: str, org: str) -> None:
     """A whole row encrypted under a key the service does not have (say, one rotated away)."""
-    await insert_dashboard_row(kind, where, org, "easypay", {
-        "accountId": encrypt_v1("acc-under-other-key", OTHER_KEY),
-        "apiKey": encrypt_v1("api-key-under-other-key", OTHER_KEY),
-    })
+    await insert_dashboard_row(
+        kind,
+        where,
+        org,
+        "easypay",
+        {
+            "accountId": encrypt_v1("acc-under-other-key", OTHER_KEY),
+            "apiKey": encrypt_v1("api-key-under-other-key", OTHER_KEY),
+        },
+    )
 
 
 EASYPAY_FIELDS = ("accountId", "apiKey", "baseUrl")

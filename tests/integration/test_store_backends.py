@@ -33,8 +33,7 @@ async def terminate_connections(admin_url: str, database_url: str) -> int:
     conn = await asyncpg.connect(admin_url)
     try:
         killed = await conn.fetch(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
             database,
         )
     finally:
@@ -81,9 +80,7 @@ async def test_many_calls_right_after_the_connections_drop_all_settle(
     await asyncio.gather(*(postgres_store.get(ORG, "stripe") for _ in range(10)))
     await terminate_connections(postgres_server, postgres_database_url)
 
-    outcomes = await asyncio.gather(
-        *(postgres_store.get(ORG, "stripe") for _ in range(20)), return_exceptions=True
-    )
+    outcomes = await asyncio.gather(*(postgres_store.get(ORG, "stripe") for _ in range(20)), return_exceptions=True)
     assert all(isinstance(o, StoredIntegration | errors.Unavailable) for o in outcomes), outcomes
     assert await postgres_store.get(ORG, "stripe") is not None
 
@@ -170,9 +167,7 @@ async def test_no_database_url_opens_the_embedded_store_in_the_data_folder(tmp_p
             await store.close()
 
 
-async def test_sqlite_urls_take_the_path_after_the_third_slash(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_sqlite_urls_take_the_path_after_the_third_slash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     relative = await open_store("sqlite:///relative/x.sqlite3", tmp_path / "unused")
     absolute = await open_store(f"sqlite:///{tmp_path}/absolute/y.sqlite3", tmp_path / "unused")
@@ -202,7 +197,7 @@ async def test_unusable_database_urls_are_configuration_errors(url: str, tmp_pat
 @pytest.mark.postgres
 @pytest.mark.parametrize("scheme", ["postgresql", "postgres"])
 async def test_postgres_urls_open_the_postgres_store(postgres_database_url: str, scheme: str) -> None:
-    url = scheme + postgres_database_url[postgres_database_url.index("://"):]
+    url = scheme + postgres_database_url[postgres_database_url.index("://") :]
     store = await open_store(url, Path("unused"), timeout=3, pool_size=2)
     try:
         assert isinstance(store, PostgresStore)

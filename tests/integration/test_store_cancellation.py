@@ -210,13 +210,18 @@ async def test_store_calls_cancelled_at_any_point_commit_whole_or_not_at_all(
         calls: list[Awaitable[bool]] = []
         for i in range(32):
             rid = f"{round_number}-{i}"
-            calls.append(interrupted(
-                store.upsert(upserted, PROVIDER, add_field(f"f{rid}"), record("SaveIntegration", upserted, rid)),
-                i, rng,
-            ))
-            calls.append(interrupted(
-                store.delete(deleted, PROVIDER, never_refuse, record("DeleteIntegration", deleted, rid)), i, rng
-            ))
+            calls.append(
+                interrupted(
+                    store.upsert(upserted, PROVIDER, add_field(f"f{rid}"), record("SaveIntegration", upserted, rid)),
+                    i,
+                    rng,
+                )
+            )
+            calls.append(
+                interrupted(
+                    store.delete(deleted, PROVIDER, never_refuse, record("DeleteIntegration", deleted, rid)), i, rng
+                )
+            )
             calls.append(interrupted(store.rewrap(rewrap_ids, mark, record("RotateKeys", rewrapped, rid)), i, rng))
             batch = [record("GetProviderConfig", appended, rid) for _ in range(3)]
             calls.append(interrupted(store.append_audit(batch), i, rng))

@@ -218,7 +218,7 @@ async def test_values_round_trip_exactly(store: IntegrationStore) -> None:
         "unicode": "Olá, 世界 — ✓ 🔑 ﷽ e\u0301",
         "long": "x" * 4096,
         "long_unicode": "é🔑" * 1024,
-        "quotes": "\"'`\\ {\"json\": [1, 2]} ; DROP TABLE integration_config; --",
+        "quotes": '"\'`\\ {"json": [1, 2]} ; DROP TABLE integration_config; --',
         "whitespace": " \t\r\n leading and trailing \n",
         "empty": "",
         "chave_é_🔑": "the key is unicode too",
@@ -243,7 +243,10 @@ async def test_a_non_string_value_written_behind_the_stores_back_reads_as_its_co
     assert row is not None
     # The same text from every store: no spaces, non-ASCII kept.
     assert dict(row.config) == {
-        "secretKey": "enc:v1:a", "retries": "3", "live": "true", "nested": '{"olá":[1,null,"x y"]}'
+        "secretKey": "enc:v1:a",
+        "retries": "3",
+        "live": "true",
+        "nested": '{"olá":[1,null,"x y"]}',
     }
 
 
@@ -279,10 +282,7 @@ async def test_concurrent_upserts_from_two_replicas_lose_no_field(
     try:
         writers = 20
         await asyncio.gather(
-            *(
-                (store if i % 2 else replica).upsert(ORG, "stripe", put({f"field_{i}": "v"}))
-                for i in range(writers)
-            )
+            *((store if i % 2 else replica).upsert(ORG, "stripe", put({f"field_{i}": "v"})) for i in range(writers))
         )
     finally:
         await replica.close()
@@ -471,7 +471,10 @@ async def test_rewrap_changes_the_config_but_not_the_version_or_update_time(stor
         assert after is not None
         assert dict(after.config) == {key: value + "!" for key, value in before.config.items()}
         assert (after.id, after.version, after.created_at, after.updated_at) == (
-            before.id, before.version, before.created_at, before.updated_at
+            before.id,
+            before.version,
+            before.created_at,
+            before.updated_at,
         )
     # The next save still bumps the version by one.
     assert (await store.upsert(ORG, "stripe", put({"x": "y"}))).version == first.version + 1
@@ -691,7 +694,9 @@ async def test_replicas_migrating_a_new_database_at_once_both_succeed(
         await second.close()
     ledger = await _raw(url, "SELECT version, name FROM schema_migrations")
     assert sorted(tuple(row) for row in ledger) == [
-        (1, "integration_config"), (2, "keys_and_audit"), (3, "change_feed")
+        (1, "integration_config"),
+        (2, "keys_and_audit"),
+        (3, "change_feed"),
     ]
 
 
@@ -716,7 +721,10 @@ async def test_the_dashboards_existing_table_and_rows_are_adopted(
     await _raw(
         url,
         "INSERT INTO integration_config (id, organization_id, provider, config) VALUES ($1, $2, $3, $4)",
-        "dash-1", ORG, "stripe", json.dumps({"secretKey": "enc:v1:from-dashboard"}),
+        "dash-1",
+        ORG,
+        "stripe",
+        json.dumps({"secretKey": "enc:v1:from-dashboard"}),
     )
     store = await PostgresStore.connect(url)
     try:
@@ -741,11 +749,13 @@ async def test_the_config_column_holds_exactly_what_was_upserted(
         postgres_database_url,
         "SELECT id, config::text AS config, jsonb_typeof(config) AS kind, version "
         "FROM integration_config WHERE organization_id = $1 AND provider = $2",
-        ORG, "stripe",
+        ORG,
+        "stripe",
     )
     assert raw["kind"] == "object"
     assert json.loads(raw["config"]) == config
     assert (raw["id"], raw["version"]) == (row.id, 1)
+
 
 _WAITING_ON_A_LOCK = (
     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
@@ -784,11 +794,16 @@ async def _save_while_another_writer_inserts(
             if holding_the_row_lock:
                 await other.execute(
                     "SELECT pg_advisory_xact_lock($1::int4, hashtext($2 || '/' || $3))",
-                    ROW_LOCK_NAMESPACE, ORG, "stripe",
+                    ROW_LOCK_NAMESPACE,
+                    ORG,
+                    "stripe",
                 )
             await other.execute(
                 "INSERT INTO integration_config (id, organization_id, provider, config) VALUES ($1, $2, $3, $4)",
-                "other-1", ORG, "stripe", json.dumps({"publishableKey": "pk_other"}),
+                "other-1",
+                ORG,
+                "stripe",
+                json.dumps({"publishableKey": "pk_other"}),
             )
             save = asyncio.create_task(store.upsert(ORG, "stripe", merge))
             # The save waits on the row lock, or (past it, having read no row) on the other insert's key.
@@ -810,7 +825,9 @@ async def test_a_save_racing_an_insert_that_bypasses_the_row_lock_starts_over_an
     assert seen[0] is None
     assert [dict(current.config) for current in seen[1:] if current is not None] == [{"publishableKey": "pk_other"}]
     assert (row.id, row.version, dict(row.config)) == (
-        "other-1", 2, {"publishableKey": "pk_other", "secretKey": "enc:v1:service"}
+        "other-1",
+        2,
+        {"publishableKey": "pk_other", "secretKey": "enc:v1:service"},
     )
     assert await postgres_store.get(ORG, "stripe") == row
 
@@ -827,5 +844,7 @@ async def test_a_first_save_waits_for_another_replicas_first_save_of_the_row_and
         {"publishableKey": "pk_other"}
     ]
     assert (row.id, row.version, dict(row.config)) == (
-        "other-1", 2, {"publishableKey": "pk_other", "secretKey": "enc:v1:service"}
+        "other-1",
+        2,
+        {"publishableKey": "pk_other", "secretKey": "enc:v1:service"},
     )

@@ -100,8 +100,10 @@ class TcpProxy:
             self._transports.add(upstream_writer.transport)
             if self._server is None:  # stopped while we were connecting upstream
                 return
-            pipes = [asyncio.ensure_future(self._pipe(client_reader, upstream_writer)),
-                     asyncio.ensure_future(self._pipe(upstream_reader, client_writer))]
+            pipes = [
+                asyncio.ensure_future(self._pipe(client_reader, upstream_writer)),
+                asyncio.ensure_future(self._pipe(upstream_reader, client_writer)),
+            ]
             # Either side closing ends the pair, as a real cut would.
             await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
             for pipe in pipes:
@@ -195,7 +197,9 @@ async def raw_version_and_config(database_url: str, org: str) -> tuple[int, str]
     try:
         record = await conn.fetchrow(
             "SELECT version, config::text AS config FROM integration_config "
-            "WHERE organization_id = $1 AND provider = 'stripe'", org)
+            "WHERE organization_id = $1 AND provider = 'stripe'",
+            org,
+        )
     finally:
         await conn.close()
     return record["version"], record["config"]
@@ -309,8 +313,7 @@ async def terminate_backends(admin_url: str, database_url: str) -> int:
     conn = await asyncpg.connect(admin_url)
     try:
         killed = await conn.fetch(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
             urlsplit(database_url).path.lstrip("/"),
         )
     finally:
@@ -423,8 +426,11 @@ async def test_a_database_renamed_away_is_unavailable_until_it_is_back(
     # No session may use a database being renamed: keep the service's pool out first.
     await admin(postgres_server, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
     await terminate_backends(postgres_server, database_url)
-    await admin(postgres_server, f'ALTER DATABASE "{name}" RENAME TO "{moved}"',
-                f'ALTER DATABASE "{moved}" ALLOW_CONNECTIONS true')
+    await admin(
+        postgres_server,
+        f'ALTER DATABASE "{name}" RENAME TO "{moved}"',
+        f'ALTER DATABASE "{moved}" ALLOW_CONNECTIONS true',
+    )
     try:
         await assert_every_call_unavailable(svc, org, database_url)
     finally:
@@ -456,15 +462,20 @@ async def wait_for_health(svc: Running, wanted: str, bound: float) -> float:
 async def healthcheck_exit_code(svc: Running, *flags: str) -> int:
     # Not subprocess.run: the service under test shares this event loop and must keep answering.
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "integrations_service", "healthcheck", "--address", svc.target, *flags,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "integrations_service",
+        "healthcheck",
+        "--address",
+        svc.target,
+        *flags,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     return await asyncio.wait_for(process.wait(), timeout=60)
 
 
-async def test_readiness_follows_the_store_while_liveness_stays_serving(
-    proxied: Running, proxy: TcpProxy
-) -> None:
+async def test_readiness_follows_the_store_while_liveness_stays_serving(proxied: Running, proxy: TcpProxy) -> None:
     svc = proxied
     assert await health(svc, SERVICE_NAME) == "SERVING"
     assert await healthcheck_exit_code(svc, "--ready") == 0

@@ -51,10 +51,12 @@ async def timed(call: Awaitable[Any]) -> tuple[Any, float]:
 
 
 async def read_other(svc: Running, org: str) -> float:
-    reply, elapsed = await timed(svc.stub.GetProviderConfig(
-        pb.GetProviderConfigRequest(organization_id=org, provider="stripe", view=pb.CONFIG_VIEW_DECRYPTED),
-        timeout=30,
-    ))
+    reply, elapsed = await timed(
+        svc.stub.GetProviderConfig(
+            pb.GetProviderConfigRequest(organization_id=org, provider="stripe", view=pb.CONFIG_VIEW_DECRYPTED),
+            timeout=30,
+        )
+    )
     assert not isinstance(reply, grpc.aio.AioRpcError), f"read of another organization failed: {reply.code()}"
     assert values_of(reply.config)["secretKey"][0] == SK_OTHER
     return elapsed
@@ -81,9 +83,7 @@ async def saves_against_a_locked_row(
 
 def assert_bounded_unavailable(results: list[tuple[Any, float]]) -> None:
     times = sorted(round(elapsed, 1) for _, elapsed in results)
-    assert times[-1] < BOUND, (
-        f"the {SAVES} saves answered after {times} s (INTEGRATIONS_DB_TIMEOUT={DB_TIMEOUT})"
-    )
+    assert times[-1] < BOUND, f"the {SAVES} saves answered after {times} s (INTEGRATIONS_DB_TIMEOUT={DB_TIMEOUT})"
     for result, _ in results:
         assert isinstance(result, grpc.aio.AioRpcError), "a save of the locked row succeeded"
         error = rich_error(result)
@@ -136,9 +136,11 @@ async def test_saves_queued_on_a_locked_row_answer_within_the_timeout_and_starve
 
     async def waiting_on_locks() -> int:
         # Backends of the service's database waiting for a lock (row or advisory), the locker aside.
-        return int(await monitor.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'", database
-        ))
+        return int(
+            await monitor.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'", database
+            )
+        )
 
     try:
         async with row_locked_from_sql(database_url, locked_org):
@@ -202,9 +204,11 @@ async def test_a_call_waiting_for_a_pool_connection_answers_within_the_timeout(
                 for i in range(5)
             ]
             await asyncio.sleep(0.2)
-            read, elapsed = await timed(svc.stub.GetProviderConfig(
-                pb.GetProviderConfigRequest(organization_id=other_org, provider="stripe"), timeout=30
-            ))
+            read, elapsed = await timed(
+                svc.stub.GetProviderConfig(
+                    pb.GetProviderConfigRequest(organization_id=other_org, provider="stripe"), timeout=30
+                )
+            )
             results = await asyncio.gather(*saves)
         assert elapsed < BOUND, f"a read waited {elapsed:.2f} s for a pooled connection"
         if isinstance(read, grpc.aio.AioRpcError):

@@ -43,7 +43,11 @@ DASHBOARD_DOC = ROOT / "docs" / "dashboard.md"
 
 # The `test(...)` count of each suite (clients/typescript/test/*.test.ts): update with the suites.
 EXPECTED = {
-    "plaintext.test.js": 10, "retries.test.js": 6, "config.test.js": 5, "mtls.test.js": 7, "outage.test.js": 2,
+    "plaintext.test.js": 10,
+    "retries.test.js": 6,
+    "config.test.js": 5,
+    "mtls.test.js": 7,
+    "outage.test.js": 2,
 }
 
 
@@ -60,7 +64,11 @@ def compiled() -> Path:
     node_binary()  # skips (or fails, in CI) without Node.js
     for command in (["make", "--no-print-directory", "ts-install"], ["npm", "run", "--silent", "build"]):
         done = subprocess.run(
-            command, cwd=ROOT if command[0] == "make" else PACKAGE, capture_output=True, text=True, timeout=300,
+            command,
+            cwd=ROOT if command[0] == "make" else PACKAGE,
+            capture_output=True,
+            text=True,
+            timeout=300,
             check=False,
         )
         assert done.returncode == 0, f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}{done.stderr}"
@@ -70,7 +78,12 @@ def compiled() -> Path:
 def run_suites(compiled: Path, suites: list[str], env: dict[str, str]) -> NodeRun:
     done = subprocess.run(
         [node_binary(), "--test", "--test-reporter=tap", *(str(compiled / suite) for suite in suites)],
-        cwd=PACKAGE, env=clean_env(env), capture_output=True, text=True, timeout=NODE_TIMEOUT, check=False,
+        cwd=PACKAGE,
+        env=clean_env(env),
+        capture_output=True,
+        text=True,
+        timeout=NODE_TIMEOUT,
+        check=False,
     )
     output = done.stdout + done.stderr
     summary = {name: int(count) for name, count in re.findall(r"^# (\w+) (\d+)$", done.stdout, flags=re.MULTILINE)}
@@ -96,14 +109,16 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 
 def serve_env(tmp_path: Path, database_url: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    return clean_env({
-        "INTEGRATION_ENCRYPTION_KEY": TEST_KEY,
-        "DATABASE_URL": database_url,
-        "INTEGRATIONS_DATA_DIR": str(tmp_path / "data"),
-        "INTEGRATIONS_SHUTDOWN_GRACE": "1",
-        "STRIPE_WEBHOOK_SECRET": WEBHOOK_DEFAULT,
-        **(extra or {}),
-    })
+    return clean_env(
+        {
+            "INTEGRATION_ENCRYPTION_KEY": TEST_KEY,
+            "DATABASE_URL": database_url,
+            "INTEGRATIONS_DATA_DIR": str(tmp_path / "data"),
+            "INTEGRATIONS_SHUTDOWN_GRACE": "1",
+            "STRIPE_WEBHOOK_SECRET": WEBHOOK_DEFAULT,
+            **(extra or {}),
+        }
+    )
 
 
 @pytest.fixture
@@ -115,9 +130,7 @@ def plaintext_server(
     return process, kind, where
 
 
-async def test_typescript_client_plaintext(
-    compiled: Path, plaintext_server: tuple[ServeProcess, str, str]
-) -> None:
+async def test_typescript_client_plaintext(compiled: Path, plaintext_server: tuple[ServeProcess, str, str]) -> None:
     process, kind, where = plaintext_server
     # A stored secret the service cannot decrypt (a tampered dashboard-era value): DATA_LOSS.
     broken_org = new_org()
@@ -166,9 +179,15 @@ def test_typescript_client_mutual_tls(compiled: Path, processes: Processes, tmp_
     env = serve_env(tmp_path, f"sqlite:///{tmp_path / 'store.sqlite3'}", tls)
     process = processes.serve(tmp_path / "serve", env, credentials=health)
     suites = ["mtls.test.js"]
-    run = run_suites(compiled, suites, {
-        "ITS_MTLS_TARGET": process.target, "ITS_CERTS_DIR": str(certs), "ITS_WEBHOOK_DEFAULT": WEBHOOK_DEFAULT,
-    })
+    run = run_suites(
+        compiled,
+        suites,
+        {
+            "ITS_MTLS_TARGET": process.target,
+            "ITS_CERTS_DIR": str(certs),
+            "ITS_WEBHOOK_DEFAULT": WEBHOOK_DEFAULT,
+        },
+    )
     assert_all_passed(run, suites)
     assert_no_leak(process)
 
@@ -228,7 +247,11 @@ def write_doc_project(extra: dict[str, str]) -> Path:
 def tsc(project: Path, config: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(PACKAGE / "node_modules" / ".bin" / "tsc"), "-p", str(project / config)],
-        cwd=project, capture_output=True, text=True, timeout=120, check=False,
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -265,7 +288,7 @@ DOC_RUN_SCRIPT = Path(__file__).with_name("dashboard_doc_actions.mjs")
 
 async def test_dashboard_doc_server_actions_run(compiled: Path, processes: Processes, tmp_path: Path) -> None:
     process = processes.serve(tmp_path / "serve", serve_env(tmp_path, f"sqlite:///{tmp_path / 'store.sqlite3'}"))
-    auth = 'export async function withActiveOrg(action) { return action(process.env.DOC_ORGANIZATION); }\n'
+    auth = "export async function withActiveOrg(action) { return action(process.env.DOC_ORGANIZATION); }\n"
     runner = DOC_RUN_SCRIPT.read_text(encoding="utf-8")
     project = write_doc_project({"tsconfig.json": DOC_RUN_TSCONFIG, **DOC_RUN_MODULES, "run.mjs": runner})
     try:
@@ -279,8 +302,14 @@ async def test_dashboard_doc_server_actions_run(compiled: Path, processes: Proce
             compiled_file.write_text(text, encoding="utf-8")
         env = {"INTEGRATIONS_SERVICE_TARGET": process.target, "DOC_ORGANIZATION": new_org()}
         done = await asyncio.to_thread(
-            subprocess.run, [node_binary(), "run.mjs"], cwd=project, env=clean_env(env),
-            capture_output=True, text=True, timeout=NODE_TIMEOUT, check=False,
+            subprocess.run,
+            [node_binary(), "run.mjs"],
+            cwd=project,
+            env=clean_env(env),
+            capture_output=True,
+            text=True,
+            timeout=NODE_TIMEOUT,
+            check=False,
         )
     finally:
         shutil.rmtree(project)

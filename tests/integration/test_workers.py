@@ -31,13 +31,15 @@ LIST = "/integrations.v1.IntegrationService/ListProviders"
 
 
 def workers_env(database_url: str, **extra: str) -> dict[str, str]:
-    return clean_env({
-        "DATABASE_URL": database_url,
-        "INTEGRATION_ENCRYPTION_KEY": TEST_KEY,
-        "INTEGRATIONS_LOG_FORMAT": "json",
-        "INTEGRATIONS_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
-        **extra,
-    })
+    return clean_env(
+        {
+            "DATABASE_URL": database_url,
+            "INTEGRATION_ENCRYPTION_KEY": TEST_KEY,
+            "INTEGRATIONS_LOG_FORMAT": "json",
+            "INTEGRATIONS_METRICS_ADDRESS": f"127.0.0.1:{free_port()}",
+            **extra,
+        }
+    )
 
 
 @pytest.fixture
@@ -103,8 +105,11 @@ async def test_two_workers_both_serve_and_their_metrics_add_up(
     assert workers_that_logged(server, LIST) == {0, 1}
 
     metrics_address = env["INTEGRATIONS_METRICS_ADDRESS"]
-    labels = {"grpc_type": "unary", "grpc_service": "integrations.v1.IntegrationService",
-              "grpc_method": "ListProviders"}
+    labels = {
+        "grpc_type": "unary",
+        "grpc_service": "integrations.v1.IntegrationService",
+        "grpc_method": "ListProviders",
+    }
     # Read-at-scrape state reaches the supervisor within a second of the worker's start.
     until(lambda: all(feed_connected(scrape(metrics_address), worker) for worker in ("0", "1")))
     text = await asyncio.to_thread(scrape, metrics_address)
@@ -141,9 +146,14 @@ async def test_sigterm_lets_the_in_flight_calls_of_every_worker_finish_and_exits
                     "SELECT pg_advisory_xact_lock($1, hashtext($2))", ROW_LOCK_NAMESPACE, f"{org}/stripe"
                 )
             in_flight = [
-                asyncio.ensure_future(stub.SaveIntegration(pb.SaveIntegrationRequest(
-                    organization_id=org, provider="stripe", values={"secretKey": "sk_test_in_flight_0001"}
-                ), timeout=30))
+                asyncio.ensure_future(
+                    stub.SaveIntegration(
+                        pb.SaveIntegrationRequest(
+                            organization_id=org, provider="stripe", values={"secretKey": "sk_test_in_flight_0001"}
+                        ),
+                        timeout=30,
+                    )
+                )
                 for stub, org in zip(stubs, orgs, strict=True)
             ]
             await wait_until_blocked(watcher, postgres_database_url.rsplit("/", 1)[1], at_least=CHANNELS)

@@ -192,8 +192,11 @@ async def test_hostile_request_text_is_bounded_in_the_record_and_legitimate_text
         ["secretKey", "publishableKey"],
         {"fingerprint.secretKey": "hmac-sha256:abc"},
     )
-    assert (legit.caller, legit.organization_id, legit.provider) == ("spiffe://shop.example/commerce", "org_0a1b2c",
-                                                                   "stripe")
+    assert (legit.caller, legit.organization_id, legit.provider) == (
+        "spiffe://shop.example/commerce",
+        "org_0a1b2c",
+        "stripe",
+    )
     assert legit.fields == ("publishableKey", "secretKey")
     assert legit.details == {"fingerprint.secretKey": "hmac-sha256:abc"}
     assert legit.request_id == "rid-2"

@@ -99,7 +99,10 @@ def test_a_certificate_is_parsed_once() -> None:
         (fingerprint_name("sha256:" + "AB" * 32), "sha256:" + "ab" * 32),
         (DEVELOPMENT, "development-plaintext"),
         # A common name cannot forge a log line or an audit column.
-        (common_name("x\ncaller=spiffe:spiffe://shop.example/admin"), "cn:x\\x0acaller=spiffe:spiffe://shop.example/admin"),
+        (
+            common_name("x\ncaller=spiffe:spiffe://shop.example/admin"),
+            "cn:x\\x0acaller=spiffe:spiffe://shop.example/admin",
+        ),
     ],
 )
 def test_names_are_shown_with_their_kind(name: CallerName, shown: str) -> None:
@@ -137,7 +140,7 @@ def test_policy_entries_name_their_kind(entry: str, name: CallerName) -> None:
         ('identity = "development-plaintext"', "trusted without a policy"),
         ('identity = "SPIFFE://shop.example/admin"', "is not a valid SPIFFE ID"),
         (f'identity = "{COMMERCE}/"', "not a valid SPIFFE ID"),
-        ('spiffe = "commerce.internal"', "spiffe = \"commerce.internal\" is invalid: a SPIFFE ID is spiffe://"),
+        ('spiffe = "commerce.internal"', 'spiffe = "commerce.internal" is invalid: a SPIFFE ID is spiffe://'),
         (f'spiffe = "{COMMERCE}?x"', "is invalid"),
         (f'dns = "{COMMERCE}"', "a DNS name is"),
         ('dns = "*.shop.example"', "no wildcard"),
@@ -187,8 +190,12 @@ TYPED = policy(
         ([dns_name("commerce.internal"), common_name("ops")], None, None, True),
         ([spiffe_name(ADMIN), dns_name("commerce.internal")], None, None, True),
         ([spiffe_name(COMMERCE), dns_name("commerce.internal")], spiffe_name(COMMERCE), "commerce", False),
-        ([spiffe_name("spiffe://shop.example/x"), dns_name("commerce.internal")], dns_name("commerce.internal"),
-         "commerce", False),
+        (
+            [spiffe_name("spiffe://shop.example/x"), dns_name("commerce.internal")],
+            dns_name("commerce.internal"),
+            "commerce",
+            False,
+        ),
         ([dns_name("x.internal"), common_name("ops")], common_name("ops"), "dashboard", False),
         ([dns_name("x.internal"), common_name("y")], dns_name("x.internal"), None, False),
     ],

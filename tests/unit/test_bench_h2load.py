@@ -66,8 +66,7 @@ traffic: 0B (0) total, 0B (0) headers (space savings 0.00%), 0B (0) data
 
 # h2load --log-file: start time (µs since the epoch), HTTP status, duration (µs).
 LOG = (
-    "1796114941069815\t200\t383\n1796114941070229\t200\t168\n"
-    "1796114941070415\t200\t119\n1796114941070600\t200\t1330\n"
+    "1796114941069815\t200\t383\n1796114941070229\t200\t168\n1796114941070415\t200\t119\n1796114941070600\t200\t1330\n"
 )
 
 
@@ -91,7 +90,13 @@ def test_the_summary_of_a_grpc_run() -> None:
     result = h2load.parse_summary(GRPC_RUN)
     assert result.rps == pytest.approx(11133.50)
     assert (result.total, result.done, result.succeeded, result.failed, result.errored, result.timeout) == (
-        22267, 22267, 22267, 0, 0, 0)
+        22267,
+        22267,
+        22267,
+        0,
+        0,
+        0,
+    )
     assert result.status == {"2xx": 22267, "3xx": 0, "4xx": 0, "5xx": 0}
     assert result.data_bytes == 154625
     assert result.mean_ms == pytest.approx(5.75)
@@ -138,8 +143,14 @@ def test_side_by_side_runs_add_up() -> None:
 
 def test_the_command_line_is_time_bounded_and_posts_the_body_with_grpc_headers(tmp_path: Path) -> None:
     body = tmp_path / "get.grpc"
-    load = h2load.Load(h2load.grpc_url("127.0.0.1:5000", "integrations.v1.IntegrationService", "GetProviderConfig"),
-                       clients=4, streams=16, seconds=2.5, body=body, headers=h2load.GRPC_HEADERS)
+    load = h2load.Load(
+        h2load.grpc_url("127.0.0.1:5000", "integrations.v1.IntegrationService", "GetProviderConfig"),
+        clients=4,
+        streams=16,
+        seconds=2.5,
+        body=body,
+        headers=h2load.GRPC_HEADERS,
+    )
     argv = h2load.command(load, tmp_path / "log.tsv")
     assert load.in_flight == 64
     assert argv[-1] == "http://127.0.0.1:5000/integrations.v1.IntegrationService/GetProviderConfig"
@@ -153,8 +164,15 @@ def test_the_command_line_is_time_bounded_and_posts_the_body_with_grpc_headers(t
 
 
 def test_a_count_bounded_run_waits_for_every_answer_instead_of_a_time_bound(tmp_path: Path) -> None:
-    load = h2load.Load("http://127.0.0.1:8200/v1/secret/data/x", clients=64, streams=1, seconds=60,
-                       headers=("X-Vault-Token: t",), http1=True, requests=5000)
+    load = h2load.Load(
+        "http://127.0.0.1:8200/v1/secret/data/x",
+        clients=64,
+        streams=1,
+        seconds=60,
+        headers=("X-Vault-Token: t",),
+        http1=True,
+        requests=5000,
+    )
     argv = h2load.command(load, tmp_path / "log.tsv")
     assert "--requests 5000" in " ".join(argv)
     assert "--duration" not in argv

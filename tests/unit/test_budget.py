@@ -31,6 +31,7 @@ async def test_nested_blocks_share_the_outer_budget() -> None:
 
 async def test_a_task_started_inside_a_call_gets_a_budget_of_its_own() -> None:
     async with bounded(0.2):
+
         async def child() -> float:
             async with bounded(1.0) as budget:
                 return budget.remaining()

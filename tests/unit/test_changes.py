@@ -134,8 +134,14 @@ def test_the_etag_of_a_save_is_the_rows_and_a_delete_has_none() -> None:
 
 
 def test_a_save_and_a_delete_notification_are_read() -> None:
-    payload = {"operation": "saved", "organization_id": "org_1", "provider": "stripe", "id": "row-1",
-               "version": 3, "time": "2026-01-02T03:04:05.678901Z"}
+    payload = {
+        "operation": "saved",
+        "organization_id": "org_1",
+        "provider": "stripe",
+        "id": "row-1",
+        "version": 3,
+        "time": "2026-01-02T03:04:05.678901Z",
+    }
     assert parse_notification(json.dumps(payload)) == ConfigChanged("org_1", "stripe", "row-1", 3, ChangeKind.SAVED, T0)
     payload["operation"] = "deleted"
     assert parse_notification(json.dumps(payload)).kind is ChangeKind.DELETED  # type: ignore[union-attr]
@@ -150,16 +156,31 @@ def test_a_save_and_a_delete_notification_are_read() -> None:
         ("not json", ResetReason.UNDESCRIBED),
         ("[]", ResetReason.UNDESCRIBED),
         ('{"operation": "saved"}', ResetReason.UNDESCRIBED),
-        ('{"operation": "renamed", "organization_id": "o", "provider": "p", "id": "i", "version": 1,'
-         ' "time": "2026-01-02T03:04:05Z"}', ResetReason.UNDESCRIBED),
-        ('{"operation": "saved", "organization_id": 1, "provider": "p", "id": "i", "version": 1,'
-         ' "time": "2026-01-02T03:04:05Z"}', ResetReason.UNDESCRIBED),
-        ('{"operation": "saved", "organization_id": "o", "provider": "p", "id": "i", "version": "1",'
-         ' "time": "2026-01-02T03:04:05Z"}', ResetReason.UNDESCRIBED),
-        ('{"operation": "saved", "organization_id": "o", "provider": "p", "id": "i", "version": 1,'
-         ' "time": "2026-01-02T03:04:05"}', ResetReason.UNDESCRIBED),
-        ('{"operation": "saved", "organization_id": "o", "provider": "p", "id": "i", "version": 1,'
-         ' "time": "yesterday"}', ResetReason.UNDESCRIBED),
+        (
+            '{"operation": "renamed", "organization_id": "o", "provider": "p", "id": "i", "version": 1,'
+            ' "time": "2026-01-02T03:04:05Z"}',
+            ResetReason.UNDESCRIBED,
+        ),
+        (
+            '{"operation": "saved", "organization_id": 1, "provider": "p", "id": "i", "version": 1,'
+            ' "time": "2026-01-02T03:04:05Z"}',
+            ResetReason.UNDESCRIBED,
+        ),
+        (
+            '{"operation": "saved", "organization_id": "o", "provider": "p", "id": "i", "version": "1",'
+            ' "time": "2026-01-02T03:04:05Z"}',
+            ResetReason.UNDESCRIBED,
+        ),
+        (
+            '{"operation": "saved", "organization_id": "o", "provider": "p", "id": "i", "version": 1,'
+            ' "time": "2026-01-02T03:04:05"}',
+            ResetReason.UNDESCRIBED,
+        ),
+        (
+            '{"operation": "saved", "organization_id": "o", "provider": "p", "id": "i", "version": 1,'
+            ' "time": "yesterday"}',
+            ResetReason.UNDESCRIBED,
+        ),
     ],
 )
 def test_anything_but_a_well_formed_change_resynchronizes(payload: str, reason: ResetReason) -> None:

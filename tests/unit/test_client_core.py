@@ -74,8 +74,11 @@ def test_requests_carry_what_the_caller_asked_for() -> None:
     client = core()
     save, delete = every_call(client)[3:]
     assert save.request == pb.SaveIntegrationRequest(
-        organization_id="org_a", provider="stripe", values={"secretKey": "sk_test_x"},
-        clear_fields=["webhookSecret"], etag="etag-1",
+        organization_id="org_a",
+        provider="stripe",
+        values={"secretKey": "sk_test_x"},
+        clear_fields=["webhookSecret"],
+        etag="etag-1",
     )
     assert delete.request == pb.DeleteIntegrationRequest(
         organization_id="org_a", provider="stripe", allow_missing=True, etag="etag-1"
@@ -139,8 +142,15 @@ def test_a_refresh_with_a_stale_value_to_fall_back_on_does_not_wait_for_the_serv
 
 def test_both_clients_take_the_documented_constructor_arguments() -> None:
     expected = {
-        "target": inspect.Parameter.empty, "tls": None, "cache_ttl": 30.0, "cache_max_entries": 1024,
-        "stale_if_error": 300.0, "timeout": 2.0, "wait_for_ready": True, "channel_options": (), "channels": 1,
+        "target": inspect.Parameter.empty,
+        "tls": None,
+        "cache_ttl": 30.0,
+        "cache_max_entries": 1024,
+        "stale_if_error": 300.0,
+        "timeout": 2.0,
+        "wait_for_ready": True,
+        "channel_options": (),
+        "channels": 1,
     }
     for cls in (IntegrationsClient, IntegrationsClientSync):
         parameters = inspect.signature(cls).parameters

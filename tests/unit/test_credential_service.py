@@ -95,9 +95,13 @@ async def test_listing_an_organization_says_what_is_configured_and_ready(
 async def test_a_legacy_value_refused_by_policy_is_configured_but_never_ready(
     database: MemoryDatabase, cipher: ValueCipher, make_service: ServiceFactory
 ) -> None:
-    put_row(database, ORG, "stripe", {"secretKey": SECRET} | sealed(cipher, ORG, "stripe", {
-        "webhookSecret": WEBHOOK, "publishableKey": PUBLISHABLE
-    }))
+    put_row(
+        database,
+        ORG,
+        "stripe",
+        {"secretKey": SECRET}
+        | sealed(cipher, ORG, "stripe", {"webhookSecret": WEBHOOK, "publishableKey": PUBLISHABLE}),
+    )
     refusing = make_service(legacy=LegacyPolicy(LegacyValues.REFUSE))
     assert await listed_status(refusing, ORG, "stripe") == (True, False)
     assert await listed_status(make_service(), ORG, "stripe") == (True, True)

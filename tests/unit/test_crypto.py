@@ -266,5 +266,10 @@ def test_legacy_format_names_the_formats_that_bind_nothing() -> None:
     v2 = CIPHER.encrypt("sk_test_x", CONTEXT)
     v1 = seal_v1(KEY_A, "sk_test_x", bytes(12))
     assert [legacy_format(s) for s in ("sk_test_plain", " ", v1, v2, "enc:v9:x", "")] == [
-        "plaintext", "plaintext", "v1", None, None, None
+        "plaintext",
+        "plaintext",
+        "v1",
+        None,
+        None,
+        None,
     ]

@@ -12,11 +12,7 @@ from integrations_service.domain.registry import PROVIDERS, ProviderSpec, all_en
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
-CONFIG_ROWS = {
-    match.group(1): line
-    for line in README.splitlines()
-    if (match := re.match(r"\| `([A-Z_]+)` \|", line))
-}
+CONFIG_ROWS = {match.group(1): line for line in README.splitlines() if (match := re.match(r"\| `([A-Z_]+)` \|", line))}
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.env)
@@ -29,8 +25,12 @@ def test_every_setting_has_a_readme_row_with_its_flag_and_default(setting: Setti
 
 
 def test_every_readme_setting_exists_in_the_code() -> None:
-    documented_only = {"INTEGRATION_ENCRYPTION_KEY_FILE", "INTEGRATION_ENCRYPTION_KEYS", "INTEGRATION_ENCRYPTION_KEY",
-                       "INTEGRATIONS_HEALTHCHECK_CA"}
+    documented_only = {
+        "INTEGRATION_ENCRYPTION_KEY_FILE",
+        "INTEGRATION_ENCRYPTION_KEYS",
+        "INTEGRATION_ENCRYPTION_KEY",
+        "INTEGRATIONS_HEALTHCHECK_CA",
+    }
     unknown = set(CONFIG_ROWS) - {s.env for s in SETTINGS} - documented_only
     assert not unknown, f"README documents settings the code does not read: {unknown}"
 

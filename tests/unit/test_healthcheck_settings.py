@@ -35,8 +35,11 @@ def test_tls_service_takes_the_health_checkers_files_and_the_name_to_verify() ->
 
 
 def test_every_problem_is_named_by_its_env_var_at_once() -> None:
-    env = {"INTEGRATIONS_TLS_CERT": "/tls/server.crt", "INTEGRATIONS_HEALTHCHECK_CERT": "/tls/health.crt",
-           "INTEGRATIONS_LISTEN_ADDRESS": "no-port"}
+    env = {
+        "INTEGRATIONS_TLS_CERT": "/tls/server.crt",
+        "INTEGRATIONS_HEALTHCHECK_CERT": "/tls/health.crt",
+        "INTEGRATIONS_LISTEN_ADDRESS": "no-port",
+    }
     with pytest.raises(ConfigurationError) as raised:
         load_healthcheck_settings(None, env)
     message = str(raised.value)

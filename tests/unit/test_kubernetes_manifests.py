@@ -23,13 +23,23 @@ ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "deploy" / "kubernetes"
 MAKEFILE = (ROOT / "Makefile").read_text()
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
-FILE_SETTINGS = {ENCRYPTION_KEY_FILE_ENV, "INTEGRATIONS_TLS_CERT", "INTEGRATIONS_TLS_KEY", "INTEGRATIONS_TLS_CLIENT_CA",
-                 "INTEGRATIONS_AUTHZ_POLICY", *HEALTHCHECK_FILE_ENVS}
+FILE_SETTINGS = {
+    ENCRYPTION_KEY_FILE_ENV,
+    "INTEGRATIONS_TLS_CERT",
+    "INTEGRATIONS_TLS_KEY",
+    "INTEGRATIONS_TLS_CLIENT_CA",
+    "INTEGRATIONS_AUTHZ_POLICY",
+    *HEALTHCHECK_FILE_ENVS,
+}
 
 
 def documents() -> list[tuple[str, dict[str, Any]]]:
-    return [(path.name, doc) for path in sorted(MANIFESTS.glob("*.yaml"))
-            for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return [
+        (path.name, doc)
+        for path in sorted(MANIFESTS.glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc
+    ]
 
 
 def one(kind: str) -> dict[str, Any]:
@@ -130,8 +140,11 @@ def test_every_variable_is_a_setting_and_every_file_is_mounted() -> None:
 def test_key_and_certificates_come_from_secrets_readable_by_the_group_only() -> None:
     volumes = {v["name"]: v for v in pod()["volumes"]}
     secrets = [v["secret"] for v in volumes.values() if "secret" in v]
-    assert {s["secretName"] for s in secrets} == {"integrations-keyring", "integrations-tls",
-                                                   "integrations-healthcheck-tls"}
+    assert {s["secretName"] for s in secrets} == {
+        "integrations-keyring",
+        "integrations-tls",
+        "integrations-healthcheck-tls",
+    }
     assert all(s["defaultMode"] == 0o440 for s in secrets)
     tls = next(s for s in secrets if s["secretName"] == "integrations-tls")
     assert {item["key"] for item in tls["items"]} == {"tls.crt", "tls.key", "ca.crt"}  # cert-manager's keys

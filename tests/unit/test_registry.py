@@ -16,8 +16,15 @@ SENDER = "Sender address, e.g. 'Shop <orders@shop.example>'"
 EXPECTED_FIELDS = [
     ("stripe", "secretKey", "STRIPE_SECRET_KEY", "Server-side secret key", True, True, False),
     ("stripe", "webhookSecret", "STRIPE_WEBHOOK_SECRET", "Webhook signing secret", True, True, False),
-    ("stripe", "publishableKey", "NEXT_PUBLIC_STRIPE_PUBLISHABLE_KEY", "Client-side publishable key", False, True,
-     True),
+    (
+        "stripe",
+        "publishableKey",
+        "NEXT_PUBLIC_STRIPE_PUBLISHABLE_KEY",
+        "Client-side publishable key",
+        False,
+        True,
+        True,
+    ),
     ("easypay", "accountId", "EASYPAY_ACCOUNT_ID", "Easypay account ID", False, True, True),
     ("easypay", "apiKey", "EASYPAY_API_KEY", "API key", True, True, False),
     ("easypay", "baseUrl", "EASYPAY_BASE_URL", "API base URL (prod/sandbox)", False, True, True),

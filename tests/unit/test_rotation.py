@@ -96,9 +96,12 @@ async def test_rotation_rewraps_plaintext_v1_and_older_key_values_under_the_acti
 async def test_a_second_run_changes_nothing(
     database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher, audit: AuditTrail
 ) -> None:
-    put_row(database, "org-a", "stripe", {"secretKey": SECRET} | sealed(old_cipher(), "org-a", "stripe", {
-        "webhookSecret": WEBHOOK
-    }))
+    put_row(
+        database,
+        "org-a",
+        "stripe",
+        {"secretKey": SECRET} | sealed(old_cipher(), "org-a", "stripe", {"webhookSecret": WEBHOOK}),
+    )
     first = await rotator(store, cipher, audit).rotate()
     after_first = stored_config(database, "org-a", "stripe")
     audited = len(database.audit)
@@ -181,9 +184,7 @@ async def test_rotation_goes_in_batches_each_audited_and_reported_as_it_goes(
         {"rows": "2", "active_key_id": NEW_KEY_ID},
         {"rows": "1", "active_key_id": NEW_KEY_ID},
     ]
-    assert {(r.caller, r.request_id, r.outcome) for r in records} == {
-        (CALLER.identity, CALLER.request_id, OUTCOME_OK)
-    }
+    assert {(r.caller, r.request_id, r.outcome) for r in records} == {(CALLER.identity, CALLER.request_id, OUTCOME_OK)}
 
 
 # --- retiring a key -------------------------------------------------------------------------------------

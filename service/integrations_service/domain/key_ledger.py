@@ -142,4 +142,3 @@ class KeyUsage:
                 100 * used / NONCE_LIMIT,
                 extra={"event": "key_wear", "key_id": active, "count": used},
             )
-

@@ -130,9 +130,7 @@ class CachingStore(IntegrationStore):
         assert isinstance(value, tuple)  # a listing key only ever holds a listing
         return list(value)  # a list of the caller's own: the cached one stays as it was
 
-    async def _cached(
-        self, key: _Key, load: Callable[[], Awaitable[_Value]]
-    ) -> _Value:
+    async def _cached(self, key: _Key, load: Callable[[], Awaitable[_Value]]) -> _Value:
         self._apply_feed()
         if not self._trusted():
             self.counts.requests["bypass"] += 1

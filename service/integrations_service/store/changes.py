@@ -230,4 +230,3 @@ class ChangeHub:
 
     def _forget(self, subscription: Subscription) -> None:
         self._subscriptions.discard(subscription)
-

@@ -197,8 +197,17 @@ class MemoryStore(IntegrationStore):
 
 
 def _storable(record: AuditRecord) -> bool:
-    texts = (record.caller, record.action, record.outcome, record.organization_id, record.provider, record.request_id,
-             *record.fields, *record.details.keys(), *record.details.values())
+    texts = (
+        record.caller,
+        record.action,
+        record.outcome,
+        record.organization_id,
+        record.provider,
+        record.request_id,
+        *record.fields,
+        *record.details.keys(),
+        *record.details.values(),
+    )
     try:
         for text in texts:
             text.encode("utf-8")

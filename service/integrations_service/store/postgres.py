@@ -627,11 +627,7 @@ def _may_be_broken(failure: BaseException) -> bool:
     """
     if isinstance(failure, errors.Unavailable) and _server_gave_up(failure.__cause__):
         return False  # the server ended the wait itself: the connection is fine once rolled back
-    return (
-        isinstance(failure, errors.Unavailable)
-        or is_connection_error(failure)
-        or not isinstance(failure, Exception)
-    )
+    return isinstance(failure, errors.Unavailable) or is_connection_error(failure) or not isinstance(failure, Exception)
 
 
 def _server_gave_up(exc: BaseException | None) -> bool:

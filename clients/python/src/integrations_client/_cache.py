@@ -117,7 +117,12 @@ class CredentialCache:
         log.warning(
             "integrations service unreachable (%s): serving the cached config of organization %r, provider %r, "
             "%.1f s past its TTL (stale-if-error window %.0f s); next attempt in %.1f s",
-            code.name, key[0], key[1], now - expired_at, self.stale_if_error, self.retry_interval,
+            code.name,
+            key[0],
+            key[1],
+            now - expired_at,
+            self.stale_if_error,
+            self.retry_interval,
         )
         return entry.value
 

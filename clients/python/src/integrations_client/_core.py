@@ -209,9 +209,7 @@ class ClientCore(Generic[_Flight]):
         self, key: Key, timeout: float | None, wait_for_ready: bool
     ) -> Call[pb.GetProviderConfigRequest, pb.GetProviderConfigResponse, ProviderCredentials]:
         request = pb.GetProviderConfigRequest(organization_id=key[0], provider=key[1], view=pb.CONFIG_VIEW_DECRYPTED)
-        return self._call(
-            "GetProviderConfig", request, _credentials_from_reply, timeout, wait_for_ready=wait_for_ready
-        )
+        return self._call("GetProviderConfig", request, _credentials_from_reply, timeout, wait_for_ready=wait_for_ready)
 
     def _list_providers_call(
         self, organization_id: str | None, category: Category | str | None, timeout: float | None

@@ -114,7 +114,11 @@ class IntegrationsClient(ClientCore[_Flight]):
     # --- the commerce path -----------------------------------------------------------------------------
 
     async def get_config(
-        self, organization_id: str, provider: str, *, timeout: float | None = None  # noqa: ASYNC109 - gRPC deadline
+        self,
+        organization_id: str,
+        provider: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - gRPC deadline
     ) -> ProviderCredentials:
         """The organization's effective, decrypted configuration of `provider`, from the cache when fresh.
 
@@ -163,14 +167,21 @@ class IntegrationsClient(ClientCore[_Flight]):
     # --- the dashboard side ----------------------------------------------------------------------------
 
     async def list_providers(
-        self, organization_id: str | None = None, category: Category | str | None = None, *,
+        self,
+        organization_id: str | None = None,
+        category: Category | str | None = None,
+        *,
         timeout: float | None = None,  # noqa: ASYNC109 - the gRPC deadline
     ) -> list[Provider]:
         """The provider catalog, in the service's stable order; with an organization, its configured/ready status."""
         return await self._run(self._list_providers_call(organization_id, category, timeout))
 
     async def get_masked_config(
-        self, organization_id: str, provider: str, *, timeout: float | None = None  # noqa: ASYNC109 - gRPC deadline
+        self,
+        organization_id: str,
+        provider: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - gRPC deadline
     ) -> ProviderConfig:
         """The effective configuration with secrets masked, and its etag (for the dashboard form). Not cached."""
         return await self._run(self._masked_config_call(organization_id, provider, timeout))
@@ -192,7 +203,12 @@ class IntegrationsClient(ClientCore[_Flight]):
         return await self._run(self._save_call(organization_id, provider, values, clear_fields, etag, timeout))
 
     async def delete(
-        self, organization_id: str, provider: str, allow_missing: bool = False, etag: str = "", *,
+        self,
+        organization_id: str,
+        provider: str,
+        allow_missing: bool = False,
+        etag: str = "",
+        *,
         timeout: float | None = None,  # noqa: ASYNC109 - the gRPC deadline
     ) -> None:
         """Removes the organization's stored credentials for `provider` (fields fall back to the environment).

@@ -226,8 +226,14 @@ def provider_from_pb(provider: pb.Provider) -> Provider:
         category=_CATEGORIES.get(provider.category, Category.UNSPECIFIED),
         runtime_supported=provider.runtime_supported,
         fields=tuple(
-            ProviderField(key=f.key, env_var=f.env_var, description=f.description, secret=f.secret,
-                          required=f.required, binds_secrets=f.binds_secrets)
+            ProviderField(
+                key=f.key,
+                env_var=f.env_var,
+                description=f.description,
+                secret=f.secret,
+                required=f.required,
+                binds_secrets=f.binds_secrets,
+            )
             for f in provider.fields
         ),
         configured=provider.configured,

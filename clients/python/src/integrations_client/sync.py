@@ -189,7 +189,10 @@ class IntegrationsClientSync(ClientCore[_Flight]):
     # --- the dashboard side ----------------------------------------------------------------------------
 
     def list_providers(
-        self, organization_id: str | None = None, category: Category | str | None = None, *,
+        self,
+        organization_id: str | None = None,
+        category: Category | str | None = None,
+        *,
         timeout: float | None = None,
     ) -> list[Provider]:
         """The provider catalog, in the service's stable order; with an organization, its configured/ready status."""
@@ -216,7 +219,12 @@ class IntegrationsClientSync(ClientCore[_Flight]):
         return self._run(self._save_call(organization_id, provider, values, clear_fields, etag, timeout))
 
     def delete(
-        self, organization_id: str, provider: str, allow_missing: bool = False, etag: str = "", *,
+        self,
+        organization_id: str,
+        provider: str,
+        allow_missing: bool = False,
+        etag: str = "",
+        *,
         timeout: float | None = None,
     ) -> None:
         """Removes the organization's stored credentials for `provider` (fields fall back to the environment).
