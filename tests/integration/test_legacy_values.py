@@ -290,7 +290,7 @@ async def test_an_empty_dashboard_value_stays_unset_through_rotate_and_a_save_of
         )
         # Configured by mbwayKey alone: the required antiPhishingKey is as unset as the read says, so not ready.
         assert await listed(svc, org, "ifthenpay") == (True, False)
-        values = values_of(await get(svc, org, "ifthenpay"))
+        values = values_of(await get(svc, org, "ifthenpay", view=pb.CONFIG_VIEW_DECRYPTED))
         assert values["mbKey"] == values["antiPhishingKey"] == ("", pb.VALUE_SOURCE_UNSET)
         assert values["mbwayKey"] == ("mbway-0001", ORG)
     finally:

@@ -169,12 +169,20 @@ def _tolerant(deserializer: Deserializer | None) -> Deserializer | None:
     return deserialize
 
 
+# A client whose deadline passes cancels the call (RST_STREAM) at its own clock, a moment before the
+# server's copy of that deadline (counted from when the request arrived) runs out: a cancellation this
+# close to the deadline is the deadline's doing.
+DEADLINE_CANCEL_SLACK = 0.25
+
+
 def _cut_short(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode | None:
     """DEADLINE_EXCEEDED or CANCELLED when the call ended before its answer could reach the caller."""
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     if context.cancelled():
+        if remaining is not None and remaining <= DEADLINE_CANCEL_SLACK:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
     return None
 
