@@ -30,7 +30,7 @@ from integrations_service.metrics import Metrics
 from integrations_service.sealing import LegacyPolicy, Sealer
 from integrations_service.store import IntegrationStore
 from integrations_service.store.cached import CachingStore
-from integrations_service.store.factory import open_store
+from integrations_service.store.factory import backend_name, open_store
 from integrations_service.store.instrumented import instrumented
 
 log = logging.getLogger("integrations.app")
@@ -209,7 +209,8 @@ async def start(settings: Settings) -> RunningService:
             "event": "serving",
             "address": settings.listen_address,
             "mode": settings.mode.value,
-            "store": type(store).__name__,
+            # The backend, not the wrappers around it (timing, row cache).
+            "store": backend_name(settings.database_url),
             "key_id": cipher.active_key_id,
         },
     )

@@ -44,7 +44,7 @@ async def open_store(
     """
     if not database_url:
         return await SqliteStore.open(data_dir / EMBEDDED_FILE_NAME, timeout=timeout)
-    if database_url.lower().startswith(_POSTGRES_PREFIXES):
+    if backend_name(database_url) == "postgres":
         return await PostgresStore.connect(
             database_url,
             min_size=1,
@@ -54,6 +54,11 @@ async def open_store(
             listen=listen,
         )
     return await SqliteStore.open(sqlite_path(database_url), timeout=timeout)
+
+
+def backend_name(database_url: str | None) -> str:
+    """`postgres` or `sqlite`: which store `database_url` names (the embedded one when it is unset)."""
+    return "postgres" if database_url and database_url.lower().startswith(_POSTGRES_PREFIXES) else "sqlite"
 
 
 def sqlite_path(database_url: str) -> Path:
