@@ -106,6 +106,32 @@ a field marked ProviderField.binds_secrets.
 """
 Global___ValueSource: _TypeAlias = ValueSource  # noqa: Y015
 
+class _ChangeType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChangeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANGE_TYPE_UNSPECIFIED: _ChangeType.ValueType  # 0
+    """Never sent by the service."""
+    CHANGE_TYPE_SAVED: _ChangeType.ValueType  # 1
+    """Created or updated (by SaveIntegration, key rotation or any other writer)."""
+    CHANGE_TYPE_DELETED: _ChangeType.ValueType  # 2
+    """Removed: every field falls back to the environment default."""
+
+class ChangeType(_ChangeType, metaclass=_ChangeTypeEnumTypeWrapper):
+    """ChangeType says what a committed change did to an organization's stored
+    credentials for a provider.
+    """
+
+CHANGE_TYPE_UNSPECIFIED: ChangeType.ValueType  # 0
+"""Never sent by the service."""
+CHANGE_TYPE_SAVED: ChangeType.ValueType  # 1
+"""Created or updated (by SaveIntegration, key rotation or any other writer)."""
+CHANGE_TYPE_DELETED: ChangeType.ValueType  # 2
+"""Removed: every field falls back to the environment default."""
+Global___ChangeType: _TypeAlias = ChangeType  # noqa: Y015
+
 @_typing.final
 class Provider(_message.Message):
     """Provider is one entry of the provider catalog."""
@@ -712,3 +738,170 @@ class ListAuditEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
+class WatchConfigChangesRequest(_message.Message):
+    """Request for WatchConfigChanges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    PROVIDERS_FIELD_NUMBER: _builtins.int
+    organization_id: _builtins.str
+    """Optional. Only changes of this organization; every organization when
+    empty.
+    """
+    @_builtins.property
+    def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional. Only changes of these provider ids (at most 16); every provider
+        when empty.
+        """
+
+    def __init__(
+        self,
+        *,
+        organization_id: _builtins.str = ...,
+        providers: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization_id", b"organization_id", "providers", b"providers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchConfigChangesRequest: _TypeAlias = WatchConfigChangesRequest  # noqa: Y015
+
+@_typing.final
+class WatchConfigChangesResponse(_message.Message):
+    """Response for WatchConfigChanges: one message of the stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STARTED_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    RESYNC_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def started(self) -> Global___WatchStarted:
+        """The first message of every stream: the subscription is live."""
+
+    @_builtins.property
+    def change(self) -> Global___ConfigChange:
+        """One committed change within the scope."""
+
+    @_builtins.property
+    def resync(self) -> Global___WatchResync:
+        """Changes may have been missed (this consumer fell behind, or the table
+        was changed in a way no event describes): drop everything derived from
+        earlier messages. The stream stays live.
+        """
+
+    def __init__(
+        self,
+        *,
+        started: Global___WatchStarted | None = ...,
+        change: Global___ConfigChange | None = ...,
+        resync: Global___WatchResync | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "event", b"event", "resync", b"resync", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "event", b"event", "resync", b"resync", "started", b"started"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["started", "change", "resync"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___WatchConfigChangesResponse: _TypeAlias = WatchConfigChangesResponse  # noqa: Y015
+
+@_typing.final
+class WatchStarted(_message.Message):
+    """WatchStarted opens every WatchConfigChanges stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the subscription became live."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchStarted: _TypeAlias = WatchStarted  # noqa: Y015
+
+@_typing.final
+class ConfigChange(_message.Message):
+    """ConfigChange is one committed change of one organization's stored
+    credentials for one provider. It never holds a value.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORGANIZATION_ID_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    organization_id: _builtins.str
+    """The organization whose credentials changed."""
+    provider: _builtins.str
+    """The provider id, e.g. stripe."""
+    etag: _builtins.str
+    """The etag of the stored credentials after the change, as GetProviderConfig
+    returns it; empty after a delete.
+    """
+    type: Global___ChangeType.ValueType
+    """What happened."""
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was committed (for a save, the credentials' update time)."""
+
+    def __init__(
+        self,
+        *,
+        organization_id: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        type: Global___ChangeType.ValueType = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "etag", b"etag", "organization_id", b"organization_id", "provider", b"provider", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConfigChange: _TypeAlias = ConfigChange  # noqa: Y015
+
+@_typing.final
+class WatchResync(_message.Message):
+    """WatchResync tells a consumer to drop everything it derived from earlier
+    messages of the stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, for logs: fell_behind (this stream's queue was full), truncated or
+    undescribed (a change no event could describe).
+    """
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchResync: _TypeAlias = WatchResync  # noqa: Y015

@@ -63,6 +63,11 @@ class IntegrationServiceStub:
                 request_serializer=integrations_dot_v1_dot_integrations__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=integrations_dot_v1_dot_integrations__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.WatchConfigChanges = channel.unary_stream(
+                '/integrations.v1.IntegrationService/WatchConfigChanges',
+                request_serializer=integrations_dot_v1_dot_integrations__pb2.WatchConfigChangesRequest.SerializeToString,
+                response_deserializer=integrations_dot_v1_dot_integrations__pb2.WatchConfigChangesResponse.FromString,
+                _registered_method=True)
 
 
 class IntegrationServiceServicer:
@@ -115,6 +120,21 @@ class IntegrationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchConfigChanges(self, request, context):
+        """Streams committed changes of organizations' stored credentials, so a
+        consumer can drop what it cached the moment a merchant saves. The first
+        message says the subscription is live: from then on, while the stream
+        stays open, no committed change within the scope is missed. Messages never
+        hold a value, masked or not. A stream the service can no longer keep
+        complete ends with UNAVAILABLE (the change feed was lost, or the server is
+        shutting down): reconnect, to this or another replica, and drop what was
+        cached, since changes during the gap are unknown. For callers that may
+        read configurations (dashboard, commerce, admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IntegrationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +162,11 @@ def add_IntegrationServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=integrations_dot_v1_dot_integrations__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=integrations_dot_v1_dot_integrations__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'WatchConfigChanges': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchConfigChanges,
+                    request_deserializer=integrations_dot_v1_dot_integrations__pb2.WatchConfigChangesRequest.FromString,
+                    response_serializer=integrations_dot_v1_dot_integrations__pb2.WatchConfigChangesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -283,6 +308,33 @@ class IntegrationService:
             '/integrations.v1.IntegrationService/ListAuditEvents',
             integrations_dot_v1_dot_integrations__pb2.ListAuditEventsRequest.SerializeToString,
             integrations_dot_v1_dot_integrations__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchConfigChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/integrations.v1.IntegrationService/WatchConfigChanges',
+            integrations_dot_v1_dot_integrations__pb2.WatchConfigChangesRequest.SerializeToString,
+            integrations_dot_v1_dot_integrations__pb2.WatchConfigChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

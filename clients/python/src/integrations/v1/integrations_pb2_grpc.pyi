@@ -60,6 +60,17 @@ class IntegrationServiceStub:
     """Lists audit events, newest first: changes, decrypted reads, refusals,
     permission denials and key rotation batches. Admin callers only.
     """
+    WatchConfigChanges: _grpc.UnaryStreamMultiCallable[_integrations_pb2.WatchConfigChangesRequest, _integrations_pb2.WatchConfigChangesResponse]
+    """Streams committed changes of organizations' stored credentials, so a
+    consumer can drop what it cached the moment a merchant saves. The first
+    message says the subscription is live: from then on, while the stream
+    stays open, no committed change within the scope is missed. Messages never
+    hold a value, masked or not. A stream the service can no longer keep
+    complete ends with UNAVAILABLE (the change feed was lost, or the server is
+    shutting down): reconnect, to this or another replica, and drop what was
+    cached, since changes during the gap are unknown. For callers that may
+    read configurations (dashboard, commerce, admin).
+    """
 
 @_typing.type_check_only
 class IntegrationServiceAsyncStub(IntegrationServiceStub):
@@ -92,6 +103,17 @@ class IntegrationServiceAsyncStub(IntegrationServiceStub):
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_integrations_pb2.ListAuditEventsRequest, _integrations_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """Lists audit events, newest first: changes, decrypted reads, refusals,
     permission denials and key rotation batches. Admin callers only.
+    """
+    WatchConfigChanges: _aio.UnaryStreamMultiCallable[_integrations_pb2.WatchConfigChangesRequest, _integrations_pb2.WatchConfigChangesResponse]  # type: ignore[assignment]
+    """Streams committed changes of organizations' stored credentials, so a
+    consumer can drop what it cached the moment a merchant saves. The first
+    message says the subscription is live: from then on, while the stream
+    stays open, no committed change within the scope is missed. Messages never
+    hold a value, masked or not. A stream the service can no longer keep
+    complete ends with UNAVAILABLE (the change feed was lost, or the server is
+    shutting down): reconnect, to this or another replica, and drop what was
+    cached, since changes during the gap are unknown. For callers that may
+    read configurations (dashboard, commerce, admin).
     """
 
 class IntegrationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -152,6 +174,23 @@ class IntegrationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_integrations_pb2.ListAuditEventsResponse, _abc.Awaitable[_integrations_pb2.ListAuditEventsResponse]]:
         """Lists audit events, newest first: changes, decrypted reads, refusals,
         permission denials and key rotation batches. Admin callers only.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchConfigChanges(
+        self,
+        request: _integrations_pb2.WatchConfigChangesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_integrations_pb2.WatchConfigChangesResponse], _abc.AsyncIterator[_integrations_pb2.WatchConfigChangesResponse]]:
+        """Streams committed changes of organizations' stored credentials, so a
+        consumer can drop what it cached the moment a merchant saves. The first
+        message says the subscription is live: from then on, while the stream
+        stays open, no committed change within the scope is missed. Messages never
+        hold a value, masked or not. A stream the service can no longer keep
+        complete ends with UNAVAILABLE (the change feed was lost, or the server is
+        shutting down): reconnect, to this or another replica, and drop what was
+        cached, since changes during the gap are unknown. For callers that may
+        read configurations (dashboard, commerce, admin).
         """
 
 def add_IntegrationServiceServicer_to_server(servicer: IntegrationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file integrations/v1/integrations.proto.
  */
 export const file_integrations_v1_integrations: GenFile = /*@__PURE__*/
-  fileDesc("CiJpbnRlZ3JhdGlvbnMvdjEvaW50ZWdyYXRpb25zLnByb3RvEg9pbnRlZ3JhdGlvbnMudjEixwEKCFByb3ZpZGVyEgoKAmlkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRIrCghjYXRlZ29yeRgDIAEoDjIZLmludGVncmF0aW9ucy52MS5DYXRlZ29yeRIZChFydW50aW1lX3N1cHBvcnRlZBgEIAEoCBIuCgZmaWVsZHMYBSADKAsyHi5pbnRlZ3JhdGlvbnMudjEuUHJvdmlkZXJGaWVsZBISCgpjb25maWd1cmVkGAYgASgIEg0KBXJlYWR5GAcgASgIInsKDVByb3ZpZGVyRmllbGQSCwoDa2V5GAEgASgJEg8KB2Vudl92YXIYAiABKAkSEwoLZGVzY3JpcHRpb24YAyABKAkSDgoGc2VjcmV0GAQgASgIEhAKCHJlcXVpcmVkGAUgASgIEhUKDWJpbmRzX3NlY3JldHMYBiABKAgiWgoLQ29uZmlnVmFsdWUSDQoFdmFsdWUYASABKAkSLAoGc291cmNlGAIgASgOMhwuaW50ZWdyYXRpb25zLnYxLlZhbHVlU291cmNlEg4KBnNlY3JldBgDIAEoCCKEAgoOUHJvdmlkZXJDb25maWcSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhAKCHByb3ZpZGVyGAIgASgJEjsKBnZhbHVlcxgDIAMoCzIrLmludGVncmF0aW9ucy52MS5Qcm92aWRlckNvbmZpZy5WYWx1ZXNFbnRyeRIMCgRldGFnGAQgASgJEi8KC3VwZGF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBpLCgtWYWx1ZXNFbnRyeRILCgNrZXkYASABKAkSKwoFdmFsdWUYAiABKAsyHC5pbnRlZ3JhdGlvbnMudjEuQ29uZmlnVmFsdWU6AjgBIlwKFExpc3RQcm92aWRlcnNSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIrCghjYXRlZ29yeRgCIAEoDjIZLmludGVncmF0aW9ucy52MS5DYXRlZ29yeSJFChVMaXN0UHJvdmlkZXJzUmVzcG9uc2USLAoJcHJvdmlkZXJzGAEgAygLMhkuaW50ZWdyYXRpb25zLnYxLlByb3ZpZGVyInAKGEdldFByb3ZpZGVyQ29uZmlnUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEAoIcHJvdmlkZXIYAiABKAkSKQoEdmlldxgDIAEoDjIbLmludGVncmF0aW9ucy52MS5Db25maWdWaWV3IkwKGUdldFByb3ZpZGVyQ29uZmlnUmVzcG9uc2USLwoGY29uZmlnGAEgASgLMh8uaW50ZWdyYXRpb25zLnYxLlByb3ZpZGVyQ29uZmlnItsBChZTYXZlSW50ZWdyYXRpb25SZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIQCghwcm92aWRlchgCIAEoCRJDCgZ2YWx1ZXMYAyADKAsyMy5pbnRlZ3JhdGlvbnMudjEuU2F2ZUludGVncmF0aW9uUmVxdWVzdC5WYWx1ZXNFbnRyeRIUCgxjbGVhcl9maWVsZHMYBCADKAkSDAoEZXRhZxgFIAEoCRotCgtWYWx1ZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkoKF1NhdmVJbnRlZ3JhdGlvblJlc3BvbnNlEi8KBmNvbmZpZxgBIAEoCzIfLmludGVncmF0aW9ucy52MS5Qcm92aWRlckNvbmZpZyJqChhEZWxldGVJbnRlZ3JhdGlvblJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhAKCHByb3ZpZGVyGAIgASgJEhUKDWFsbG93X21pc3NpbmcYAyABKAgSDAoEZXRhZxgEIAEoCSIbChlEZWxldGVJbnRlZ3JhdGlvblJlc3BvbnNlIq0CCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgDEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmNhbGxlchgDIAEoCRIOCgZhY3Rpb24YBCABKAkSDwoHb3V0Y29tZRgFIAEoCRIXCg9vcmdhbml6YXRpb25faWQYBiABKAkSEAoIcHJvdmlkZXIYByABKAkSDgoGZmllbGRzGAggAygJEhIKCnJlcXVlc3RfaWQYCSABKAkSOQoHZGV0YWlscxgKIAMoCzIoLmludGVncmF0aW9ucy52MS5BdWRpdEV2ZW50LkRldGFpbHNFbnRyeRouCgxEZXRhaWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJYChZMaXN0QXVkaXRFdmVudHNSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJfChdMaXN0QXVkaXRFdmVudHNSZXNwb25zZRIrCgZldmVudHMYASADKAsyGy5pbnRlZ3JhdGlvbnMudjEuQXVkaXRFdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkqbwoIQ2F0ZWdvcnkSGAoUQ0FURUdPUllfVU5TUEVDSUZJRUQQABIVChFDQVRFR09SWV9QQVlNRU5UUxABEhoKFkNBVEVHT1JZX05PVElGSUNBVElPTlMQAhIWChJDQVRFR09SWV9BTkFMWVRJQ1MQAypcCgpDb25maWdWaWV3EhsKF0NPTkZJR19WSUVXX1VOU1BFQ0lGSUVEEAASFgoSQ09ORklHX1ZJRVdfTUFTS0VEEAESGQoVQ09ORklHX1ZJRVdfREVDUllQVEVEEAIqgAEKC1ZhbHVlU291cmNlEhwKGFZBTFVFX1NPVVJDRV9VTlNQRUNJRklFRBAAEh0KGVZBTFVFX1NPVVJDRV9PUkdBTklaQVRJT04QARIcChhWQUxVRV9TT1VSQ0VfRU5WSVJPTk1FTlQQAhIWChJWQUxVRV9TT1VSQ0VfVU5TRVQQAzKYBAoSSW50ZWdyYXRpb25TZXJ2aWNlEl4KDUxpc3RQcm92aWRlcnMSJS5pbnRlZ3JhdGlvbnMudjEuTGlzdFByb3ZpZGVyc1JlcXVlc3QaJi5pbnRlZ3JhdGlvbnMudjEuTGlzdFByb3ZpZGVyc1Jlc3BvbnNlEmoKEUdldFByb3ZpZGVyQ29uZmlnEikuaW50ZWdyYXRpb25zLnYxLkdldFByb3ZpZGVyQ29uZmlnUmVxdWVzdBoqLmludGVncmF0aW9ucy52MS5HZXRQcm92aWRlckNvbmZpZ1Jlc3BvbnNlEmQKD1NhdmVJbnRlZ3JhdGlvbhInLmludGVncmF0aW9ucy52MS5TYXZlSW50ZWdyYXRpb25SZXF1ZXN0GiguaW50ZWdyYXRpb25zLnYxLlNhdmVJbnRlZ3JhdGlvblJlc3BvbnNlEmoKEURlbGV0ZUludGVncmF0aW9uEikuaW50ZWdyYXRpb25zLnYxLkRlbGV0ZUludGVncmF0aW9uUmVxdWVzdBoqLmludGVncmF0aW9ucy52MS5EZWxldGVJbnRlZ3JhdGlvblJlc3BvbnNlEmQKD0xpc3RBdWRpdEV2ZW50cxInLmludGVncmF0aW9ucy52MS5MaXN0QXVkaXRFdmVudHNSZXF1ZXN0GiguaW50ZWdyYXRpb25zLnYxLkxpc3RBdWRpdEV2ZW50c1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_timestamp]);
+  fileDesc("CiJpbnRlZ3JhdGlvbnMvdjEvaW50ZWdyYXRpb25zLnByb3RvEg9pbnRlZ3JhdGlvbnMudjEixwEKCFByb3ZpZGVyEgoKAmlkGAEgASgJEhQKDGRpc3BsYXlfbmFtZRgCIAEoCRIrCghjYXRlZ29yeRgDIAEoDjIZLmludGVncmF0aW9ucy52MS5DYXRlZ29yeRIZChFydW50aW1lX3N1cHBvcnRlZBgEIAEoCBIuCgZmaWVsZHMYBSADKAsyHi5pbnRlZ3JhdGlvbnMudjEuUHJvdmlkZXJGaWVsZBISCgpjb25maWd1cmVkGAYgASgIEg0KBXJlYWR5GAcgASgIInsKDVByb3ZpZGVyRmllbGQSCwoDa2V5GAEgASgJEg8KB2Vudl92YXIYAiABKAkSEwoLZGVzY3JpcHRpb24YAyABKAkSDgoGc2VjcmV0GAQgASgIEhAKCHJlcXVpcmVkGAUgASgIEhUKDWJpbmRzX3NlY3JldHMYBiABKAgiWgoLQ29uZmlnVmFsdWUSDQoFdmFsdWUYASABKAkSLAoGc291cmNlGAIgASgOMhwuaW50ZWdyYXRpb25zLnYxLlZhbHVlU291cmNlEg4KBnNlY3JldBgDIAEoCCKEAgoOUHJvdmlkZXJDb25maWcSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhAKCHByb3ZpZGVyGAIgASgJEjsKBnZhbHVlcxgDIAMoCzIrLmludGVncmF0aW9ucy52MS5Qcm92aWRlckNvbmZpZy5WYWx1ZXNFbnRyeRIMCgRldGFnGAQgASgJEi8KC3VwZGF0ZV90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBpLCgtWYWx1ZXNFbnRyeRILCgNrZXkYASABKAkSKwoFdmFsdWUYAiABKAsyHC5pbnRlZ3JhdGlvbnMudjEuQ29uZmlnVmFsdWU6AjgBIlwKFExpc3RQcm92aWRlcnNSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIrCghjYXRlZ29yeRgCIAEoDjIZLmludGVncmF0aW9ucy52MS5DYXRlZ29yeSJFChVMaXN0UHJvdmlkZXJzUmVzcG9uc2USLAoJcHJvdmlkZXJzGAEgAygLMhkuaW50ZWdyYXRpb25zLnYxLlByb3ZpZGVyInAKGEdldFByb3ZpZGVyQ29uZmlnUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEAoIcHJvdmlkZXIYAiABKAkSKQoEdmlldxgDIAEoDjIbLmludGVncmF0aW9ucy52MS5Db25maWdWaWV3IkwKGUdldFByb3ZpZGVyQ29uZmlnUmVzcG9uc2USLwoGY29uZmlnGAEgASgLMh8uaW50ZWdyYXRpb25zLnYxLlByb3ZpZGVyQ29uZmlnItsBChZTYXZlSW50ZWdyYXRpb25SZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIQCghwcm92aWRlchgCIAEoCRJDCgZ2YWx1ZXMYAyADKAsyMy5pbnRlZ3JhdGlvbnMudjEuU2F2ZUludGVncmF0aW9uUmVxdWVzdC5WYWx1ZXNFbnRyeRIUCgxjbGVhcl9maWVsZHMYBCADKAkSDAoEZXRhZxgFIAEoCRotCgtWYWx1ZXNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkoKF1NhdmVJbnRlZ3JhdGlvblJlc3BvbnNlEi8KBmNvbmZpZxgBIAEoCzIfLmludGVncmF0aW9ucy52MS5Qcm92aWRlckNvbmZpZyJqChhEZWxldGVJbnRlZ3JhdGlvblJlcXVlc3QSFwoPb3JnYW5pemF0aW9uX2lkGAEgASgJEhAKCHByb3ZpZGVyGAIgASgJEhUKDWFsbG93X21pc3NpbmcYAyABKAgSDAoEZXRhZxgEIAEoCSIbChlEZWxldGVJbnRlZ3JhdGlvblJlc3BvbnNlIq0CCgpBdWRpdEV2ZW50EgoKAmlkGAEgASgDEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmNhbGxlchgDIAEoCRIOCgZhY3Rpb24YBCABKAkSDwoHb3V0Y29tZRgFIAEoCRIXCg9vcmdhbml6YXRpb25faWQYBiABKAkSEAoIcHJvdmlkZXIYByABKAkSDgoGZmllbGRzGAggAygJEhIKCnJlcXVlc3RfaWQYCSABKAkSOQoHZGV0YWlscxgKIAMoCzIoLmludGVncmF0aW9ucy52MS5BdWRpdEV2ZW50LkRldGFpbHNFbnRyeRouCgxEZXRhaWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJYChZMaXN0QXVkaXRFdmVudHNSZXF1ZXN0EhcKD29yZ2FuaXphdGlvbl9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJfChdMaXN0QXVkaXRFdmVudHNSZXNwb25zZRIrCgZldmVudHMYASADKAsyGy5pbnRlZ3JhdGlvbnMudjEuQXVkaXRFdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiRwoZV2F0Y2hDb25maWdDaGFuZ2VzUmVxdWVzdBIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEQoJcHJvdmlkZXJzGAIgAygJIrgBChpXYXRjaENvbmZpZ0NoYW5nZXNSZXNwb25zZRIwCgdzdGFydGVkGAEgASgLMh0uaW50ZWdyYXRpb25zLnYxLldhdGNoU3RhcnRlZEgAEi8KBmNoYW5nZRgCIAEoCzIdLmludGVncmF0aW9ucy52MS5Db25maWdDaGFuZ2VIABIuCgZyZXN5bmMYAyABKAsyHC5pbnRlZ3JhdGlvbnMudjEuV2F0Y2hSZXN5bmNIAEIHCgVldmVudCI+CgxXYXRjaFN0YXJ0ZWQSLgoKc3RhcnRfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiowEKDENvbmZpZ0NoYW5nZRIXCg9vcmdhbml6YXRpb25faWQYASABKAkSEAoIcHJvdmlkZXIYAiABKAkSDAoEZXRhZxgDIAEoCRIpCgR0eXBlGAQgASgOMhsuaW50ZWdyYXRpb25zLnYxLkNoYW5nZVR5cGUSLwoLY2hhbmdlX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIh0KC1dhdGNoUmVzeW5jEg4KBnJlYXNvbhgBIAEoCSpvCghDYXRlZ29yeRIYChRDQVRFR09SWV9VTlNQRUNJRklFRBAAEhUKEUNBVEVHT1JZX1BBWU1FTlRTEAESGgoWQ0FURUdPUllfTk9USUZJQ0FUSU9OUxACEhYKEkNBVEVHT1JZX0FOQUxZVElDUxADKlwKCkNvbmZpZ1ZpZXcSGwoXQ09ORklHX1ZJRVdfVU5TUEVDSUZJRUQQABIWChJDT05GSUdfVklFV19NQVNLRUQQARIZChVDT05GSUdfVklFV19ERUNSWVBURUQQAiqAAQoLVmFsdWVTb3VyY2USHAoYVkFMVUVfU09VUkNFX1VOU1BFQ0lGSUVEEAASHQoZVkFMVUVfU09VUkNFX09SR0FOSVpBVElPThABEhwKGFZBTFVFX1NPVVJDRV9FTlZJUk9OTUVOVBACEhYKElZBTFVFX1NPVVJDRV9VTlNFVBADKlkKCkNoYW5nZVR5cGUSGwoXQ0hBTkdFX1RZUEVfVU5TUEVDSUZJRUQQABIVChFDSEFOR0VfVFlQRV9TQVZFRBABEhcKE0NIQU5HRV9UWVBFX0RFTEVURUQQAjKJBQoSSW50ZWdyYXRpb25TZXJ2aWNlEl4KDUxpc3RQcm92aWRlcnMSJS5pbnRlZ3JhdGlvbnMudjEuTGlzdFByb3ZpZGVyc1JlcXVlc3QaJi5pbnRlZ3JhdGlvbnMudjEuTGlzdFByb3ZpZGVyc1Jlc3BvbnNlEmoKEUdldFByb3ZpZGVyQ29uZmlnEikuaW50ZWdyYXRpb25zLnYxLkdldFByb3ZpZGVyQ29uZmlnUmVxdWVzdBoqLmludGVncmF0aW9ucy52MS5HZXRQcm92aWRlckNvbmZpZ1Jlc3BvbnNlEmQKD1NhdmVJbnRlZ3JhdGlvbhInLmludGVncmF0aW9ucy52MS5TYXZlSW50ZWdyYXRpb25SZXF1ZXN0GiguaW50ZWdyYXRpb25zLnYxLlNhdmVJbnRlZ3JhdGlvblJlc3BvbnNlEmoKEURlbGV0ZUludGVncmF0aW9uEikuaW50ZWdyYXRpb25zLnYxLkRlbGV0ZUludGVncmF0aW9uUmVxdWVzdBoqLmludGVncmF0aW9ucy52MS5EZWxldGVJbnRlZ3JhdGlvblJlc3BvbnNlEmQKD0xpc3RBdWRpdEV2ZW50cxInLmludGVncmF0aW9ucy52MS5MaXN0QXVkaXRFdmVudHNSZXF1ZXN0GiguaW50ZWdyYXRpb25zLnYxLkxpc3RBdWRpdEV2ZW50c1Jlc3BvbnNlEm8KEldhdGNoQ29uZmlnQ2hhbmdlcxIqLmludGVncmF0aW9ucy52MS5XYXRjaENvbmZpZ0NoYW5nZXNSZXF1ZXN0GisuaW50ZWdyYXRpb25zLnYxLldhdGNoQ29uZmlnQ2hhbmdlc1Jlc3BvbnNlMAFiBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * Provider is one entry of the provider catalog.
@@ -624,6 +624,178 @@ export const ListAuditEventsResponseSchema: GenMessage<ListAuditEventsResponse> 
   messageDesc(file_integrations_v1_integrations, 14);
 
 /**
+ * Request for WatchConfigChanges.
+ *
+ * @generated from message integrations.v1.WatchConfigChangesRequest
+ */
+export type WatchConfigChangesRequest = Message<"integrations.v1.WatchConfigChangesRequest"> & {
+  /**
+   * Optional. Only changes of this organization; every organization when
+   * empty.
+   *
+   * @generated from field: string organization_id = 1;
+   */
+  organizationId: string;
+
+  /**
+   * Optional. Only changes of these provider ids (at most 16); every provider
+   * when empty.
+   *
+   * @generated from field: repeated string providers = 2;
+   */
+  providers: string[];
+};
+
+/**
+ * Describes the message integrations.v1.WatchConfigChangesRequest.
+ * Use `create(WatchConfigChangesRequestSchema)` to create a new message.
+ */
+export const WatchConfigChangesRequestSchema: GenMessage<WatchConfigChangesRequest> = /*@__PURE__*/
+  messageDesc(file_integrations_v1_integrations, 15);
+
+/**
+ * Response for WatchConfigChanges: one message of the stream.
+ *
+ * @generated from message integrations.v1.WatchConfigChangesResponse
+ */
+export type WatchConfigChangesResponse = Message<"integrations.v1.WatchConfigChangesResponse"> & {
+  /**
+   * What this message says.
+   *
+   * @generated from oneof integrations.v1.WatchConfigChangesResponse.event
+   */
+  event: {
+    /**
+     * The first message of every stream: the subscription is live.
+     *
+     * @generated from field: integrations.v1.WatchStarted started = 1;
+     */
+    value: WatchStarted;
+    case: "started";
+  } | {
+    /**
+     * One committed change within the scope.
+     *
+     * @generated from field: integrations.v1.ConfigChange change = 2;
+     */
+    value: ConfigChange;
+    case: "change";
+  } | {
+    /**
+     * Changes may have been missed (this consumer fell behind, or the table
+     * was changed in a way no event describes): drop everything derived from
+     * earlier messages. The stream stays live.
+     *
+     * @generated from field: integrations.v1.WatchResync resync = 3;
+     */
+    value: WatchResync;
+    case: "resync";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message integrations.v1.WatchConfigChangesResponse.
+ * Use `create(WatchConfigChangesResponseSchema)` to create a new message.
+ */
+export const WatchConfigChangesResponseSchema: GenMessage<WatchConfigChangesResponse> = /*@__PURE__*/
+  messageDesc(file_integrations_v1_integrations, 16);
+
+/**
+ * WatchStarted opens every WatchConfigChanges stream.
+ *
+ * @generated from message integrations.v1.WatchStarted
+ */
+export type WatchStarted = Message<"integrations.v1.WatchStarted"> & {
+  /**
+   * When the subscription became live.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 1;
+   */
+  startTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message integrations.v1.WatchStarted.
+ * Use `create(WatchStartedSchema)` to create a new message.
+ */
+export const WatchStartedSchema: GenMessage<WatchStarted> = /*@__PURE__*/
+  messageDesc(file_integrations_v1_integrations, 17);
+
+/**
+ * ConfigChange is one committed change of one organization's stored
+ * credentials for one provider. It never holds a value.
+ *
+ * @generated from message integrations.v1.ConfigChange
+ */
+export type ConfigChange = Message<"integrations.v1.ConfigChange"> & {
+  /**
+   * The organization whose credentials changed.
+   *
+   * @generated from field: string organization_id = 1;
+   */
+  organizationId: string;
+
+  /**
+   * The provider id, e.g. stripe.
+   *
+   * @generated from field: string provider = 2;
+   */
+  provider: string;
+
+  /**
+   * The etag of the stored credentials after the change, as GetProviderConfig
+   * returns it; empty after a delete.
+   *
+   * @generated from field: string etag = 3;
+   */
+  etag: string;
+
+  /**
+   * What happened.
+   *
+   * @generated from field: integrations.v1.ChangeType type = 4;
+   */
+  type: ChangeType;
+
+  /**
+   * When the change was committed (for a save, the credentials' update time).
+   *
+   * @generated from field: google.protobuf.Timestamp change_time = 5;
+   */
+  changeTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message integrations.v1.ConfigChange.
+ * Use `create(ConfigChangeSchema)` to create a new message.
+ */
+export const ConfigChangeSchema: GenMessage<ConfigChange> = /*@__PURE__*/
+  messageDesc(file_integrations_v1_integrations, 18);
+
+/**
+ * WatchResync tells a consumer to drop everything it derived from earlier
+ * messages of the stream.
+ *
+ * @generated from message integrations.v1.WatchResync
+ */
+export type WatchResync = Message<"integrations.v1.WatchResync"> & {
+  /**
+   * Why, for logs: fell_behind (this stream's queue was full), truncated or
+   * undescribed (a change no event could describe).
+   *
+   * @generated from field: string reason = 1;
+   */
+  reason: string;
+};
+
+/**
+ * Describes the message integrations.v1.WatchResync.
+ * Use `create(WatchResyncSchema)` to create a new message.
+ */
+export const WatchResyncSchema: GenMessage<WatchResync> = /*@__PURE__*/
+  messageDesc(file_integrations_v1_integrations, 19);
+
+/**
  * Category groups providers the way the dashboard shows them.
  *
  * @generated from enum integrations.v1.Category
@@ -742,6 +914,41 @@ export const ValueSourceSchema: GenEnum<ValueSource> = /*@__PURE__*/
   enumDesc(file_integrations_v1_integrations, 2);
 
 /**
+ * ChangeType says what a committed change did to an organization's stored
+ * credentials for a provider.
+ *
+ * @generated from enum integrations.v1.ChangeType
+ */
+export enum ChangeType {
+  /**
+   * Never sent by the service.
+   *
+   * @generated from enum value: CHANGE_TYPE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Created or updated (by SaveIntegration, key rotation or any other writer).
+   *
+   * @generated from enum value: CHANGE_TYPE_SAVED = 1;
+   */
+  SAVED = 1,
+
+  /**
+   * Removed: every field falls back to the environment default.
+   *
+   * @generated from enum value: CHANGE_TYPE_DELETED = 2;
+   */
+  DELETED = 2,
+}
+
+/**
+ * Describes the enum integrations.v1.ChangeType.
+ */
+export const ChangeTypeSchema: GenEnum<ChangeType> = /*@__PURE__*/
+  enumDesc(file_integrations_v1_integrations, 3);
+
+/**
  * IntegrationService keeps each organization's payment and notification
  * provider credentials encrypted at rest and hands out the effective
  * configuration (the organization's value, else the environment default) to
@@ -807,6 +1014,24 @@ export const IntegrationService: GenService<{
     methodKind: "unary";
     input: typeof ListAuditEventsRequestSchema;
     output: typeof ListAuditEventsResponseSchema;
+  },
+  /**
+   * Streams committed changes of organizations' stored credentials, so a
+   * consumer can drop what it cached the moment a merchant saves. The first
+   * message says the subscription is live: from then on, while the stream
+   * stays open, no committed change within the scope is missed. Messages never
+   * hold a value, masked or not. A stream the service can no longer keep
+   * complete ends with UNAVAILABLE (the change feed was lost, or the server is
+   * shutting down): reconnect, to this or another replica, and drop what was
+   * cached, since changes during the gap are unknown. For callers that may
+   * read configurations (dashboard, commerce, admin).
+   *
+   * @generated from rpc integrations.v1.IntegrationService.WatchConfigChanges
+   */
+  watchConfigChanges: {
+    methodKind: "server_streaming";
+    input: typeof WatchConfigChangesRequestSchema;
+    output: typeof WatchConfigChangesResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_integrations_v1_integrations, 0);
