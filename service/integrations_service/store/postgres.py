@@ -281,8 +281,6 @@ class PostgresStore(IntegrationStore):
         self._writers = KeyedLocks()
         # (organization, provider) -> the row as this process last read or wrote it for a save.
         self._remembered: collections.OrderedDict[tuple[str, str], _Seen] = collections.OrderedDict()
-        # Connections on their way back to the pool (_fetch_and_release_soon).
-        self._releasing: set[asyncio.Task[None]] = set()
         # Disconnected until a listener feeds it: connect(listen=True).
         self._changes = ChangeHub(connected=False)
         self._listener: PostgresChangeListener | None = None
@@ -524,8 +522,6 @@ class PostgresStore(IntegrationStore):
         if self._listener is not None:
             await self._listener.close()
         self._changes.close()
-        if self._releasing:
-            await asyncio.gather(*self._releasing, return_exceptions=True)
         try:
             await asyncio.wait_for(self._pool.close(), timeout=self._close_timeout)
         except Exception:  # a timeout, or a connection that fails while closing
@@ -630,35 +626,19 @@ class PostgresStore(IntegrationStore):
             *logged,
         )
 
+        async def statement(conn: PoolConnectionProxy) -> tuple[bool, _Seen | None]:
+            record = await conn.fetchrow(_SAVE_IF_UNCHANGED, *arguments)
+            if record is None:
+                return False, None
+            return bool(record["written"]), _seen(record)
+
         try:
-            record = await self._fetch_and_release_soon(_SAVE_IF_UNCHANGED, arguments)
+            return await self._read_once(statement)
         except errors.Unavailable as exc:
             if not isinstance(exc.__cause__, _UNSENT_ERRORS):
                 raise
             log.info("retrying a save on a fresh connection", extra={"event": "save_retried"})
-            record = await self._fetch_and_release_soon(_SAVE_IF_UNCHANGED, arguments)
-        if record is None:
-            return False, None
-        return bool(record["written"]), _seen(record)
-
-    async def _fetch_and_release_soon(self, query: str, arguments: Sequence[object]) -> asyncpg.Record | None:
-        """`fetchrow` on a pooled connection, which goes back to the pool after this returns.
-
-        For a statement run while the row's writers queue: the pool's release takes a turn of the
-        event loop, which the next writer of the row need not wait for. A failure gives it back
-        (or drops it) at once, as every other call does.
-        """
-        conn = await self._acquire()
-        try:
-            with _unavailable_on_connection_error():
-                record = await conn.fetchrow(query, *arguments)
-        except BaseException as exc:
-            await self._give_back(conn, exc)
-            raise
-        release = asyncio.get_running_loop().create_task(self._give_back(conn, None))
-        self._releasing.add(release)
-        release.add_done_callback(self._releasing.discard)
-        return record
+        return await self._read_once(statement)
 
     async def _lock_row(
         self, conn: PoolConnectionProxy, organization_id: str, provider: str
