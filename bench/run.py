@@ -175,11 +175,31 @@ async def scratch_database(admin_url: str) -> AsyncIterator[tuple[str, str]]:
         await admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# The change feed's trigger (migration 0003) on the scratch table, notifying a channel of its own (the
+# servers listen to theirs). PostgreSQL serializes the commits of notifying transactions: each holds one
+# lock of the whole server from its notification until its commit is flushed to disk. Every write of
+# integration_config pays that, so the baseline must too.
+SCRATCH_NOTIFY = f"""
+CREATE FUNCTION {SCRATCH_TABLE}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{SCRATCH_TABLE}_changes', json_build_object(
+        'operation', 'saved', 'organization_id', NEW.organization_id, 'provider', NEW.provider, 'id', NEW.id,
+        'version', NEW.version,
+        'time', to_char(NEW.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))::text);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER {SCRATCH_TABLE}_changed AFTER INSERT OR UPDATE ON {SCRATCH_TABLE}
+    FOR EACH ROW EXECUTE FUNCTION {SCRATCH_TABLE}_notify();
+"""
+
+
 async def create_scratch_table(database_url: str) -> None:
-    """The raw upsert's table: integration_config's schema, and a copy of the seeded rows."""
+    """The raw upsert's table: integration_config's schema, its change-feed trigger, a copy of the seeded rows."""
     conn = await asyncpg.connect(database_url, timeout=5)
     try:
         await conn.execute(f"CREATE TABLE {SCRATCH_TABLE} (LIKE integration_config INCLUDING ALL)")
+        await conn.execute(SCRATCH_NOTIFY)
         await conn.execute(
             f"INSERT INTO {SCRATCH_TABLE} SELECT * FROM integration_config "
             "WHERE provider = 'stripe' AND (organization_id = $1 OR organization_id LIKE $2)",
