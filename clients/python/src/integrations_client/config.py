@@ -17,12 +17,15 @@ import grpc
 
 from integrations_client.errors import ConfigurationError
 
-__all__ = ["ENV_CA", "ENV_CERT", "ENV_KEY", "ENV_TARGET", "TlsConfig"]
+__all__ = ["ENV_CA", "ENV_CERT", "ENV_KEY", "ENV_TARGET", "ENV_WATCH", "TlsConfig"]
 
 ENV_TARGET = "INTEGRATIONS_SERVICE_TARGET"
 ENV_CA = "INTEGRATIONS_CLIENT_CA"
 ENV_CERT = "INTEGRATIONS_CLIENT_CERT"
 ENV_KEY = "INTEGRATIONS_CLIENT_KEY"
+ENV_WATCH = "INTEGRATIONS_CLIENT_WATCH"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 log = logging.getLogger("integrations_client")
 
@@ -246,3 +249,16 @@ def env_settings(environ: Mapping[str, str] | None) -> tuple[str, TlsConfig | No
             f"{ENV_CA}, {ENV_CERT} and {ENV_KEY} together (or none of them for plaintext)"
         )
     return target, TlsConfig(ca_file=files[ENV_CA], cert_file=files[ENV_CERT], key_file=files[ENV_KEY])
+
+
+def env_watch(environ: Mapping[str, str] | None) -> bool | None:
+    """INTEGRATIONS_CLIENT_WATCH: false/0/no/off turns the cache's watch off, true/1/yes/on keeps it; unset: None."""
+    env = os.environ if environ is None else environ
+    value = env.get(ENV_WATCH, "").strip().lower()
+    if not value:
+        return None
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigurationError(f"{ENV_WATCH} must be true or false (1/0, yes/no, on/off), not {value!r}")
