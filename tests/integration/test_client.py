@@ -15,7 +15,6 @@ import logging
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from datetime import datetime
 from pathlib import Path
@@ -60,32 +59,19 @@ from tests.client_fixtures import (
     server_credentials,
     start_fake_server,
 )
-from tests.harness import TEST_KEY, Running, new_org, start_service
-from tests.integration.client_service import client_fake, client_service_env, client_svc  # noqa: F401 (fixtures)
+from tests.harness import Running, new_org, start_service
+from tests.integration.client_service import (  # noqa: F401 (fixtures)
+    client_fake,
+    client_processes,
+    client_service_env,
+    client_svc,
+    serve_env,
+)
 from tests.processes import Processes, clean_env, free_port
 
 # The organization's own secret key; the publishable key and webhook secret are the environment's defaults
 # (a stored publishableKey would withhold the environment's webhook secret: see docs/api.md).
 STRIPE = {"secretKey": SK}
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    with Processes(tmp_path) as started:
-        yield started
-
-
-def serve_env(tmp_path: Path, target: str) -> dict[str, str]:
-    return clean_env(
-        {
-            "INTEGRATIONS_LISTEN_ADDRESS": target,
-            "INTEGRATION_ENCRYPTION_KEY": TEST_KEY,
-            "DATABASE_URL": f"sqlite:///{tmp_path / 'process.sqlite3'}",
-            "INTEGRATIONS_DATA_DIR": str(tmp_path / "data"),
-            "INTEGRATIONS_SHUTDOWN_GRACE": "1",
-            **ENV_DEFAULTS,
-        }
-    )
 
 
 # --- every method, on both stores ---------------------------------------------------------------------
@@ -675,7 +661,11 @@ async def test_mutual_tls_presents_the_client_certificate(tmp_path: Path) -> Non
         tls = TlsConfig(pki.ca, pki.commerce_cert, pki.commerce_key, server_name_override="integrations.internal")
         async with IntegrationsClient(server.target, tls=tls) as client:
             assert (await client.get_config("org_1", "stripe"))["secretKey"] == SK
-        assert server.script.peers == [("GetProviderConfig", "commerce.internal")]
+        # The cache's watch stream presents it too.
+        assert sorted(server.script.peers) == [
+            ("GetProviderConfig", "commerce.internal"),
+            ("WatchConfigChanges", "commerce.internal"),
+        ]
     finally:
         await server.stop()
 
