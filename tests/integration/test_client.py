@@ -481,7 +481,8 @@ async def test_stale_if_error_then_unavailable_then_recovery(
     env = serve_env(tmp_path, target)
     process = await asyncio.to_thread(processes.serve, tmp_path, env, target=target)
     org, clock = new_org(), FakeClock()
-    client = IntegrationsClient(target, clock=clock, cache_ttl=30, stale_if_error=300, timeout=0.5)
+    # The stale-if-error rules alone: a watch would evict the value the other client changes (test_client_watch.py).
+    client = IntegrationsClient(target, clock=clock, cache_ttl=30, stale_if_error=300, timeout=0.5, watch=False)
     writer = IntegrationsClient(target, cache_ttl=0)
     async with client, writer:
         await writer.save(org, "stripe", values=STRIPE)
@@ -520,7 +521,8 @@ async def test_stale_value_recovers_within_the_window(tmp_path: Path, processes:
     env = serve_env(tmp_path, target)
     process = await asyncio.to_thread(processes.serve, tmp_path, env, target=target)
     org, clock = new_org(), FakeClock()
-    async with IntegrationsClient(target, clock=clock, cache_ttl=30, timeout=0.5) as client:
+    # Without the watch, whose resubscription after the restart would invalidate the fresh value (by design).
+    async with IntegrationsClient(target, clock=clock, cache_ttl=30, timeout=0.5, watch=False) as client:
         await client.save(org, "stripe", values=STRIPE)
         await client.get_config(org, "stripe")
         await asyncio.to_thread(process.terminate)  # SIGTERM: a graceful stop

@@ -79,6 +79,10 @@ async def test_a_save_through_another_client_is_served_right_after_its_event(svc
         assert creds.etag == saved.etag
         stats = reader.cache_stats
         assert (stats.rpc_count, stats.watch_events, stats.watch_subscriptions) == (2, 1, 1)
+        watcher = reader._watch_task
+    assert watcher is not None
+    assert watcher.done()  # close() ended the watch task: nothing left pending on the loop
+    assert not reader.cache_stats.watching
 
 
 async def test_clear_fields_and_delete_are_served_right_after_their_events(svc: Running) -> None:

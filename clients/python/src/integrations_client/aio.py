@@ -215,7 +215,7 @@ class IntegrationsClient(ClientCore[_Flight]):
         cached = self._fresh(key)
         if cached is not None:
             return cached
-        if self._watch_task is None and self._watch_wanted():
+        if not self._watch_first.is_set() and self._watch_wanted():
             timeout = await self._start_watch(timeout)
         flight = self._joined(key)
         if flight is None:
@@ -250,7 +250,7 @@ class IntegrationsClient(ClientCore[_Flight]):
             code: grpc.StatusCode | None = None
             details = ""
             try:
-                call = self._service().WatchConfigChanges(self._watch_request(), wait_for_ready=True)
+                call = self._service().WatchConfigChanges(self._watch_request(), wait_for_ready=self._wait_for_ready)
                 self._watch_call = call
                 async for reply in call:
                     if isinstance(self._watch_reply(reply), WatchStarted):

@@ -292,7 +292,7 @@ class IntegrationsClientSync(ClientCore[_Flight]):
             code: grpc.StatusCode | None = None
             details = ""
             try:
-                call = channel.stub.WatchConfigChanges(self._watch_request(), wait_for_ready=True)
+                call = channel.stub.WatchConfigChanges(self._watch_request(), wait_for_ready=self._wait_for_ready)
                 with self._lock:
                     self._watch_call = call
                 if self._watch_stop.is_set():
