@@ -363,6 +363,8 @@ class ClientCore(Generic[_Flight]):
         """Applies one message of the cache's watch stream to the cache; the event it carried."""
         event = watch_event_from_pb(reply)
         with self._lock:
+            if self._closed:
+                return None
             if isinstance(event, WatchStarted):
                 # Live from now on; what was cached or read before may predate a change the gap hid.
                 self._cache.watching = True

@@ -143,6 +143,7 @@ class IntegrationsClient(ClientCore[_Flight]):
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+        self._cache.watching = False
         channels = self._take_channels()
         self._forget(lambda _key: True)
         retired, self._retired = self._retired, {}

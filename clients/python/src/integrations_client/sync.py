@@ -167,6 +167,7 @@ class IntegrationsClientSync(ClientCore[_Flight]):
                 return
             self._closed = True
             self._forget(lambda _key: True)
+            self._cache.watching = False
             channels, self._retired = [*self._current, *self._retired], set()
             watcher, call = self._watch_thread, self._watch_call
         self._watch_stop.set()
