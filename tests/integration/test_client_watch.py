@@ -315,6 +315,18 @@ async def test_a_read_racing_a_change_does_not_store_the_old_value(
         assert (client.cache_stats.rpc_count, client.cache_stats.size, client.cache_stats.hits) == (5, 1, 1)
 
 
+async def test_one_watch_stream_per_client_whatever_its_channels(
+    fake: FakeServer, stream: asyncio.Queue[pb.WatchConfigChangesResponse | grpc.StatusCode | None]
+) -> None:
+    async with IntegrationsClient(fake.target, cache_ttl=LONG_TTL, channels=3) as client:
+        for org in ("org_1", "org_2", "org_3", "org_4"):
+            await client.get_config(org, "stripe")
+        stream.put_nowait(change("fake-etag-2", org="org_3"))
+        await until(lambda: client.cache_stats.watch_evictions == 1, "the change")
+        assert client.cache_stats.size == 3
+        assert fake.script.calls["WatchConfigChanges"] == 1
+
+
 async def test_resync_and_a_lost_stream_invalidate_everything(
     fake: FakeServer, stream: asyncio.Queue[pb.WatchConfigChangesResponse | grpc.StatusCode | None]
 ) -> None:
