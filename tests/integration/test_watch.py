@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
@@ -20,16 +21,19 @@ import pytest
 
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
+from integrations_service.api import convert
 from integrations_service.store.postgres import ROW_LOCK_NAMESPACE
 from integrations_service.store.postgres_listener import APPLICATION_NAME
 from tests.conftest import CreateDatabase
-from tests.harness import TEST_KEY, new_org, rich_error, start_service
+from tests.harness import TEST_KEY, Running, new_org, rich_error, start_service
+from tests.integration.test_metrics import sample
 from tests.integration.test_mtls import MtlsService, StartMtls, start_mtls  # noqa: F401 (fixture)
 from tests.integration.test_rotation import K2_KEY, cli
 from tests.integration.test_row_cache import Replica, StartReplica, start_replica  # noqa: F401 (fixture)
 from tests.integration.test_shutdown import wait_until_blocked
+from tests.integration.test_store_outage import TcpProxy
 from tests.integration.test_workers import channels, workers_env
-from tests.processes import Processes, ServeProcess
+from tests.processes import Processes, ServeProcess, scrape
 
 WAIT = 10.0
 SK = "sk_test_51HxWatchSecret00000000042"
@@ -335,17 +339,32 @@ async def test_serve_workers_drains_cleanly_with_open_streams(database: str, tmp
     with Processes(tmp_path) as processes:
         server = processes.serve(tmp_path / "work", env, ["--workers", "2"])
         server.wait_workers_serving(2)
-        await _streams_end_on_sigterm_while_saves_finish(server, database, streams=8)
+        metrics = env["INTEGRATIONS_METRICS_ADDRESS"]
+
+        def open_streams() -> float:
+            # One series per worker (the supervisor's multiprocess scrape): their sum is the service's.
+            lines = scrape(metrics).splitlines()
+            return sum(float(line.split()[-1]) for line in lines if line.startswith("integrations_watch_streams{"))
+
+        await _streams_end_on_sigterm_while_saves_finish(server, database, streams=8, counted=open_streams)
         assert server.worker_pids() == set()
 
 
-async def _streams_end_on_sigterm_while_saves_finish(server: ServeProcess, database: str, streams: int) -> None:
+async def _streams_end_on_sigterm_while_saves_finish(
+    server: ServeProcess, database: str, streams: int, counted: Callable[[], float] | None = None
+) -> None:
     org = new_org()
     admin = await asyncpg.connect(database)
     watcher = await asyncpg.connect(database)
     try:
         async with channels(server.target, count=streams + 1) as stubs:
             opened = [await watch(stub, org) for stub in stubs[:streams]]
+            if counted is not None:
+                for _ in range(100):  # each worker's mirror copies its gauge every second
+                    if counted() == streams:
+                        break
+                    await asyncio.sleep(0.1)
+                assert counted() == streams
             lock = admin.transaction()
             await lock.start()
             await admin.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", ROW_LOCK_NAMESPACE, f"{org}/stripe")
@@ -379,12 +398,17 @@ async def _streams_end_on_sigterm_while_saves_finish(server: ServeProcess, datab
 
 
 @pytest.fixture
-async def embedded(tmp_path: Path) -> AsyncIterator[pb_grpc.IntegrationServiceStub]:
+async def embedded_service(tmp_path: Path) -> AsyncIterator[Running]:
     running = await start_service(f"sqlite:///{tmp_path / 'store.sqlite3'}", tmp_path / "data")
     try:
-        yield running.stub
+        yield running
     finally:
         await running.close()
+
+
+@pytest.fixture
+def embedded(embedded_service: Running) -> pb_grpc.IntegrationServiceStub:
+    return embedded_service.stub
 
 
 async def test_the_embedded_store_streams_its_own_writes(embedded: pb_grpc.IntegrationServiceStub) -> None:
@@ -451,3 +475,118 @@ async def test_a_watch_ended_by_its_deadline_is_deadline_exceeded(embedded: pb_g
     with pytest.raises(grpc.aio.AioRpcError) as caught, contextlib.suppress(asyncio.CancelledError):
         await call.read()
     assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+WATCH_RPC = "/integrations.v1.IntegrationService/WatchConfigChanges"
+
+
+def scraped(running: Running, name: str, **labels: str) -> float:
+    text = scrape(f"127.0.0.1:{running.service.metrics_port}")
+    if labels:
+        return sample(text, name, **labels)
+    [value] = [float(line.split()[1]) for line in text.splitlines() if line.split(" ")[0] == name]
+    return value
+
+
+async def logged(caplog: pytest.LogCaptureFixture, message: str, count: int = 1) -> list[logging.LogRecord]:
+    """The records of `message` about the watch RPC, once there are `count` (the server logs as the stream ends)."""
+    for _ in range(100):
+        records = [r for r in caplog.records if r.getMessage() == message and getattr(r, "rpc", None) == WATCH_RPC]
+        if len(records) >= count:
+            return records
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {message!r} line: {[r.getMessage() for r in caplog.records]}")
+
+
+async def test_a_stream_logs_one_line_as_it_opens_and_one_as_it_ends_and_is_counted(
+    embedded_service: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="integrations.rpc")
+    org = new_org()
+    stream = await watch(embedded_service.stub, org, "stripe")
+    await embedded_service.stub.SaveIntegration(
+        pb.SaveIntegrationRequest(organization_id=org, provider="stripe", values={"secretKey": SK}), timeout=10
+    )
+    await stream.change()
+    [opened] = await logged(caplog, "stream opened")
+    assert (getattr(opened, "organization_id", None), getattr(opened, "providers", None)) == (org, ["stripe"])
+    assert getattr(opened, "caller", None)
+    assert await logged(caplog, "stream ended", count=0) == []  # nothing per event
+    stream.call.cancel()
+    [ended] = await logged(caplog, "stream ended")
+    assert getattr(ended, "code", None) == "CANCELLED"
+    assert getattr(ended, "count", None) == 2  # started and one change
+    assert getattr(ended, "request_id", None) == getattr(opened, "request_id", None)
+    assert SK not in caplog.text
+    grpc_labels = {"grpc_type": "server_stream", "grpc_service": "integrations.v1.IntegrationService"}
+    grpc_labels["grpc_method"] = "WatchConfigChanges"
+    assert scraped(embedded_service, "integrations_rpc_requests_total", method=WATCH_RPC, code="CANCELLED") == 1
+    assert scraped(embedded_service, "grpc_server_started_total", **grpc_labels) == 1
+    assert scraped(embedded_service, "grpc_server_msg_sent_total", **grpc_labels) == 2
+    assert scraped(embedded_service, "grpc_server_handled_total", grpc_code="CANCELLED", **grpc_labels) == 1
+    assert scraped(embedded_service, "integrations_watch_streams") == 0
+
+
+async def test_undecodable_bytes_are_invalid_argument(embedded_service: Running) -> None:
+    call = embedded_service.channel.unary_stream(
+        WATCH_RPC, request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+    stream = call(bytes([1 << 3 | 2, 3]) + b"\xff\xfe\xfd", timeout=WAIT)  # organization_id: invalid UTF-8
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream.read()
+    error = rich_error(caught.value)
+    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.violations == {"request": "the request is not a valid WatchConfigChangesRequest protobuf"}
+    assert error.request_id
+
+
+async def test_an_unexpected_error_mid_stream_is_internal_with_the_request_id_logged(
+    embedded_service: Running, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO, logger="integrations.rpc")
+    stream = await watch(embedded_service.stub)
+    real = convert.watch_event_to_pb
+
+    def broken(event: object) -> pb.WatchConfigChangesResponse:
+        raise RuntimeError("a bug in the translation")
+
+    monkeypatch.setattr(convert, "watch_event_to_pb", broken)
+    await embedded_service.stub.SaveIntegration(
+        pb.SaveIntegrationRequest(organization_id=new_org(), provider="stripe", values={"secretKey": SK}), timeout=10
+    )
+    error = await stream.ended()
+    monkeypatch.setattr(convert, "watch_event_to_pb", real)
+    rich = rich_error(error)
+    assert rich.code is grpc.StatusCode.INTERNAL
+    assert rich.request_id in rich.message
+    assert "a bug" not in rich.message
+    [ended] = await logged(caplog, "stream ended")
+    assert getattr(ended, "code", None) == "INTERNAL"
+    [unexpected] = [r for r in caplog.records if r.getMessage() == "unexpected error"]
+    assert unexpected.exc_info is not None
+    assert getattr(unexpected, "request_id", None) == rich.request_id
+
+
+async def test_keepalive_ends_the_stream_of_a_consumer_that_vanished(start_replica: StartReplica) -> None:  # noqa: F811
+    server = await start_replica("k", None, INTEGRATIONS_KEEPALIVE_TIME="1", INTEGRATIONS_KEEPALIVE_TIMEOUT="1")
+    host, port = server.process.target.rsplit(":", 1)
+    proxy = TcpProxy(host, int(port))
+    await proxy.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{proxy.port}")
+    try:
+        stream = await watch(pb_grpc.IntegrationServiceStub(channel))
+        assert await server.sample("integrations_watch_streams") == 1
+        # The consumer's host vanishes: its connection stays open, but nothing comes back, not even a ping's ack.
+        proxy.freeze()
+        for _ in range(300):
+            if await server.sample("integrations_watch_streams") == 0:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the server still holds the stream of a consumer that stopped answering")
+        assert "CANCELLED" in server.process.stderr()
+        stream.call.cancel()
+    finally:
+        proxy.thaw()
+        await channel.close()
+        await proxy.stop()
