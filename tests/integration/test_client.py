@@ -333,9 +333,12 @@ async def test_reads_are_retried_on_unavailable_writes_are_not(fake: FakeServer)
 
 def test_channel_options_meet_the_server_keepalive_policy() -> None:
     options = dict(channel_options(None))
-    server = dict(service_server._SERVER_OPTIONS)
+    server = dict(service_server.Keepalive().options())
     assert options["grpc.keepalive_time_ms"] >= server["grpc.http2.min_ping_interval_without_data_ms"]
+    assert options["grpc.keepalive_time_ms"] >= service_server.MIN_CLIENT_PING_INTERVAL * 1000
     assert options["grpc.keepalive_permit_without_calls"] == 1
+    # The ack of a ping is timed out by ping_timeout (gRPC core), so both say 10 s.
+    assert options["grpc.http2.ping_timeout_ms"] == options["grpc.keepalive_timeout_ms"] == 10_000
     assert options["grpc.enable_retries"] == 1
     config = json.loads(options["grpc.service_config"])
     methods = {name["method"] for entry in config["methodConfig"] for name in entry["name"]}
