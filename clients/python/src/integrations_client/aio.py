@@ -64,9 +64,9 @@ class ChangeStream:
             try:
                 reply = await self._call.read()
             except grpc.aio.AioRpcError as error:
-                self._closed = True
-                if self._client._closed or error.code() is grpc.StatusCode.CANCELLED:
+                if self._closed or self._client._closed:
                     break
+                self._closed = True
                 raise self._client._stream_error(error) from error
             except asyncio.CancelledError:
                 if self._closed or self._client._closed:  # cancelled by aclose() or close(), not by our caller
@@ -263,11 +263,9 @@ class IntegrationsClient(ClientCore[_Flight]):
                 if self._closed or (current is not None and current.cancelling()):
                     raise  # close(): the task itself is cancelled
                 code = grpc.StatusCode.CANCELLED  # the call was: moving to a new channel
-            except RuntimeError:
-                if self._closed:
-                    return
-                raise
             except Exception as error:  # never let a bug kill the watch or reach a caller
+                if self._closed:  # _service() refused: the client closed meanwhile
+                    return
                 watch_log.exception("the config watch failed", extra={"event": "watch_error"})
                 details = type(error).__name__
             finally:
