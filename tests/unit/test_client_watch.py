@@ -23,6 +23,8 @@ from integrations_client import (
     ConfigurationError,
     IntegrationsClient,
     IntegrationsClientSync,
+    PermissionDenied,
+    Unavailable,
     WatchResync,
     WatchStarted,
 )
@@ -294,3 +296,32 @@ def test_the_environment_turns_the_watch_off(value: str, expected: bool | None) 
 def test_a_wrong_watch_setting_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match=ENV_WATCH):
         env_watch({ENV_WATCH: "sometimes"})
+
+
+class _Ended(grpc.RpcError):
+    """What a stream raises when it ends with a status (code and details, no trailers)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
+def test_the_end_of_a_public_stream_is_the_clients_error() -> None:
+    client = core()
+    lost = client._stream_error(_Ended(grpc.StatusCode.UNAVAILABLE, "server shutting down; reconnect"))
+    assert isinstance(lost, Unavailable)
+    assert lost.message == "server shutting down; reconnect"
+    denied = client._stream_error(_Ended(grpc.StatusCode.PERMISSION_DENIED, "no role may watch"))
+    assert isinstance(denied, PermissionDenied)
+    # Cancelled by someone else than its consumer (its channel closed): subscribe again, like UNAVAILABLE.
+    cancelled = client._stream_error(_Ended(grpc.StatusCode.CANCELLED, "Channel closed!"))
+    assert isinstance(cancelled, Unavailable)
+    assert "subscribe again" in cancelled.message
