@@ -22,7 +22,9 @@ from integrations_service.domain.watch import (
     check_scope,
 )
 from integrations_service.errors import InvalidArgument, Unavailable
+from integrations_service.store import StoredValue
 from integrations_service.store.changes import ChangeHub, ChangeKind, ConfigChanged, FeedReset, ResetReason
+from integrations_service.store.memory import MemoryStore
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
@@ -177,6 +179,23 @@ async def test_a_closed_store_ends_the_stream_unavailable() -> None:
     stream = ChangeWatches(hub).watch(WatchScope())
     await take(stream, 1)
     hub.close()
+    with pytest.raises(Unavailable, match=SHUTTING_DOWN):
+        await take(stream, 1)
+
+
+async def test_the_in_memory_store_feeds_a_watch_with_its_writes_and_not_its_rewraps() -> None:
+    store = MemoryStore()
+    watches = ChangeWatches(store.changes())
+    stream = watches.watch(WatchScope("org_1"))
+    await take(stream, 1)
+    row = await store.upsert("org_1", "stripe", lambda current: {"secretKey": StoredValue("enc:v2:a")})
+    assert await store.rewrap([row.id], lambda current: {"secretKey": StoredValue("enc:v2:b")}) == 1
+    assert await store.delete("org_1", "stripe", lambda current: None)
+    saved, deleted = await take(stream, 2)
+    assert saved == ConfigChanged.saved(row)
+    assert isinstance(deleted, ConfigChanged)
+    assert (deleted.kind, deleted.version) == (ChangeKind.DELETED, row.version)
+    await store.close()
     with pytest.raises(Unavailable, match=SHUTTING_DOWN):
         await take(stream, 1)
 
