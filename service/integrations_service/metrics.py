@@ -34,6 +34,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from integrations_service.domain.watch import WatchCounts
 from integrations_service.store import IntegrationStore, PoolStats
 from integrations_service.store.cached import INVALIDATION_REASONS, RESULTS, CacheCounts
 
@@ -56,6 +57,7 @@ class Metrics:
         GCCollector(registry=r)
         self._grpc = _GrpcServerMetrics(r)
         self._rpcs: dict[str, RpcMetrics] = {}
+        self._stream_rpcs: dict[str, StreamRpcMetrics] = {}
         self.rpcs = Counter(
             "integrations_rpc_requests", "RPCs handled, by method and status code", ["method", "code"], registry=r
         )
@@ -126,6 +128,8 @@ class Metrics:
         )
         # Zeros until `serve` wires a row cache in (none with INTEGRATIONS_CACHE_TTL=0): the series always exist.
         self.cache = self._scraped(_CacheCollector())
+        # Zeros until `serve` wires the watch streams in.
+        self.watches = self._scraped(_WatchCollector())
         if _worker is not None:
             _WorkerMirror(self._read_at_scrape, _worker).start()
 
@@ -140,6 +144,13 @@ class Metrics:
         instruments = self._rpcs.get(method)
         if instruments is None:
             instruments = self._rpcs[method] = RpcMetrics(method, self._grpc, self)
+        return instruments
+
+    def stream_rpc(self, method: str) -> StreamRpcMetrics:
+        """The instruments of one server-streaming RPC, made once and kept."""
+        instruments = self._stream_rpcs.get(method)
+        if instruments is None:
+            instruments = self._stream_rpcs[method] = StreamRpcMetrics(method, self._grpc, self)
         return instruments
 
     def observed(self, operation: str, seconds: float) -> None:
@@ -224,6 +235,33 @@ class RpcMetrics:
         self._own_seconds.observe(seconds)
 
 
+class StreamRpcMetrics:
+    """One server-streaming method's label children (grpc_type="server_stream"): calls, their codes, messages.
+
+    No latency histogram: a watch stream lasts as long as its consumer wants, which says nothing about speed.
+    """
+
+    def __init__(self, method: str, grpc_metrics: _GrpcServerMetrics, metrics: Metrics) -> None:
+        service, _, name = method.lstrip("/").rpartition("/")
+        labels = ("server_stream", service, name)
+        self._started = grpc_metrics.started.labels(*labels)
+        self._received = grpc_metrics.received.labels(*labels)
+        self._sent = grpc_metrics.sent.labels(*labels)
+        self._handled = {code: grpc_metrics.handled.labels(*labels, code.name) for code in grpc.StatusCode}
+        self._own = {code: metrics.rpcs.labels(method, code.name) for code in grpc.StatusCode}
+
+    def started(self) -> None:
+        self._started.inc()
+        self._received.inc()
+
+    def sent(self) -> None:
+        self._sent.inc()
+
+    def handled(self, code: grpc.StatusCode) -> None:
+        self._handled[code].inc()
+        self._own[code].inc()
+
+
 class _FunctionCounter(Collector):
     """A counter whose total is kept elsewhere (the domain counts, without knowing Prometheus), read at scrape time."""
 
@@ -264,6 +302,32 @@ class _CacheCollector(Collector):
         for reason in INVALIDATION_REASONS:
             invalidations.add_metric([reason], self.counts.invalidations[reason])
         yield invalidations
+
+
+class _WatchCollector(Collector):
+    """What the WatchConfigChanges streams of this process did (domain/watch.py), read at scrape time."""
+
+    def __init__(self) -> None:
+        self.counts = WatchCounts()
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "integrations_watch_streams", "WatchConfigChanges streams open in this process", value=self.counts.open
+        )
+        yield CounterMetricFamily(
+            "integrations_watch_changes_sent",
+            "Change messages sent on WatchConfigChanges streams (each stream counts its own)",
+            value=self.counts.changes_sent,
+        )
+        resyncs = CounterMetricFamily(
+            "integrations_watch_resyncs",
+            "Resync messages sent on WatchConfigChanges streams, by reason: fell_behind (the stream's queue was "
+            "full), truncated, undescribed",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self.counts.resyncs.items()):
+            resyncs.add_metric([reason], count)
+        yield resyncs
 
 
 class _FunctionGauge(_FunctionCounter):

@@ -53,7 +53,7 @@ DEFAULT_QUEUE_SIZE = 1000
 
 
 class ChangeKind(enum.Enum):
-    SAVED = "saved"  # inserted or updated (a rotation's rewrap too: same version, new ciphertext)
+    SAVED = "saved"  # inserted or updated (a rotation's rewrap too: same version, new ciphertext, `rewrap`)
     DELETED = "deleted"
 
 
@@ -76,10 +76,18 @@ class ConfigChanged:
     kind: ChangeKind
     # The row's update time for a save; the time of the delete for a delete.
     time: datetime
+    # A save that kept the version (a rotation re-encrypting the same values): the etag and every value are
+    # unchanged, only the ciphertext is new. A row cache must drop the row; a watch consumer has nothing to do.
+    rewrap: bool = False
 
     @classmethod
     def saved(cls, row: StoredIntegration) -> ConfigChanged:
         return cls(row.organization_id, row.provider, row.id, row.version, ChangeKind.SAVED, row.updated_at)
+
+    @classmethod
+    def rewrapped(cls, row: StoredIntegration) -> ConfigChanged:
+        """`row` re-encrypted under another key, same version and values (`rotate`)."""
+        return cls(row.organization_id, row.provider, row.id, row.version, ChangeKind.SAVED, row.updated_at, True)
 
     @classmethod
     def deleted(cls, row: StoredIntegration, time: datetime) -> ConfigChanged:
