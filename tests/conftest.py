@@ -11,6 +11,7 @@ local run never hides that the PostgreSQL half did not run.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -65,9 +66,22 @@ async def postgres_database_factory(postgres_server: str) -> AsyncIterator[Creat
         return _with_database(postgres_server, name)
 
     yield create
-    for name in created:
-        # FORCE: a store a failed test left open must not keep the database alive.
-        await _admin_execute(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    # FORCE: a store a failed test left open must not keep the database alive. All at once: each
+    # DROP DATABASE waits for a checkpoint, and concurrent ones share it (one after another, a run's
+    # few dozen databases took 20 s to drop).
+    room = asyncio.Semaphore(8)
+
+    async def drop(name: str) -> None:
+        async with room:
+            await _admin_execute(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    failures = [
+        outcome
+        for outcome in await asyncio.gather(*(drop(name) for name in created), return_exceptions=True)
+        if isinstance(outcome, BaseException)
+    ]
+    if failures:
+        raise failures[0]
 
 
 @pytest.fixture(scope="session")
