@@ -12,12 +12,13 @@ grpc_method,grpc_code}`, ...), so stock dashboards and alerts work unchanged.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from logging import getLogger
 from threading import Thread
-from typing import TypeVar
-from wsgiref.simple_server import WSGIServer
+from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from prometheus_client import (
@@ -29,9 +30,10 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from integrations_service.domain.watch import WatchCounts
@@ -170,7 +172,8 @@ class Metrics:
     def serve(self, address: str) -> int:
         """Start the /metrics HTTP server in a thread; the port actually bound."""
         host, _, port = address.rpartition(":")
-        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        server = _metrics_server(host.strip("[]"), int(port), make_wsgi_app(self.registry))
+        Thread(target=server.serve_forever, args=(_SHUTDOWN_POLL,), name="metrics-http", daemon=True).start()
         self._http = server
         return int(server.server_port)
 
@@ -178,9 +181,26 @@ class Metrics:
         """Stop the /metrics HTTP server, if one was started, and release its port."""
         server, self._http = self._http, None
         if server is not None:
-            # shutdown() waits for the serving thread's poll loop (up to half a second): not on the event loop.
+            # shutdown() waits for the serving thread's poll loop (up to _SHUTDOWN_POLL): not on the event loop.
             await asyncio.to_thread(server.shutdown)
             server.server_close()
+
+
+# How often the /metrics thread checks for shutdown between requests. prometheus_client's
+# start_http_server polls every 0.5 s, so every stop of the service waited up to half a second for it.
+_SHUTDOWN_POLL = 0.02
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged (as with prometheus_client's own server)."""
+
+
+def _metrics_server(host: str, port: int, wsgi_app: Any) -> WSGIServer:
+    """prometheus_client's start_http_server, minus its thread: an IPv4 or IPv6 socket as the host needs."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    server_class = type("_MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    return make_server(str(sockaddr[0]), port, wsgi_app, server_class, handler_class=_QuietHandler)
 
 
 class _GrpcServerMetrics:
