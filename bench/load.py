@@ -15,9 +15,11 @@ and stops early after `--max-requests` calls. Calls:
 - upsert: the same change as a raw `INSERT ... ON CONFLICT DO UPDATE` on
   `--table`, with its audit row inserted in the same statement, through an
   asyncpg pool of `--pool-size` connections to `--dsn`;
-- txn: the service's own save transaction on PostgreSQL, issued raw on
-  `integration_config` (BEGIN, advisory lock, SELECT ... FOR UPDATE, the
-  UPDATE with its audit INSERT in one statement, COMMIT), same pool.
+- txn: the service's own save of an existing row on PostgreSQL, issued raw on
+  `integration_config`: saves of the row queue in the process, and each is one
+  statement, `integrations_save_if_unchanged` (migration 0005: the UPDATE if
+  the row is still the version the previous save wrote, with its audit INSERT),
+  same pool.
 
 With `--rows N` (upsert) worker i writes organization `<org>_<i mod N>`, so
 N rows are written side by side instead of one.
@@ -38,6 +40,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
@@ -65,22 +68,19 @@ UPSERT_SQL = _AUDIT + (
     "version = t.version + 1, updated_at = clock_timestamp() "
     "RETURNING id, organization_id, provider, config, version, created_at, updated_at"
 )
-# The service's save transaction as of this benchmark (store/postgres.py), statement for statement.
-TXN_LOCK_SQL = "SELECT pg_advisory_xact_lock($1::int4, hashtext($2 || '/' || $3))"
+# The service's save of an existing row as of this benchmark (store/postgres.py, migration 0005),
+# statement for statement: the row as last written (read once at the start), then one statement that
+# writes the row and its audit record if the row is still that version, else returns it as stored.
 TXN_SELECT_SQL = (
-    "SELECT id, organization_id, provider, config, version, created_at, updated_at "
-    "FROM integration_config WHERE organization_id = $1 AND provider = $2 FOR UPDATE"
+    "SELECT id, organization_id, provider, config, version, created_at, updated_at, xmin AS row_xmin "
+    "FROM integration_config WHERE organization_id = $1 AND provider = $2"
 )
-TXN_UPDATE_SQL = (
-    "WITH audited AS (INSERT INTO audit_events "
-    "(time, caller, rpc, outcome, organization_id, provider, fields, request_id, details) "
-    "VALUES (clock_timestamp(), 'bench', 'SaveIntegration', 'ok', $3, $4, '[\"publishableKey\"]'::jsonb, $5, "
-    "'{}'::jsonb)) "
-    "UPDATE integration_config SET config = $2::jsonb, version = version + 1, "
-    "updated_at = GREATEST(clock_timestamp(), updated_at + interval '1 microsecond') WHERE id = $1 "
-    "RETURNING id, organization_id, provider, config, version, created_at, updated_at"
+TXN_SAVE_SQL = (
+    "SELECT written, id, organization_id, provider, config, version, created_at, updated_at, row_xmin "
+    "FROM integrations_save_if_unchanged($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
 )
-ROW_LOCK_NAMESPACE = int.from_bytes(b"intg", "big")
+# What the service passes as lock_timeout: what is left of its budget (INTEGRATIONS_DB_TIMEOUT, 5 s).
+TXN_LOCK_TIMEOUT_MS = 4900
 
 
 @dataclass
@@ -191,12 +191,36 @@ def upsert_call(pool: Any, table: str, org: str, rows: int) -> Call:
 
 
 def transaction_call(pool: Any, org: str) -> Call:
+    # Like the service, saves of the row queue in this process, and each starts from the row as the
+    # previous one wrote it; a save that finds the row changed retries on the row it got back.
+    queue = asyncio.Lock()
+    last: dict[str, Any] = {}
+
     async def save(n: int, _worker: int) -> object:
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute(TXN_LOCK_SQL, ROW_LOCK_NAMESPACE, org, PROVIDER)
-            row = await conn.fetchrow(TXN_SELECT_SQL, org, PROVIDER)
-            config = {**json.loads(row["config"]), "publishableKey": f"pk_test_bench{n:010d}"}
-            return await conn.fetchrow(TXN_UPDATE_SQL, row["id"], json.dumps(config), org, PROVIDER, uuid.uuid4().hex)
+        async with queue:
+            row = last.get("row") or await pool.fetchrow(TXN_SELECT_SQL, org, PROVIDER, timeout=CALL_TIMEOUT_S)
+            while True:
+                config = {**json.loads(row["config"]), "publishableKey": f"pk_test_bench{n:010d}"}
+                audit = (datetime.now(UTC), "bench", "SaveIntegration", "OK", org, PROVIDER)
+                row = await pool.fetchrow(
+                    TXN_SAVE_SQL,
+                    org,
+                    PROVIDER,
+                    row["id"],
+                    row["version"],
+                    row["row_xmin"],
+                    json.dumps(config),
+                    TXN_LOCK_TIMEOUT_MS,
+                    True,
+                    *audit,
+                    '["publishableKey"]',
+                    uuid.uuid4().hex,
+                    "{}",
+                    timeout=CALL_TIMEOUT_S,
+                )
+                if row["written"]:
+                    last["row"] = row
+                    return row
 
     return save
 

@@ -126,6 +126,9 @@ JOBS = (
     Job(GET, EMPTY, "get", PYTHON),
 )
 
+# --only saves: the save rows, their baselines and the servers they need (PostgreSQL, embedded, empty).
+SAVE_WORKLOADS = frozenset({SAVE, SAVE_ROWS})
+
 COMPARISONS = (
     Comparison((GET, PG, H2LOAD), (GET, EMPTY, H2LOAD), GRPC_TARGETS),
     Comparison((MASKED, PG, H2LOAD), (GET, EMPTY, H2LOAD), GRPC_TARGETS),
@@ -172,11 +175,31 @@ async def scratch_database(admin_url: str) -> AsyncIterator[tuple[str, str]]:
         await admin_execute(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# The change feed's trigger (migration 0003) on the scratch table, notifying a channel of its own (the
+# servers listen to theirs). PostgreSQL serializes the commits of notifying transactions: each holds one
+# lock of the whole server from its notification until its commit is flushed to disk. Every write of
+# integration_config pays that, so the baseline must too.
+SCRATCH_NOTIFY = f"""
+CREATE FUNCTION {SCRATCH_TABLE}_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{SCRATCH_TABLE}_changes', json_build_object(
+        'operation', 'saved', 'organization_id', NEW.organization_id, 'provider', NEW.provider, 'id', NEW.id,
+        'version', NEW.version,
+        'time', to_char(NEW.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'))::text);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER {SCRATCH_TABLE}_changed AFTER INSERT OR UPDATE ON {SCRATCH_TABLE}
+    FOR EACH ROW EXECUTE FUNCTION {SCRATCH_TABLE}_notify();
+"""
+
+
 async def create_scratch_table(database_url: str) -> None:
-    """The raw upsert's table: integration_config's schema, and a copy of the seeded rows."""
+    """The raw upsert's table: integration_config's schema, its change-feed trigger, a copy of the seeded rows."""
     conn = await asyncpg.connect(database_url, timeout=5)
     try:
         await conn.execute(f"CREATE TABLE {SCRATCH_TABLE} (LIKE integration_config INCLUDING ALL)")
+        await conn.execute(SCRATCH_NOTIFY)
         await conn.execute(
             f"INSERT INTO {SCRATCH_TABLE} SELECT * FROM integration_config "
             "WHERE provider = 'stripe' AND (organization_id = $1 OR organization_id LIKE $2)",
@@ -226,19 +249,23 @@ def supports_workers() -> bool:
 
 
 def start_servers(
-    servers: dict[str, Server], missing: dict[str, str], database_url: str, work_dir: Path, log_dir: Path
+    servers: dict[str, Server],
+    missing: dict[str, str],
+    database_url: str,
+    work_dir: Path,
+    log_dir: Path,
+    *,
+    saves_only: bool = False,
 ) -> None:
     key = base64.b64encode(secrets.token_bytes(32)).decode()  # a fresh key, only in the servers' environment
     sqlite_url = f"sqlite:///{work_dir / 'integrations.sqlite3'}"
-    stores: dict[str, tuple[str, tuple[str, ...]]] = {
-        PG: (database_url, ()),
-        PG_STRICT: (database_url, ("--audit-reads", "strict")),
-        EMBEDDED: (sqlite_url, ()),
-    }
-    if supports_workers():
-        stores[PG_WORKERS] = (database_url, ("--workers", str(WORKERS)))
-    else:
-        missing[PG_WORKERS] = "not available: `integrations-service serve --workers` does not exist yet"
+    stores: dict[str, tuple[str, tuple[str, ...]]] = {PG: (database_url, ()), EMBEDDED: (sqlite_url, ())}
+    if not saves_only:
+        stores[PG_STRICT] = (database_url, ("--audit-reads", "strict"))
+        if supports_workers():
+            stores[PG_WORKERS] = (database_url, ("--workers", str(WORKERS)))
+        else:
+            missing[PG_WORKERS] = "not available: `integrations-service serve --workers` does not exist yet"
     for name, (store_url, extra) in stores.items():
         target = f"127.0.0.1:{free_port()}"
         env = service_environment(target, store_url, key, work_dir)
@@ -554,15 +581,17 @@ async def bench(args: argparse.Namespace) -> None:
     log_dir = RESULTS_DIR / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     values = credentials()
+    jobs = [job for job in JOBS if args.only == "all" or job.workload in SAVE_WORKLOADS]
     async with scratch_database(admin_url) as (database_url, pg_version):
         with tempfile.TemporaryDirectory(prefix="integrations-bench-") as work, running({}) as servers:
             ctx = Context(args, servers, {}, database_url, Path(work), fields=frozenset(values))
-            start_servers(servers, ctx.missing, database_url, ctx.work_dir, log_dir)
-            ctx.bao = await start_openbao(log_dir, ctx.work_dir, values)
-            if ctx.bao is None:
-                ctx.missing[OPENBAO] = "not available: no `bao` binary (see bench/README.md)"
-            else:
+            saves_only = args.only == "saves"
+            start_servers(servers, ctx.missing, database_url, ctx.work_dir, log_dir, saves_only=saves_only)
+            ctx.bao = None if saves_only else await start_openbao(log_dir, ctx.work_dir, values)
+            if ctx.bao is not None:
                 servers[OPENBAO] = ctx.bao.server
+            elif not saves_only:
+                ctx.missing[OPENBAO] = "not available: no `bao` binary (see bench/README.md)"
             for name, server in servers.items():
                 if name != OPENBAO:
                     await wait_serving(server)
@@ -570,10 +599,11 @@ async def bench(args: argparse.Namespace) -> None:
             await seed(servers[EMBEDDED].target, [ORG, SAVE_ORG], values)
             await create_scratch_table(database_url)
             results = {}
-            for job in JOBS:
+            for job in jobs:
                 print(f"measuring {job.workload} on {job.server} with {job.tool} …", file=sys.stderr)
                 results[job.key] = await measure(job, ctx)
-    path = publish(render(results, COMPARISONS, machine(args, pg_version, load_before), args.concurrency))
+    comparisons = [c for c in COMPARISONS if c.service in results and c.baseline in results]
+    path = publish(render(results, comparisons, machine(args, pg_version, load_before), args.concurrency))
     print(f"written to {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}", file=sys.stderr)
 
 
@@ -596,6 +626,13 @@ def parse_args() -> argparse.Namespace:
         default=4,
         help="h2load's connections to a gRPC server in the concurrent phase, the calls in "
         "flight shared among them as HTTP/2 streams (default 4)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=("all", "saves"),
+        default="all",
+        help="saves: only the SaveIntegration rows and their baselines, without OpenBao, strict audit "
+        "or workers (default all)",
     )
     args = parser.parse_args()
     if args.duration <= 0 or args.warmup <= 0 or args.concurrency < 1 or not 1 <= args.connections <= args.concurrency:

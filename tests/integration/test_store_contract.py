@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Awaitable, Callable, Mapping
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any, TypeVar
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
@@ -23,6 +25,8 @@ from integrations_service.store.memory import MemoryStore
 from integrations_service.store.postgres import ROW_LOCK_NAMESPACE, PostgresStore
 from integrations_service.store.sqlite import SqliteStore
 from tests.integration.raw_rows import insert_raw_config
+
+T = TypeVar("T")
 
 ORG = "org_1"
 OTHER_ORG = "org_2"
@@ -686,7 +690,7 @@ async def test_replicas_migrating_a_new_database_at_once_both_succeed(
     second = await PostgresStore.connect(url, migrate=False)
     try:
         results = await asyncio.gather(first.migrate(), second.migrate())
-        assert sorted(results) == [[], [1, 2, 3, 4]]
+        assert sorted(results) == [[], [1, 2, 3, 4, 5]]
         assert await first.migrate() == []
         assert (await second.upsert(ORG, "stripe", put({"k": "v"}))).version == 1
     finally:
@@ -698,6 +702,7 @@ async def test_replicas_migrating_a_new_database_at_once_both_succeed(
         (2, "keys_and_audit"),
         (3, "change_feed"),
         (4, "change_feed_rewrap"),
+        (5, "save_if_unchanged"),
     ]
 
 
@@ -849,3 +854,149 @@ async def test_a_first_save_waits_for_another_replicas_first_save_of_the_row_and
         2,
         {"publishableKey": "pk_other", "secretKey": "enc:v1:service"},
     )
+
+
+# --- the optimistic save (PostgreSQL) ---------------------------------------------------------------
+#
+# A save of an existing row runs its merge on the row as this store last wrote it, then writes in one
+# statement only if the row is still that version. These tests change the row behind the store's back
+# (SQL, another replica) between the row the merge is given and the write, and check that the write
+# notices, that the merge runs again on the row as stored, and that nothing is lost.
+
+
+class SideWriter:
+    """A connection of its own, on a thread of its own, that a merge (a plain function) can call into.
+
+    Blocks the caller's event loop while it runs: for a merge that changes the row from SQL between
+    the moment the store hands it a row and the store's write.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        # lock_timeout: a mistake in a test must not wait forever with the caller's loop blocked.
+        self._conn: asyncpg.Connection = self._run(asyncpg.connect(url, server_settings={"lock_timeout": "3000"}))
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout=10)
+
+    def execute(self, statement: str, *args: object) -> str:
+        return str(self._run(self._conn.execute(statement, *args)))
+
+    def close(self) -> None:
+        self._run(self._conn.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+_ADD_FIELD_FROM_SQL = (
+    # As the dashboard or `rotate` would: the config changes, the version does not.
+    "UPDATE integration_config SET config = config || jsonb_build_object($2::text, 'enc:v1:sql') WHERE id = $1"
+)
+
+
+def recording(values: dict[str, str], seen: list[StoredIntegration | None]) -> Callable[..., dict[str, str]]:
+    def merge(current: StoredIntegration | None) -> dict[str, str]:
+        seen.append(current)
+        return {**(current.config if current else {}), **values}
+
+    return merge
+
+
+@pytest.mark.postgres
+async def test_a_save_of_a_row_changed_since_this_store_wrote_it_merges_again_onto_the_row_as_stored(
+    postgres_store: PostgresStore, postgres_database_url: str
+) -> None:
+    first = await postgres_store.upsert(ORG, "stripe", put({"secretKey": "enc:v1:a"}))
+    await _raw(postgres_database_url, _ADD_FIELD_FROM_SQL, first.id, "webhookSecret")
+    seen: list[StoredIntegration | None] = []
+    record = event(request_id="req-after-sql")
+
+    row = await postgres_store.upsert(ORG, "stripe", recording({"publishableKey": "enc:v1:b"}, seen), record)
+
+    # First on the row as this store wrote it; that write found the row changed and wrote nothing;
+    # then on the row as SQL left it.
+    assert [dict(current.config) for current in seen if current is not None] == [
+        {"secretKey": "enc:v1:a"},
+        {"secretKey": "enc:v1:a", "webhookSecret": "enc:v1:sql"},
+    ]
+    assert dict(row.config) == {"secretKey": "enc:v1:a", "webhookSecret": "enc:v1:sql", "publishableKey": "enc:v1:b"}
+    assert (row.id, row.version) == (first.id, 2)
+    assert await postgres_store.get(ORG, "stripe") == row
+    assert await trail(postgres_store) == [record]  # one save, one record
+
+
+@pytest.mark.postgres
+async def test_a_row_changed_between_the_merge_and_the_write_is_merged_again_then_written_under_the_row_lock(
+    postgres_store: PostgresStore, postgres_database_url: str
+) -> None:
+    await postgres_store.upsert(ORG, "stripe", put({"base": "enc:v1:base"}))
+    side = SideWriter(postgres_database_url)
+    seen: list[dict[str, str]] = []
+    locked_while_merging: list[bool] = []
+
+    def merge(current: StoredIntegration | None) -> dict[str, str]:
+        assert current is not None
+        seen.append(dict(current.config))
+        runs = len(seen)
+        try:
+            side.execute("SELECT 1 FROM integration_config WHERE id = $1 FOR UPDATE NOWAIT", current.id)
+            locked_while_merging.append(False)
+        except asyncpg.LockNotAvailableError:
+            locked_while_merging.append(True)
+        if runs <= 3:
+            # Another writer changes the row after the store handed it to this merge, before its write.
+            side.execute(_ADD_FIELD_FROM_SQL, current.id, f"sql_{runs}")
+        return {**current.config, "ours": "enc:v1:ours"}
+
+    try:
+        row = await postgres_store.upsert(ORG, "stripe", merge, event())
+    finally:
+        side.close()
+
+    # Three optimistic writes found the row changed each time; the fourth run held the row lock.
+    assert [sorted(config) for config in seen] == [
+        ["base"],
+        ["base", "sql_1"],
+        ["base", "sql_1", "sql_2"],
+        ["base", "sql_1", "sql_2", "sql_3"],
+    ]
+    assert locked_while_merging == [False, False, False, True]
+    assert sorted(row.config) == ["base", "ours", "sql_1", "sql_2", "sql_3"]
+    assert row.version == 2
+    assert await postgres_store.get(ORG, "stripe") == row
+    assert await trail(postgres_store) == [event()]
+
+
+def expect_version(version: int, values: dict[str, str]) -> Callable[[StoredIntegration | None], dict[str, str]]:
+    """An etag check: refuses unless the current row is at `version`."""
+
+    def merge(current: StoredIntegration | None) -> dict[str, str]:
+        if current is None or current.version != version:
+            raise Refused(f"stale: wanted version {version}")
+        return {**current.config, **values}
+
+    return merge
+
+
+@pytest.mark.postgres
+async def test_an_etag_check_is_decided_on_the_row_as_stored_not_on_the_row_this_store_last_wrote(
+    postgres_store: PostgresStore, postgres_database_url: str
+) -> None:
+    await postgres_store.upsert(ORG, "stripe", put({"a": "1"}))  # this store remembers version 1
+    replica = await PostgresStore.connect(postgres_database_url)
+    try:
+        assert (await replica.upsert(ORG, "stripe", put({"b": "2"}))).version == 2
+    finally:
+        await replica.close()
+
+    # The caller read version 2 elsewhere: its check passes on the row as stored.
+    row = await postgres_store.upsert(ORG, "stripe", expect_version(2, {"c": "3"}), event(request_id="req-ok"))
+    assert (row.version, dict(row.config)) == (3, {"a": "1", "b": "2", "c": "3"})
+    # A check that fails on the row as stored is final, whatever this store remembered.
+    with pytest.raises(Refused):
+        await postgres_store.upsert(ORG, "stripe", expect_version(2, {"d": "4"}), event(request_id="req-stale"))
+    assert await postgres_store.get(ORG, "stripe") == row
+    assert [record.request_id for record in await trail(postgres_store)] == ["req-ok"]

@@ -189,6 +189,56 @@ async def test_a_client_deadline_shorter_than_the_timeout_bounds_the_wait(
 
 
 @pytest.mark.postgres
+async def test_a_save_waiting_on_a_locked_table_gives_up_in_time_and_never_commits_later(
+    pg_service: Running, database_url: str, postgres_server: str
+) -> None:
+    """The save of an existing row runs as one statement without BEGIN: its lock waits end by themselves.
+
+    A client-side timeout alone would leave the statement queued on the server, to commit once the
+    table is free, after its call answered UNAVAILABLE.
+    """
+    svc = pg_service
+    org = new_org()
+    await svc.stub.SaveIntegration(save_request(org, SK))
+    locker = await asyncpg.connect(database_url)
+    monitor = await asyncpg.connect(postgres_server)
+    try:
+        transaction = locker.transaction()
+        await transaction.start()
+        # Blocks every write of the table (a migration would), not reads.
+        await locker.execute("LOCK TABLE integration_config IN EXCLUSIVE MODE")
+        try:
+            result, elapsed = await timed(svc.stub.SaveIntegration(save_request(org, SK_AFTER)))
+            assert isinstance(result, grpc.aio.AioRpcError), "a save of the locked table succeeded"
+            error = rich_error(result)
+            assert error.code is grpc.StatusCode.UNAVAILABLE, f"{error.code}: {error.message}"
+            assert f"did not answer within {DB_TIMEOUT:g} s" in error.message
+            assert elapsed < BOUND
+            # The server gave up too: nothing of the service's still waits for the table.
+            waiting = await monitor.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+                urlsplit(database_url).path.lstrip("/"),
+            )
+            assert waiting == 0
+        finally:
+            await transaction.rollback()
+        # With the table free again, the refused save did not land, and left no record of a change.
+        reply = await svc.stub.GetProviderConfig(
+            pb.GetProviderConfigRequest(organization_id=org, provider="stripe", view=pb.CONFIG_VIEW_DECRYPTED)
+        )
+        assert values_of(reply.config)["secretKey"][0] == SK
+        saves = await locker.fetchval(
+            "SELECT count(*) FROM audit_events WHERE organization_id = $1 AND rpc = 'SaveIntegration' "
+            "AND outcome = 'OK'",
+            org,
+        )
+        assert saves == 1
+    finally:
+        await locker.close()
+        await monitor.close()
+
+
+@pytest.mark.postgres
 async def test_a_call_waiting_for_a_pool_connection_answers_within_the_timeout(
     database_url: str, tmp_path: Path
 ) -> None:

@@ -189,7 +189,7 @@ class CredentialService:
 
 
 class _SaveMerge:
-    """A save's merge, run by the store with the row locked (again, if the store retries the write).
+    """A save's merge, run by the store on the current row (again on a newer row, if the store retries the write).
 
     Returns the config to store; `clear_of` then gives the clear config of the
     row it wrote, from the values it unsealed and sealed, so that a save

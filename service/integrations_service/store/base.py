@@ -9,9 +9,12 @@ only the sealing layer creates from clear text (and a store's row decoding from
 what its database holds), so mypy rejects a clear-text `str` handed to a store.
 
 Writes that depend on the current row (merging fields, etag checks, cross-field
-rules) run as a callback *inside* the store's transaction, with the row locked,
-so concurrent saves to the same organization and provider serialize and never
-lose a field. A callback that raises aborts the transaction: nothing changes.
+rules) run as a callback on the current row, and what it returns is written only
+if the row is still that row: with the row locked, or (PostgreSQL, a row that
+exists) by a write that checks the row is unchanged and otherwise runs the
+callback again on the row as it found it. Either way concurrent saves to the same
+organization and provider serialize and never lose a field. A callback that
+raises aborts the write: nothing changes.
 """
 
 from __future__ import annotations
@@ -150,9 +153,13 @@ class IntegrationStore(abc.ABC):
         """Atomically replace the row's config with `mutate(current)`.
 
         Inserts the row (version 1) when there is none, else bumps its version
-        and update time. `mutate` runs with the row locked against concurrent
-        writers of the same organization and provider. `audit`, when given, is
-        appended in the same transaction, so it exists exactly when the change does.
+        and update time. What `mutate` returns is written only if no concurrent
+        writer of the same organization and provider changed the row since
+        `mutate` was given it; `mutate` may run more than once (again on the row
+        as another writer left it), so it must not have effects of its own. Its
+        exception is final only when raised on the row as stored. `audit`, when
+        given, is appended in the same transaction, so it exists exactly when the
+        change does.
         """
 
     @abc.abstractmethod

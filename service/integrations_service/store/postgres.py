@@ -17,12 +17,14 @@ saves of it wait.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import asyncpg
@@ -103,11 +105,25 @@ _DEAD_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionResetError,
     BrokenPipeError,
 )
+# Failures of a pooled connection that asyncpg raises before sending anything: the statement did
+# not run, so even a write may be sent again on a fresh connection.
+_UNSENT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
 # Login or database errors at connect time: waiting will not fix them.
 _CONFIGURATION_SQLSTATE_CLASSES = ("28", "3D")
 # A second insert of the same (organization, provider) by a writer that bypassed
 # the advisory lock (e.g. a legacy dashboard) makes the upsert start over this many times.
 _UPSERT_ATTEMPTS = 3
+# Conditional writes a save of an existing row tries (each from the row as stored when the previous
+# one found it changed) before it locks the row and writes under the lock.
+_OPTIMISTIC_ATTEMPTS = 3
+# The rows this process last read or wrote for a save, which the next save of the row tries first
+# (one round trip instead of two). Only a guess: the write checks it, so a stale one costs one
+# retry. Bounded in number, and in age well below the 2^31 transactions after which an xmin repeats.
+_REMEMBERED_ROWS = 10_000
+_REMEMBERED_FOR = 60.0
 
 # Plain literals (no string building): every value travels as a bind parameter.
 _SELECT_ONE = (
@@ -126,16 +142,28 @@ _INSERT = (
     "INSERT INTO integration_config "
     "(id, organization_id, provider, config, version, created_at, updated_at) "
     "SELECT $1, $2, $3, $4::jsonb, 1, ts, ts FROM clock_timestamp() AS ts "
-    "RETURNING id, organization_id, provider, config, version, created_at, updated_at"
+    "RETURNING id, organization_id, provider, config, version, created_at, updated_at, xmin AS row_xmin"
 )
 # GREATEST: updated_at grows with every write even if the clock stalls or steps back.
 _UPDATE = (
     "UPDATE integration_config SET config = $2::jsonb, version = version + 1, "
     "updated_at = GREATEST(clock_timestamp(), updated_at + interval '1 microsecond') "
     "WHERE id = $1 "
-    "RETURNING id, organization_id, provider, config, version, created_at, updated_at"
+    "RETURNING id, organization_id, provider, config, version, created_at, updated_at, xmin AS row_xmin"
 )
 _DELETE = "DELETE FROM integration_config WHERE id = $1"
+# The optimistic save (migration 0005): the row as a save reads it, with the transaction that wrote it
+# (xmin); then one statement that writes the row and its audit record only if it is still that row.
+_SELECT_FOR_SAVE = (
+    "SELECT id, organization_id, provider, config, version, created_at, updated_at, xmin AS row_xmin "
+    "FROM integration_config WHERE organization_id = $1 AND provider = $2"
+)
+_SAVE_IF_UNCHANGED = (
+    "SELECT written, id, organization_id, provider, config, version, created_at, updated_at, row_xmin "
+    "FROM integrations_save_if_unchanged($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+)
+# What the optimistic save passes for the audit columns when it records nothing.
+_NO_AUDIT = (None,) * len(rowmap.AUDIT_COLUMNS)
 # Readiness: the database answers a query.
 _PING = "SELECT 1"
 
@@ -251,6 +279,8 @@ class PostgresStore(IntegrationStore):
         self._close_timeout = close_timeout
         self._timeout = timeout
         self._writers = KeyedLocks()
+        # (organization, provider) -> the row as this process last read or wrote it for a save.
+        self._remembered: collections.OrderedDict[tuple[str, str], _Seen] = collections.OrderedDict()
         # Disconnected until a listener feeds it: connect(listen=True).
         self._changes = ChangeHub(connected=False)
         self._listener: PostgresChangeListener | None = None
@@ -319,13 +349,50 @@ class PostgresStore(IntegrationStore):
     async def upsert(
         self, organization_id: str, provider: str, mutate: Mutation, audit: AuditRecord | None = None
     ) -> StoredIntegration:
-        async with self._bounded(), self._writers.hold((organization_id, provider)):
+        """An existing row: optimistically, in one statement; a new row, or after conflicts: under the row lock.
+
+        The optimistic save runs `mutate` on the row as it was read (remembered from this process's last
+        save of it, or read now), then writes the result and its audit record in one statement that
+        changes the row only if it is still exactly that row (migration 0005). Writers of one row queue
+        in this process, so only writers elsewhere (other replicas, `rotate`, the dashboard, SQL) can make
+        it find the row changed: it then tries again from the row as it found it, and after
+        _OPTIMISTIC_ATTEMPTS locks the row as every first save does. `mutate` decides (etag, cross-field
+        rules) on a row that was current when read, or that the write then proves current: a refusal
+        on a remembered row, which may be stale, is asked again of the row as stored.
+        """
+        key = (organization_id, provider)
+        async with self._bounded() as budget, self._writers.hold(key):
+            seen = self._remembered_row(key)
+            guessed = seen is not None
+            if seen is None:
+                seen = await self._read_for_save(organization_id, provider)
+            for _ in range(_OPTIMISTIC_ATTEMPTS):
+                if seen is None:
+                    break  # no row: the first save inserts it under the row lock
+                try:
+                    config = dict(mutate(seen.row))
+                except Exception:
+                    if not guessed:
+                        raise  # refused on the row as stored: nothing was written
+                    guessed = False
+                    seen = await self._read_for_save(organization_id, provider)
+                    continue
+                written, seen = await self._save_if_unchanged(seen, config, audit, budget)
+                guessed = False
+                if written:
+                    assert seen is not None  # a written row comes back
+                    self._remember(key, seen)
+                    return seen.row
+            self._forget(key)
             for attempt in range(1, _UPSERT_ATTEMPTS + 1):
                 try:
-                    return await self._upsert_once(organization_id, provider, mutate, audit)
+                    saved = await self._upsert_once(organization_id, provider, mutate, audit)
                 except asyncpg.UniqueViolationError:
                     if attempt == _UPSERT_ATTEMPTS:
                         break
+                    continue
+                self._remember(key, saved)
+                return saved.row
         raise errors.Conflict(
             f"the credentials of organization {organization_id!r} for provider {provider!r} "
             "keep being created concurrently; retry"
@@ -334,6 +401,7 @@ class PostgresStore(IntegrationStore):
     async def delete(
         self, organization_id: str, provider: str, check: Precondition, audit: AuditRecord | None = None
     ) -> bool:
+        self._forget((organization_id, provider))
         async with self._bounded(), self._writers.hold((organization_id, provider)), self._transaction() as conn:
             current = await self._lock_row(conn, organization_id, provider)
             if current is None:
@@ -489,7 +557,7 @@ class PostgresStore(IntegrationStore):
 
     async def _upsert_once(
         self, organization_id: str, provider: str, mutate: Mutation, audit: AuditRecord | None
-    ) -> StoredIntegration:
+    ) -> _Seen:
         async with self._transaction() as conn:
             current = await self._lock_row(conn, organization_id, provider)
             config = dict(mutate(current))  # raising rolls back: nothing changes, no audit
@@ -503,7 +571,74 @@ class PostgresStore(IntegrationStore):
                     record = await conn.fetchrow(update, current.id, config, *logged)
         if record is None:  # pragma: no cover (RETURNING of an insert, or of an update of the locked row)
             raise RuntimeError("the write of the integration row returned no row")
-        return _to_stored(record)
+        return _seen(record)
+
+    # --- the optimistic save --------------------------------------------------------------------
+
+    def _remembered_row(self, key: tuple[str, str]) -> _Seen | None:
+        seen = self._remembered.get(key)
+        if seen is None:
+            return None
+        if asyncio.get_running_loop().time() - seen.at > _REMEMBERED_FOR:
+            del self._remembered[key]
+            return None
+        return seen
+
+    def _remember(self, key: tuple[str, str], seen: _Seen | None) -> None:
+        if seen is None:
+            self._remembered.pop(key, None)
+            return
+        self._remembered[key] = seen
+        self._remembered.move_to_end(key)
+        while len(self._remembered) > _REMEMBERED_ROWS:
+            self._remembered.popitem(last=False)
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        self._remembered.pop(key, None)
+
+    async def _read_for_save(self, organization_id: str, provider: str) -> _Seen | None:
+        async def query(conn: PoolConnectionProxy) -> _Seen | None:
+            record = await conn.fetchrow(_SELECT_FOR_SAVE, organization_id, provider)
+            return _seen(record) if record is not None else None
+
+        return await self._read(query)
+
+    async def _save_if_unchanged(
+        self, seen: _Seen, config: Mapping[str, str], audit: AuditRecord | None, budget: Budget
+    ) -> tuple[bool, _Seen | None]:
+        """Write `config` and `audit` if the row is still `seen`: (True, the written row), else
+        (False, the row as stored now, or None when there is none). One statement, its own transaction.
+
+        Once more on a fresh connection only when the pooled one refused the statement before sending
+        it: a connection lost while the statement ran leaves unknown whether it committed.
+        """
+        row = seen.row
+        logged = rowmap.audit_values(audit) if audit is not None else _NO_AUDIT
+        arguments = (
+            row.organization_id,
+            row.provider,
+            row.id,
+            row.version,
+            seen.xmin,
+            config,
+            _server_timeout_ms(budget),
+            audit is not None,
+            *logged,
+        )
+
+        async def statement(conn: PoolConnectionProxy) -> tuple[bool, _Seen | None]:
+            record = await conn.fetchrow(_SAVE_IF_UNCHANGED, *arguments)
+            if record is None:
+                return False, None
+            return bool(record["written"]), _seen(record)
+
+        try:
+            return await self._read_once(statement)
+        except errors.Unavailable as exc:
+            if not isinstance(exc.__cause__, _UNSENT_ERRORS):
+                raise
+            log.info("retrying a save on a fresh connection", extra={"event": "save_retried"})
+        return await self._read_once(statement)
 
     async def _lock_row(
         self, conn: PoolConnectionProxy, organization_id: str, provider: str
@@ -639,9 +774,14 @@ def _worth_rolling_back(failure: BaseException) -> bool:
     return not _may_be_broken(failure)
 
 
-def _server_timeouts(budget: Budget) -> str:
+def _server_timeout_ms(budget: Budget) -> int:
+    """What is left of the budget, less a margin, in milliseconds: what the server may wait."""
     remaining = budget.remaining()
-    milliseconds = max(1, int((remaining - min(_SERVER_TIMEOUT_MARGIN, remaining / 4)) * 1000))
+    return max(1, int((remaining - min(_SERVER_TIMEOUT_MARGIN, remaining / 4)) * 1000))
+
+
+def _server_timeouts(budget: Budget) -> str:
+    milliseconds = _server_timeout_ms(budget)
     return f"SET LOCAL lock_timeout = {milliseconds}; SET LOCAL statement_timeout = {milliseconds}"
 
 
@@ -705,6 +845,19 @@ def _raise_if_permanent(exc: Exception) -> None:
         raise errors.ConfigurationError(f"PostgreSQL refused DATABASE_URL: {exc}") from None
     if not is_connection_error(exc):
         raise exc
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """A row as a save read or wrote it: the version of it that the optimistic write expects."""
+
+    row: StoredIntegration
+    xmin: int  # the transaction that wrote this version of the row: any write to it changes it
+    at: float  # loop time when read or written
+
+
+def _seen(record: asyncpg.Record) -> _Seen:
+    return _Seen(_to_stored(record), int(record["row_xmin"]), asyncio.get_running_loop().time())
 
 
 def _to_stored(record: asyncpg.Record) -> StoredIntegration:
