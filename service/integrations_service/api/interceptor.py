@@ -4,7 +4,8 @@ For each call it: takes or makes a request id; names the caller from the TLS
 auth context; checks the caller's permission for this RPC (and view);
 turns `errors.ServiceError` into its status (`api.status`) and anything
 unexpected into INTERNAL, logged with the request id (never UNKNOWN); and
-writes one log line with identifiers only, never request values.
+writes one log line with identifiers only, never request values, which also
+carries the audit record the call made, if any (`domain.audit.CallLine`).
 
 Bytes that do not decode as the request message answer INVALID_ARGUMENT
 (grpc.aio decodes before any handler runs, so the decoder is wrapped too). A
@@ -30,7 +31,7 @@ from integrations_service import errors
 from integrations_service.api.auth import SERVICE_PREFIX, Authorizer, Identified, peer_names
 from integrations_service.api.status import status_code_of, to_grpc_status
 from integrations_service.deadlines import set_call_deadline
-from integrations_service.domain.audit import AuditTrail, Caller
+from integrations_service.domain.audit import AuditRecord, AuditTrail, Caller, CallLine
 from integrations_service.metrics import Metrics
 from integrations_service.untrusted import bounded
 
@@ -94,6 +95,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             # The typed rendering of the caller, e.g. spiffe:…
             caller = Caller(str(identified.name), _request_id(context) or new_request_id())
             _current_caller.set(caller)
+            line = CallLine.open()
             set_call_deadline(context.time_remaining())  # the store waits no longer than the caller does
             started = time.perf_counter()
             rpc_metrics.started()
@@ -123,7 +125,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 code = _cut_short(context) or code
                 elapsed = time.perf_counter() - started
                 rpc_metrics.handled(code, elapsed)
-                _log_rpc(method, request, code, elapsed, caller)
+                _log_rpc(method, request, code, elapsed, caller, line.close())
             raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
         return handle
@@ -226,18 +228,32 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Statu
     await context.abort(status.code, status.details, trailing)
 
 
-def _log_rpc(method: str, request: Any, code: grpc.StatusCode, elapsed: float, caller: Caller) -> None:
+def _log_rpc(
+    method: str, request: Any, code: grpc.StatusCode, elapsed: float, caller: Caller, audit: AuditRecord | None
+) -> None:
+    """The call's one line; with the audit record the call made, if any (its identifiers are the record's own)."""
+    if audit is None:
+        # Identifiers only (bounded: the request may be one that was refused for them);
+        # requests carry secrets in other fields, which are never logged.
+        organization_id = bounded(getattr(request, "organization_id", "")) or None
+        provider = bounded(getattr(request, "provider", "")) or None
+        caller_shown, request_id = caller.identity, caller.request_id
+    else:
+        organization_id, provider = audit.organization_id or None, audit.provider or None
+        caller_shown, request_id = audit.caller, audit.request_id
     log.info(
         "rpc finished",
         extra={
             "rpc": method,
             "code": code.name,
             "duration_ms": round(elapsed * 1000, 3),
-            "request_id": caller.request_id,
-            "caller": caller.identity,
-            # Identifiers only (bounded: the request may be one that was refused for them);
-            # requests carry secrets in other fields, which are never logged.
-            "organization_id": bounded(getattr(request, "organization_id", "")) or None,
-            "provider": bounded(getattr(request, "provider", "")) or None,
+            "request_id": request_id,
+            "caller": caller_shown,
+            "organization_id": organization_id,
+            "provider": provider,
+            # None (left out of the line) for a call that made no audit record.
+            "event": "audit" if audit else None,
+            "outcome": audit.outcome if audit else None,
+            "fields": (",".join(audit.fields) or None) if audit else None,
         },
     )
