@@ -229,7 +229,12 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Statu
 
 
 def _log_rpc(
-    method: str, request: Any, code: grpc.StatusCode, elapsed: float, caller: Caller, audit: AuditRecord | None
+    method: str,
+    request: Any,
+    code: grpc.StatusCode,
+    elapsed: float,
+    caller: Caller,
+    audit: AuditRecord | None = None,
 ) -> None:
     """The call's one line; with the audit record the call made, if any (its identifiers are the record's own)."""
     if audit is None:
