@@ -30,8 +30,9 @@ run-mtls: install
 	INTEGRATIONS_TLS_CLIENT_CA=.data/dev-certs/ca.crt INTEGRATIONS_AUTHZ_POLICY=.data/dev-certs/policy.toml \
 	$(BIN)/integrations-service serve
 
+# Two processes (pytest-xdist), each file's tests on one of them: see tests/conftest.py.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 gen: install
 	$(BIN)/python tools/gen_protos.py

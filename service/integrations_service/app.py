@@ -16,7 +16,7 @@ from grpc_health.v1._async import HealthServicer
 
 from integrations_service.api.auth import Authorizer, Policy
 from integrations_service.api.readiness import Readiness
-from integrations_service.api.server import SERVICE_NAME, build_server, listen, mark_serving
+from integrations_service.api.server import SERVICE_NAME, Keepalive, build_server, listen, mark_serving
 from integrations_service.api.tls import ReloadingCredentials
 from integrations_service.config import ENCRYPTION_KEY_FILE_ENV, KEY_MATERIAL_ENVS, Mode, Settings
 from integrations_service.crypto import Keyring, ValueCipher
@@ -25,6 +25,7 @@ from integrations_service.domain.audit import AuditTrail
 from integrations_service.domain.audit_pages import AuditPages
 from integrations_service.domain.key_ledger import EncryptionCounter, KeyUsage
 from integrations_service.domain.service import CredentialService
+from integrations_service.domain.watch import ChangeWatches
 from integrations_service.errors import ConfigurationError
 from integrations_service.metrics import Metrics
 from integrations_service.sealing import LegacyPolicy, Sealer
@@ -47,11 +48,17 @@ class RunningService:
     metrics: Metrics
     metrics_port: int | None
     readiness: Readiness
+    watches: ChangeWatches
 
     async def stop(self, grace: float) -> None:
-        """Health goes NOT_SERVING, new calls are refused, in-flight ones get `grace` seconds."""
+        """Health goes NOT_SERVING, new calls are refused, in-flight ones get `grace` seconds.
+
+        Watch streams end at once with UNAVAILABLE (reconnect elsewhere): they would hold the grace period
+        until its end, and their consumers are better off on a replica that stays.
+        """
         await self.readiness.close()
         await self.health.enter_graceful_shutdown()
+        self.watches.shutdown()
         await self.server.stop(grace)
         await _close_in_order(self.audit, self.key_usage, self.store)
         log.info("stopped", extra={"event": "stopped"})
@@ -188,8 +195,17 @@ async def start(settings: Settings) -> RunningService:
     try:
         sealer = Sealer(cipher, _legacy_policy(settings, metrics))
         service = CredentialService(store, sealer, settings.provider_defaults, audit)
+        watches = ChangeWatches(store.changes(), queue_size=settings.watch_queue_size)
+        metrics.watches.counts = watches.counts
         server, health_servicer = build_server(
-            service, audit, AuditPages(store), authorizer, metrics, reflection_enabled=settings.reflection
+            service,
+            audit,
+            AuditPages(store),
+            authorizer,
+            metrics,
+            watches,
+            reflection_enabled=settings.reflection,
+            keepalive=Keepalive(settings.keepalive_time, settings.keepalive_timeout),
         )
         port = listen(server, settings.listen_address, credentials)
         metrics_port = _serve_metrics(metrics, settings.metrics_address, store, audit, key_usage)
@@ -214,7 +230,9 @@ async def start(settings: Settings) -> RunningService:
             "key_id": cipher.active_key_id,
         },
     )
-    return RunningService(server, health_servicer, store, audit, key_usage, port, metrics, metrics_port, readiness)
+    return RunningService(
+        server, health_servicer, store, audit, key_usage, port, metrics, metrics_port, readiness, watches
+    )
 
 
 def _with_row_cache(store: IntegrationStore, settings: Settings, metrics: Metrics) -> IntegrationStore:

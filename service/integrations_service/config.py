@@ -126,6 +126,26 @@ CACHE_TTL = Setting(
     "seconds a cached stored row (ciphertext) may be served at most, however the change feed fares; 0 turns "
     "the row cache off",
 )
+WATCH_QUEUE_SIZE = Setting(
+    "INTEGRATIONS_WATCH_QUEUE_SIZE",
+    "--watch-queue-size",
+    "1000",
+    "change events a WatchConfigChanges stream may have waiting for its consumer; one more and the stream is "
+    "sent a resync instead (memory per stream stays bounded)",
+)
+KEEPALIVE_TIME = Setting(
+    "INTEGRATIONS_KEEPALIVE_TIME",
+    "--keepalive-time",
+    "60",
+    "seconds of quiet on a connection after which the server pings the client (HTTP/2 keepalive), so a dead "
+    "watcher's stream is closed; clients may ping every 20 s or more, even without a call",
+)
+KEEPALIVE_TIMEOUT = Setting(
+    "INTEGRATIONS_KEEPALIVE_TIMEOUT",
+    "--keepalive-timeout",
+    "20",
+    "seconds the server waits for a keepalive ping's answer before closing the connection",
+)
 WORKERS = Setting(
     "INTEGRATIONS_WORKERS",
     "--workers",
@@ -153,6 +173,9 @@ SETTINGS = (
     LEGACY_VALUES,
     AUDIT_READS,
     CACHE_TTL,
+    WATCH_QUEUE_SIZE,
+    KEEPALIVE_TIME,
+    KEEPALIVE_TIMEOUT,
     WORKERS,
 )
 
@@ -191,6 +214,11 @@ class Settings:
     key_source: str | None = None
     # Above 1: `serve` runs this many server processes under a supervisor (supervisor.py).
     workers: int = 1
+    # Events a watch stream may have queued before it is told to resync.
+    watch_queue_size: int = 1000
+    # HTTP/2 keepalive of the server, seconds.
+    keepalive_time: float = 60.0
+    keepalive_timeout: float = 20.0
 
     @property
     def dev_key_path(self) -> Path:
@@ -237,6 +265,9 @@ def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str], s
         cache_ttl=reader.number(CACHE_TTL, float, minimum=0),
         key_source=reader.key_source(),
         workers=reader.workers(database_url) if serving else 1,
+        watch_queue_size=int(reader.number(WATCH_QUEUE_SIZE, int, minimum=1)),
+        keepalive_time=reader.number(KEEPALIVE_TIME, float, minimum=1),
+        keepalive_timeout=reader.number(KEEPALIVE_TIMEOUT, float, minimum=1),
     )
     reader.raise_problems()
     return settings

@@ -53,6 +53,8 @@ _FIELDS = (
     "variable",
     "legacy_remaining",
     "unreadable_rows",
+    # A WatchConfigChanges stream's scope (provider ids, bounded) when it opens.
+    "providers",
 )
 
 

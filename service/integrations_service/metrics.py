@@ -12,12 +12,13 @@ grpc_method,grpc_code}`, ...), so stock dashboards and alerts work unchanged.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from logging import getLogger
 from threading import Thread
-from typing import TypeVar
-from wsgiref.simple_server import WSGIServer
+from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from prometheus_client import (
@@ -29,11 +30,13 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from integrations_service.domain.watch import WatchCounts
 from integrations_service.store import IntegrationStore, PoolStats
 from integrations_service.store.cached import INVALIDATION_REASONS, RESULTS, CacheCounts
 
@@ -56,6 +59,7 @@ class Metrics:
         GCCollector(registry=r)
         self._grpc = _GrpcServerMetrics(r)
         self._rpcs: dict[str, RpcMetrics] = {}
+        self._stream_rpcs: dict[str, StreamRpcMetrics] = {}
         self.rpcs = Counter(
             "integrations_rpc_requests", "RPCs handled, by method and status code", ["method", "code"], registry=r
         )
@@ -126,6 +130,8 @@ class Metrics:
         )
         # Zeros until `serve` wires a row cache in (none with INTEGRATIONS_CACHE_TTL=0): the series always exist.
         self.cache = self._scraped(_CacheCollector())
+        # Zeros until `serve` wires the watch streams in.
+        self.watches = self._scraped(_WatchCollector())
         if _worker is not None:
             _WorkerMirror(self._read_at_scrape, _worker).start()
 
@@ -140,6 +146,13 @@ class Metrics:
         instruments = self._rpcs.get(method)
         if instruments is None:
             instruments = self._rpcs[method] = RpcMetrics(method, self._grpc, self)
+        return instruments
+
+    def stream_rpc(self, method: str) -> StreamRpcMetrics:
+        """The instruments of one server-streaming RPC, made once and kept."""
+        instruments = self._stream_rpcs.get(method)
+        if instruments is None:
+            instruments = self._stream_rpcs[method] = StreamRpcMetrics(method, self._grpc, self)
         return instruments
 
     def observed(self, operation: str, seconds: float) -> None:
@@ -159,7 +172,8 @@ class Metrics:
     def serve(self, address: str) -> int:
         """Start the /metrics HTTP server in a thread; the port actually bound."""
         host, _, port = address.rpartition(":")
-        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
+        server = _metrics_server(host.strip("[]"), int(port), make_wsgi_app(self.registry))
+        Thread(target=server.serve_forever, args=(_SHUTDOWN_POLL,), name="metrics-http", daemon=True).start()
         self._http = server
         return int(server.server_port)
 
@@ -167,9 +181,26 @@ class Metrics:
         """Stop the /metrics HTTP server, if one was started, and release its port."""
         server, self._http = self._http, None
         if server is not None:
-            # shutdown() waits for the serving thread's poll loop (up to half a second): not on the event loop.
+            # shutdown() waits for the serving thread's poll loop (up to _SHUTDOWN_POLL): not on the event loop.
             await asyncio.to_thread(server.shutdown)
             server.server_close()
+
+
+# How often the /metrics thread checks for shutdown between requests. prometheus_client's
+# start_http_server polls every 0.5 s, so every stop of the service waited up to half a second for it.
+_SHUTDOWN_POLL = 0.02
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged (as with prometheus_client's own server)."""
+
+
+def _metrics_server(host: str, port: int, wsgi_app: Any) -> WSGIServer:
+    """prometheus_client's start_http_server, minus its thread: an IPv4 or IPv6 socket as the host needs."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    server_class = type("_MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    return make_server(str(sockaddr[0]), port, wsgi_app, server_class, handler_class=_QuietHandler)
 
 
 class _GrpcServerMetrics:
@@ -230,6 +261,33 @@ class RpcMetrics:
         self._own_seconds.observe(seconds)
 
 
+class StreamRpcMetrics:
+    """One server-streaming method's label children (grpc_type="server_stream"): calls, their codes, messages.
+
+    No latency histogram: a watch stream lasts as long as its consumer wants, which says nothing about speed.
+    """
+
+    def __init__(self, method: str, grpc_metrics: _GrpcServerMetrics, metrics: Metrics) -> None:
+        service, _, name = method.lstrip("/").rpartition("/")
+        labels = ("server_stream", service, name)
+        self._started = grpc_metrics.started.labels(*labels)
+        self._received = grpc_metrics.received.labels(*labels)
+        self._sent = grpc_metrics.sent.labels(*labels)
+        self._handled = {code: grpc_metrics.handled.labels(*labels, code.name) for code in grpc.StatusCode}
+        self._own = {code: metrics.rpcs.labels(method, code.name) for code in grpc.StatusCode}
+
+    def started(self) -> None:
+        self._started.inc()
+        self._received.inc()
+
+    def sent(self) -> None:
+        self._sent.inc()
+
+    def handled(self, code: grpc.StatusCode) -> None:
+        self._handled[code].inc()
+        self._own[code].inc()
+
+
 class _FunctionCounter(Collector):
     """A counter whose total is kept elsewhere (the domain counts, without knowing Prometheus), read at scrape time."""
 
@@ -270,6 +328,32 @@ class _CacheCollector(Collector):
         for reason in INVALIDATION_REASONS:
             invalidations.add_metric([reason], self.counts.invalidations[reason])
         yield invalidations
+
+
+class _WatchCollector(Collector):
+    """What the WatchConfigChanges streams of this process did (domain/watch.py), read at scrape time."""
+
+    def __init__(self) -> None:
+        self.counts = WatchCounts()
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "integrations_watch_streams", "WatchConfigChanges streams open in this process", value=self.counts.open
+        )
+        yield CounterMetricFamily(
+            "integrations_watch_changes_sent",
+            "Change messages sent on WatchConfigChanges streams (each stream counts its own)",
+            value=self.counts.changes_sent,
+        )
+        resyncs = CounterMetricFamily(
+            "integrations_watch_resyncs",
+            "Resync messages sent on WatchConfigChanges streams, by reason: fell_behind (the stream's queue was "
+            "full), truncated, undescribed",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self.counts.resyncs.items()):
+            resyncs.add_metric([reason], count)
+        yield resyncs
 
 
 class _FunctionGauge(_FunctionCounter):

@@ -18,6 +18,7 @@ search ran over a log that really captured the traffic.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -182,8 +183,13 @@ class RawRows:
 
     async def _fetch(self, sql: str, *args: str) -> list[tuple[Any, ...]]:
         if self.kind == "sqlite":
-            with closing(sqlite3.connect(self.where, timeout=10)) as conn:
-                return list(conn.execute(sql.replace("$1", "?").replace("$2", "?"), args).fetchall())
+            # On a thread: the in-process service shares this event loop, and an audit flush it has begun
+            # (holding the file's write lock) can only finish while the loop runs.
+            def fetch() -> list[tuple[Any, ...]]:
+                with closing(sqlite3.connect(self.where, timeout=10)) as conn:
+                    return list(conn.execute(sql.replace("$1", "?").replace("$2", "?"), args).fetchall())
+
+            return await asyncio.to_thread(fetch)
         conn = await asyncpg.connect(self.where)
         try:
             return [tuple(record) for record in await conn.fetch(sql, *args)]
@@ -202,11 +208,17 @@ class RawRows:
 
     async def set_config_text(self, organization_id: str, provider: str, text: str) -> None:
         if self.kind == "sqlite":
-            with closing(sqlite3.connect(self.where, timeout=10)) as conn, conn:
-                changed = conn.execute(
-                    "UPDATE integration_config SET config = ? WHERE organization_id = ? AND provider = ?",
-                    (text, organization_id, provider),
-                ).rowcount
+
+            def update() -> int:  # on a thread, as in _fetch
+                with closing(sqlite3.connect(self.where, timeout=10)) as conn, conn:
+                    return int(
+                        conn.execute(
+                            "UPDATE integration_config SET config = ? WHERE organization_id = ? AND provider = ?",
+                            (text, organization_id, provider),
+                        ).rowcount
+                    )
+
+            changed = await asyncio.to_thread(update)
         else:
             conn = await asyncpg.connect(self.where)
             try:

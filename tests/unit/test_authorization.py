@@ -45,6 +45,12 @@ CALLS: list[tuple[str, str, Any, set[str]]] = [
     ("SaveIntegration", "SaveIntegration", pb.SaveIntegrationRequest(), {"dashboard", "admin"}),
     ("DeleteIntegration", "DeleteIntegration", pb.DeleteIntegrationRequest(), {"dashboard", "admin"}),
     ("ListAuditEvents", "ListAuditEvents", pb.ListAuditEventsRequest(), {"admin"}),
+    (
+        "WatchConfigChanges",
+        "WatchConfigChanges",
+        pb.WatchConfigChangesRequest(),
+        {"dashboard", "commerce", "admin"},
+    ),
     # A method the table does not list yet needs the strictest permission.
     ("an unlisted method", "SomeFutureMethod", None, {"admin"}),
 ]

@@ -119,6 +119,19 @@ def test_a_subscription_dropped_without_close_is_forgotten() -> None:
     assert hub.subscribers == 0
 
 
+def test_a_subscription_queues_only_the_changes_it_accepts_and_every_reset() -> None:
+    hub = ChangeHub(connected=True)
+    wanted = ConfigChanged.saved(row(2))
+    picky = hub.subscribe(queue_size=2, accept=lambda change: change.version == 2)
+    for version in (1, 3, 4, 5, 6):
+        hub.publish(ConfigChanged.saved(row(version)))
+    assert picky.pending == 0  # nothing it refused counts against its queue
+    hub.publish(wanted)
+    hub.publish(FeedReset(ResetReason.TRUNCATED))
+    hub.publish(wanted)
+    assert picky.drain() == [FeedReset(ResetReason.TRUNCATED), wanted]
+
+
 def test_a_queue_must_hold_something() -> None:
     with pytest.raises(ValueError, match="queue_size"):
         ChangeHub(connected=True).subscribe(queue_size=0)
@@ -145,6 +158,25 @@ def test_a_save_and_a_delete_notification_are_read() -> None:
     assert parse_notification(json.dumps(payload)) == ConfigChanged("org_1", "stripe", "row-1", 3, ChangeKind.SAVED, T0)
     payload["operation"] = "deleted"
     assert parse_notification(json.dumps(payload)).kind is ChangeKind.DELETED  # type: ignore[union-attr]
+
+
+def test_a_rewrap_is_told_apart_and_a_payload_from_before_migration_0004_reads_as_a_change() -> None:
+    payload: dict[str, object] = {
+        "operation": "saved",
+        "organization_id": "org_1",
+        "provider": "stripe",
+        "id": "row-1",
+        "version": 3,
+        "time": "2026-01-02T03:04:05.678901Z",
+    }
+    old = parse_notification(json.dumps(payload))  # no "rewrap" key: a change watchers are sent
+    assert old == ConfigChanged("org_1", "stripe", "row-1", 3, ChangeKind.SAVED, T0, rewrap=False)
+    payload["rewrap"] = True
+    assert parse_notification(json.dumps(payload)) == ConfigChanged(
+        "org_1", "stripe", "row-1", 3, ChangeKind.SAVED, T0, rewrap=True
+    )
+    payload["rewrap"] = "yes"  # untrusted: anything but a boolean resynchronizes
+    assert parse_notification(json.dumps(payload)) == FeedReset(ResetReason.UNDESCRIBED)
 
 
 @pytest.mark.parametrize(

@@ -151,10 +151,11 @@ def test_both_clients_take_the_documented_constructor_arguments() -> None:
         "wait_for_ready": True,
         "channel_options": (),
         "channels": 1,
+        "watch": True,
     }
     for cls in (IntegrationsClient, IntegrationsClientSync):
         parameters = inspect.signature(cls).parameters
-        assert list(parameters) == [*list(expected)[:-2], "clock", "channel_options", "channels"]
+        assert list(parameters) == [*list(expected)[:-3], "clock", "channel_options", "channels", "watch"]
         assert {name: parameters[name].default for name in expected} == expected
 
 

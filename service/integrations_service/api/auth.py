@@ -55,11 +55,16 @@ class Permission(enum.Enum):
     READ_DECRYPTED = "read_decrypted"
     WRITE = "write"
     READ_AUDIT = "read_audit"
+    WATCH_CHANGES = "watch_changes"
 
 
 ROLES: Mapping[str, frozenset[Permission]] = {
-    "dashboard": frozenset({Permission.LIST_PROVIDERS, Permission.READ_MASKED, Permission.WRITE}),
-    "commerce": frozenset({Permission.LIST_PROVIDERS, Permission.READ_MASKED, Permission.READ_DECRYPTED}),
+    "dashboard": frozenset(
+        {Permission.LIST_PROVIDERS, Permission.READ_MASKED, Permission.WRITE, Permission.WATCH_CHANGES}
+    ),
+    "commerce": frozenset(
+        {Permission.LIST_PROVIDERS, Permission.READ_MASKED, Permission.READ_DECRYPTED, Permission.WATCH_CHANGES}
+    ),
     "admin": frozenset(Permission),
 }
 
@@ -80,6 +85,7 @@ _METHOD_PERMISSIONS = {
     "SaveIntegration": Permission.WRITE,
     "DeleteIntegration": Permission.WRITE,
     "ListAuditEvents": Permission.READ_AUDIT,
+    "WatchConfigChanges": Permission.WATCH_CHANGES,
 }
 
 

@@ -10,7 +10,8 @@ from integrations.v1 import integrations_pb2 as pb
 from integrations_service.domain.audit import AuditEntry
 from integrations_service.domain.registry import Category, ProviderSpec
 from integrations_service.domain.resolution import ConfigView, EffectiveConfig, ValueSource
-from integrations_service.domain.service import ProviderStatus
+from integrations_service.domain.service import ProviderStatus, etag_of_change
+from integrations_service.domain.watch import ChangeKind, ConfigChanged, WatchEvent, WatchResync
 from integrations_service.errors import FieldViolation, InvalidArgument
 
 _CATEGORY_TO_PB = {
@@ -24,6 +25,7 @@ _SOURCE_TO_PB = {
     ValueSource.ENVIRONMENT: pb.VALUE_SOURCE_ENVIRONMENT,
     ValueSource.UNSET: pb.VALUE_SOURCE_UNSET,
 }
+_CHANGE_TYPE_TO_PB = {ChangeKind.SAVED: pb.CHANGE_TYPE_SAVED, ChangeKind.DELETED: pb.CHANGE_TYPE_DELETED}
 _VIEW_FROM_PB = {
     pb.CONFIG_VIEW_UNSPECIFIED: ConfigView.MASKED,
     pb.CONFIG_VIEW_MASKED: ConfigView.MASKED,
@@ -135,3 +137,21 @@ def audit_to_pb(entry: AuditEntry) -> pb.AuditEvent:
     )
     event.time.FromDatetime(record.time)
     return event
+
+
+def watch_event_to_pb(event: WatchEvent) -> pb.WatchConfigChangesResponse:
+    """One message of a WatchConfigChanges stream: identifiers, an etag and a time, never a value."""
+    if isinstance(event, ConfigChanged):
+        change = pb.ConfigChange(
+            organization_id=event.organization_id,
+            provider=event.provider,
+            etag=etag_of_change(event),
+            type=_CHANGE_TYPE_TO_PB[event.kind],
+        )
+        change.change_time.FromDatetime(event.time)
+        return pb.WatchConfigChangesResponse(change=change)
+    if isinstance(event, WatchResync):
+        return pb.WatchConfigChangesResponse(resync=pb.WatchResync(reason=event.reason.value))
+    started = pb.WatchStarted()
+    started.start_time.FromDatetime(event.time)
+    return pb.WatchConfigChangesResponse(started=started)

@@ -1,4 +1,4 @@
-"""One interceptor around every unary RPC.
+"""One interceptor around every unary RPC, and around the server-streaming ones (`_wrap_stream`).
 
 For each call it: takes or makes a request id; names the caller from the TLS
 auth context; checks the caller's permission for this RPC (and view);
@@ -11,6 +11,10 @@ Bytes that do not decode as the request message answer INVALID_ARGUMENT
 (grpc.aio decodes before any handler runs, so the decoder is wrapped too). A
 call that its deadline or its caller ended is logged and counted as
 DEADLINE_EXCEEDED or CANCELLED, whatever the handler got to.
+
+A server-streaming call (WatchConfigChanges) gets the same checks before its
+first message is sent, one log line when it opens and one when it ends (not
+one per message), and its messages counted.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import grpc
@@ -42,6 +46,7 @@ _CALLER_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("caller")
 
 Handler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+StreamHandler = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 Deserializer = Callable[[bytes], Any]
 
 
@@ -72,6 +77,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         if handler.unary_unary is None:
+            if handler.unary_stream is not None and handler_call_details.method.startswith(SERVICE_PREFIX):
+                return grpc.unary_stream_rpc_method_handler(
+                    self._wrap_stream(handler_call_details.method, cast(StreamHandler, handler.unary_stream)),
+                    request_deserializer=_tolerant(handler.request_deserializer),
+                    response_serializer=handler.response_serializer,
+                )
             if handler_call_details.method.startswith(SERVICE_PREFIX):
                 # Fail closed: a streaming method would bypass the checks this wrapper makes.
                 log.error("streaming methods are not authorized; refusing", extra={"rpc": handler_call_details.method})
@@ -129,6 +140,58 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
         return handle
+
+    def _wrap_stream(self, method: str, inner: StreamHandler) -> StreamHandler:
+        """The checks of `_wrap` for a server-streaming method: all of them before the first message."""
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            identified = self._authorizer.identify(peer_names(context))
+            caller = Caller(str(identified.name), _request_id(context) or self._new_request_id())
+            _current_caller.set(caller)
+            started = time.perf_counter()
+            rpc_metrics = self._metrics.stream_rpc(method)
+            rpc_metrics.started()
+            code = grpc.StatusCode.OK
+            sent = 0
+            opened = False
+            try:
+                _check_decoded(request)
+                self._authorize(caller, identified, method, request)
+                _log_stream_opened(method, request, caller)
+                opened = True
+                # Our trailers ride on the status, whichever way the stream ends.
+                context.set_trailing_metadata(((REQUEST_ID_KEY, caller.request_id),))
+                messages = inner(request, context)
+                try:
+                    async for message in messages:
+                        yield message
+                        sent += 1
+                        rpc_metrics.sent()
+                finally:
+                    await messages.aclose()  # type: ignore[attr-defined]  # an async generator's
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED  # refined below when the deadline is what ended it
+                raise
+            except errors.ServiceError as error:
+                code = status_code_of(error)
+                await _abort(context, to_grpc_status(code, error.message, caller.request_id, error), caller.request_id)
+            except grpc.aio.AbortError:
+                raise
+            except GeneratorExit:
+                code = _cut_short(context) or grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unexpected error", extra={"request_id": caller.request_id, "rpc": method})
+                message = f"internal error; the service logged it with request id {caller.request_id}"
+                await _abort(context, to_grpc_status(code, message, caller.request_id, None), caller.request_id)
+            finally:
+                code = _cut_short(context) or code
+                elapsed = time.perf_counter() - started
+                rpc_metrics.handled(code)
+                _log_stream_ended(method, request, code, elapsed, caller, sent, opened=opened)
+
+        return stream
 
     def _authorize(self, caller: Caller, identified: Identified, method: str, request: Any) -> None:
         try:
@@ -260,5 +323,40 @@ def _log_rpc(
             "event": "audit" if audit else None,
             "outcome": audit.outcome if audit else None,
             "fields": (",".join(audit.fields) or None) if audit else None,
+        },
+    )
+
+
+def _log_stream_opened(method: str, request: Any, caller: Caller) -> None:
+    log.info(
+        "stream opened",
+        extra={
+            "rpc": method,
+            "request_id": caller.request_id,
+            "caller": caller.identity,
+            "organization_id": bounded(getattr(request, "organization_id", "")) or None,
+            # The scope asked for, as sent (bounded: it is checked after this line).
+            "providers": [bounded(p) for p in list(getattr(request, "providers", ()))[:_LOGGED_PROVIDERS]] or None,
+        },
+    )
+
+
+_LOGGED_PROVIDERS = 16
+
+
+def _log_stream_ended(
+    method: str, request: Any, code: grpc.StatusCode, elapsed: float, caller: Caller, sent: int, *, opened: bool
+) -> None:
+    """The stream's one closing line (also for a stream refused before it opened: then the only one)."""
+    log.info(
+        "rpc finished" if not opened else "stream ended",
+        extra={
+            "rpc": method,
+            "code": code.name,
+            "duration_ms": round(elapsed * 1000, 3),
+            "request_id": caller.request_id,
+            "caller": caller.identity,
+            "organization_id": bounded(getattr(request, "organization_id", "")) or None,
+            "count": sent,  # messages sent
         },
     )

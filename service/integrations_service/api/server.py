@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer  # grpc_health exports it as health.aio
@@ -16,18 +18,41 @@ from integrations_service.api.servicer import IntegrationServicer
 from integrations_service.domain.audit import AuditTrail
 from integrations_service.domain.audit_pages import AuditPages
 from integrations_service.domain.service import CredentialService
+from integrations_service.domain.watch import ChangeWatches
 from integrations_service.errors import ConfigurationError
 from integrations_service.metrics import Metrics
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["IntegrationService"].full_name
-# Keepalive the client's defaults can meet: pings every 30 s are welcome, even between calls.
-_SERVER_OPTIONS = (
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 1 << 20),
-)
+# Clients may ping this often (seconds), even between calls; more often and the server ends the connection
+# (GOAWAY "too_many_pings"). The clients' defaults (30 s) meet it.
+MIN_CLIENT_PING_INTERVAL = 20
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """HTTP/2 keepalive of the server: a ping after `time` seconds of quiet, the connection closed when no
+    answer comes within `timeout`. That is how a watch stream whose consumer vanished (a killed pod, a
+    partition) is noticed and its subscription freed."""
+
+    time: float = 60.0
+    timeout: float = 20.0
+
+    def options(self) -> tuple[tuple[str, int], ...]:
+        return (
+            ("grpc.keepalive_time_ms", round(self.time * 1000)),
+            ("grpc.keepalive_timeout_ms", round(self.timeout * 1000)),
+            # gRPC core (1.5x+) times a ping's ack out with this one, not keepalive_timeout (a test catches it).
+            ("grpc.http2.ping_timeout_ms", round(self.timeout * 1000)),
+            # Keep pinging an idle watch stream (no data for hours is normal): the default stops after 2 pings.
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL * 1000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.max_receive_message_length", 1 << 20),
+        )
+
+
+# The options with the default settings (the clients' tests check their channel options against them).
+_SERVER_OPTIONS = Keepalive().options()
 
 
 def build_server(
@@ -36,14 +61,18 @@ def build_server(
     audit_pages: AuditPages,
     authorizer: Authorizer,
     metrics: Metrics,
+    watches: ChangeWatches,
     *,
     reflection_enabled: bool,
+    keepalive: Keepalive = Keepalive(),
 ) -> tuple[grpc.aio.Server, HealthServicer]:
     for method in _unary_methods():
         metrics.rpc(method)  # their series exist from the first scrape, at zero
+    for method in _server_streaming_methods():
+        metrics.stream_rpc(method)
     interceptor = RpcInterceptor(authorizer, audit, metrics)
-    server = grpc.aio.server(interceptors=[interceptor], options=_SERVER_OPTIONS)
-    pb_grpc.add_IntegrationServiceServicer_to_server(IntegrationServicer(service, audit_pages), server)
+    server = grpc.aio.server(interceptors=[interceptor], options=keepalive.options())
+    pb_grpc.add_IntegrationServiceServicer_to_server(IntegrationServicer(service, audit_pages, watches), server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled:
@@ -60,6 +89,15 @@ def _unary_methods() -> list[str]:
         for service in services
         for method in service.methods
         if not method.client_streaming and not method.server_streaming
+    ]
+
+
+def _server_streaming_methods() -> list[str]:
+    service = pb.DESCRIPTOR.services_by_name["IntegrationService"]
+    return [
+        f"/{service.full_name}/{method.name}"
+        for method in service.methods
+        if method.server_streaming and not method.client_streaming
     ]
 
 

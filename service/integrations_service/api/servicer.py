@@ -7,6 +7,7 @@ id) comes from the interceptor, which authorized the call before it got here.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -17,14 +18,16 @@ from integrations_service.api import convert
 from integrations_service.api.interceptor import current_caller
 from integrations_service.domain.audit_pages import AuditPages
 from integrations_service.domain.service import CredentialService, DeleteRequest, ReadRequest, SaveRequest
+from integrations_service.domain.watch import ChangeWatches, check_scope
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class IntegrationServicer(pb_grpc.IntegrationServiceServicer):
-    def __init__(self, service: CredentialService, audit_pages: AuditPages) -> None:
+    def __init__(self, service: CredentialService, audit_pages: AuditPages, watches: ChangeWatches) -> None:
         self._service = service
         self._audit_pages = audit_pages
+        self._watches = watches
 
     async def ListProviders(self, request: pb.ListProvidersRequest, context: Context) -> pb.ListProvidersResponse:
         category = convert.category_from_pb(request.category)
@@ -67,3 +70,10 @@ class IntegrationServicer(pb_grpc.IntegrationServiceServicer):
         return pb.ListAuditEventsResponse(
             events=[convert.audit_to_pb(entry) for entry in page.entries], next_page_token=page.next_page_token
         )
+
+    async def WatchConfigChanges(
+        self, request: pb.WatchConfigChangesRequest, context: Context
+    ) -> AsyncIterator[pb.WatchConfigChangesResponse]:
+        scope = check_scope(request.organization_id, request.providers)
+        async for event in self._watches.watch(scope):
+            yield convert.watch_event_to_pb(event)

@@ -135,7 +135,7 @@ class MemoryStore(IntegrationStore):
         changes = [(row, config) for row in rows if (config := rewrite(_copy(row))) is not None]
         for row, config in changes:
             self._db.rows[(row.organization_id, row.provider)] = replace(row, config=dict(config))
-            self._db.publish(ConfigChanged.saved(row))
+            self._db.publish(ConfigChanged.rewrapped(row))
         if audit is not None:
             self._db.append_audit([audit])
         return len(changes)

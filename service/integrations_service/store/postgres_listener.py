@@ -166,7 +166,7 @@ class PostgresChangeListener:
 
 
 def parse_notification(payload: str) -> ChangeEvent:
-    """The event of one notification of migration 0003's trigger; a reset for anything unreadable.
+    """The event of one notification of the trigger (migrations 0003, 0004); a reset for anything unreadable.
 
     Anyone who may connect can NOTIFY the channel, so the payload is untrusted:
     an unreadable one resynchronizes consumers rather than being ignored or raising.
@@ -179,8 +179,10 @@ def parse_notification(payload: str) -> ChangeEvent:
         time = datetime.fromisoformat(message["time"])
         fields = (message["organization_id"], message["provider"], message["id"])
         version = message["version"]
+        rewrap = message.get("rewrap", False)  # absent before migration 0004: a change like any other
         if (
             operation not in _KINDS
+            or type(rewrap) is not bool
             or not all(isinstance(value, str) for value in fields)
             or type(version) is not int
             or time.tzinfo is None
@@ -188,4 +190,4 @@ def parse_notification(payload: str) -> ChangeEvent:
             raise ValueError("not a change")  # noqa: TRY301 (one fallback for every malformed shape)
     except (ValueError, TypeError, KeyError, AttributeError):
         return FeedReset(ResetReason.UNDESCRIBED)
-    return ConfigChanged(fields[0], fields[1], fields[2], version, _KINDS[operation], time)
+    return ConfigChanged(fields[0], fields[1], fields[2], version, _KINDS[operation], time, rewrap)

@@ -263,7 +263,7 @@ class SqliteStore(IntegrationStore):
             if audit is not None:
                 await self._insert_audit([audit])
         for row in rewrapped:  # committed
-            self._changes.publish(ConfigChanged.saved(row))
+            self._changes.publish(ConfigChanged.rewrapped(row))
         return len(changes)
 
     # --- keys -----------------------------------------------------------------------------------

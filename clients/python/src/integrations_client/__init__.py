@@ -8,13 +8,15 @@ async with IntegrationsClient.from_env() as client:
 ```
 
 `IntegrationsClient` (asyncio) and `IntegrationsClientSync` (blocking) have
-the same methods. The generated protobuf and gRPC code of `integrations.v1`
+the same methods. With caching on, each keeps one WatchConfigChanges stream
+and evicts cached configs the moment they change; `watch_changes()` yields
+the same events to the caller. The generated protobuf and gRPC code of `integrations.v1`
 ships beside this package as `integrations.v1.integrations_pb2` and
 `integrations_pb2_grpc`.
 """
 
 from integrations_client._cache import CacheStats
-from integrations_client.aio import IntegrationsClient
+from integrations_client.aio import ChangeStream, IntegrationsClient
 from integrations_client.config import TlsConfig
 from integrations_client.errors import (
     ConfigurationError,
@@ -34,18 +36,27 @@ from integrations_client.errors import (
 )
 from integrations_client.models import (
     Category,
+    ChangeKind,
+    ConfigChangeEvent,
     ConfigValue,
     Provider,
     ProviderConfig,
     ProviderCredentials,
     ProviderField,
     ValueSource,
+    WatchEvent,
+    WatchResync,
+    WatchStarted,
 )
-from integrations_client.sync import IntegrationsClientSync
+from integrations_client.sync import ChangeStreamSync, IntegrationsClientSync
 
 __all__ = [
     "CacheStats",
     "Category",
+    "ChangeKind",
+    "ChangeStream",
+    "ChangeStreamSync",
+    "ConfigChangeEvent",
     "ConfigValue",
     "ConfigurationError",
     "Conflict",
@@ -68,5 +79,8 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "ValueSource",
+    "WatchEvent",
+    "WatchResync",
+    "WatchStarted",
     "error_from_rpc",
 ]

@@ -4,7 +4,10 @@ Per (organization, provider): fresh for `ttl` seconds after the read that
 filled it; after that, when a refresh fails because the service cannot be
 reached, the last good value is still served for `stale_if_error` seconds,
 with at most one refresh attempt per `retry_interval` (so an outage costs the
-callers nothing but one failed attempt now and then). LRU-bounded.
+callers nothing but one failed attempt now and then). LRU-bounded. The
+client's watch stream drops entries earlier: `changed` when a change of the
+key arrives (remembering the announced etag, so that `accepts` refuses a read
+answering another version), `invalidate` on a resync or a (re)subscription.
 
 Not thread-safe by itself: the sync client holds its lock around every call,
 the async client uses it from its event loop only. Single-flight lives in the
@@ -40,6 +43,13 @@ class CacheStats:
     value past its TTL because the service could not be reached. rpc_count:
     GetProviderConfig calls made (one per read, whatever gRPC's own retries).
     evictions: entries dropped to respect the size bound. size: entries held.
+
+    The watch (see the package README): watching: the change stream is live
+    now, so a cached value is stale for at most the notification delay.
+    watch_subscriptions: times it became live (each one invalidated
+    everything). watch_events: changes it delivered. watch_evictions: cached
+    entries those changes dropped. watch_resyncs: times the service said
+    changes may have been missed (each one invalidated everything).
     """
 
     hits: int = 0
@@ -49,6 +59,11 @@ class CacheStats:
     rpc_count: int = 0
     evictions: int = 0
     size: int = 0
+    watching: bool = False
+    watch_subscriptions: int = 0
+    watch_events: int = 0
+    watch_evictions: int = 0
+    watch_resyncs: int = 0
 
 
 @dataclass
@@ -70,7 +85,12 @@ class CredentialCache:
         self.retry_interval = min(ttl, MAX_RETRY_INTERVAL)
         self.clock = clock
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()
+        # Per key the watch saw change while it was cached or being read: the etag that change produced. A
+        # read answering another etag came from a replica whose feed lags: served, not stored (bounded LRU).
+        self._expected: OrderedDict[Key, str] = OrderedDict()
         self.hits = self.misses = self.coalesced = self.stale_served = self.rpc_count = self.evictions = 0
+        self.watching = False
+        self.watch_subscriptions = self.watch_events = self.watch_evictions = self.watch_resyncs = 0
 
     @property
     def enabled(self) -> bool:
@@ -126,9 +146,41 @@ class CredentialCache:
         )
         return entry.value
 
+    def changed(self, key: Key, etag: str, *, reading: bool) -> bool:
+        """A committed change of `key` whose new etag is `etag` ("" for a delete): True when the entry was dropped.
+
+        An entry that already holds that version (this client's own save, read back before its event arrived)
+        is kept: etags name one version of one stored row. When the key was cached or is being read
+        (`reading`), the etag is remembered until a read returns it (see `accepts`).
+        """
+        entry = self._entries.get(key)
+        if entry is not None and etag and entry.value.etag == etag:
+            return False
+        if entry is not None or reading:
+            self._expected[key] = etag
+            self._expected.move_to_end(key)
+            while len(self._expected) > self.max_entries:
+                self._expected.popitem(last=False)
+        if entry is None:
+            return False
+        del self._entries[key]
+        return True
+
+    def accepts(self, key: Key, etag: str) -> bool:
+        """May a read of `key` that answered `etag` be stored? Not when the watch announced another version."""
+        expected = self._expected.get(key)
+        if expected is None:
+            return True
+        if expected != etag:
+            return False
+        del self._expected[key]
+        return True
+
     def invalidate(self, matches: Callable[[Key], bool]) -> None:
         for key in [key for key in self._entries if matches(key)]:
             del self._entries[key]
+        for key in [key for key in self._expected if matches(key)]:
+            del self._expected[key]
 
     def stats(self) -> CacheStats:
         return CacheStats(
@@ -139,4 +191,9 @@ class CredentialCache:
             rpc_count=self.rpc_count,
             evictions=self.evictions,
             size=len(self._entries),
+            watching=self.watching,
+            watch_subscriptions=self.watch_subscriptions,
+            watch_events=self.watch_events,
+            watch_evictions=self.watch_evictions,
+            watch_resyncs=self.watch_resyncs,
         )

@@ -4,12 +4,14 @@
 hit, when a refresh may wait for the service, when a stale value is served,
 when a read may be stored, what `invalidate` forgets), builds every request as
 a `Call` (request, deadline, wait-for-ready, reply conversion, the cache key a
-write invalidates), maps gRPC errors, and decides when new TLS files mean a new
-channel. The two shells, `aio.IntegrationsClient` and
+write invalidates), maps gRPC errors, decides when new TLS files mean a new
+channel, and applies the cache's watch stream (WatchConfigChanges) to the
+cache. The two shells, `aio.IntegrationsClient` and
 `sync.IntegrationsClientSync`, only run a `Call` (await or block), keep their
-channels, and do single-flight with their own concurrency model (an asyncio
-task, or an event threads wait on). A new RPC is a `Call` builder here plus a
-one-line method in each shell.
+channels, run the watch stream (an asyncio task, a daemon thread) and do
+single-flight with their own concurrency model (an asyncio task, or an event
+threads wait on). A new RPC is a `Call` builder here plus a one-line method in
+each shell; `_watch.Reconnect` decides when the watch resubscribes.
 """
 
 from __future__ import annotations
@@ -25,18 +27,26 @@ import grpc
 
 from integrations.v1 import integrations_pb2 as pb
 from integrations_client._cache import CacheStats, CredentialCache, Key
-from integrations_client.config import ReloadingTls, TlsConfig, env_settings
+from integrations_client._watch import FIRST_SUBSCRIPTION_WAIT, Reconnect
+from integrations_client._watch import log as watch_log
+from integrations_client.config import ReloadingTls, TlsConfig, env_settings, env_watch
 from integrations_client.config import channel_options as tls_channel_options
-from integrations_client.errors import DeadlineExceeded, IntegrationsError, error_from_rpc
+from integrations_client.errors import DeadlineExceeded, IntegrationsError, Unavailable, error_from_rpc
 from integrations_client.models import (
     Category,
+    ChangeKind,
+    ConfigChangeEvent,
     Provider,
     ProviderConfig,
     ProviderCredentials,
+    WatchEvent,
+    WatchResync,
+    WatchStarted,
     category_to_pb,
     config_from_pb,
     credentials_from_pb,
     provider_from_pb,
+    watch_event_from_pb,
 )
 
 DEFAULT_TIMEOUT = 2.0
@@ -91,6 +101,7 @@ class ClientCore(Generic[_Flight]):
         clock: Callable[[], float] = time.monotonic,
         channel_options: Sequence[tuple[str, Any]] = (),
         channels: int = 1,
+        watch: bool = True,
     ) -> None:
         if not target:
             raise ValueError("target is required (host:port of the integrations service)")
@@ -110,6 +121,10 @@ class ClientCore(Generic[_Flight]):
         self._cache = CredentialCache(cache_ttl, cache_max_entries, stale_if_error, clock)
         self._inflight: dict[Key, _Flight] = {}
         self._closed = False
+        # The cache's watch stream: one per client, started by the first get_config (see the README).
+        self._watch = watch
+        self._reconnect = Reconnect(target)
+        self._watch_moving = False  # the current stream is being cancelled to resubscribe on a new channel
         self._lock: contextlib.AbstractContextManager[Any] = self._new_lock()
         self._open_transport()
 
@@ -117,9 +132,13 @@ class ClientCore(Generic[_Flight]):
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: Any) -> Self:
         """A client for INTEGRATIONS_SERVICE_TARGET; mutual TLS when INTEGRATIONS_CLIENT_CA, _CERT and _KEY are set.
 
-        `kwargs` are the constructor's other arguments (cache_ttl=..., timeout=...).
+        `kwargs` are the constructor's other arguments (cache_ttl=..., timeout=...). INTEGRATIONS_CLIENT_WATCH=0
+        turns the cache's watch off (an explicit `watch=` wins).
         """
         target, tls = env_settings(environ)
+        watch = env_watch(environ)
+        if watch is not None:
+            kwargs.setdefault("watch", watch)
         return cls(target, tls=tls, **kwargs)
 
     # --- hooks of the shells ---------------------------------------------------------------------------
@@ -292,8 +311,14 @@ class ClientCore(Generic[_Flight]):
             self._cache.stale_served += 1
 
     def _landed(self, key: Key, flight: object, value: ProviderCredentials, started: float) -> None:
-        """A refresh succeeded: cached unless the key was invalidated while it was in flight."""
-        if self._inflight.get(key) is flight:
+        """A refresh succeeded: cached unless the key was invalidated while it was in flight.
+
+        The flight's identity is its key's generation: an invalidation (a call to `invalidate`, this client's
+        write, a change or resync from the watch, a resubscription) removes it from `_inflight`, so a read
+        that started before it is not stored. Nor is a read answering another version than the one the
+        watch announced (a lagging replica's).
+        """
+        if self._inflight.get(key) is flight and self._cache.accepts(key, value.etag):
             self._cache.put(key, value, started)
 
     def _settle(self, key: Key, flight: _Flight) -> None:
@@ -319,6 +344,81 @@ class ClientCore(Generic[_Flight]):
         self._cache.invalidate(matches)
         for key in [key for key in self._inflight if matches(key)]:
             del self._inflight[key]
+
+    # --- the cache's watch stream (the shells run it; these apply it) ---------------------------------
+
+    def _watch_wanted(self) -> bool:
+        """Whether get_config should have the watch running: caching on, the watch not turned off, open."""
+        return self._watch and self._cache.enabled and not self._closed
+
+    def _watch_request(self) -> pb.WatchConfigChangesRequest:
+        # Everything the caller may read, filtered here: one stream, however many keys are cached.
+        return pb.WatchConfigChangesRequest()
+
+    def _first_wait(self, timeout: float | None) -> float:
+        """How long the first get_config waits for the watch to be live: 1 s, at most half its deadline."""
+        return min(FIRST_SUBSCRIPTION_WAIT, (self._timeout if timeout is None else timeout) / 2)
+
+    def _watch_reply(self, reply: pb.WatchConfigChangesResponse) -> WatchEvent | None:
+        """Applies one message of the cache's watch stream to the cache; the event it carried."""
+        event = watch_event_from_pb(reply)
+        with self._lock:
+            if self._closed:
+                return None
+            if isinstance(event, WatchStarted):
+                # Live from now on; what was cached or read before may predate a change the gap hid.
+                self._cache.watching = True
+                self._cache.watch_subscriptions += 1
+                self._forget(lambda _key: True)
+            elif isinstance(event, ConfigChangeEvent):
+                self._watch_change(event)
+            elif isinstance(event, WatchResync):
+                self._cache.watch_resyncs += 1
+                self._forget(lambda _key: True)
+        if isinstance(event, WatchStarted):
+            self._reconnect.subscribed()
+        elif isinstance(event, WatchResync):
+            watch_log.info(
+                "the service asked to resynchronize (%s): every cached config was invalidated",
+                event.reason,
+                extra={"event": "watch_resync", "reason": event.reason},
+            )
+        return event
+
+    def _watch_change(self, event: ConfigChangeEvent) -> None:
+        key = (event.organization_id, event.provider)
+        self._cache.watch_events += 1
+        reading = key in self._inflight
+        known = event.kind is not ChangeKind.UNSPECIFIED
+        if self._cache.changed(key, event.etag if known else "", reading=reading and known):
+            self._cache.watch_evictions += 1
+        if reading:  # that read may have started before the change: not stored, later callers read anew
+            del self._inflight[key]
+
+    def _watch_ended(self, code: grpc.StatusCode | None, details: str) -> float:
+        """The cache's stream ended: back to the TTL alone; the seconds to wait before subscribing again."""
+        with self._lock:
+            self._cache.watching = False
+            moving, self._watch_moving = self._watch_moving, False
+        return self._reconnect.ended(code, details, moving=moving)
+
+    def _watch_changes_request(
+        self, organization_id: str | None, providers: Iterable[str]
+    ) -> pb.WatchConfigChangesRequest:
+        if isinstance(providers, str):
+            raise TypeError("providers is a list of provider ids, not a string")
+        return pb.WatchConfigChangesRequest(organization_id=organization_id or "", providers=list(providers))
+
+    def _stream_error(self, error: grpc.RpcError) -> IntegrationsError:
+        converted = error_from_rpc(error, method="WatchConfigChanges")
+        if converted.code is grpc.StatusCode.CANCELLED:
+            # Not cancelled by its consumer: its channel closed (replaced after a certificate change).
+            return Unavailable(
+                f"the watch stream was cancelled: {converted.message}; subscribe again",
+                code=converted.code,
+                request_id=converted.request_id,
+            )
+        return converted
 
 
 def _spread_options(channels: int) -> list[tuple[str, Any]]:

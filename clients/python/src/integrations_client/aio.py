@@ -3,28 +3,97 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Self, TypeVar, cast
 
 import grpc
 
+from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
 from integrations_client._cache import Key
 from integrations_client._core import Call, ClientCore
+from integrations_client._watch import log as watch_log
 from integrations_client.config import RETIRED_CHANNEL_GRACE
-from integrations_client.errors import IntegrationsError
-from integrations_client.models import Category, Provider, ProviderConfig, ProviderCredentials
+from integrations_client.errors import IntegrationsError, Unavailable
+from integrations_client.models import (
+    Category,
+    Provider,
+    ProviderConfig,
+    ProviderCredentials,
+    WatchEvent,
+    WatchStarted,
+    watch_event_from_pb,
+)
 
 if TYPE_CHECKING:
     from integrations.v1.integrations_pb2_grpc import IntegrationServiceAsyncStub
 
-__all__ = ["IntegrationsClient"]
+__all__ = ["ChangeStream", "IntegrationsClient"]
 
 _Request = TypeVar("_Request")
 _Reply = TypeVar("_Reply")
 _Result = TypeVar("_Result")
 _Flight = asyncio.Task[tuple[ProviderCredentials, bool]]
+
+
+class ChangeStream:
+    """The events of one WatchConfigChanges stream, from `IntegrationsClient.watch_changes` (an async iterator).
+
+    Yields `WatchStarted` first, then a `ConfigChangeEvent` per committed change
+    and `WatchResync` when changes may have been missed (rebuild everything;
+    the stream stays live). It does not reconnect: the stream's end is raised
+    as the client's error, `Unavailable` when the service ends it (it lost its
+    change feed, or is shutting down: subscribe again, to this or another
+    replica, and rebuild everything). `aclose()` (or leaving `async with`)
+    cancels it; closing the client ends it (the iteration just stops).
+    """
+
+    def __init__(self, client: IntegrationsClient, call: grpc.aio.UnaryStreamCall[Any, Any]) -> None:
+        self._client = client
+        self._call = call
+        self._closed = False
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        while not self._closed:
+            try:
+                reply = await self._call.read()
+            except grpc.aio.AioRpcError as error:
+                if self._closed or self._client._closed:
+                    break
+                self._closed = True
+                raise self._client._stream_error(error) from error
+            except asyncio.CancelledError:
+                if self._closed or self._client._closed:  # cancelled by aclose() or close(), not by our caller
+                    break
+                raise
+            if reply is grpc.aio.EOF:
+                self._closed = True
+                if self._client._closed:
+                    break
+                raise Unavailable("the service ended the watch stream", code=grpc.StatusCode.UNAVAILABLE)
+            event = watch_event_from_pb(cast(pb.WatchConfigChangesResponse, reply))
+            if event is not None:
+                return event
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Cancels the stream. Idempotent."""
+        self._closed = True
+        self._call.cancel()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
 
 
 class IntegrationsClient(ClientCore[_Flight]):
@@ -50,6 +119,11 @@ class IntegrationsClient(ClientCore[_Flight]):
         self._stubs: list[IntegrationServiceAsyncStub | None] = [None] * self._channel_count
         # Channels replaced after a certificate change, closing once their calls finish.
         self._retired: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
+        # The cache's watch: a task on the loop of the first get_config; `_watch_first` is set once its first
+        # subscription is live or has failed (the first reads wait for it, briefly).
+        self._watch_task: asyncio.Task[None] | None = None
+        self._watch_first = asyncio.Event()
+        self._watch_call: grpc.aio.UnaryStreamCall[Any, Any] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -62,8 +136,14 @@ class IntegrationsClient(ClientCore[_Flight]):
         await self.close()
 
     async def close(self) -> None:
-        """Closes the channel (cancelling calls in flight) and forgets the cache. Idempotent."""
+        """Stops the watch, closes the channel (cancelling calls in flight) and forgets the cache. Idempotent."""
         self._closed = True
+        watcher, self._watch_task = self._watch_task, None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        self._cache.watching = False
         channels = self._take_channels()
         self._forget(lambda _key: True)
         retired, self._retired = self._retired, {}
@@ -84,6 +164,9 @@ class IntegrationsClient(ClientCore[_Flight]):
         if self._tls_changed():
             for channel in self._take_channels():
                 self._retire(channel)
+            if self._watch_call is not None:  # the watch moves to the new channel now
+                self._watch_moving = True
+                self._watch_call.cancel()
         index = self._next_channel()
         stub = self._stubs[index]
         if stub is None:
@@ -133,6 +216,8 @@ class IntegrationsClient(ClientCore[_Flight]):
         cached = self._fresh(key)
         if cached is not None:
             return cached
+        if not self._watch_first.is_set() and self._watch_wanted():
+            timeout = await self._start_watch(timeout)
         flight = self._joined(key)
         if flight is None:
             flight = asyncio.get_running_loop().create_task(self._refresh(key, timeout))
@@ -146,6 +231,66 @@ class IntegrationsClient(ClientCore[_Flight]):
 
     def _in_progress(self, flight: _Flight) -> bool:
         return not flight.done()
+
+    async def _start_watch(self, timeout: float | None) -> float | None:  # noqa: ASYNC109 - the read's deadline
+        """Starts the cache's watch and waits briefly for it to be live; the read's deadline, less that wait."""
+        if self._watch_task is None:
+            self._ensure_open()
+            self._watch_task = asyncio.get_running_loop().create_task(
+                self._watch_loop(), name="integrations-client-watch"
+            )
+        budget = self._timeout if timeout is None else timeout
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._watch_first.wait(), self._first_wait(timeout))
+        return max(budget - (time.monotonic() - started), 0.001)
+
+    async def _watch_loop(self) -> None:
+        """One stream at a time, resubscribed after each end (see _watch.Reconnect), until the client closes."""
+        while not self._closed:
+            code: grpc.StatusCode | None = None
+            details = ""
+            try:
+                call = self._service().WatchConfigChanges(self._watch_request(), wait_for_ready=self._wait_for_ready)
+                self._watch_call = call
+                async for reply in call:
+                    if isinstance(self._watch_reply(reply), WatchStarted):
+                        self._watch_first.set()
+            except grpc.aio.AioRpcError as error:
+                code, details = error.code(), error.details() or ""
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if self._closed or (current is not None and current.cancelling()):
+                    raise  # close(): the task itself is cancelled
+                code = grpc.StatusCode.CANCELLED  # the call was: moving to a new channel
+            except Exception as error:  # never let a bug kill the watch or reach a caller
+                if self._closed:  # _service() refused: the client closed meanwhile
+                    return
+                watch_log.exception("the config watch failed", extra={"event": "watch_error"})
+                details = type(error).__name__
+            finally:
+                self._watch_call = None
+            self._watch_first.set()
+            await asyncio.sleep(self._watch_ended(code, details))
+
+    def watch_changes(self, organization_id: str | None = None, providers: Iterable[str] = ()) -> ChangeStream:
+        """The committed changes of stored credentials, as an async iterator of events (see `ChangeStream`).
+
+        ```python
+        async with client.watch_changes(org_id, ["stripe"]) as changes:
+            async for event in changes:
+                ...  # WatchStarted, then ConfigChangeEvent / WatchResync
+        ```
+
+        `organization_id` and `providers` (at most 16) narrow the scope; empty
+        means everything this caller may read. No deadline; with
+        `wait_for_ready` it waits for a service that is (re)starting. Does not
+        reconnect by itself: its end raises the client's error. The cache's own
+        watch is separate (and does reconnect).
+        """
+        request = self._watch_changes_request(organization_id, providers)
+        call = self._service().WatchConfigChanges(request, wait_for_ready=self._wait_for_ready)
+        return ChangeStream(self, call)
 
     async def _refresh(self, key: Key, deadline: float | None) -> tuple[ProviderCredentials, bool]:
         start = self._start_read(key)

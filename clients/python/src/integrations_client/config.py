@@ -17,12 +17,15 @@ import grpc
 
 from integrations_client.errors import ConfigurationError
 
-__all__ = ["ENV_CA", "ENV_CERT", "ENV_KEY", "ENV_TARGET", "TlsConfig"]
+__all__ = ["ENV_CA", "ENV_CERT", "ENV_KEY", "ENV_TARGET", "ENV_WATCH", "TlsConfig"]
 
 ENV_TARGET = "INTEGRATIONS_SERVICE_TARGET"
 ENV_CA = "INTEGRATIONS_CLIENT_CA"
 ENV_CERT = "INTEGRATIONS_CLIENT_CERT"
 ENV_KEY = "INTEGRATIONS_CLIENT_KEY"
+ENV_WATCH = "INTEGRATIONS_CLIENT_WATCH"
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 
 log = logging.getLogger("integrations_client")
 
@@ -215,6 +218,9 @@ def channel_options(tls: TlsConfig | None) -> list[tuple[str, Any]]:
         # The server accepts pings every 20 s or more, also between calls.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        # gRPC core times a ping's ack out with this one, not keepalive_timeout: without it a silent partition
+        # (the watch stream looking live while nothing arrives) would take a minute more to be noticed.
+        ("grpc.http2.ping_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         # Notice a restarted service within seconds, not the default two minutes.
@@ -246,3 +252,16 @@ def env_settings(environ: Mapping[str, str] | None) -> tuple[str, TlsConfig | No
             f"{ENV_CA}, {ENV_CERT} and {ENV_KEY} together (or none of them for plaintext)"
         )
     return target, TlsConfig(ca_file=files[ENV_CA], cert_file=files[ENV_CERT], key_file=files[ENV_KEY])
+
+
+def env_watch(environ: Mapping[str, str] | None) -> bool | None:
+    """INTEGRATIONS_CLIENT_WATCH: false/0/no/off turns the cache's watch off, true/1/yes/on keeps it; unset: None."""
+    env = os.environ if environ is None else environ
+    value = env.get(ENV_WATCH, "").strip().lower()
+    if not value:
+        return None
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigurationError(f"{ENV_WATCH} must be true or false (1/0, yes/no, on/off), not {value!r}")

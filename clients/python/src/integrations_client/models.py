@@ -8,16 +8,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from integrations.v1 import integrations_pb2 as pb
 
 __all__ = [
     "Category",
+    "ChangeKind",
+    "ConfigChangeEvent",
     "ConfigValue",
     "Provider",
     "ProviderConfig",
     "ProviderCredentials",
     "ProviderField",
     "ValueSource",
+    "WatchEvent",
+    "WatchResync",
+    "WatchStarted",
 ]
 
 
@@ -177,6 +184,52 @@ class Provider:
     ready: bool = False
 
 
+class ChangeKind(enum.Enum):
+    """What a committed change did to an organization's stored credentials for a provider."""
+
+    SAVED = "saved"  # created or updated (a save, a key rotation, any other writer)
+    DELETED = "deleted"  # removed: every field falls back to the environment default
+    UNSPECIFIED = "unspecified"  # a kind this client version does not know
+
+    def __repr__(self) -> str:
+        return f"ChangeKind.{self.name}"
+
+
+@dataclass(frozen=True)
+class WatchStarted:
+    """The first event of every watch stream: from now on no committed change in its scope is missed."""
+
+    time: datetime | None  # when the subscription became live (the service's clock)
+
+
+@dataclass(frozen=True)
+class ConfigChangeEvent:
+    """One committed change of one organization's stored credentials for one provider. Never holds a value.
+
+    `etag` is the etag `get_config` (`ProviderCredentials.etag`) returns after
+    the change, "" after a delete; `time` is when the change was committed.
+    """
+
+    organization_id: str
+    provider: str
+    etag: str
+    kind: ChangeKind
+    time: datetime | None
+
+
+@dataclass(frozen=True)
+class WatchResync:
+    """Changes may have been missed (the consumer fell behind, or an undescribed change): rebuild everything.
+
+    The stream stays live; `reason` is for logs (fell_behind, truncated, undescribed).
+    """
+
+    reason: str
+
+
+WatchEvent = WatchStarted | ConfigChangeEvent | WatchResync
+
+
 # --- conversion from the wire messages -----------------------------------------------------------------
 
 
@@ -239,6 +292,38 @@ def provider_from_pb(provider: pb.Provider) -> Provider:
         configured=provider.configured,
         ready=provider.ready,
     )
+
+
+_CHANGE_KINDS: dict[int, ChangeKind] = {
+    pb.CHANGE_TYPE_SAVED: ChangeKind.SAVED,
+    pb.CHANGE_TYPE_DELETED: ChangeKind.DELETED,
+}
+
+
+def _timestamp(message: pb.WatchStarted | pb.ConfigChange, name: str) -> datetime | None:
+    if not message.HasField(name):  # type: ignore[arg-type]
+        return None
+    stamp: Timestamp = getattr(message, name)
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def watch_event_from_pb(reply: pb.WatchConfigChangesResponse) -> WatchEvent | None:
+    """The event a WatchConfigChanges message carries; None for a kind of message this client does not know."""
+    which = reply.WhichOneof("event")
+    if which == "started":
+        return WatchStarted(time=_timestamp(reply.started, "start_time"))
+    if which == "change":
+        change = reply.change
+        return ConfigChangeEvent(
+            organization_id=change.organization_id,
+            provider=change.provider,
+            etag=change.etag,
+            kind=_CHANGE_KINDS.get(change.type, ChangeKind.UNSPECIFIED),
+            time=_timestamp(change, "change_time"),
+        )
+    if which == "resync":
+        return WatchResync(reason=reply.resync.reason)
+    return None
 
 
 def category_to_pb(category: Category | str | None) -> pb.Category.ValueType:

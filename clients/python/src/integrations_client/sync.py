@@ -7,22 +7,36 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeVar, cast
 
 import grpc
 
+from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
 from integrations_client._cache import Key
 from integrations_client._core import Call, ClientCore, ReadStart
-from integrations_client.errors import IntegrationsError
-from integrations_client.models import Category, Provider, ProviderConfig, ProviderCredentials
+from integrations_client._watch import log as watch_log
+from integrations_client.errors import IntegrationsError, Unavailable
+from integrations_client.models import (
+    Category,
+    Provider,
+    ProviderConfig,
+    ProviderCredentials,
+    WatchEvent,
+    WatchStarted,
+    watch_event_from_pb,
+)
 
 if TYPE_CHECKING:
     from integrations.v1.integrations_pb2_grpc import IntegrationServiceStub
 
-__all__ = ["IntegrationsClientSync"]
+__all__ = ["ChangeStreamSync", "IntegrationsClientSync"]
+
+# How long close() waits for the watch thread to end (it is a daemon thread either way).
+WATCH_THREAD_JOIN = 5.0
 
 _Request = TypeVar("_Request")
 _Reply = TypeVar("_Reply")
@@ -49,6 +63,76 @@ class _Channel:
         self.retired = False
 
 
+class ChangeStreamSync:
+    """The events of one WatchConfigChanges stream, from `IntegrationsClientSync.watch_changes` (a blocking iterator).
+
+    The same events and end as the asyncio client's `ChangeStream`: `WatchStarted`
+    first, then `ConfigChangeEvent` and `WatchResync`; no reconnection, the
+    stream's end raises the client's error (`Unavailable` when the service ends
+    it). `close()`, from any thread, or leaving `with`, cancels it: the iteration
+    stops; closing the client does too.
+    """
+
+    def __init__(
+        self, client: IntegrationsClientSync, channel: _Channel, request: pb.WatchConfigChangesRequest
+    ) -> None:
+        self._client = client
+        self._channel = channel
+        # A grpc.Call (cancel()) that iterates over the replies.
+        self._call = channel.stub.WatchConfigChanges(request, wait_for_ready=client._wait_for_ready)
+        self._closed = False
+        self._checked_in = False
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Self:
+        return self
+
+    def __next__(self) -> WatchEvent:
+        while not self._closed:
+            try:
+                reply = next(self._call)
+            except StopIteration:
+                stopped = self._closed or self._client._closed
+                self._end()
+                if stopped:
+                    break
+                raise Unavailable("the service ended the watch stream", code=grpc.StatusCode.UNAVAILABLE) from None
+            except grpc.RpcError as error:
+                stopped = self._closed or self._client._closed  # cancelled by close(), here or on the client
+                self._end()
+                if stopped:
+                    break
+                raise self._client._stream_error(error) from error
+            event = watch_event_from_pb(reply)
+            if event is not None:
+                return event
+        self._end()
+        raise StopIteration
+
+    def _end(self) -> None:
+        """The stream is over: its channel is given back (once), so a retired one can close."""
+        with self._lock:
+            self._closed = True
+            if self._checked_in:
+                return
+            self._checked_in = True
+        self._client._checkin(self._channel)
+
+    def close(self) -> None:
+        """Cancels the stream (a thread blocked in it stops iterating). Idempotent."""
+        self._closed = True
+        self._call.cancel()
+        self._end()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
 class IntegrationsClientSync(ClientCore[_Flight]):
     """Blocking client of the integrations service, with the same methods and options as `IntegrationsClient`.
 
@@ -62,6 +146,12 @@ class IntegrationsClientSync(ClientCore[_Flight]):
     def _open_transport(self) -> None:
         self._current = [self._open_channel() for _ in range(self._channel_count)]
         self._retired: set[_Channel] = set()
+        # The cache's watch: a daemon thread started by the first get_config; `_watch_first` is set once its
+        # first subscription is live or has failed (the first reads wait for it, briefly).
+        self._watch_thread: threading.Thread | None = None
+        self._watch_first = threading.Event()
+        self._watch_stop = threading.Event()
+        self._watch_call: grpc.Call | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -74,15 +164,22 @@ class IntegrationsClientSync(ClientCore[_Flight]):
         self.close()
 
     def close(self) -> None:
-        """Closes the channel (cancelling calls in flight) and forgets the cache. Idempotent."""
+        """Stops the watch, closes the channel (cancelling calls in flight) and forgets the cache. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._forget(lambda _key: True)
+            self._cache.watching = False
             channels, self._retired = [*self._current, *self._retired], set()
+            watcher, call = self._watch_thread, self._watch_call
+        self._watch_stop.set()
+        if call is not None:
+            call.cancel()
         for channel in channels:
             channel.channel.close()
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(WATCH_THREAD_JOIN)
 
     def _open_channel(self) -> _Channel:
         return _Channel(self._connect(grpc.insecure_channel, grpc.secure_channel))
@@ -98,6 +195,9 @@ class IntegrationsClientSync(ClientCore[_Flight]):
                     channel.retired = True
                     self._retired.add(channel)
                 idle = [channel for channel in old if channel.calls == 0]
+                if self._watch_call is not None:  # the watch moves to the new channel now
+                    self._watch_moving = True
+                    self._watch_call.cancel()
             current = self._current[self._next_channel()]
             current.calls += 1
         for channel in idle:
@@ -149,6 +249,12 @@ class IntegrationsClientSync(ClientCore[_Flight]):
             cached = self._fresh(key)
             if cached is not None:
                 return cached
+            first = self._watch_thread is None and self._watch_wanted()
+            if first:
+                self._start_watch()
+        if first or not self._watch_first.is_set():
+            timeout = self._await_watch(timeout)
+        with self._lock:
             flight = self._joined(key)
             start = None if flight is not None else self._start_read(key)
             if flight is None:
@@ -164,6 +270,77 @@ class IntegrationsClientSync(ClientCore[_Flight]):
         if flight.stale:
             self._served_stale()
         return flight.value
+
+    def _start_watch(self) -> None:
+        """Starts the cache's watch thread (the caller holds the lock)."""
+        thread = threading.Thread(target=self._watch_run, name="integrations-client-watch", daemon=True)
+        self._watch_thread = thread
+        thread.start()
+
+    def _await_watch(self, timeout: float | None) -> float | None:
+        """Waits briefly for the watch's first subscription; the read's deadline, less that wait."""
+        if self._watch_thread is None or self._watch_first.is_set():
+            return timeout
+        budget = self._timeout if timeout is None else timeout
+        started = time.monotonic()
+        self._watch_first.wait(self._first_wait(timeout))
+        return max(budget - (time.monotonic() - started), 0.001)
+
+    def _watch_run(self) -> None:
+        """The watch thread: one stream at a time, resubscribed after each end, until the client closes."""
+        while not self._watch_stop.is_set():
+            try:
+                channel = self._checkout()
+            except RuntimeError:  # closed
+                return
+            code: grpc.StatusCode | None = None
+            details = ""
+            try:
+                call = channel.stub.WatchConfigChanges(self._watch_request(), wait_for_ready=self._wait_for_ready)
+                with self._lock:
+                    self._watch_call = call
+                if self._watch_stop.is_set():
+                    call.cancel()
+                for reply in call:
+                    if isinstance(self._watch_reply(reply), WatchStarted):
+                        self._watch_first.set()
+            except grpc.RpcError as error:
+                rpc = cast(grpc.Call, error)
+                code, details = rpc.code(), rpc.details() or ""
+            except Exception as error:  # never let a bug kill the watch or reach a caller
+                watch_log.exception("the config watch failed", extra={"event": "watch_error"})
+                details = type(error).__name__
+            finally:
+                with self._lock:
+                    self._watch_call = None
+                self._checkin(channel)
+            self._watch_first.set()
+            if self._watch_stop.is_set():
+                return
+            self._watch_stop.wait(self._watch_ended(code, details))
+
+    def watch_changes(self, organization_id: str | None = None, providers: Iterable[str] = ()) -> ChangeStreamSync:
+        """The committed changes of stored credentials, as a blocking iterator of events (see `ChangeStreamSync`).
+
+        ```python
+        with client.watch_changes(org_id, ["stripe"]) as changes:
+            for event in changes:
+                ...  # WatchStarted, then ConfigChangeEvent / WatchResync
+        ```
+
+        `organization_id` and `providers` (at most 16) narrow the scope; empty
+        means everything this caller may read. No deadline; with
+        `wait_for_ready` it waits for a service that is (re)starting. Does not
+        reconnect by itself: its end raises the client's error. The cache's own
+        watch is separate (and does reconnect).
+        """
+        request = self._watch_changes_request(organization_id, providers)
+        channel = self._checkout()
+        try:
+            return ChangeStreamSync(self, channel, request)
+        except BaseException:
+            self._checkin(channel)
+            raise
 
     def _lead(self, key: Key, flight: _Flight, timeout: float | None, start: ReadStart) -> None:
         try:
