@@ -8,7 +8,8 @@ then measures every row of JOBS with h2load (bench/h2load.py) or the Python load
 COMPARISONS, then every row) and writes it to bench/results/latest.md. Everything it started is
 stopped and the database is dropped at the end.
 
-Run: `make bench` or `.venv/bin/python bench/run.py [--duration S] [--concurrency N] [--connections C]`.
+Run: `make bench` or `.venv/bin/python bench/run.py [--duration S] [--concurrency N] [--connections C]
+[--worker-connections W]`.
 Needs h2load (`apt-get install -y nghttp2-client`); OpenBao's `bao` is optional (see README.md).
 PostgreSQL admin URL: env BENCH_POSTGRES_URL (default postgresql://postgres@127.0.0.1:5432/postgres).
 """
@@ -403,8 +404,11 @@ def h2load_loads(job: Job, ctx: Context, mode: str, seconds: float, requests: in
     body = call.write_body(org, ctx.work_dir, job.call)
     if mode == SEQUENTIAL:
         return [h2load.Load(url, 1, 1, seconds, body, h2load.GRPC_HEADERS, requests=requests)]
-    streams = math.ceil(args.concurrency / args.connections)
-    return [h2load.Load(url, args.connections, streams, seconds, body, h2load.GRPC_HEADERS, requests=requests)]
+    # The kernel spreads connections over the workers (SO_REUSEPORT hashes each one), not calls: a few
+    # connections often land 3 to 1 on 2 workers, so the workers' row opens more of them.
+    connections = min(args.worker_connections if job.server == PG_WORKERS else args.connections, args.concurrency)
+    streams = math.ceil(args.concurrency / connections)
+    return [h2load.Load(url, connections, streams, seconds, body, h2load.GRPC_HEADERS, requests=requests)]
 
 
 async def check_call(job: Job, ctx: Context) -> tuple[str, int]:
@@ -556,7 +560,8 @@ def machine(args: argparse.Namespace, postgres_version: str, load_before: float)
         "phases": (
             f"h2load: ~{args.duration:g} s of calls each after max({WARMUP_CALLS}, "
             f"{WARMUP_CALLS_PER_STREAM} × in flight) warm-up calls, {args.connections} connections at "
-            f"{args.concurrency} in flight; python: {args.duration:g} s after {args.warmup:g} s"
+            f"{args.concurrency} in flight ({args.worker_connections} to the {WORKERS} workers); python: "
+            f"{args.duration:g} s after {args.warmup:g} s"
         ),
         "load avg (1 min) before": f"{load_before:.2f}",
         "after": f"{load_average():.2f}",  # this run's own load counts too (up to ~2 on 2 cores)
@@ -634,9 +639,18 @@ def parse_args() -> argparse.Namespace:
         help="saves: only the SaveIntegration rows and their baselines, without OpenBao, strict audit "
         "or workers (default all)",
     )
+    parser.add_argument(
+        "--worker-connections",
+        type=int,
+        default=16,
+        help=f"the same for the service with {WORKERS} workers (default 16): the kernel spreads connections, "
+        "not calls, over the workers",
+    )
     args = parser.parse_args()
     if args.duration <= 0 or args.warmup <= 0 or args.concurrency < 1 or not 1 <= args.connections <= args.concurrency:
         parser.error("--duration and --warmup must be > 0, --concurrency >= 1, 1 <= --connections <= --concurrency")
+    if args.worker_connections < 1:
+        parser.error("--worker-connections must be >= 1")
     return args
 
 

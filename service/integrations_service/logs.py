@@ -59,13 +59,41 @@ _FIELDS = (
 
 
 def _fields(record: logging.LogRecord) -> dict[str, object]:
-    return {name: value for name in _FIELDS if (value := getattr(record, name, None)) is not None}
+    attributes = record.__dict__  # where `extra` puts them
+    return {name: value for name in _FIELDS if (value := attributes.get(name)) is not None}
+
+
+# One encoder for every line: json.dumps with an option builds a new one per call.
+_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
+class _Timestamps:
+    """ISO 8601 UTC with milliseconds, as `datetime.isoformat(timespec="milliseconds")` writes it; the part up
+    to the second is made once per second (a busy server logs many lines in each)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        micros = round((created - second) * 1e6)  # as datetime.fromtimestamp rounds
+        if micros >= 1_000_000:
+            second, micros = second + 1, 0
+        if second != self._second:
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._second = second
+        return f"{self._prefix}.{micros // 1000:03d}+00:00"
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._time = _Timestamps()  # a handler formats one record at a time (it holds its lock)
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "time": self._time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -73,7 +101,7 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return _JSON.encode(entry)
 
 
 def _escaped(text: str) -> str:
@@ -189,6 +217,12 @@ def configure(json_lines: bool, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # No line shows the source file, thread or process of a call (the logging HOWTO's "Optimization"):
+    # finding them costs a stack walk and three lookups per line.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # These log every bound query parameter at DEBUG: ciphertexts, organization ids.
     for chatty in ("aiosqlite", "asyncpg"):
         logging.getLogger(chatty).setLevel(max(level, logging.INFO))

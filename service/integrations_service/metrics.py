@@ -238,9 +238,12 @@ class RpcMetrics:
         self._seconds = grpc_metrics.seconds.labels(*labels)
         # Every code exists from the start, as go-grpc-prometheus does: ratios and increase() see zeros, not gaps.
         self._handled = {code: grpc_metrics.handled.labels(*labels, code.name) for code in grpc.StatusCode}
-        self._method = method
         self._own_seconds = metrics.rpc_seconds.labels(method)
+        # integrations_rpc_requests_total's children of this method, one per code, made on a code's first call
+        # (a label lookup per call costs more than the increment).
         self._own_requests = metrics.rpcs
+        self._method = method
+        self._own_by_code: dict[grpc.StatusCode, Counter] = {}
 
     def started(self) -> None:
         self._started.inc()
@@ -251,7 +254,10 @@ class RpcMetrics:
             self._sent.inc()
         self._handled[code].inc()
         self._seconds.observe(seconds)
-        self._own_requests.labels(self._method, code.name).inc()
+        own = self._own_by_code.get(code)
+        if own is None:
+            own = self._own_by_code[code] = self._own_requests.labels(self._method, code.name)
+        own.inc()
         self._own_seconds.observe(seconds)
 
 

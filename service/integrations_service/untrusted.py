@@ -33,7 +33,8 @@ def bounded(text: str, limit: int = DEFAULT_LIMIT) -> str:
     """
     cut = max(len(text) - limit, 0)
     head = text[:limit] if cut else text
-    if head.isprintable() and "\\" not in head and not any(map(_unsafe, head)):
+    # Printable ASCII has none of `_unsafe`'s characters (those are C0, DEL or beyond ASCII): no scan needed.
+    if head.isprintable() and "\\" not in head and (head.isascii() or not any(map(_unsafe, head))):
         safe = head
     else:
         safe = "".join("\\\\" if c == "\\" else _escape(c) if _unsafe(c) else c for c in head)
@@ -46,6 +47,6 @@ def controls_escaped(text: str) -> str:
     For text that may already have been through `bounded` (log fields): escaping it again would
     double every backslash `bounded` wrote. It still cannot break a line.
     """
-    if text.isprintable() and not any(map(_unsafe, text)):
+    if text.isprintable() and (text.isascii() or not any(map(_unsafe, text))):
         return text
     return "".join(_escape(c) if _unsafe(c) else c for c in text)

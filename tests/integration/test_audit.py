@@ -290,7 +290,7 @@ async def test_the_audit_log_line_says_ok_only_for_changes_that_happened(
     first = await save(svc, org, request_id("first"), secretKey="sk_test_audit_log_0001")
     await save(svc, org, request_id("second"), publishableKey="pk_test_audit_log")
     stale = request_id("stale")
-    caplog.set_level("INFO", logger="integrations.audit")
+    caplog.set_level("INFO", logger="integrations")
     await refused(save(svc, org, stale, etag=first.etag, publishableKey="pk_test_lost"))
     missing = request_id("missing")
     await refused(
@@ -300,7 +300,8 @@ async def test_the_audit_log_line_says_ok_only_for_changes_that_happened(
     )
 
     def outcomes(rid: str) -> list[str]:
-        audit_lines = (r for r in caplog.records if r.name == "integrations.audit")
+        # A call's audit record is logged on its "rpc finished" line.
+        audit_lines = (r for r in caplog.records if getattr(r, "event", None) == "audit")
         return [str(r.outcome) for r in audit_lines if getattr(r, "request_id", None) == rid]  # type: ignore[attr-defined]
 
     assert outcomes(stale) == ["Conflict"]

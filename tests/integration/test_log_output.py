@@ -135,3 +135,77 @@ def test_json_mode_output_written_just_before_exit_is_flushed_as_json(tmp_path: 
     assert result.returncode == 0, result.stderr
     entries = [json.loads(line) for line in result.stderr.splitlines()]
     assert [entry["message"] for entry in entries][-1] == "configuration is valid"
+
+
+def test_json_mode_logs_one_line_per_rpc_with_its_audit_record_on_it(tmp_path: Path, processes: Processes) -> None:
+    """A call that leaves an audit record (a save, a decrypted read) still writes one line, which carries
+    the record; the record in the store is the same as ever."""
+    process = processes.serve(tmp_path / "work", clean_env({"INTEGRATIONS_LOG_FORMAT": "json"}))
+    org, secret = new_org(), "sk_test_one_line_per_call_0123456789"
+    values = {"secretKey": secret, "webhookSecret": "whsec_one_line", "publishableKey": "pk_test_one_line"}
+    channel, stub = _insecure_stub(process)
+    calls: dict[str, tuple[str, object]] = {
+        "req-save": (
+            "SaveIntegration",
+            pb.SaveIntegrationRequest(organization_id=org, provider="stripe", values=values),
+        ),
+        "req-decrypted": (
+            "GetProviderConfig",
+            pb.GetProviderConfigRequest(organization_id=org, provider="stripe", view=pb.CONFIG_VIEW_DECRYPTED),
+        ),
+        "req-masked": ("GetProviderConfig", pb.GetProviderConfigRequest(organization_id=org, provider="stripe")),
+        "req-list": ("ListProviders", pb.ListProvidersRequest(organization_id=org)),
+    }
+    with channel:
+        for request_id, (method, request) in calls.items():
+            getattr(stub, method)(request, timeout=10, metadata=((("x-request-id", request_id),)))
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetProviderConfig(
+                pb.GetProviderConfigRequest(organization_id=org, provider="nope", view=pb.CONFIG_VIEW_DECRYPTED),
+                timeout=10,
+                metadata=(("x-request-id", "req-refused"),),
+            )
+        assert refused.value.code() is grpc.StatusCode.NOT_FOUND
+        # The trail itself is unchanged: one record per audited call, with its request id (reads within a flush).
+        expected = {
+            ("req-save", "SaveIntegration", "OK"),
+            ("req-decrypted", "GetProviderConfig", "OK"),
+            ("req-refused", "GetProviderConfig", "NotFound"),
+        }
+        deadline, stored = time.monotonic() + 10, set[tuple[str, str, str]]()
+        while not expected <= stored and time.monotonic() < deadline:
+            time.sleep(0.1)
+            events = stub.ListAuditEvents(pb.ListAuditEventsRequest(organization_id=org), timeout=10).events
+            stored = {(e.request_id, e.action, e.outcome) for e in events}
+        assert expected <= stored, stored
+    assert process.terminate() == 0
+    log = process.stderr()
+    assert secret not in log
+    entries = [json.loads(line) for line in log.splitlines()]
+    by_request = {rid: [e for e in entries if e.get("request_id") == rid] for rid in [*calls, "req-refused"]}
+    assert {rid: len(lines) for rid, lines in by_request.items()} == dict.fromkeys(by_request, 1), by_request
+    service = "/integrations.v1.IntegrationService/"
+    for request_id, (method, _request) in calls.items():
+        (line,) = by_request[request_id]
+        assert line["message"] == "rpc finished", line
+        assert (line["rpc"], line["code"], line["caller"], line["organization_id"]) == (
+            service + method,
+            "OK",
+            "development-plaintext",
+            org,
+        ), line
+        assert isinstance(line["duration_ms"], float | int), line
+    audited = {"req-save": "SaveIntegration", "req-decrypted": "GetProviderConfig"}
+    for request_id in calls:
+        (line,) = by_request[request_id]
+        if request_id in audited:
+            assert (line["event"], line["outcome"], line["provider"]) == ("audit", "OK", "stripe"), line
+            assert line["fields"] == "publishableKey,secretKey,webhookSecret", line
+        else:
+            assert not {"event", "outcome", "fields"} & set(line), line
+    (refused_line,) = by_request["req-refused"]
+    assert (refused_line["code"], refused_line["event"], refused_line["outcome"]) == (
+        "NOT_FOUND",
+        "audit",
+        "NotFound",
+    ), refused_line

@@ -512,7 +512,8 @@ async def test_callers_are_shown_with_their_kind_in_logs_and_the_audit_trail(
     assert {typed("cn", "ops-console"), shown_forgery, shown_commerce} <= finished
     denied = [r for r in caplog.records if getattr(r, "event", None) == "permission_denied"]
     assert [getattr(r, "caller", None) for r in denied] == [shown_forgery]
-    audit_lines = {getattr(r, "caller", None) for r in caplog.records if r.getMessage() == "audit"}
+    # Each call's audit record is on its "rpc finished" line.
+    audit_lines = {getattr(r, "caller", None) for r in caplog.records if getattr(r, "event", None) == "audit"}
     assert {shown_forgery, shown_commerce} <= audit_lines
 
 

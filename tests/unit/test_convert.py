@@ -117,3 +117,37 @@ def test_an_audit_record_reaches_the_wire_whole_with_its_action() -> None:
     )
     assert dict(event.details) == {"rows": "3"}
     assert event.time.ToDatetime(tzinfo=UTC) == when
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime(2026, 12, 1, 10, 0, 0, 123456, tzinfo=UTC),
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 12, 1, 10, 0, 0, 1),  # naive: UTC, as Timestamp.FromDatetime takes it
+        datetime.fromisoformat("2026-12-01T12:00:00.5+02:00"),
+    ],
+)
+def test_the_update_time_is_what_timestamp_from_datetime_sets(when: datetime) -> None:
+    expected = pb.ProviderConfig()
+    expected.update_time.FromDatetime(when)
+    message = convert.config_to_pb(EffectiveConfig("org_1", "stripe", {}, etag="e", update_time=when))
+    assert (message.update_time.seconds, message.update_time.nanos) == (
+        expected.update_time.seconds,
+        expected.update_time.nanos,
+    )
+
+
+def test_a_providers_status_is_its_own_though_its_catalog_message_is_built_once() -> None:
+    spec = find_provider("stripe")
+    assert spec is not None
+    response = pb.ListProvidersResponse()
+    for configured, ready in ((True, True), (False, False), (True, False)):
+        convert.provider_into(response.providers.add(), ProviderStatus(spec, configured=configured, ready=ready))
+    assert [(p.id, p.configured, p.ready) for p in response.providers] == [
+        ("stripe", True, True),
+        ("stripe", False, False),
+        ("stripe", True, False),
+    ]
+    assert convert.provider_to_pb(ProviderStatus(spec)).configured is False
+    assert len(response.providers[1].fields) == len(spec.fields)

@@ -6,6 +6,7 @@ import ast
 import json
 import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,20 @@ def test_grpc_core_lines_are_wrapped_into_json() -> None:
     already = '{"time": "t", "level": "info", "logger": "integrations.app", "message": "serving"}'
     assert logs.as_json_line(already) == already
     assert json.loads(logs.as_json_line("[1, 2]"))["message"] == "[1, 2]"
+
+
+@pytest.mark.parametrize("created", [0.0, 1.0005, 1.9995, 1.9999996, 1764590000.123456, 1764590000.9996, 1764590001.0])
+def test_json_time_is_what_isoformat_with_milliseconds_writes(created: float) -> None:
+    made = record()
+    made.created = created
+    entry = json.loads(logs.JsonFormatter().format(made))
+    assert entry["time"] == datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+
+
+def test_json_time_stays_right_across_seconds_on_one_formatter() -> None:
+    formatter = logs.JsonFormatter()
+    for created in (1764590000.999, 1764590001.0, 1764590000.5, 1764590002.25):
+        made = record()
+        made.created = created
+        expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+        assert json.loads(formatter.format(made))["time"] == expected

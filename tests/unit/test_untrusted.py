@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from integrations_service.untrusted import bounded
+from integrations_service.untrusted import bounded, controls_escaped
 
 
 @pytest.mark.parametrize(
@@ -32,3 +32,13 @@ def test_long_text_is_cut_with_a_marker() -> None:
 
 def test_text_at_the_limit_is_kept_whole() -> None:
     assert bounded("y" * 10, limit=10) == "y" * 10
+
+
+@pytest.mark.parametrize("code", [*range(0x300), 0x2028, 0x2029, 0xD800, 0xDFFF, 0xFEFF, 0x1F600])
+def test_a_character_is_escaped_exactly_when_it_is_unsafe_or_a_backslash(code: int) -> None:
+    char = chr(code)
+    text = f"a{char}b"
+    # C0 controls, DEL, C1 controls, lone surrogates, the line and paragraph separators.
+    unsafe = code < 0x20 or 0x7F <= code <= 0x9F or 0xD800 <= code <= 0xDFFF or code in (0x2028, 0x2029)
+    assert (bounded(text) == text) is (not unsafe and char != "\\")
+    assert (controls_escaped(text) == text) is (not unsafe)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from integrations.v1 import integrations_pb2 as pb
 from integrations_service.domain.audit import AuditEntry
 from integrations_service.domain.registry import Category, ProviderSpec
@@ -45,8 +49,28 @@ def view_from_pb(value: pb.ConfigView.ValueType) -> ConfigView:
 
 
 def provider_to_pb(status: ProviderStatus) -> pb.Provider:
-    spec: ProviderSpec = status.spec
-    return pb.Provider(
+    message = pb.Provider()
+    provider_into(message, status)
+    return message
+
+
+def provider_into(message: pb.Provider, status: ProviderStatus) -> None:
+    """Fill `message` (e.g. `response.providers.add()`): a copy of the spec's message, made once, and its status."""
+    message.CopyFrom(_spec_message(status.spec))
+    message.configured = bool(status.configured)
+    message.ready = bool(status.ready)
+
+
+# The catalogue is fixed: each provider's message (everything but its status) is built once, kept with the spec
+# it was built from (a different spec object with the same id, as tests make, gets its own).
+_SPEC_MESSAGES: dict[str, tuple[ProviderSpec, pb.Provider]] = {}
+
+
+def _spec_message(spec: ProviderSpec) -> pb.Provider:
+    cached = _SPEC_MESSAGES.get(spec.id)
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    message = pb.Provider(
         id=spec.id,
         display_name=spec.display_name,
         category=_CATEGORY_TO_PB[spec.category],
@@ -62,24 +86,40 @@ def provider_to_pb(status: ProviderStatus) -> pb.Provider:
             )
             for f in spec.fields
         ],
-        configured=bool(status.configured),
-        ready=bool(status.ready),
     )
+    _SPEC_MESSAGES[spec.id] = (spec, message)
+    return message
 
 
 def config_to_pb(config: EffectiveConfig) -> pb.ProviderConfig:
-    message = pb.ProviderConfig(
-        organization_id=config.organization_id,
-        provider=config.provider,
-        etag=config.etag,
-        values={
-            key: pb.ConfigValue(value=v.value, source=_SOURCE_TO_PB[v.source], secret=v.secret)
-            for key, v in config.values.items()
-        },
-    )
-    if config.update_time is not None:
-        message.update_time.FromDatetime(config.update_time)
+    message = pb.ProviderConfig()
+    config_into(message, config)
     return message
+
+
+def config_into(message: pb.ProviderConfig, config: EffectiveConfig) -> None:
+    """Fill `message` in place (e.g. `response.config`): no intermediate messages to copy."""
+    message.organization_id = config.organization_id
+    message.provider = config.provider
+    message.etag = config.etag
+    values = message.values
+    for key, effective in config.values.items():
+        value = values[key]
+        value.value = effective.value
+        value.source = _SOURCE_TO_PB[effective.source]
+        value.secret = effective.secret
+    if config.update_time is not None:
+        _set_time(message.update_time, config.update_time)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _set_time(timestamp: Timestamp, when: datetime) -> None:
+    """What `Timestamp.FromDatetime` sets (a naive datetime is UTC), in integer arithmetic."""
+    since = (when if when.tzinfo is not None else when.replace(tzinfo=UTC)) - _EPOCH
+    timestamp.seconds = since.days * 86_400 + since.seconds
+    timestamp.nanos = since.microseconds * 1000
 
 
 def audit_to_pb(entry: AuditEntry) -> pb.AuditEvent:

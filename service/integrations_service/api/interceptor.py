@@ -4,7 +4,8 @@ For each call it: takes or makes a request id; names the caller from the TLS
 auth context; checks the caller's permission for this RPC (and view);
 turns `errors.ServiceError` into its status (`api.status`) and anything
 unexpected into INTERNAL, logged with the request id (never UNKNOWN); and
-writes one log line with identifiers only, never request values.
+writes one log line with identifiers only, never request values, which also
+carries the audit record the call made, if any (`domain.audit.CallLine`).
 
 Bytes that do not decode as the request message answer INVALID_ARGUMENT
 (grpc.aio decodes before any handler runs, so the decoder is wrapped too). A
@@ -20,10 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
@@ -33,7 +35,7 @@ from integrations_service import errors
 from integrations_service.api.auth import SERVICE_PREFIX, Authorizer, Identified, peer_names
 from integrations_service.api.status import status_code_of, to_grpc_status
 from integrations_service.deadlines import set_call_deadline
-from integrations_service.domain.audit import AuditTrail, Caller
+from integrations_service.domain.audit import AuditRecord, AuditTrail, Caller, CallLine
 from integrations_service.metrics import Metrics
 from integrations_service.untrusted import bounded
 
@@ -58,12 +60,19 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         self._authorizer = authorizer
         self._audit = audit
         self._metrics = metrics
+        self._new_request_id = request_ids()
+        # The wrapped handler of each unary method, built on its first call: the servicer's handlers never
+        # change while the server runs. Only registered methods get here, so the map stays that small.
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        wrapped = self._wrapped.get(handler_call_details.method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
@@ -81,20 +90,25 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             return handler  # reflection's stream: open to every authenticated caller
         # Under grpc.aio the unary behaviour is a coroutine function taking an aio context.
         behaviour = cast(Handler, handler.unary_unary)
-        return grpc.unary_unary_rpc_method_handler(
+        wrapped = self._wrapped[handler_call_details.method] = grpc.unary_unary_rpc_method_handler(
             self._wrap(handler_call_details.method, behaviour),
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+        return wrapped
 
     def _wrap(self, method: str, inner: Handler) -> Handler:
+        rpc_metrics = self._metrics.rpc(method)
+        new_request_id = self._new_request_id
+
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             identified = self._authorizer.identify(peer_names(context))
-            caller = Caller(str(identified.name), _request_id(context))  # the typed rendering, e.g. spiffe:…
+            # The typed rendering of the caller, e.g. spiffe:…
+            caller = Caller(str(identified.name), _request_id(context) or new_request_id())
             _current_caller.set(caller)
+            line = CallLine.open()
             set_call_deadline(context.time_remaining())  # the store waits no longer than the caller does
             started = time.perf_counter()
-            rpc_metrics = self._metrics.rpc(method)
             rpc_metrics.started()
             code = grpc.StatusCode.OK
             try:
@@ -122,7 +136,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 code = _cut_short(context) or code
                 elapsed = time.perf_counter() - started
                 rpc_metrics.handled(code, elapsed)
-                _log_rpc(method, request, code, elapsed, caller)
+                _log_rpc(method, request, code, elapsed, caller, line.close())
             raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
         return handle
@@ -132,7 +146,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             identified = self._authorizer.identify(peer_names(context))
-            caller = Caller(str(identified.name), _request_id(context))
+            caller = Caller(str(identified.name), _request_id(context) or self._new_request_id())
             _current_caller.set(caller)
             started = time.perf_counter()
             rpc_metrics = self._metrics.stream_rpc(method)
@@ -251,10 +265,25 @@ def _cut_short(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode |
 
 
 def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The caller's request id, when it sent a well-formed one; else ""."""
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and _CALLER_REQUEST_ID.fullmatch(value):
             return value
-    return uuid.uuid4().hex
+    return ""
+
+
+def request_ids() -> Callable[[], str]:
+    """A source of request ids: 32 hex characters, a random 64-bit prefix made once per process and a counter.
+
+    A request id correlates a call's log line, audit record and error; it grants nothing (a caller may even
+    choose its own), so it needs to be unique, not unguessable. Within a process the counter never repeats;
+    across processes (replicas, workers, restarts) two prefixes collide with probability 2**-64 per pair.
+    That is as unique as a uuid4 in practice, for a string format and a counter instead of 16 random bytes
+    and a UUID object per call.
+    """
+    prefix = secrets.token_hex(8)
+    counter = itertools.count(1)
+    return lambda: f"{prefix}{next(counter):016x}"
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status, request_id: str) -> None:
@@ -262,19 +291,38 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Statu
     await context.abort(status.code, status.details, trailing)
 
 
-def _log_rpc(method: str, request: Any, code: grpc.StatusCode, elapsed: float, caller: Caller) -> None:
+def _log_rpc(
+    method: str,
+    request: Any,
+    code: grpc.StatusCode,
+    elapsed: float,
+    caller: Caller,
+    audit: AuditRecord | None = None,
+) -> None:
+    """The call's one line; with the audit record the call made, if any (its identifiers are the record's own)."""
+    if audit is None:
+        # Identifiers only (bounded: the request may be one that was refused for them);
+        # requests carry secrets in other fields, which are never logged.
+        organization_id = bounded(getattr(request, "organization_id", "")) or None
+        provider = bounded(getattr(request, "provider", "")) or None
+        caller_shown, request_id = caller.identity, caller.request_id
+    else:
+        organization_id, provider = audit.organization_id or None, audit.provider or None
+        caller_shown, request_id = audit.caller, audit.request_id
     log.info(
         "rpc finished",
         extra={
             "rpc": method,
             "code": code.name,
             "duration_ms": round(elapsed * 1000, 3),
-            "request_id": caller.request_id,
-            "caller": caller.identity,
-            # Identifiers only (bounded: the request may be one that was refused for them);
-            # requests carry secrets in other fields, which are never logged.
-            "organization_id": bounded(getattr(request, "organization_id", "")) or None,
-            "provider": bounded(getattr(request, "provider", "")) or None,
+            "request_id": request_id,
+            "caller": caller_shown,
+            "organization_id": organization_id,
+            "provider": provider,
+            # None (left out of the line) for a call that made no audit record.
+            "event": "audit" if audit else None,
+            "outcome": audit.outcome if audit else None,
+            "fields": (",".join(audit.fields) or None) if audit else None,
         },
     )
 

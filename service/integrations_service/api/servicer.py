@@ -32,14 +32,20 @@ class IntegrationServicer(pb_grpc.IntegrationServiceServicer):
     async def ListProviders(self, request: pb.ListProvidersRequest, context: Context) -> pb.ListProvidersResponse:
         category = convert.category_from_pb(request.category)
         statuses = await self._service.list_providers(request.organization_id, category)
-        return pb.ListProvidersResponse(providers=[convert.provider_to_pb(s) for s in statuses])
+        response = pb.ListProvidersResponse()
+        providers = response.providers
+        for status in statuses:
+            convert.provider_into(providers.add(), status)
+        return response
 
     async def GetProviderConfig(
         self, request: pb.GetProviderConfigRequest, context: Context
     ) -> pb.GetProviderConfigResponse:
         read = ReadRequest(request.organization_id, request.provider, convert.view_from_pb(request.view))
         config = await self._service.get_config(read, current_caller())
-        return pb.GetProviderConfigResponse(config=convert.config_to_pb(config))
+        response = pb.GetProviderConfigResponse()
+        convert.config_into(response.config, config)
+        return response
 
     async def SaveIntegration(self, request: pb.SaveIntegrationRequest, context: Context) -> pb.SaveIntegrationResponse:
         save = SaveRequest(

@@ -5,9 +5,10 @@ same transaction as the change. Everything else (decrypted reads, refusals,
 permission denials) goes through a small buffer that a background task
 flushes, so the commerce service's hot path never waits on an audit insert;
 with `INTEGRATIONS_AUDIT_READS=strict` a decrypted read instead waits until its
-record is stored, and fails when it cannot be. Every record is also one
-structured log line. Records never hold a value: where one must be
-correlated, its keyed HMAC fingerprint.
+record is stored, and fails when it cannot be. Every record is also logged:
+on the log line of the RPC that made it (`CallLine`: one line per call), or on
+a line of its own outside an RPC. Records never hold a value: where one must
+be correlated, its keyed HMAC fingerprint.
 
 Everything a record takes from a request is made storable first (`bounded`),
 and a batch the store refuses is split so that one bad record cannot hold up
@@ -17,6 +18,7 @@ the others: nothing a caller sends can stop the trail.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import logging
 from collections import deque
@@ -63,6 +65,42 @@ class Caller:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class CallLine:
+    """The log line of the RPC being served, which carries the audit record the call made.
+
+    The RPC layer opens one per call (`CallLine.open`) and closes it when it writes the line; a record written
+    while it is open goes on it instead of on a line of its own, so a decrypted read or a save logs one line.
+    """
+
+    __slots__ = ("closed", "record")
+
+    def __init__(self) -> None:
+        self.record: AuditRecord | None = None
+        self.closed = False
+
+    @staticmethod
+    def open() -> CallLine:
+        """A new line for the call running in this task (asyncio gives each RPC's task its own context)."""
+        line = CallLine()
+        _call_line.set(line)
+        return line
+
+    def close(self) -> AuditRecord | None:
+        """The record to log on the call's line, if any; a record written from now on gets a line of its own."""
+        self.closed = True
+        return self.record
+
+    def take(self, audit: AuditRecord) -> bool:
+        """Whether `audit` goes on this line: it is open and holds no record yet (a second one logs alone)."""
+        if self.closed or self.record is not None:
+            return False
+        self.record = audit
+        return True
+
+
+_call_line: contextvars.ContextVar[CallLine | None] = contextvars.ContextVar("audit_call_line", default=None)
 
 
 def _storable_fields(fields: Iterable[str]) -> tuple[str, ...]:
@@ -121,7 +159,11 @@ class AuditTrail:
         )
 
     def written(self, audit: AuditRecord) -> None:
-        """The store wrote the record with its change: emit its log line, now that it is true."""
+        """The store wrote the record with its change (or took it for the next flush): log it, now that it is
+        true, on the log line of the RPC that made it, or on a line of its own outside one."""
+        line = _call_line.get()
+        if line is not None and line.take(audit):
+            return
         log.info(
             "audit",
             extra={
@@ -271,4 +313,4 @@ class AuditTrail:
             )
 
 
-__all__ = ["OUTCOME_OK", "AuditEntry", "AuditRecord", "AuditTrail", "Caller"]
+__all__ = ["OUTCOME_OK", "AuditEntry", "AuditRecord", "AuditTrail", "CallLine", "Caller"]
