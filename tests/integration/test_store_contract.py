@@ -892,7 +892,8 @@ class SideWriter:
 
 
 _ADD_FIELD_FROM_SQL = (
-    # As the dashboard or `rotate` would: the config changes, the version does not.
+    # As the dashboard's own code would: it changes the config and knows nothing of the version
+    # (migration 0004's trigger moves the version for it).
     "UPDATE integration_config SET config = config || jsonb_build_object($2::text, 'enc:v1:sql') WHERE id = $1"
 )
 
@@ -923,9 +924,32 @@ async def test_a_save_of_a_row_changed_since_this_store_wrote_it_merges_again_on
         {"secretKey": "enc:v1:a", "webhookSecret": "enc:v1:sql"},
     ]
     assert dict(row.config) == {"secretKey": "enc:v1:a", "webhookSecret": "enc:v1:sql", "publishableKey": "enc:v1:b"}
-    assert (row.id, row.version) == (first.id, 2)
+    assert (row.id, row.version) == (first.id, 3)  # the SQL change moved it to 2 (migration 0004), the save to 3
     assert await postgres_store.get(ORG, "stripe") == row
     assert await trail(postgres_store) == [record]  # one save, one record
+
+
+@pytest.mark.postgres
+async def test_a_save_of_a_row_rewrapped_since_this_store_wrote_it_merges_again_onto_the_rewrapped_row(
+    postgres_store: PostgresStore, postgres_database_url: str
+) -> None:
+    # A rewrap keeps the version: only the row's xmin tells the remembered row is not the stored one.
+    first = await postgres_store.upsert(ORG, "stripe", put({"secretKey": "enc:v1:a"}))
+    rewrapped = await PostgresStore.connect(postgres_database_url)
+    try:
+        assert await rewrapped.rewrap([first.id], lambda current: {"secretKey": "enc:v2:a"}) == 1
+    finally:
+        await rewrapped.close()
+    seen: list[StoredIntegration | None] = []
+
+    row = await postgres_store.upsert(ORG, "stripe", recording({"publishableKey": "enc:v1:b"}, seen), event())
+
+    assert [dict(current.config) for current in seen if current is not None] == [
+        {"secretKey": "enc:v1:a"},
+        {"secretKey": "enc:v2:a"},
+    ]
+    assert dict(row.config) == {"secretKey": "enc:v2:a", "publishableKey": "enc:v1:b"}
+    assert (row.id, row.version) == (first.id, 2)
 
 
 @pytest.mark.postgres
@@ -965,7 +989,7 @@ async def test_a_row_changed_between_the_merge_and_the_write_is_merged_again_the
     ]
     assert locked_while_merging == [False, False, False, True]
     assert sorted(row.config) == ["base", "ours", "sql_1", "sql_2", "sql_3"]
-    assert row.version == 2
+    assert row.version == 5  # three SQL changes (their versions moved by migration 0004's trigger), then the save
     assert await postgres_store.get(ORG, "stripe") == row
     assert await trail(postgres_store) == [event()]
 

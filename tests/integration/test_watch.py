@@ -290,6 +290,28 @@ async def test_a_rewrap_by_rotate_sends_nothing(
 
 
 @pytest.mark.postgres
+async def test_a_foreign_writers_change_that_keeps_the_version_reaches_the_stream_with_a_new_etag(
+    replicas: tuple[Replica, Replica], database: str
+) -> None:
+    # The dashboard's own code (or a manual fix) writes `config` knowing nothing of `version`.
+    a, b = replicas
+    org = new_org()
+    saved = await a.save(org, secretKey=SK)
+    stream = await watch(b.stub, org)
+    await sql(
+        database,
+        "UPDATE integration_config SET config = config - 'secretKey' "
+        "WHERE organization_id = $1 AND provider = 'stripe'",
+        org,
+    )
+    change = await stream.change()
+    assert change.etag != saved.etag, "a watching client holding the old etag would keep the old value"
+    read = await b.stub.GetProviderConfig(pb.GetProviderConfigRequest(organization_id=org, provider="stripe"))
+    assert read.config.etag == change.etag
+    stream.call.cancel()
+
+
+@pytest.mark.postgres
 async def test_a_lost_listener_connection_ends_the_stream_unavailable_and_a_new_one_works_after_reconnect(
     replicas: tuple[Replica, Replica], database: str
 ) -> None:

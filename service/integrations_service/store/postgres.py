@@ -182,6 +182,9 @@ _SELECT_FOR_REWRAP = (
 )
 # Only the ciphertext: version and updated_at stay, since the values are the same.
 _REWRAP = "UPDATE integration_config SET config = $2::jsonb WHERE id = $1"
+# Marks this transaction's updates as rewraps (migration 0004): without it, the table's trigger
+# moves the version of an update that changes `config` and keeps `version`, as a foreign writer's.
+_MARK_REWRAP = "SELECT set_config('integrations.rewrap', 'on', true)"
 
 # Keys.
 _REGISTER_KEY = "INSERT INTO encryption_keys (key_id, check_value) VALUES ($1, $2) ON CONFLICT (key_id) DO NOTHING"
@@ -440,6 +443,7 @@ class PostgresStore(IntegrationStore):
                     changes.append((row.id, dict(config)))
             with _unavailable_on_connection_error():
                 if changes:
+                    await conn.execute(_MARK_REWRAP)
                     await conn.executemany(_REWRAP, changes)
                 if audit is not None:
                     await _insert_audit(conn, [audit])
