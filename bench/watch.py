@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import math
 import os
@@ -52,7 +53,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -126,12 +127,15 @@ async def propagation(
     org: str,
     saves: int,
     pause: float = 0.0,
+    halfway: Callable[[], None] | None = None,
 ) -> Propagation:
     """`saves` sequential saves through A, each followed by polling the client on B until it serves the new value."""
     creds = await client.get_config(org, PROVIDER)  # cached now; the first read also starts the client's watch
     result.watching = client.cache_stats.watching
     began = time.monotonic()
     for serial in range(saves):
+        if halfway is not None and serial == saves // 2:
+            halfway()
         if pause:
             await asyncio.sleep(random.uniform(0, pause))
         value = secret_key(serial)
@@ -187,22 +191,27 @@ def p99(values: Sequence[float]) -> float | None:
 
 
 def vm_rss_kib(pid: int) -> int:
-    """Resident memory of a live process, from /proc/<pid>/status (kB there means KiB)."""
+    """Resident memory of a live process and its live descendants (`serve --workers`), from /proc/<pid>/status."""
+    total = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for process {pid}")
+            total = int(line.split()[1])  # kB there means KiB
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            with contextlib.suppress(OSError):
+                total += vm_rss_kib(int(child))
+    return total
 
 
 def watch_streams_gauge(metrics_address: str) -> int | None:
-    """B's own count of the WatchConfigChanges streams it has open (integrations_watch_streams)."""
+    """B's own count of the WatchConfigChanges streams it has open (integrations_watch_streams, every sample)."""
     with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    match = re.search(r"^integrations_watch_streams(?:\{[^}]*\})? (\S+)$", text, re.M)
-    return int(float(match.group(1))) if match else None
+    samples = re.findall(r"^integrations_watch_streams(?:\{[^}]*\})? (\S+)$", text, re.M)
+    return round(sum(float(sample) for sample in samples)) if samples else None  # summed over workers
 
 
-def start_replicas(database_url: str, work_dir: Path, log_dir: Path) -> dict[str, Server]:
+def start_replicas(database_url: str, work_dir: Path, log_dir: Path, b_workers: int) -> dict[str, Server]:
     key = base64.b64encode(secrets.token_bytes(32)).decode()  # fresh, only in the servers' environment
     servers = {}
     for name in ("A", "B"):
@@ -210,9 +219,17 @@ def start_replicas(database_url: str, work_dir: Path, log_dir: Path) -> dict[str
         data_dir = work_dir / name
         data_dir.mkdir()
         env = service_environment(target, database_url, key, data_dir)
-        servers[name] = spawn(f"watch-replica-{name.lower()}", service_command(), env, log_dir, target)
+        command = service_command()
+        if name == "B" and b_workers > 1:
+            command += ["--workers", str(b_workers)]
+        servers[name] = spawn(f"watch-replica-{name.lower()}", command, env, log_dir, target)
         servers[name].metrics_address = env["INTEGRATIONS_METRICS_ADDRESS"]
     return servers
+
+
+def own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 # --- the idle streams ------------------------------------------------------------------------------
@@ -275,6 +292,7 @@ class FanOut:
     gauge_open: int | None = None
     rss_before_kib: int = 0
     rss_after_kib: int = 0
+    rss_halfway_kib: int = 0  # after half the saves: growth in the second half would be a leak
     rss_after_saves_kib: int = 0
     pairs_ms: list[float] = field(default_factory=list)  # every stream × save: arrival − acknowledgement
     last_ms: list[float] = field(default_factory=list)  # per save: until the last stream had it
@@ -283,6 +301,7 @@ class FanOut:
     resyncs: int = 0
     duplicates: int = 0
     streams_cpu_percent: float = 0.0  # of one core, over the saves
+    bench_cpu_percent: float = 0.0  # this process (the watched client, its polling, the saves), the same
     b_cpu_ms_per_save: float = 0.0
     closed: int = 0
     gauge_after_close: int | None = None
@@ -356,7 +375,8 @@ def render(machine: dict[str, str], cases: list[Propagation], fan: FanOut | None
         ]
     if fan is not None:
         per_stream = (fan.rss_after_kib - fan.rss_before_kib) / max(fan.live, 1)
-        growth = fan.rss_after_saves_kib - fan.rss_after_kib
+        first_half = fan.rss_halfway_kib - fan.rss_after_kib
+        second_half = fan.rss_after_saves_kib - fan.rss_halfway_kib
         missing = fan.expected - fan.received
         lines += [
             "",
@@ -367,14 +387,18 @@ def render(machine: dict[str, str], cases: list[Propagation], fan: FanOut | None
             "had their first message, and after the saves. Fan-out: ms from A's reply to the save until a change "
             "reached a stream, over every stream × save pair, and per save until the last stream had it.",
             "",
-            "| streams live (B's gauge) | B RSS before → after open → after saves, MiB | B memory per stream "
+            "| streams live (B's gauge) | B RSS before → after open → after the saves, MiB (growth over the first "
+            "/ second half of the saves) | B memory per stream "
             "| fan-out p50 / p99 / max ms, stream × save | per save, last stream: p50 / p99 / max ms "
-            "| events missing / resyncs / duplicates | streams process CPU | B CPU per save |",
+            "| events missing / resyncs / duplicates | CPU of the streams process / of this one "
+            "| B CPU per save (per stream) |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             f"| {fan.live} ({fan.gauge_open}) | {_mib(fan.rss_before_kib)} → {_mib(fan.rss_after_kib)} → "
-            f"{_mib(fan.rss_after_saves_kib)} ({growth:+d} KiB) | {per_stream:.1f} KiB | {summary(fan.pairs_ms)} | "
+            f"{_mib(fan.rss_after_saves_kib)} ({first_half:+d} / {second_half:+d} KiB) | {per_stream:.1f} KiB | "
+            f"{summary(fan.pairs_ms)} | "
             f"{summary(fan.last_ms)} | {missing} of {fan.expected} / {fan.resyncs} / {fan.duplicates} | "
-            f"{fan.streams_cpu_percent:.0f} % of a core | {fan.b_cpu_ms_per_save:.1f} ms |",
+            f"{fan.streams_cpu_percent:.0f} % / {fan.bench_cpu_percent:.0f} % of a core | "
+            f"{fan.b_cpu_ms_per_save:.1f} ms ({fan.b_cpu_ms_per_save * 1000 / max(fan.live, 1):.0f} µs) |",
             "",
             f"Ends: {fan.closed} streams cancelled by the consumer → B's gauge {fan.gauge_after_close} "
             f"(expected {fan.live + 1 - fan.closed}, the watched client's stream included). SIGTERM to B with "
@@ -400,6 +424,7 @@ def machine(args: argparse.Namespace, postgres_version: str, load_before: float)
         "Python": platform.python_version(),
         "grpcio": version("grpcio"),
         "PostgreSQL": postgres_version.split()[0],
+        "B": f"serve --workers {args.b_workers}" if args.b_workers > 1 else "one process",
         "load avg (1 min) before": f"{load_before:.2f}",
         "after": f"{load_average():.2f}",
     }
@@ -428,11 +453,17 @@ async def measure_streams(
         fan.gauge_open = await asyncio.to_thread(watch_streams_gauge, b.metrics_address)
         print(f"{fan.live} streams live on B; saving through A …", file=sys.stderr)
         cpu_streams, cpu_b, began = cpu_seconds(streams.process.pid), cpu_seconds(b.process.pid), time.monotonic()
+        cpu_self = own_cpu_seconds()
         case = Propagation(f"watch on, {fan.live} idle streams on B", args.ttl, args.give_up)
-        await propagation(a, client, case, ORG, args.saves)
+
+        def halfway() -> None:
+            fan.rss_halfway_kib = vm_rss_kib(b.process.pid)
+
+        await propagation(a, client, case, ORG, args.saves, halfway=halfway)
         await asyncio.sleep(1.0)  # the last fan-out
         wall = time.monotonic() - began
         fan.streams_cpu_percent = (cpu_seconds(streams.process.pid) - cpu_streams) / wall * 100
+        fan.bench_cpu_percent = (own_cpu_seconds() - cpu_self) / wall * 100
         fan.b_cpu_ms_per_save = (cpu_seconds(b.process.pid) - cpu_b) / max(args.saves, 1) * 1000
         fan.rss_after_saves_kib = vm_rss_kib(b.process.pid)
         report_path = work_dir / "arrivals.json"
@@ -472,7 +503,7 @@ async def bench(args: argparse.Namespace) -> None:
     async with scratch_database(admin_url) as (database_url, pg_version):
         with tempfile.TemporaryDirectory(prefix="integrations-watch-bench-") as work:
             work_dir = Path(work)
-            servers = start_replicas(database_url, work_dir, log_dir)
+            servers = start_replicas(database_url, work_dir, log_dir, args.b_workers)
             try:
                 for server in servers.values():
                     await wait_serving(server)
@@ -529,6 +560,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--streams", type=int, default=1000, help="idle watch streams opened on B (default 1000)")
     parser.add_argument(
         "--connections", type=int, default=1000, help="connections the idle streams share (default 1000: one each)"
+    )
+    parser.add_argument(
+        "--b-workers", type=int, default=1, help="B runs `serve --workers N` (default 1: one process, like A)"
     )
     args = parser.parse_args()
     if args.saves < 1 or args.saves_without_watch < 1 or args.ttl <= 0 or args.short_ttl <= 0 or args.streams < 0:
