@@ -1,6 +1,7 @@
 """Idle WatchConfigChanges streams for bench/watch.py: many consumers that only receive, in their own process.
 
-Opens `--streams` streams of WatchConfigChanges (scope: everything) to `--target`
+Opens `--streams` streams of WatchConfigChanges (scope: everything, or
+`--organization`) to `--target`
 over `--connections` HTTP/2 connections (streams spread round-robin; each
 channel its own TCP connection), with raw grpc.aio stubs, and waits until
 every stream has sent its first message (WatchStarted). Then it only reads:
@@ -44,13 +45,14 @@ READY_TIMEOUT_S = 60.0
 
 
 class Streams:
-    def __init__(self, target: str, streams: int, connections: int) -> None:
+    def __init__(self, target: str, streams: int, connections: int, organization: str = "") -> None:
         # A local subchannel pool per channel: equal channels would otherwise share one TCP connection.
         self.channels = [
             grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
             for _ in range(connections)
         ]
         self.count = streams
+        self.request = pb.WatchConfigChangesRequest(organization_id=organization)
         self.calls: list[grpc.aio.UnaryStreamCall[Any, Any]] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.started = 0
@@ -67,7 +69,7 @@ class Streams:
     def start(self) -> None:
         for index in range(self.count):
             stub = pb_grpc.IntegrationServiceStub(self.channels[index % len(self.channels)])
-            call = stub.WatchConfigChanges(pb.WatchConfigChangesRequest(), wait_for_ready=True)
+            call = stub.WatchConfigChanges(self.request, wait_for_ready=True)
             self.calls.append(call)
             self.tasks.append(asyncio.get_running_loop().create_task(self.read(index, call)))
         self.open = self.count
@@ -125,7 +127,7 @@ def say(message: dict[str, Any]) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    streams = Streams(args.target, args.streams, args.connections)
+    streams = Streams(args.target, args.streams, args.connections, args.organization)
     began = time.monotonic()
     streams.start()
     with contextlib.suppress(TimeoutError):
@@ -165,6 +167,7 @@ def main() -> None:
     parser.add_argument("--target", required=True)
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=100)
+    parser.add_argument("--organization", default="", help="watch only this organization (default: everything)")
     args = parser.parse_args()
     asyncio.run(serve(args))
 
