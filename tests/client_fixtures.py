@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +109,15 @@ def served_rpcs(stderr: Callable[[], str], method: str, organization_id: str, se
     return seen
 
 
+async def until(condition: Callable[[], bool], what: str, within: float = 15.0) -> None:
+    """Waits (polling every 10 ms) until `condition()` holds; fails naming `what` after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 # --- a scripted fake server ------------------------------------------------------------------------------
 
 
@@ -120,6 +129,9 @@ class Script:
     failures: dict[str, list[grpc.StatusCode]] = field(default_factory=dict)
     delays: dict[str, float] = field(default_factory=dict)
     peers: list[tuple[str, str]] = field(default_factory=list)  # (method, client certificate common name)
+    # WatchConfigChanges: None answers UNIMPLEMENTED (an older server); a queue streams what the test puts in
+    # it, a status code ends the stream with that status, None ends it cleanly.
+    watch: asyncio.Queue[pb.WatchConfigChangesResponse | grpc.StatusCode | None] | None = None
 
     def fail(self, method: str, *codes: grpc.StatusCode) -> None:
         self.failures.setdefault(method, []).extend(codes)
@@ -169,6 +181,20 @@ class FakeService(pb_grpc.IntegrationServiceServicer):
     ) -> pb.DeleteIntegrationResponse:
         await self._play("DeleteIntegration", context)
         return pb.DeleteIntegrationResponse()
+
+    async def WatchConfigChanges(
+        self, request: pb.WatchConfigChangesRequest, context: Any
+    ) -> AsyncIterator[pb.WatchConfigChangesResponse]:
+        await self._play("WatchConfigChanges", context)
+        if self.script.watch is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+        while True:
+            item = await self.script.watch.get()
+            if item is None:
+                return
+            if isinstance(item, grpc.StatusCode):
+                await context.abort(item, f"injected {item.name}")
+            yield item
 
     async def ListAuditEvents(self, request: Any, context: Any) -> Any:  # not used by the client
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the fake")

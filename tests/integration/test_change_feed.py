@@ -9,6 +9,7 @@ asyncpg, and `rotate` runs as a real process.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import statistics
 import sys
@@ -278,7 +279,10 @@ async def test_a_rewrap_notifies_with_the_same_version(writer: PostgresStore, ev
     await next_event(events)
     assert await writer.rewrap([row.id], lambda current: {"secretKey": "enc:v2:new"}) == 1
     event = await next_event(events)
-    assert event == ConfigChanged.saved(row)  # same version and time: the values did not change
+    # Same version and time (the values did not change), told apart as a rewrap (migration 0004).
+    assert event == ConfigChanged.rewrapped(row)
+    assert isinstance(event, ConfigChanged)
+    assert event.rewrap
     await nothing_more(events, after=marker(writer))
 
 
@@ -293,7 +297,9 @@ async def test_the_rotate_command_notifies_every_row_it_rewraps(
     rotated = await cli(["rotate"], database, BEFORE, tmp_path)
     assert rotated.returncode == 0, rotated.stderr
     rewrapped = [await next_event(events) for _ in range(3)]
-    assert sorted(rewrapped, key=str) == sorted(inserted, key=str)
+    assert all(isinstance(event, ConfigChanged) and not event.rewrap for event in inserted)
+    as_rewraps = [dataclasses.replace(event, rewrap=True) for event in inserted if isinstance(event, ConfigChanged)]
+    assert sorted(rewrapped, key=str) == sorted(as_rewraps, key=str)
 
 
 @pytest.mark.postgres
@@ -463,7 +469,7 @@ async def test_the_migration_applies_on_a_database_of_the_previous_version(datab
         await conn.close()
     store = await PostgresStore.connect(database, migrate=False)
     try:
-        assert await store.migrate() == [3]
+        assert await store.migrate() == [3, 4]
         await assert_changes_notify(database)
     finally:
         await store.close()
@@ -504,6 +510,51 @@ async def assert_changes_notify(database: str) -> None:
 def test_the_trigger_notifies_the_channel_the_code_listens_to() -> None:
     [migration] = [m for m in load_migrations("postgres") if m.name == "change_feed"]
     assert migration.sql.count(f"pg_notify('{CHANGE_CHANNEL}'") == 2
+    [rewrap] = [m for m in load_migrations("postgres") if m.name == "change_feed_rewrap"]
+    assert rewrap.sql.count(f"pg_notify('{CHANGE_CHANNEL}'") == 1
+
+
+@pytest.mark.postgres
+async def test_migration_0004_applies_on_a_database_of_version_3_and_marks_only_rewraps(database: str) -> None:
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        for migration in load_migrations("postgres")[:3]:
+            await conn.execute(migration.sql)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", migration.version, migration.name
+            )
+    finally:
+        await conn.close()
+    store = await PostgresStore.connect(database, migrate=False)
+    try:
+        assert await store.migrate() == [4]
+    finally:
+        await store.close()
+    listener = await asyncpg.connect(database)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        await listener.add_listener(CHANGE_CHANNEL, lambda *args: heard.put_nowait(args[3]))
+        await raw(
+            database,
+            "INSERT INTO integration_config (id, organization_id, provider, config) VALUES ('m-1', $1, 'stripe', '{}')",
+            ORG,
+        )
+        await raw(database, "UPDATE integration_config SET config = '{\"a\": \"b\"}' WHERE id = 'm-1'")
+        await raw(database, "UPDATE integration_config SET version = version + 1 WHERE id = 'm-1'")
+        await raw(database, "DELETE FROM integration_config WHERE id = 'm-1'")
+        messages = [json.loads(await asyncio.wait_for(heard.get(), WAIT)) for _ in range(4)]
+    finally:
+        await listener.close()
+    assert [(m["operation"], m["version"], m["rewrap"]) for m in messages] == [
+        ("saved", 1, False),  # insert
+        ("saved", 1, True),  # same version: a rewrap
+        ("saved", 2, False),
+        ("deleted", 2, False),
+    ]
 
 
 # --- in process: SQLite and memory ----------------------------------------------------------------
@@ -538,7 +589,7 @@ async def test_the_embedded_stores_publish_their_committed_writes(local_store: I
         await local_store.delete(ORG, "stripe", refuse)
     assert events.pending == 0
     assert await local_store.rewrap([row.id], lambda current: {"secretKey": "b"}) == 1
-    assert await next_event(events) == ConfigChanged.saved(row)
+    assert await next_event(events) == ConfigChanged.rewrapped(row)
     assert await local_store.delete(ORG, "stripe", lambda current: None)
     deleted = await next_event(events)
     assert isinstance(deleted, ConfigChanged)

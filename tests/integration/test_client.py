@@ -15,7 +15,6 @@ import logging
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import closing
 from datetime import datetime
 from pathlib import Path
@@ -60,32 +59,19 @@ from tests.client_fixtures import (
     server_credentials,
     start_fake_server,
 )
-from tests.harness import TEST_KEY, Running, new_org, start_service
-from tests.integration.client_service import client_fake, client_service_env, client_svc  # noqa: F401 (fixtures)
+from tests.harness import Running, new_org, start_service
+from tests.integration.client_service import (  # noqa: F401 (fixtures)
+    client_fake,
+    client_processes,
+    client_service_env,
+    client_svc,
+    serve_env,
+)
 from tests.processes import Processes, clean_env, free_port
 
 # The organization's own secret key; the publishable key and webhook secret are the environment's defaults
 # (a stored publishableKey would withhold the environment's webhook secret: see docs/api.md).
 STRIPE = {"secretKey": SK}
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    with Processes(tmp_path) as started:
-        yield started
-
-
-def serve_env(tmp_path: Path, target: str) -> dict[str, str]:
-    return clean_env(
-        {
-            "INTEGRATIONS_LISTEN_ADDRESS": target,
-            "INTEGRATION_ENCRYPTION_KEY": TEST_KEY,
-            "DATABASE_URL": f"sqlite:///{tmp_path / 'process.sqlite3'}",
-            "INTEGRATIONS_DATA_DIR": str(tmp_path / "data"),
-            "INTEGRATIONS_SHUTDOWN_GRACE": "1",
-            **ENV_DEFAULTS,
-        }
-    )
 
 
 # --- every method, on both stores ---------------------------------------------------------------------
@@ -347,9 +333,12 @@ async def test_reads_are_retried_on_unavailable_writes_are_not(fake: FakeServer)
 
 def test_channel_options_meet_the_server_keepalive_policy() -> None:
     options = dict(channel_options(None))
-    server = dict(service_server._SERVER_OPTIONS)
+    server = dict(service_server.Keepalive().options())
     assert options["grpc.keepalive_time_ms"] >= server["grpc.http2.min_ping_interval_without_data_ms"]
+    assert options["grpc.keepalive_time_ms"] >= service_server.MIN_CLIENT_PING_INTERVAL * 1000
     assert options["grpc.keepalive_permit_without_calls"] == 1
+    # The ack of a ping is timed out by ping_timeout (gRPC core), so both say 10 s.
+    assert options["grpc.http2.ping_timeout_ms"] == options["grpc.keepalive_timeout_ms"] == 10_000
     assert options["grpc.enable_retries"] == 1
     config = json.loads(options["grpc.service_config"])
     methods = {name["method"] for entry in config["methodConfig"] for name in entry["name"]}
@@ -495,7 +484,8 @@ async def test_stale_if_error_then_unavailable_then_recovery(
     env = serve_env(tmp_path, target)
     process = await asyncio.to_thread(processes.serve, tmp_path, env, target=target)
     org, clock = new_org(), FakeClock()
-    client = IntegrationsClient(target, clock=clock, cache_ttl=30, stale_if_error=300, timeout=0.5)
+    # The stale-if-error rules alone: a watch would evict the value the other client changes (test_client_watch.py).
+    client = IntegrationsClient(target, clock=clock, cache_ttl=30, stale_if_error=300, timeout=0.5, watch=False)
     writer = IntegrationsClient(target, cache_ttl=0)
     async with client, writer:
         await writer.save(org, "stripe", values=STRIPE)
@@ -534,7 +524,8 @@ async def test_stale_value_recovers_within_the_window(tmp_path: Path, processes:
     env = serve_env(tmp_path, target)
     process = await asyncio.to_thread(processes.serve, tmp_path, env, target=target)
     org, clock = new_org(), FakeClock()
-    async with IntegrationsClient(target, clock=clock, cache_ttl=30, timeout=0.5) as client:
+    # Without the watch, whose resubscription after the restart would invalidate the fresh value (by design).
+    async with IntegrationsClient(target, clock=clock, cache_ttl=30, timeout=0.5, watch=False) as client:
         await client.save(org, "stripe", values=STRIPE)
         await client.get_config(org, "stripe")
         await asyncio.to_thread(process.terminate)  # SIGTERM: a graceful stop
@@ -675,7 +666,11 @@ async def test_mutual_tls_presents_the_client_certificate(tmp_path: Path) -> Non
         tls = TlsConfig(pki.ca, pki.commerce_cert, pki.commerce_key, server_name_override="integrations.internal")
         async with IntegrationsClient(server.target, tls=tls) as client:
             assert (await client.get_config("org_1", "stripe"))["secretKey"] == SK
-        assert server.script.peers == [("GetProviderConfig", "commerce.internal")]
+        # The cache's watch stream presents it too.
+        assert sorted(server.script.peers) == [
+            ("GetProviderConfig", "commerce.internal"),
+            ("WatchConfigChanges", "commerce.internal"),
+        ]
     finally:
         await server.stop()
 

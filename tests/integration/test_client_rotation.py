@@ -21,8 +21,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from integrations.v1 import integrations_pb2 as pb
 from integrations_client import IntegrationsClient, IntegrationsClientSync, ProviderCredentials, TlsConfig, Unavailable
-from tests.client_fixtures import SK, FakeServer, start_fake_server
+from tests.client_fixtures import SK, FakeServer, start_fake_server, until
 from tests.harness import Running, new_org, start_service
 from tests.processes import free_port
 from tests.tls_fixtures import CertificateAuthority, replace_file
@@ -239,3 +240,39 @@ async def test_broken_new_files_keep_the_old_certificate_and_say_why(
         assert any(r.getMessage().startswith("the TLS files changed: new connections") for r in caplog.records)
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("kind", ["aio", "sync"])
+async def test_the_cache_watch_moves_to_the_new_certificate(
+    kind: str, pki_and_fake: tuple[Pki, FakeServer], tmp_path: Path
+) -> None:
+    pki, server = pki_and_fake
+    stream: asyncio.Queue[pb.WatchConfigChangesResponse | grpc.StatusCode | None] = asyncio.Queue()
+    server.script.watch = stream
+    stream.put_nowait(pb.WatchConfigChangesResponse(started=pb.WatchStarted()))
+    tls = client_files(pki, tmp_path / "client", COMMERCE)
+    aio = IntegrationsClient(server.target, tls=tls, timeout=5) if kind == "aio" else None
+    sync = IntegrationsClientSync(server.target, tls=tls, timeout=5) if kind == "sync" else None
+    client = aio or sync
+    assert client is not None
+
+    async def get_config(org: str) -> ProviderCredentials:
+        return await aio.get_config(org, "stripe") if aio else await asyncio.to_thread(sync.get_config, org, "stripe")  # type: ignore[union-attr]
+
+    try:
+        await get_config("org_1")
+        assert client.cache_stats.watching
+        rotate_files(pki, tls, ROTATED)
+        await asyncio.sleep(NOTICED)
+        await get_config("org_2")  # the call that notices the new files moves the watch too
+        stream.put_nowait(pb.WatchConfigChangesResponse(started=pb.WatchStarted()))
+        await until(lambda: client.cache_stats.watch_subscriptions == 2, "the watch on the new channel")
+        watches = [peer for method, peer in server.script.peers if method == "WatchConfigChanges"]
+        assert watches == [COMMERCE, ROTATED]
+        # Nothing holds the old channel open any more.
+        await until(lambda: not client._retired, "the old channel to close")
+    finally:
+        if aio:
+            await aio.close()
+        if sync:
+            await asyncio.to_thread(sync.close)

@@ -12,10 +12,13 @@ in `.data/dev-certs`; only the store comes from the `store_location` fixture.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 import re
 import shlex
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,6 +107,12 @@ def mtls_session() -> list[list[str]]:
     return split_commands(blocks[1])
 
 
+def watch_session() -> list[list[str]]:
+    blocks = fenced_blocks(readme_section(), "sh")
+    assert len(blocks) >= 3, "README: no grpcurl block that watches"
+    return split_commands(blocks[2])
+
+
 def test_readme_commands_are_parsed_as_a_reader_would_run_them() -> None:
     commands = plaintext_session()
     assert [c[-1] for c in commands] == [
@@ -123,6 +132,7 @@ def test_readme_commands_are_parsed_as_a_reader_would_run_them() -> None:
         f"{SERVICE}/GetProviderConfig",
         f"{SERVICE}/ListAuditEvents",
     ]
+    assert [c[-1] for c in watch_session()] == [f"{SERVICE}/WatchConfigChanges"]
 
 
 @pytest.fixture
@@ -253,3 +263,72 @@ def test_readme_grpcurl_sessions(own_store: tuple[str, str], tmp_path: Path, pro
     assert denied.returncode != 0
     assert "PermissionDenied" in denied.stdout + denied.stderr
     assert tls_server.terminate() == 0
+
+
+class StreamedJson:
+    """The JSON messages a running grpcurl prints, parsed as they arrive (a thread reads its stdout)."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self._messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self._thread.start()
+
+    def _read(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        pending = ""
+        decoder = json.JSONDecoder()
+        for line in process.stdout:
+            pending += line
+            with contextlib.suppress(json.JSONDecodeError):
+                message, _ = decoder.raw_decode(pending.strip())
+                self._messages.put(message)
+                pending = ""
+        self._messages.put(None)
+
+    def next(self, timeout: float = 20) -> dict[str, Any] | None:
+        return self._messages.get(timeout=timeout)
+
+
+def test_readme_watch_session(own_store: tuple[str, str], tmp_path: Path, processes: Processes) -> None:
+    kind, where = own_store
+    workdir = tmp_path / "work"
+    env = clean_env({"DATABASE_URL": f"sqlite:///{where}" if kind == "sqlite" else where})
+    server = processes.serve(workdir, env)
+    [watch] = [runnable(tokens, server.target) for tokens in watch_session()]
+    watcher = subprocess.Popen(
+        watch, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
+    try:
+        messages = StreamedJson(watcher)
+        started = messages.next()
+        assert started is not None, watcher.stderr.read() if watcher.stderr else ""
+        assert set(started) == {"started"}
+        assert "start_time" in started["started"]
+
+        save = runnable(plaintext_session()[4], server.target)
+        saved = run(save, workdir)
+        assert saved.returncode == 0, saved.stderr
+        change = messages.next()
+        assert change is not None
+        assert change == {
+            "change": {
+                "organization_id": "org_demo",
+                "provider": "stripe",
+                "etag": json.loads(saved.stdout)["config"]["etag"],
+                "type": "CHANGE_TYPE_SAVED",
+                "change_time": json.loads(saved.stdout)["config"]["update_time"],
+            }
+        }
+        assert DEMO_SECRET not in json.dumps(change)
+
+        # The server stops: the stream ends with Unavailable, and grpcurl says so.
+        assert server.terminate() == 0
+        assert messages.next() is None
+        assert watcher.wait(timeout=20) != 0
+        stderr = watcher.stderr.read() if watcher.stderr else ""
+        assert "Unavailable" in stderr
+        assert "server shutting down; reconnect" in stderr
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait(5)

@@ -63,7 +63,8 @@ async def test_rpcs_store_calls_and_key_use_are_counted(svc: Running) -> None:
     assert sample(text, "integrations_rpc_requests_total", method=get, code="NOT_FOUND") == 1
     assert sample(text, "integrations_rpc_duration_seconds_count", method=get) == 4
     # The row cache answers the later reads. On PostgreSQL the save's own notification may come after the first
-    # read cached the row, and evict it (a rewrap notifies the version already cached: it cannot be told apart).
+    # read cached the row, and evict it (the cache drops a row on every notification of it, a rewrap's too: it
+    # holds ciphertext, which a rewrap changes under the same version).
     store_reads = sample(text, "integrations_store_operation_duration_seconds_count", operation="get")
     assert store_reads in (1, 2)
     assert sample(text, "integrations_cache_requests_total", result="miss") == store_reads

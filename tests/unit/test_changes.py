@@ -147,6 +147,25 @@ def test_a_save_and_a_delete_notification_are_read() -> None:
     assert parse_notification(json.dumps(payload)).kind is ChangeKind.DELETED  # type: ignore[union-attr]
 
 
+def test_a_rewrap_is_told_apart_and_a_payload_from_before_migration_0004_reads_as_a_change() -> None:
+    payload: dict[str, object] = {
+        "operation": "saved",
+        "organization_id": "org_1",
+        "provider": "stripe",
+        "id": "row-1",
+        "version": 3,
+        "time": "2026-01-02T03:04:05.678901Z",
+    }
+    old = parse_notification(json.dumps(payload))  # no "rewrap" key: a change watchers are sent
+    assert old == ConfigChanged("org_1", "stripe", "row-1", 3, ChangeKind.SAVED, T0, rewrap=False)
+    payload["rewrap"] = True
+    assert parse_notification(json.dumps(payload)) == ConfigChanged(
+        "org_1", "stripe", "row-1", 3, ChangeKind.SAVED, T0, rewrap=True
+    )
+    payload["rewrap"] = "yes"  # untrusted: anything but a boolean resynchronizes
+    assert parse_notification(json.dumps(payload)) == FeedReset(ResetReason.UNDESCRIBED)
+
+
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [

@@ -73,6 +73,9 @@ DEFAULTS: list[tuple[str, object]] = [
     ("legacy_values", LegacyValues.READ),
     ("key_source", None),
     ("provider_defaults", {}),
+    ("watch_queue_size", 1000),
+    ("keepalive_time", 60.0),
+    ("keepalive_timeout", 20.0),
 ]
 
 
@@ -94,6 +97,9 @@ PRECEDENCE: list[tuple[str, str, str, str, str, object]] = [
     ("--db-timeout", "INTEGRATIONS_DB_TIMEOUT", "9", "2.5", "db_timeout", 2.5),
     ("--legacy-values", "INTEGRATIONS_LEGACY_VALUES", "refuse", "read", "legacy_values", LegacyValues.READ),
     ("--authz-policy", "INTEGRATIONS_AUTHZ_POLICY", "/env.toml", "/flag.toml", "authz_policy", Path("/flag.toml")),
+    ("--watch-queue-size", "INTEGRATIONS_WATCH_QUEUE_SIZE", "50", "20", "watch_queue_size", 20),
+    ("--keepalive-time", "INTEGRATIONS_KEEPALIVE_TIME", "30", "10", "keepalive_time", 10.0),
+    ("--keepalive-timeout", "INTEGRATIONS_KEEPALIVE_TIMEOUT", "5", "2", "keepalive_timeout", 2.0),
 ]
 
 
@@ -124,6 +130,10 @@ INVALID: list[tuple[str, str]] = [
     ("INTEGRATIONS_DB_POOL_SIZE", "0"),
     ("INTEGRATIONS_DB_POOL_SIZE", "2.5"),
     ("INTEGRATIONS_DB_TIMEOUT", "0.05"),
+    ("INTEGRATIONS_WATCH_QUEUE_SIZE", "0"),
+    ("INTEGRATIONS_WATCH_QUEUE_SIZE", "many"),
+    ("INTEGRATIONS_KEEPALIVE_TIME", "0.5"),
+    ("INTEGRATIONS_KEEPALIVE_TIMEOUT", "0"),
     ("INTEGRATIONS_LOG_FORMAT", "xml"),
     ("INTEGRATIONS_LISTEN_ADDRESS", "localhost"),
     ("INTEGRATIONS_LISTEN_ADDRESS", "127.0.0.1:99999"),
@@ -146,7 +156,15 @@ def test_each_invalid_value_is_reported_by_its_env_var(env: str, value: str) -> 
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
-@pytest.mark.parametrize("env", ["INTEGRATIONS_DB_TIMEOUT", "INTEGRATIONS_SHUTDOWN_GRACE"])
+@pytest.mark.parametrize(
+    "env",
+    [
+        "INTEGRATIONS_DB_TIMEOUT",
+        "INTEGRATIONS_SHUTDOWN_GRACE",
+        "INTEGRATIONS_KEEPALIVE_TIME",
+        "INTEGRATIONS_KEEPALIVE_TIMEOUT",
+    ],
+)
 def test_a_number_setting_must_be_finite(env: str, value: str) -> None:
     assert envs_named(problems({env: value})) == [env]
 

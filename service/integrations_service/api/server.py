@@ -41,6 +41,8 @@ class Keepalive:
         return (
             ("grpc.keepalive_time_ms", round(self.time * 1000)),
             ("grpc.keepalive_timeout_ms", round(self.timeout * 1000)),
+            # gRPC core (1.5x+) times a ping's ack out with this one, not keepalive_timeout (a test catches it).
+            ("grpc.http2.ping_timeout_ms", round(self.timeout * 1000)),
             # Keep pinging an idle watch stream (no data for hours is normal): the default stops after 2 pings.
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL * 1000),

@@ -4,7 +4,10 @@ Per (organization, provider): fresh for `ttl` seconds after the read that
 filled it; after that, when a refresh fails because the service cannot be
 reached, the last good value is still served for `stale_if_error` seconds,
 with at most one refresh attempt per `retry_interval` (so an outage costs the
-callers nothing but one failed attempt now and then). LRU-bounded.
+callers nothing but one failed attempt now and then). LRU-bounded. The
+client's watch stream drops entries earlier: `changed` when a change of the
+key arrives (remembering the announced etag, so that `accepts` refuses a read
+answering another version), `invalidate` on a resync or a (re)subscription.
 
 Not thread-safe by itself: the sync client holds its lock around every call,
 the async client uses it from its event loop only. Single-flight lives in the

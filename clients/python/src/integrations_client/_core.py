@@ -31,7 +31,7 @@ from integrations_client._watch import FIRST_SUBSCRIPTION_WAIT, Reconnect
 from integrations_client._watch import log as watch_log
 from integrations_client.config import ReloadingTls, TlsConfig, env_settings, env_watch
 from integrations_client.config import channel_options as tls_channel_options
-from integrations_client.errors import DeadlineExceeded, IntegrationsError, error_from_rpc
+from integrations_client.errors import DeadlineExceeded, IntegrationsError, Unavailable, error_from_rpc
 from integrations_client.models import (
     Category,
     ChangeKind,
@@ -363,6 +363,8 @@ class ClientCore(Generic[_Flight]):
         """Applies one message of the cache's watch stream to the cache; the event it carried."""
         event = watch_event_from_pb(reply)
         with self._lock:
+            if self._closed:
+                return None
             if isinstance(event, WatchStarted):
                 # Live from now on; what was cached or read before may predate a change the gap hid.
                 self._cache.watching = True
@@ -408,7 +410,15 @@ class ClientCore(Generic[_Flight]):
         return pb.WatchConfigChangesRequest(organization_id=organization_id or "", providers=list(providers))
 
     def _stream_error(self, error: grpc.RpcError) -> IntegrationsError:
-        return error_from_rpc(error, method="WatchConfigChanges")
+        converted = error_from_rpc(error, method="WatchConfigChanges")
+        if converted.code is grpc.StatusCode.CANCELLED:
+            # Not cancelled by its consumer: its channel closed (replaced after a certificate change).
+            return Unavailable(
+                f"the watch stream was cancelled: {converted.message}; subscribe again",
+                code=converted.code,
+                request_id=converted.request_id,
+            )
+        return converted
 
 
 def _spread_options(channels: int) -> list[tuple[str, Any]]:

@@ -64,9 +64,9 @@ class ChangeStream:
             try:
                 reply = await self._call.read()
             except grpc.aio.AioRpcError as error:
-                self._closed = True
-                if self._client._closed or error.code() is grpc.StatusCode.CANCELLED:
+                if self._closed or self._client._closed:
                     break
+                self._closed = True
                 raise self._client._stream_error(error) from error
             except asyncio.CancelledError:
                 if self._closed or self._client._closed:  # cancelled by aclose() or close(), not by our caller
@@ -143,6 +143,7 @@ class IntegrationsClient(ClientCore[_Flight]):
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+        self._cache.watching = False
         channels = self._take_channels()
         self._forget(lambda _key: True)
         retired, self._retired = self._retired, {}
@@ -215,7 +216,7 @@ class IntegrationsClient(ClientCore[_Flight]):
         cached = self._fresh(key)
         if cached is not None:
             return cached
-        if self._watch_task is None and self._watch_wanted():
+        if not self._watch_first.is_set() and self._watch_wanted():
             timeout = await self._start_watch(timeout)
         flight = self._joined(key)
         if flight is None:
@@ -250,7 +251,7 @@ class IntegrationsClient(ClientCore[_Flight]):
             code: grpc.StatusCode | None = None
             details = ""
             try:
-                call = self._service().WatchConfigChanges(self._watch_request(), wait_for_ready=True)
+                call = self._service().WatchConfigChanges(self._watch_request(), wait_for_ready=self._wait_for_ready)
                 self._watch_call = call
                 async for reply in call:
                     if isinstance(self._watch_reply(reply), WatchStarted):
@@ -262,11 +263,9 @@ class IntegrationsClient(ClientCore[_Flight]):
                 if self._closed or (current is not None and current.cancelling()):
                     raise  # close(): the task itself is cancelled
                 code = grpc.StatusCode.CANCELLED  # the call was: moving to a new channel
-            except RuntimeError:
-                if self._closed:
-                    return
-                raise
             except Exception as error:  # never let a bug kill the watch or reach a caller
+                if self._closed:  # _service() refused: the client closed meanwhile
+                    return
                 watch_log.exception("the config watch failed", extra={"event": "watch_error"})
                 details = type(error).__name__
             finally:

@@ -218,6 +218,9 @@ def channel_options(tls: TlsConfig | None) -> list[tuple[str, Any]]:
         # The server accepts pings every 20 s or more, also between calls.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        # gRPC core times a ping's ack out with this one, not keepalive_timeout: without it a silent partition
+        # (the watch stream looking live while nothing arrives) would take a minute more to be noticed.
+        ("grpc.http2.ping_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         # Notice a restarted service within seconds, not the default two minutes.

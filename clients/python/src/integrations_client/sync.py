@@ -92,13 +92,15 @@ class ChangeStreamSync:
             try:
                 reply = next(self._call)
             except StopIteration:
+                stopped = self._closed or self._client._closed
                 self._end()
-                if self._client._closed:
+                if stopped:
                     break
                 raise Unavailable("the service ended the watch stream", code=grpc.StatusCode.UNAVAILABLE) from None
             except grpc.RpcError as error:
+                stopped = self._closed or self._client._closed  # cancelled by close(), here or on the client
                 self._end()
-                if self._client._closed or cast(grpc.Call, error).code() is grpc.StatusCode.CANCELLED:
+                if stopped:
                     break
                 raise self._client._stream_error(error) from error
             event = watch_event_from_pb(reply)
@@ -108,6 +110,7 @@ class ChangeStreamSync:
         raise StopIteration
 
     def _end(self) -> None:
+        """The stream is over: its channel is given back (once), so a retired one can close."""
         with self._lock:
             self._closed = True
             if self._checked_in:
@@ -119,6 +122,7 @@ class ChangeStreamSync:
         """Cancels the stream (a thread blocked in it stops iterating). Idempotent."""
         self._closed = True
         self._call.cancel()
+        self._end()
 
     def __enter__(self) -> Self:
         return self
@@ -127,7 +131,6 @@ class ChangeStreamSync:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-        self._end()
 
 
 class IntegrationsClientSync(ClientCore[_Flight]):
@@ -167,6 +170,7 @@ class IntegrationsClientSync(ClientCore[_Flight]):
                 return
             self._closed = True
             self._forget(lambda _key: True)
+            self._cache.watching = False
             channels, self._retired = [*self._current, *self._retired], set()
             watcher, call = self._watch_thread, self._watch_call
         self._watch_stop.set()
@@ -292,7 +296,7 @@ class IntegrationsClientSync(ClientCore[_Flight]):
             code: grpc.StatusCode | None = None
             details = ""
             try:
-                call = channel.stub.WatchConfigChanges(self._watch_request(), wait_for_ready=True)
+                call = channel.stub.WatchConfigChanges(self._watch_request(), wait_for_ready=self._wait_for_ready)
                 with self._lock:
                     self._watch_call = call
                 if self._watch_stop.is_set():
