@@ -10,7 +10,9 @@ key). Then, all in one run:
    `secretKey` on that row. For each save: the time from A's acknowledgement
    until the client's `get_config` returns the new etag and value, polled every
    `POLL_S` (the client answers from its cache between polls, so what is
-   measured is the watch's eviction plus one re-read of B);
+   measured is the watch's eviction plus one re-read of B); then the same for the
+   blocking client (`IntegrationsClientSync`, whose watch is a daemon thread), on
+   another row;
 2. **watch off**: the same with `watch=False` and `cache_ttl` `--short-ttl`
    (1 s), `--saves-without-watch` saves, each after a random pause in
    [0, TTL): the bound is the TTL;
@@ -77,11 +79,12 @@ from servers import BENCH_DIR, Server, free_port, service_command, service_envir
 
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
-from integrations_client import IntegrationsClient
+from integrations_client import IntegrationsClient, IntegrationsClientSync
 
 PROVIDER = "stripe"
 ORG = "org_watch_bench"  # the row the watched client reads and A's saves write
 TTL_ORG = "org_watch_bench_ttl"  # the same for the client without a watch
+SYNC_ORG = "org_watch_bench_sync"  # the same for the blocking client
 POLL_S = 0.001  # the client is asked again this often until it serves the new value
 TARGET_MS = 100.0
 SAVE_TIMEOUT_S = 10.0
@@ -169,6 +172,55 @@ async def propagation(
         result.reads.append(client.cache_stats.rpc_count - rpcs_before)
     result.seconds = time.monotonic() - began
     return result
+
+
+def propagation_sync(
+    a_target: str, client: IntegrationsClientSync, result: Propagation, org: str, saves: int
+) -> Propagation:
+    """`propagation` for the blocking client (its watch is a daemon thread), on a thread of its own."""
+    with grpc.insecure_channel(a_target) as channel:
+        a = pb_grpc.IntegrationServiceStub(channel)
+        client.get_config(org, PROVIDER)
+        result.watching = client.cache_stats.watching
+        began = time.monotonic()
+        for serial in range(saves):
+            value = secret_key(serial)
+            stats = client.cache_stats
+            events_before, rpcs_before = stats.watch_events, stats.rpc_count
+            reply = a.SaveIntegration(
+                pb.SaveIntegrationRequest(organization_id=org, provider=PROVIDER, values={"secretKey": value}),
+                timeout=SAVE_TIMEOUT_S,
+            )
+            acked = time.monotonic()
+            etag = reply.config.etag
+            result.acked[etag] = acked
+            event_at: float | None = None
+            served_ms: float | None = None
+            while True:
+                if event_at is None and client.cache_stats.watch_events > events_before:
+                    event_at = time.monotonic()
+                creds = client.get_config(org, PROVIDER)
+                now = time.monotonic()
+                if creds.etag == etag:
+                    if creds["secretKey"] != value:
+                        result.wrong_value += 1
+                    served_ms = (now - acked) * 1000
+                    break
+                if now - acked > result.bound:
+                    break
+                time.sleep(POLL_S)
+            result.served_ms.append(served_ms)
+            if event_at is not None:
+                result.event_ms.append((event_at - acked) * 1000)
+            result.reads.append(client.cache_stats.rpc_count - rpcs_before)
+        result.seconds = time.monotonic() - began
+    return result
+
+
+def sync_case(a_target: str, b_target: str, args: argparse.Namespace) -> Propagation:
+    result = Propagation("watch on, blocking client, B idle", args.ttl, args.give_up)
+    with IntegrationsClientSync(b_target, cache_ttl=args.ttl, timeout=5.0) as client:
+        return propagation_sync(a_target, client, result, SYNC_ORG, args.saves)
 
 
 def nearest_rank(values: Sequence[float], fraction: float) -> float:
@@ -517,7 +569,7 @@ async def bench(args: argparse.Namespace) -> None:
                     await wait_serving(server)
                 async with grpc.aio.insecure_channel(servers["A"].target) as channel:
                     a = pb_grpc.IntegrationServiceStub(channel)
-                    for org in (ORG, TTL_ORG):
+                    for org in (ORG, TTL_ORG, SYNC_ORG):
                         await a.SaveIntegration(
                             pb.SaveIntegrationRequest(
                                 organization_id=org, provider=PROVIDER, values={"secretKey": secret_key(0)}
@@ -530,6 +582,8 @@ async def bench(args: argparse.Namespace) -> None:
                         print(f"watch on: {args.saves} saves …", file=sys.stderr)
                         case = Propagation("watch on, B idle", args.ttl, args.give_up)
                         cases.append(await propagation(a, watched, case, ORG, args.saves))
+                        print(f"watch on, blocking client: {args.saves} saves …", file=sys.stderr)
+                        cases.append(await asyncio.to_thread(sync_case, servers["A"].target, b, args))
                         print(f"watch off: {args.saves_without_watch} saves …", file=sys.stderr)
                         async with IntegrationsClient(b, cache_ttl=args.short_ttl, watch=False, timeout=5.0) as ttl:
                             case = Propagation("watch off", args.short_ttl, args.short_ttl + 2.0)
