@@ -614,7 +614,7 @@ def parse_args() -> argparse.Namespace:
         "--give-up", type=float, default=5.0, help="s to wait for a watched client to serve a save (default 5)"
     )
     parser.add_argument(
-        "--saves-without-watch", type=int, default=20, help="saves for the client without a watch (default 20)"
+        "--saves-without-watch", type=int, default=10, help="saves for the client without a watch (default 10)"
     )
     parser.add_argument(
         "--short-ttl", type=float, default=1.0, help="cache TTL of the client without a watch, s (default 1)"
