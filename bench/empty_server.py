@@ -20,9 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from integrations.v1 import integrations_pb2 as pb
-
-# The real server's options, so both servers differ only in what their handlers do.
-from integrations_service.api.server import _SERVER_OPTIONS, SERVICE_NAME
+from integrations_service.api.server import SERVICE_NAME, Keepalive
 
 
 async def get_provider_config(request: pb.GetProviderConfigRequest, context: Any) -> pb.GetProviderConfigResponse:
@@ -35,6 +33,11 @@ async def list_providers(request: pb.ListProvidersRequest, context: Any) -> pb.L
 
 async def save_integration(request: pb.SaveIntegrationRequest, context: Any) -> pb.SaveIntegrationResponse:
     return pb.SaveIntegrationResponse()
+
+
+def server_options() -> tuple[tuple[str, int], ...]:
+    """The real server's options with the default settings, so both servers differ only in what their handlers do."""
+    return Keepalive().options()
 
 
 def empty_handler() -> grpc.GenericRpcHandler:
@@ -59,7 +62,7 @@ def empty_handler() -> grpc.GenericRpcHandler:
 
 
 async def serve(listen_address: str) -> None:
-    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    server = grpc.aio.server(options=server_options())
     server.add_generic_rpc_handlers((empty_handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
