@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -75,7 +75,18 @@ from run import (
     source_revision,
     warn_if_busy,
 )
-from servers import BENCH_DIR, Server, free_port, service_command, service_environment, spawn, stop, wait_serving
+from servers import (
+    BENCH_DIR,
+    Server,
+    clean_environment,
+    empty_server_command,
+    free_port,
+    service_command,
+    service_environment,
+    spawn,
+    stop,
+    wait_serving,
+)
 
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
@@ -89,6 +100,7 @@ POLL_S = 0.001  # the client is asked again this often until it serves the new v
 TARGET_MS = 100.0
 SAVE_TIMEOUT_S = 10.0
 SIGTERM_WAIT_S = 15.0
+EMPTY = "empty handler"
 
 
 def secret_key(serial: int) -> str:
@@ -341,6 +353,8 @@ class StreamsProcess:
 class FanOut:
     streams: int
     connections: int
+    server: str = "B"  # B, or the empty handler (the baseline)
+    ends: bool = False  # whether the stream ends (cancel, SIGTERM) were measured
     open_seconds: float = 0.0
     live: int = 0
     gauge_open: int | None = None
@@ -356,7 +370,7 @@ class FanOut:
     duplicates: int = 0
     streams_cpu_percent: float = 0.0  # of one core, over the saves
     bench_cpu_percent: float = 0.0  # this process (the watched client, its polling, the saves), the same
-    b_cpu_ms_per_save: float = 0.0
+    server_cpu_ms_per_save: float = 0.0
     closed: int = 0
     gauge_after_close: int | None = None
     sigterm_exit_s: float | None = None
@@ -385,7 +399,37 @@ def _mib(kib: int) -> str:
     return f"{kib / 1024:.1f}"
 
 
-def render(machine: dict[str, str], cases: list[Propagation], fan: FanOut | None) -> str:
+def _fan_row(fan: FanOut) -> str:
+    per_stream = (fan.rss_after_kib - fan.rss_before_kib) / max(fan.live, 1)
+    first_half = fan.rss_halfway_kib - fan.rss_after_kib
+    second_half = fan.rss_after_saves_kib - fan.rss_halfway_kib
+    missing = fan.expected - fan.received  # negative: events a stream should not have had
+    gauge = f" ({fan.gauge_open})" if fan.gauge_open is not None else ""
+    per_message = fan.server_cpu_ms_per_save * 1000 / max(fan.live, 1)
+    return (
+        f"| {fan.server} | {fan.live}{gauge} | {fan.open_seconds:.1f} s | {_mib(fan.rss_before_kib)} → "
+        f"{_mib(fan.rss_after_kib)} → {_mib(fan.rss_after_saves_kib)} ({first_half:+d} / {second_half:+d} KiB) | "
+        f"{per_stream:.1f} KiB | {summary(fan.pairs_ms)} | {summary(fan.last_ms)} | "
+        f"{missing} of {fan.expected} / {fan.resyncs} / {fan.duplicates} | "
+        f"{fan.streams_cpu_percent:.0f} % / {fan.bench_cpu_percent:.0f} % of a core | "
+        f"{fan.server_cpu_ms_per_save:.1f} ms ({per_message:.0f} µs) |"
+    )
+
+
+def _ends(fan: FanOut) -> str:
+    return (
+        f"Ends: {fan.closed} streams cancelled by the consumer → B's gauge {fan.gauge_after_close} "
+        f"(expected {fan.live + 1 - fan.closed}, the watched client's stream included). SIGTERM to B with "
+        f"{fan.live - fan.closed} open: B exited after "
+        + (f"{fan.sigterm_exit_s:.2f} s" if fan.sigterm_exit_s is not None else "**no exit**")
+        + f"; the streams ended with {json.dumps(fan.end_codes)}"
+        + (f", the last {fan.last_end_s:.2f} s after the signal" if fan.last_end_s is not None else "")
+        + (f", **{fan.still_open} still open**" if fan.still_open else "")
+        + "."
+    )
+
+
+def render(machine: dict[str, str], cases: list[Propagation], fans: Sequence[FanOut]) -> str:
     lines = [
         "# integrations-service change propagation (issue 10)",
         "",
@@ -430,44 +474,40 @@ def render(machine: dict[str, str], cases: list[Propagation], fan: FanOut | None
             f"{statistics.median(on.served):.1f} ms (p99 {p99(on.served):.1f} ms) with a {on.ttl:g} s TTL: "
             f"p99 {p99(off.served) / p99(on.served):.0f}× shorter, and independent of the TTL.",  # type: ignore[operator]
         ]
-    if fan is not None:
-        per_stream = (fan.rss_after_kib - fan.rss_before_kib) / max(fan.live, 1)
-        first_half = fan.rss_halfway_kib - fan.rss_after_kib
-        second_half = fan.rss_after_saves_kib - fan.rss_halfway_kib
-        missing = fan.expected - fan.received  # negative: events a stream should not have had
+    if fans:
         lines += [
             "",
-            f"## {fan.streams} idle watch streams on B",
+            f"## {fans[0].streams} idle watch streams",
             "",
-            f"Opened by bench/watch_streams.py (raw grpc.aio stubs, scope everything) over {fan.connections} "
-            f"connections, in {fan.open_seconds:.1f} s. Memory: VmRSS of B's process before opening them, once all "
-            "had their first message, and after the saves. Fan-out: ms from A's reply to the save until a change "
-            "reached a stream, over every stream × save pair, and per save until the last stream had it.",
+            f"Opened by bench/watch_streams.py (raw grpc.aio stubs) over {fans[0].connections} connections, on B and "
+            "on the baseline, bench/empty_server.py (one prebuilt message per change queued for every stream: no "
+            "interceptor, scope or conversion per stream). Memory: VmRSS of the server before opening them, once all "
+            "had their first message, halfway through the saves and after them. Fan-out: ms from the save's reply "
+            "(A's; the baseline's DeleteIntegration) until the change reached a stream, over every stream × save "
+            "pair, and per save until the last stream had it.",
             "",
-            "| streams live (B's gauge) | B RSS before → after open → after the saves, MiB (growth over the first "
-            "/ second half of the saves) | B memory per stream "
+            "| server | streams live (its gauge) | opened in | RSS before → after open → after the saves, MiB (growth "
+            "over the first / second half of the saves) | memory per stream "
             "| fan-out p50 / p99 / max ms, stream × save | per save, last stream: p50 / p99 / max ms "
             "| events missing / resyncs / duplicates | CPU of the streams process / of this one "
-            "| B CPU per save (per stream) |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-            f"| {fan.live} ({fan.gauge_open}) | {_mib(fan.rss_before_kib)} → {_mib(fan.rss_after_kib)} → "
-            f"{_mib(fan.rss_after_saves_kib)} ({first_half:+d} / {second_half:+d} KiB) | {per_stream:.1f} KiB | "
-            f"{summary(fan.pairs_ms)} | "
-            f"{summary(fan.last_ms)} | {missing} of {fan.expected} / {fan.resyncs} / {fan.duplicates} | "
-            f"{fan.streams_cpu_percent:.0f} % / {fan.bench_cpu_percent:.0f} % of a core | "
-            f"{fan.b_cpu_ms_per_save:.1f} ms ({fan.b_cpu_ms_per_save * 1000 / max(fan.live, 1):.0f} µs) |",
-            "",
-            f"Ends: {fan.closed} streams cancelled by the consumer → B's gauge {fan.gauge_after_close} "
-            f"(expected {fan.live + 1 - fan.closed}, the watched client's stream included). SIGTERM to B with "
-            f"{fan.live - fan.closed} open: B exited after "
-            + (f"{fan.sigterm_exit_s:.2f} s" if fan.sigterm_exit_s is not None else "**no exit**")
-            + f"; the streams ended with {json.dumps(fan.end_codes)}"
-            + (f", the last {fan.last_end_s:.2f} s after the signal" if fan.last_end_s is not None else "")
-            + (f", **{fan.still_open} still open**" if fan.still_open else "")
-            + ".",
+            "| server CPU per save (per stream) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        if missing:
-            lines.append(f"\n**{missing} stream × save events never arrived.**")
+        for fan in fans:
+            lines.append(_fan_row(fan))
+        b = fans[0]
+        if len(fans) > 1 and fans[1].server_cpu_ms_per_save and b.server_cpu_ms_per_save:
+            lines += [
+                "",
+                f"B spends {b.server_cpu_ms_per_save / fans[1].server_cpu_ms_per_save:.1f}× the baseline's CPU per "
+                "change fanned out to the same streams.",
+            ]
+        for fan in fans:
+            if fan.ends:
+                lines += ["", _ends(fan)]
+            missing = fan.expected - fan.received
+            if missing:
+                lines.append(f"\n**{fan.server}: {missing} stream × save events never arrived.**")
     lines.append("")
     return "\n".join(lines)
 
@@ -493,6 +533,55 @@ def machine(args: argparse.Namespace, postgres_version: str, load_before: float)
 # --- main ------------------------------------------------------------------------------------------
 
 
+async def open_streams(args: argparse.Namespace, server: Server, fan: FanOut, organization: str) -> StreamsProcess:
+    """Opens the idle streams on `server`: its memory before and after, its own count of them."""
+    await asyncio.sleep(0.5)
+    fan.rss_before_kib = vm_rss_kib(server.process.pid)
+    streams = await StreamsProcess.start(server.target, args.streams, args.connections, organization)
+    try:
+        ready = await streams.answer()
+        fan.open_seconds, fan.live = ready["seconds"], ready["live"]
+        await asyncio.sleep(1.0)  # let the server settle (allocations of the last streams, a gc pass)
+        fan.rss_after_kib = vm_rss_kib(server.process.pid)
+        if server.metrics_address:
+            fan.gauge_open = await asyncio.to_thread(watch_streams_gauge, server.metrics_address)
+    except BaseException:
+        await streams.finish()
+        raise
+    return streams
+
+
+async def fanned_out(
+    fan: FanOut,
+    streams: StreamsProcess,
+    server: Server,
+    work_dir: Path,
+    saves: int,
+    run_saves: Callable[[Callable[[], None]], Awaitable[dict[str, float]]],
+    *,
+    in_scope: bool = True,
+) -> None:
+    """Runs `saves` saves (`run_saves(halfway)` -> etag: acknowledged at) and measures their fan-out to the streams."""
+    cpu_streams, cpu_server, began = cpu_seconds(streams.process.pid), cpu_seconds(server.process.pid), time.monotonic()
+    cpu_self = own_cpu_seconds()
+
+    def halfway() -> None:
+        fan.rss_halfway_kib = vm_rss_kib(server.process.pid)
+
+    acked = await run_saves(halfway)
+    await asyncio.sleep(1.0)  # the last fan-out
+    wall = time.monotonic() - began
+    fan.streams_cpu_percent = (cpu_seconds(streams.process.pid) - cpu_streams) / wall * 100
+    fan.bench_cpu_percent = (own_cpu_seconds() - cpu_self) / wall * 100
+    fan.server_cpu_ms_per_save = (cpu_seconds(server.process.pid) - cpu_server) / max(saves, 1) * 1000
+    fan.rss_after_saves_kib = vm_rss_kib(server.process.pid)
+    report_path = work_dir / f"arrivals-{fan.server}.json"
+    await streams.ask(f"report {report_path}")
+    report = json.loads(report_path.read_text())
+    fan.resyncs, fan.duplicates = report["resyncs"], report["duplicates"]
+    fan_out_delays(fan, report["arrivals"], acked, in_scope=in_scope)
+
+
 async def measure_streams(
     args: argparse.Namespace,
     servers: dict[str, Server],
@@ -501,36 +590,17 @@ async def measure_streams(
     work_dir: Path,
 ) -> tuple[Propagation, FanOut]:
     b = servers["B"]
-    fan = FanOut(args.streams, args.connections)
-    await asyncio.sleep(0.5)
-    fan.rss_before_kib = vm_rss_kib(b.process.pid)
-    streams = await StreamsProcess.start(b.target, args.streams, args.connections, args.streams_organization)
+    fan = FanOut(args.streams, args.connections, server="B", ends=True)
+    streams = await open_streams(args, b, fan, args.streams_organization)
     try:
-        ready = await streams.answer()
-        fan.open_seconds, fan.live = ready["seconds"], ready["live"]
-        await asyncio.sleep(1.0)  # let B settle (allocations of the last streams, a gc pass)
-        fan.rss_after_kib = vm_rss_kib(b.process.pid)
-        fan.gauge_open = await asyncio.to_thread(watch_streams_gauge, b.metrics_address)
         print(f"{fan.live} streams live on B; saving through A …", file=sys.stderr)
-        cpu_streams, cpu_b, began = cpu_seconds(streams.process.pid), cpu_seconds(b.process.pid), time.monotonic()
-        cpu_self = own_cpu_seconds()
         case = Propagation(f"watch on, {fan.live} idle streams on B", args.ttl, args.give_up)
 
-        def halfway() -> None:
-            fan.rss_halfway_kib = vm_rss_kib(b.process.pid)
+        async def saves(halfway: Callable[[], None]) -> dict[str, float]:
+            await propagation(a, client, case, ORG, args.saves, halfway=halfway)
+            return case.acked
 
-        await propagation(a, client, case, ORG, args.saves, halfway=halfway)
-        await asyncio.sleep(1.0)  # the last fan-out
-        wall = time.monotonic() - began
-        fan.streams_cpu_percent = (cpu_seconds(streams.process.pid) - cpu_streams) / wall * 100
-        fan.bench_cpu_percent = (own_cpu_seconds() - cpu_self) / wall * 100
-        fan.b_cpu_ms_per_save = (cpu_seconds(b.process.pid) - cpu_b) / max(args.saves, 1) * 1000
-        fan.rss_after_saves_kib = vm_rss_kib(b.process.pid)
-        report_path = work_dir / "arrivals.json"
-        await streams.ask(f"report {report_path}")
-        report = json.loads(report_path.read_text())
-        fan.resyncs, fan.duplicates = report["resyncs"], report["duplicates"]
-        fan_out_delays(fan, report["arrivals"], case.acked, in_scope=not args.streams_organization)
+        await fanned_out(fan, streams, b, work_dir, args.saves, saves, in_scope=not args.streams_organization)
         # The ends: cancelled streams must be gone from B, and SIGTERM must end the rest.
         fan.closed = (await streams.ask(f"close {fan.live // 2}"))["n"]
         await asyncio.sleep(1.0)
@@ -553,13 +623,55 @@ async def measure_streams(
     return case, fan
 
 
+async def measure_baseline(args: argparse.Namespace, log_dir: Path, work_dir: Path) -> FanOut:
+    """The same streams and fan-out on bench/empty_server.py: one prebuilt message per change, queued per stream."""
+    target = f"127.0.0.1:{free_port()}"
+    server = spawn(
+        "watch-empty-handler",
+        [*empty_server_command(), "--listen-address", target],
+        clean_environment(),
+        log_dir,
+        target,
+    )
+    fan = FanOut(args.streams, args.connections, server=EMPTY)
+    try:
+        await wait_serving(server)
+        streams = await open_streams(args, server, fan, "")
+        try:
+            print(f"{fan.live} streams live on the empty handler; fanning out …", file=sys.stderr)
+            async with grpc.aio.insecure_channel(target) as channel:
+                stub = pb_grpc.IntegrationServiceStub(channel)
+
+                async def saves(halfway: Callable[[], None]) -> dict[str, float]:
+                    acked: dict[str, float] = {}
+                    for serial in range(args.saves):
+                        if serial == args.saves // 2:
+                            halfway()
+                        etag = f"baseline-{serial}"
+                        await stub.DeleteIntegration(
+                            pb.DeleteIntegrationRequest(organization_id=ORG, provider=PROVIDER, etag=etag),
+                            timeout=SAVE_TIMEOUT_S,
+                        )
+                        acked[etag] = time.monotonic()
+                        # One change at a time, as B's are (each waits for the client to serve it).
+                        await streams.ask(f"await {etag} {args.give_up}")
+                    return acked
+
+                await fanned_out(fan, streams, server, work_dir, args.saves, saves)
+        finally:
+            await streams.finish()
+    finally:
+        stop(server)
+    return fan
+
+
 async def bench(args: argparse.Namespace) -> None:
     admin_url = os.environ.get(ADMIN_URL_ENV) or DEFAULT_ADMIN_URL
     load_before = warn_if_busy()
     log_dir = RESULTS_DIR / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     cases: list[Propagation] = []
-    fan: FanOut | None = None
+    fans: list[FanOut] = []
     async with scratch_database(admin_url) as (database_url, pg_version):
         with tempfile.TemporaryDirectory(prefix="integrations-watch-bench-") as work:
             work_dir = Path(work)
@@ -593,12 +705,15 @@ async def bench(args: argparse.Namespace) -> None:
                         if args.streams:
                             case, fan = await measure_streams(args, servers, a, watched, work_dir)
                             cases.append(case)
+                            fans.append(fan)
                     finally:
                         await watched.close()
             finally:
                 for server in servers.values():
                     stop(server)
-    text = render(machine(args, pg_version, load_before), cases, fan)
+            if args.streams and args.baseline:
+                fans.append(await measure_baseline(args, log_dir, work_dir))
+    text = render(machine(args, pg_version, load_before), cases, fans)
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / "watch.md"
     path.write_text(text)
@@ -628,6 +743,12 @@ def parse_args() -> argparse.Namespace:
         default="",
         help="the idle streams watch only this organization, not the one saved (default: everything, so every "
         "save reaches every stream, as the Python client's own watch does)",
+    )
+    parser.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the fan-out baseline (the same streams on bench/empty_server.py)",
     )
     parser.add_argument(
         "--b-workers", type=int, default=1, help="B runs `serve --workers N` (default 1: one process, like A)"

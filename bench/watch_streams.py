@@ -15,6 +15,8 @@ the streams are live, then answers commands read from stdin, one per line:
 - `report PATH`: writes {"arrivals": {etag: [time, ...]}, "resyncs": n,
   "duplicates": n} to PATH (arrivals of every change so far), prints
   {"event": "reported"};
+- `await ETAG SECONDS`: waits up to SECONDS until every live stream has had
+  the change with that etag, prints {"event": "arrived", "streams": n};
 - `close N`: cancels N of the open streams, prints {"event": "closed", "n": N};
 - `wait-end SECONDS`: waits up to SECONDS for every open stream to end (the
   server was sent SIGTERM), prints {"event": "ended", "codes": {code: n},
@@ -65,6 +67,7 @@ class Streams:
         self.open = 0
         self.last_end = 0.0
         self.all_ended = asyncio.Event()
+        self.arrived = asyncio.Event()  # set on every change that arrives (`await` checks its count)
 
     def start(self) -> None:
         for index in range(self.count):
@@ -87,6 +90,7 @@ class Streams:
                     else:
                         self.seen[index].add(etag)
                         self.arrivals[etag].append(now)
+                        self.arrived.set()
                 elif kind == "started":
                     self.started += 1
                     if self.started == self.count:
@@ -149,6 +153,14 @@ async def serve(args: argparse.Namespace) -> None:
             report = {"arrivals": streams.arrivals, "resyncs": streams.resyncs, "duplicates": streams.duplicates}
             await asyncio.to_thread(Path(argument).write_text, json.dumps(report))
             say({"event": "reported"})
+        elif command == "await":
+            etag, _, seconds = argument.rpartition(" ")
+            deadline = time.monotonic() + float(seconds)
+            while len(streams.arrivals.get(etag, ())) < streams.started and time.monotonic() < deadline:
+                streams.arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(streams.arrived.wait(), max(0.0, deadline - time.monotonic()))
+            say({"event": "arrived", "streams": len(streams.arrivals.get(etag, ()))})
         elif command == "close":
             n = streams.close(int(argument))
             await asyncio.sleep(0)  # let the cancelled readers finish

@@ -54,10 +54,16 @@ def test_the_report_flags_unserved_saves_a_missed_target_and_lost_events(watch: 
     on.reads = [1, 2]
     off = watch.Propagation("watch off", ttl=1.0, bound=3.0, served_ms=[400.0, 900.0])
     off.reads = [1, 1]
-    fan = watch.FanOut(streams=2, connections=2, live=2, expected=4, received=3, gauge_open=3)
+    fan = watch.FanOut(streams=2, connections=2, ends=True, live=2, expected=4, received=3, gauge_open=3)
     fan.closed, fan.gauge_after_close, fan.sigterm_exit_s, fan.end_codes = 1, 2, 1.5, {"UNAVAILABLE": 1}
-    text = watch.render({"date": "today"}, [on, off], fan)
+    fan.server_cpu_ms_per_save = 0.4
+    baseline = watch.FanOut(streams=2, connections=2, server="empty handler", live=2, expected=4, received=4)
+    baseline.server_cpu_ms_per_save = 0.1
+    text = watch.render({"date": "today"}, [on, off], [fan, baseline])
     assert "| watch on, B idle | 300 s | 2 | 4.0 / 4.0 / 4.0 | **1 of 2 (5 s)** |" in text
     assert "p99 ≤ 100 ms: **not met**" in text  # a save never served misses the target whatever the p99
-    assert "**1 stream × save events never arrived.**" in text
+    assert "**B: 1 stream × save events never arrived.**" in text
+    assert "empty handler: " not in text  # the baseline lost nothing
+    assert "B spends 4.0× the baseline's CPU per change" in text
+    assert "| 0.4 ms (200 µs) |" in text
     assert 'B exited after 1.50 s; the streams ended with {"UNAVAILABLE": 1}' in text
