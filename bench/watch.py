@@ -26,13 +26,18 @@ key). Then, all in one run:
    whether it kept up;
 4. **ends**: half the streams cancelled (B must count them gone), then B is sent
    SIGTERM with the rest open: how long it takes to exit, and the status each
-   stream ended with.
+   stream ended with;
+5. **baseline**: the same streams on bench/empty_server.py, whose
+   WatchConfigChanges queues one prebuilt message per change for every stream
+   (DeleteIntegration publishes one), `--baseline-saves` changes one at a time:
+   what gRPC itself costs per stream message, and per stream in memory.
 
 Prints a markdown report and writes it to bench/results/watch.md. Everything it
 started is stopped and the database is dropped at the end. Asserts nothing.
 
 Run: `.venv/bin/python bench/watch.py [--saves 200] [--streams 1000] [--connections 1000]`
-(about a minute on 2 cores). PostgreSQL admin URL: env BENCH_POSTGRES_URL
+(about 2 minutes on the 2 busy cores, most of it the fan-out to 1,000 streams).
+PostgreSQL admin URL: env BENCH_POSTGRES_URL
 (default postgresql://postgres@127.0.0.1:5432/postgres).
 """
 
@@ -644,8 +649,8 @@ async def measure_baseline(args: argparse.Namespace, log_dir: Path, work_dir: Pa
 
                 async def saves(halfway: Callable[[], None]) -> dict[str, float]:
                     acked: dict[str, float] = {}
-                    for serial in range(args.saves):
-                        if serial == args.saves // 2:
+                    for serial in range(args.baseline_saves):
+                        if serial == args.baseline_saves // 2:
                             halfway()
                         etag = f"baseline-{serial}"
                         await stub.DeleteIntegration(
@@ -657,7 +662,7 @@ async def measure_baseline(args: argparse.Namespace, log_dir: Path, work_dir: Pa
                         await streams.ask(f"await {etag} {args.give_up}")
                     return acked
 
-                await fanned_out(fan, streams, server, work_dir, args.saves, saves)
+                await fanned_out(fan, streams, server, work_dir, args.baseline_saves, saves)
         finally:
             await streams.finish()
     finally:
@@ -745,6 +750,9 @@ def parse_args() -> argparse.Namespace:
         "save reaches every stream, as the Python client's own watch does)",
     )
     parser.add_argument(
+        "--baseline-saves", type=int, default=50, help="changes fanned out by the baseline server (default 50)"
+    )
+    parser.add_argument(
         "--no-baseline",
         dest="baseline",
         action="store_false",
@@ -754,8 +762,17 @@ def parse_args() -> argparse.Namespace:
         "--b-workers", type=int, default=1, help="B runs `serve --workers N` (default 1: one process, like A)"
     )
     args = parser.parse_args()
-    if args.saves < 1 or args.saves_without_watch < 1 or args.ttl <= 0 or args.short_ttl <= 0 or args.streams < 0:
-        parser.error("--saves and --saves-without-watch must be >= 1, the TTLs > 0, --streams >= 0")
+    if (
+        args.saves < 1
+        or args.saves_without_watch < 1
+        or args.baseline_saves < 2
+        or args.ttl <= 0
+        or args.short_ttl <= 0
+        or args.streams < 0
+    ):
+        parser.error(
+            "--saves and --saves-without-watch must be >= 1, --baseline-saves >= 2, the TTLs > 0, --streams >= 0"
+        )
     if args.streams and not 1 <= args.connections <= args.streams:
         parser.error("1 <= --connections <= --streams")
     return args
