@@ -686,7 +686,7 @@ async def test_replicas_migrating_a_new_database_at_once_both_succeed(
     second = await PostgresStore.connect(url, migrate=False)
     try:
         results = await asyncio.gather(first.migrate(), second.migrate())
-        assert sorted(results) == [[], [1, 2, 3]]
+        assert sorted(results) == [[], [1, 2, 3, 4]]
         assert await first.migrate() == []
         assert (await second.upsert(ORG, "stripe", put({"k": "v"}))).version == 1
     finally:
@@ -697,6 +697,7 @@ async def test_replicas_migrating_a_new_database_at_once_both_succeed(
         (1, "integration_config"),
         (2, "keys_and_audit"),
         (3, "change_feed"),
+        (4, "change_feed_rewrap"),
     ]
 
 

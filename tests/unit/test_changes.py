@@ -119,6 +119,19 @@ def test_a_subscription_dropped_without_close_is_forgotten() -> None:
     assert hub.subscribers == 0
 
 
+def test_a_subscription_queues_only_the_changes_it_accepts_and_every_reset() -> None:
+    hub = ChangeHub(connected=True)
+    wanted = ConfigChanged.saved(row(2))
+    picky = hub.subscribe(queue_size=2, accept=lambda change: change.version == 2)
+    for version in (1, 3, 4, 5, 6):
+        hub.publish(ConfigChanged.saved(row(version)))
+    assert picky.pending == 0  # nothing it refused counts against its queue
+    hub.publish(wanted)
+    hub.publish(FeedReset(ResetReason.TRUNCATED))
+    hub.publish(wanted)
+    assert picky.drain() == [FeedReset(ResetReason.TRUNCATED), wanted]
+
+
 def test_a_queue_must_hold_something() -> None:
     with pytest.raises(ValueError, match="queue_size"):
         ChangeHub(connected=True).subscribe(queue_size=0)

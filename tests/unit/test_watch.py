@@ -130,6 +130,20 @@ async def test_a_consumer_that_falls_behind_gets_one_resync_instead_of_what_it_m
     assert watches.counts.resyncs["fell_behind"] == 1
 
 
+async def test_a_burst_out_of_scope_neither_fills_a_streams_queue_nor_wakes_it() -> None:
+    hub = ChangeHub(connected=True)
+    watches = ChangeWatches(hub, queue_size=3)
+    stream = watches.watch(WatchScope("org_1"))
+    await take(stream, 1)
+    for n in range(100):  # another organization's bulk update, published before the stream runs again
+        hub.publish(change(f"org_other_{n}"))
+    hub.publish(change(rewrap=True))
+    mine = change("org_1")
+    hub.publish(mine)
+    assert await take(stream, 1) == [mine]
+    assert watches.counts.resyncs["fell_behind"] == 0
+
+
 @pytest.mark.parametrize("reason", [ResetReason.DISCONNECTED, ResetReason.CONNECTED])
 async def test_a_lost_feed_ends_the_stream_unavailable(reason: ResetReason) -> None:
     hub = ChangeHub(connected=True)

@@ -51,6 +51,10 @@ class Keepalive:
         )
 
 
+# The options with the default settings (the clients' tests check their channel options against them).
+_SERVER_OPTIONS = Keepalive().options()
+
+
 def build_server(
     service: CredentialService,
     audit: AuditTrail,

@@ -56,6 +56,10 @@ class WatchScope:
             return False
         return self.providers is None or change.provider in self.providers
 
+    def wants(self, change: ConfigChanged) -> bool:
+        """Whether a watcher of this scope is sent `change`: in scope, and not a rewrap (the etag is unchanged)."""
+        return not change.rewrap and self.matches(change)
+
 
 def check_scope(organization_id: str, providers: Sequence[str]) -> WatchScope:
     """The scope of a request; InvalidArgument naming every bad field (`organization_id`, `providers[3]`)."""
@@ -133,7 +137,9 @@ class ChangeWatches:
             raise Unavailable("this server has no change feed; watch another replica")
         if not feed.connected:
             raise Unavailable("the change feed is not connected (the database is unreachable); retry")
-        subscription = feed.subscribe(queue_size=self._queue_size)
+        # Filtered as it is published: changes out of scope (and rewraps) neither wake this stream nor fill its
+        # queue, so another organization's burst cannot make it fall behind.
+        subscription = feed.subscribe(queue_size=self._queue_size, accept=scope.wants)
         self._subscriptions.add(subscription)
         self.counts.open = len(self._subscriptions)
         try:
@@ -144,7 +150,7 @@ class ChangeWatches:
                         raise Unavailable("the change feed lost its database connection; reconnect")
                     self.counts.resyncs[event.reason.value] += 1
                     yield WatchResync(event.reason)
-                elif scope.matches(event) and not event.rewrap:
+                else:
                     self.counts.changes_sent += 1
                     yield event
             # The subscription was closed: by shutdown(), or by the store closing (the server is stopping).

@@ -18,7 +18,8 @@ Guarantees a consumer can build on:
   is true, every change committed afterwards reaches it, in commit order.
 - Memory is bounded: each subscription queues at most `queue_size` events. One
   that falls behind has its queue replaced by a single `FeedReset`, and
-  publishing never blocks or fails the writer.
+  publishing never blocks or fails the writer. A subscription may `accept` only
+  some changes (a watch stream's scope): the others are never queued.
 - A `FeedReset` means "anything may have changed": drop what was derived from
   earlier events. It is sent when the listener connects again after a loss
   (changes in the gap are unknown), when it loses its connection, on TRUNCATE,
@@ -35,6 +36,7 @@ import asyncio
 import collections
 import enum
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
@@ -102,6 +104,8 @@ class FeedReset:
 
 
 ChangeEvent = ConfigChanged | FeedReset
+# Which changes a subscription wants (called in `publish`, for every change: keep it cheap, never raising).
+Accept = Callable[[ConfigChanged], bool]
 
 
 class ChangeFeed(Protocol):
@@ -111,18 +115,20 @@ class ChangeFeed(Protocol):
     def connected(self) -> bool:
         """True while every committed change reaches the subscriptions."""
 
-    def subscribe(self, *, queue_size: int = DEFAULT_QUEUE_SIZE) -> Subscription:
-        """A new subscription, live as soon as this returns."""
+    def subscribe(self, *, queue_size: int = DEFAULT_QUEUE_SIZE, accept: Accept | None = None) -> Subscription:
+        """A new subscription, live as soon as this returns; `accept` (None: every change) picks the changes it
+        queues, so the ones it does not want neither wake it nor fill its queue. Resets always reach it."""
 
 
 class Subscription:
     """An async iterator of events, ending when it or its hub is closed. Close it when done (or use `with`)."""
 
-    def __init__(self, hub: ChangeHub, queue_size: int) -> None:
+    def __init__(self, hub: ChangeHub, queue_size: int, accept: Accept | None = None) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size must be at least 1, got {queue_size}")
         self._hub = hub
         self._queue_size = queue_size
+        self._accept = accept
         self._events: collections.deque[ChangeEvent] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._closed = False
@@ -176,6 +182,8 @@ class Subscription:
         if isinstance(event, FeedReset):
             # A reset makes everything queued before it moot.
             self._events.clear()
+        elif self._accept is not None and not self._accept(event):
+            return
         elif len(self._events) >= self._queue_size:
             self._events.clear()
             event = FeedReset(ResetReason.FELL_BEHIND)
@@ -204,8 +212,8 @@ class ChangeHub:
     def subscribers(self) -> int:
         return len(self._subscriptions)
 
-    def subscribe(self, *, queue_size: int = DEFAULT_QUEUE_SIZE) -> Subscription:
-        subscription = Subscription(self, queue_size)
+    def subscribe(self, *, queue_size: int = DEFAULT_QUEUE_SIZE, accept: Accept | None = None) -> Subscription:
+        subscription = Subscription(self, queue_size, accept)
         if self._closed:
             subscription.close()
         else:
