@@ -34,6 +34,7 @@ from integrations_client import (
     ValueSource,
     WatchStarted,
 )
+from integrations_service.store.postgres_listener import APPLICATION_NAME
 from tests.client_fixtures import PK, SK, SK_2, FakeServer, until
 from tests.harness import Running, new_org
 from tests.integration.client_service import (  # noqa: F401 (fixtures)
@@ -43,6 +44,7 @@ from tests.integration.client_service import (  # noqa: F401 (fixtures)
     client_svc,
     serve_env,
 )
+from tests.integration.test_row_cache import StartReplica, sql, start_replica  # noqa: F401 (fixture)
 from tests.processes import Processes, free_port
 
 STRIPE = {"secretKey": SK}
@@ -191,6 +193,40 @@ async def test_the_cache_resubscribes_after_a_server_restart(kind: str, tmp_path
             await aio.close()
         if sync:
             await asyncio.to_thread(sync.close)
+
+
+@pytest.mark.postgres
+async def test_a_cached_client_on_one_replica_follows_saves_through_another_and_a_lost_listener(
+    start_replica: StartReplica,  # noqa: F811
+    postgres_database_url: str,
+) -> None:
+    a = await start_replica("a", postgres_database_url)
+    b = await start_replica("b", postgres_database_url)
+    org = new_org()
+    async with (
+        IntegrationsClient(b.process.target, cache_ttl=LONG_TTL) as reader,
+        IntegrationsClient(a.process.target, cache_ttl=0) as writer,
+    ):
+        await writer.save(org, "stripe", values=STRIPE)
+        assert (await reader.get_config(org, "stripe"))["secretKey"] == SK
+        saved = await writer.save(org, "stripe", values={"secretKey": SK_2})  # A's commit, B's notification
+        await until(lambda: reader.cache_stats.watch_evictions == 1, "the change through PostgreSQL")
+        creds = await reader.get_config(org, "stripe")
+        assert (creds["secretKey"], creds.etag) == (SK_2, saved.etag)
+
+        # B loses its LISTEN connection (what a database failover does to it): B ends the stream, refuses new
+        # ones until it has reconnected; the client resubscribes by itself and forgets what it cached.
+        await sql(
+            postgres_database_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1 AND datname = $2",
+            APPLICATION_NAME,
+            postgres_database_url.rsplit("/", 1)[1],
+        )
+        await until(lambda: reader.cache_stats.watch_subscriptions == 2, "the resubscription", within=30)
+        assert reader.cache_stats.size == 0
+        await writer.delete(org, "stripe")
+        await until(lambda: reader.cache_stats.watch_events == 2, "the delete on the new stream")
+        assert (await reader.get_config(org, "stripe")).source("secretKey") is ValueSource.UNSET
 
 
 # --- the public stream ---------------------------------------------------------------------------------------
