@@ -105,6 +105,7 @@ POLL_S = 0.001  # the client is asked again this often until it serves the new v
 TARGET_MS = 100.0
 SAVE_TIMEOUT_S = 10.0
 SIGTERM_WAIT_S = 15.0
+GAUGE_WAIT_S = 5.0  # for B's gauge to count the cancelled streams gone
 EMPTY = "empty handler"
 
 
@@ -378,6 +379,7 @@ class FanOut:
     server_cpu_ms_per_save: float = 0.0
     closed: int = 0
     gauge_after_close: int | None = None
+    gauge_after_close_s: float = 0.0  # when it was read, after the cancels
     sigterm_exit_s: float | None = None
     end_codes: dict[str, int] = field(default_factory=dict)
     still_open: int = 0
@@ -424,7 +426,8 @@ def _fan_row(fan: FanOut) -> str:
 def _ends(fan: FanOut) -> str:
     return (
         f"Ends: {fan.closed} streams cancelled by the consumer → B's gauge {fan.gauge_after_close} "
-        f"(expected {fan.live + 1 - fan.closed}, the watched client's stream included). SIGTERM to B with "
+        f"{fan.gauge_after_close_s:.1f} s later (expected {fan.live + 1 - fan.closed}, the watched client's stream "
+        "included). SIGTERM to B with "
         f"{fan.live - fan.closed} open: B exited after "
         + (f"{fan.sigterm_exit_s:.2f} s" if fan.sigterm_exit_s is not None else "**no exit**")
         + f"; the streams ended with {json.dumps(fan.end_codes)}"
@@ -608,8 +611,14 @@ async def measure_streams(
         await fanned_out(fan, streams, b, work_dir, args.saves, saves, in_scope=not args.streams_organization)
         # The ends: cancelled streams must be gone from B, and SIGTERM must end the rest.
         fan.closed = (await streams.ask(f"close {fan.live // 2}"))["n"]
-        await asyncio.sleep(1.0)
-        fan.gauge_after_close = await asyncio.to_thread(watch_streams_gauge, b.metrics_address)
+        closed_at = time.monotonic()
+        expected = fan.live + 1 - fan.closed  # the watched client's stream stays
+        while True:  # with --workers the supervisor's gauge lags by up to a second
+            fan.gauge_after_close = await asyncio.to_thread(watch_streams_gauge, b.metrics_address)
+            fan.gauge_after_close_s = time.monotonic() - closed_at
+            if fan.gauge_after_close == expected or fan.gauge_after_close_s > GAUGE_WAIT_S:
+                break
+            await asyncio.sleep(0.1)
         await client.close()  # its stream would reconnect to nothing
         signalled = time.monotonic()
         b.process.send_signal(signal.SIGTERM)
