@@ -6,6 +6,13 @@ parse the request and return an empty response. Whatever the real service
 costs on top of this is the service's own work (interceptor, logging, domain,
 crypto, store).
 
+The fan-out baseline of bench/watch.py: WatchConfigChanges sends WatchStarted,
+then whatever DeleteIntegration publishes, and nothing else. Each
+DeleteIntegration builds one ConfigChange (its request's organization,
+provider and etag, the time now) and queues that same message for every open
+stream (an asyncio.Queue each): the least a server can do per stream for a
+change, with no scope, no interceptor, no conversion per stream.
+
 Usage: empty_server.py --listen-address 127.0.0.1:PORT (stops on SIGTERM/SIGINT).
 """
 
@@ -14,15 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from integrations.v1 import integrations_pb2 as pb
-
-# The real server's options, so both servers differ only in what their handlers do.
-from integrations_service.api.server import _SERVER_OPTIONS, SERVICE_NAME
+from integrations_service.api.server import SERVICE_NAME, Keepalive
 
 
 async def get_provider_config(request: pb.GetProviderConfigRequest, context: Any) -> pb.GetProviderConfigResponse:
@@ -33,8 +39,46 @@ async def list_providers(request: pb.ListProvidersRequest, context: Any) -> pb.L
     return pb.ListProvidersResponse()
 
 
+# The queue of every open WatchConfigChanges stream.
+_watchers: set[asyncio.Queue[pb.WatchConfigChangesResponse]] = set()
+
+
+async def watch_config_changes(
+    request: pb.WatchConfigChangesRequest, context: Any
+) -> AsyncIterator[pb.WatchConfigChangesResponse]:
+    queue: asyncio.Queue[pb.WatchConfigChangesResponse] = asyncio.Queue()
+    _watchers.add(queue)
+    try:
+        started = pb.WatchConfigChangesResponse()
+        started.started.start_time.GetCurrentTime()
+        yield started
+        while True:
+            yield await queue.get()
+    finally:
+        _watchers.discard(queue)
+
+
+async def delete_integration(request: pb.DeleteIntegrationRequest, context: Any) -> pb.DeleteIntegrationResponse:
+    change = pb.ConfigChange(
+        organization_id=request.organization_id,
+        provider=request.provider,
+        etag=request.etag,
+        type=pb.CHANGE_TYPE_SAVED,
+    )
+    change.change_time.GetCurrentTime()
+    message = pb.WatchConfigChangesResponse(change=change)
+    for queue in _watchers:
+        queue.put_nowait(message)
+    return pb.DeleteIntegrationResponse()
+
+
 async def save_integration(request: pb.SaveIntegrationRequest, context: Any) -> pb.SaveIntegrationResponse:
     return pb.SaveIntegrationResponse()
+
+
+def server_options() -> tuple[tuple[str, int], ...]:
+    """The real server's options with the default settings, so both servers differ only in what their handlers do."""
+    return Keepalive().options()
 
 
 def empty_handler() -> grpc.GenericRpcHandler:
@@ -54,12 +98,22 @@ def empty_handler() -> grpc.GenericRpcHandler:
             request_deserializer=pb.ListProvidersRequest.FromString,
             response_serializer=pb.ListProvidersResponse.SerializeToString,
         ),
+        "DeleteIntegration": grpc.unary_unary_rpc_method_handler(
+            delete_integration,
+            request_deserializer=pb.DeleteIntegrationRequest.FromString,
+            response_serializer=pb.DeleteIntegrationResponse.SerializeToString,
+        ),
+        "WatchConfigChanges": grpc.unary_stream_rpc_method_handler(
+            watch_config_changes,
+            request_deserializer=pb.WatchConfigChangesRequest.FromString,
+            response_serializer=pb.WatchConfigChangesResponse.SerializeToString,
+        ),
     }
     return grpc.method_handlers_generic_handler(SERVICE_NAME, methods)
 
 
 async def serve(listen_address: str) -> None:
-    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    server = grpc.aio.server(options=server_options())
     server.add_generic_rpc_handlers((empty_handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
