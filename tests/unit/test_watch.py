@@ -256,3 +256,12 @@ def test_started_carries_its_time() -> None:
     message = convert.watch_event_to_pb(WatchStarted(T0))
     assert message.WhichOneof("event") == "started"
     assert message.started.start_time.ToDatetime(tzinfo=UTC) == T0
+
+
+def test_the_streams_a_change_fans_out_to_share_one_message_and_the_next_change_gets_its_own() -> None:
+    messages = convert.WatchMessages()
+    first, second = change("org_1"), change("org_1")  # equal, but two changes: the feed's objects
+    assert messages.of(first) is messages.of(first)
+    assert messages.of(second) is not messages.of(first)
+    assert messages.of(second) == convert.watch_event_to_pb(second)
+    assert messages.of(WatchStarted(T0)) is not messages.of(WatchStarted(T0))  # per stream: its own time

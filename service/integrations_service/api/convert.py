@@ -139,6 +139,26 @@ def audit_to_pb(entry: AuditEntry) -> pb.AuditEvent:
     return event
 
 
+class WatchMessages:
+    """`watch_event_to_pb`, each change built once for every stream of the process.
+
+    The change feed hands the same event object to every subscription, so the streams a change
+    fans out to share one message (never mutated once built; gRPC serializes it per stream).
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[ConfigChanged, pb.WatchConfigChangesResponse] | None = None
+
+    def of(self, event: WatchEvent) -> pb.WatchConfigChangesResponse:
+        last = self._last
+        if last is not None and last[0] is event:
+            return last[1]
+        message = watch_event_to_pb(event)
+        if isinstance(event, ConfigChanged):
+            self._last = (event, message)
+        return message
+
+
 def watch_event_to_pb(event: WatchEvent) -> pb.WatchConfigChangesResponse:
     """One message of a WatchConfigChanges stream: identifiers, an etag and a time, never a value."""
     if isinstance(event, ConfigChanged):

@@ -28,6 +28,7 @@ class IntegrationServicer(pb_grpc.IntegrationServiceServicer):
         self._service = service
         self._audit_pages = audit_pages
         self._watches = watches
+        self._watch_messages = convert.WatchMessages()
 
     async def ListProviders(self, request: pb.ListProvidersRequest, context: Context) -> pb.ListProvidersResponse:
         category = convert.category_from_pb(request.category)
@@ -76,4 +77,4 @@ class IntegrationServicer(pb_grpc.IntegrationServiceServicer):
     ) -> AsyncIterator[pb.WatchConfigChangesResponse]:
         scope = check_scope(request.organization_id, request.providers)
         async for event in self._watches.watch(scope):
-            yield convert.watch_event_to_pb(event)
+            yield self._watch_messages.of(event)
