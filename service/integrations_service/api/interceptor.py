@@ -120,18 +120,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED  # refined below when the deadline is what ended it
                 raise
-            except errors.ServiceError as error:
-                code = status_code_of(error)
-                if isinstance(error, errors.CorruptCredential):
-                    self._metrics.decryption_failures.labels(error.provider).inc()
-                await _abort(context, to_grpc_status(code, error.message, caller.request_id, error), caller.request_id)
             except grpc.aio.AbortError:
                 raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("unexpected error", extra={"request_id": caller.request_id, "rpc": method})
-                message = f"internal error; the service logged it with request id {caller.request_id}"
-                await _abort(context, to_grpc_status(code, message, caller.request_id, None), caller.request_id)
+            except Exception as failure:
+                status = self._failure_status(method, caller, failure)
+                code = status.code
+                await _abort(context, status, caller.request_id)
             finally:
                 code = _cut_short(context) or code
                 elapsed = time.perf_counter() - started
@@ -172,19 +166,15 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED  # refined below when the deadline is what ended it
                 raise
-            except errors.ServiceError as error:
-                code = status_code_of(error)
-                await _abort(context, to_grpc_status(code, error.message, caller.request_id, error), caller.request_id)
             except grpc.aio.AbortError:
                 raise
             except GeneratorExit:
                 code = _cut_short(context) or grpc.StatusCode.CANCELLED
                 raise
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("unexpected error", extra={"request_id": caller.request_id, "rpc": method})
-                message = f"internal error; the service logged it with request id {caller.request_id}"
-                await _abort(context, to_grpc_status(code, message, caller.request_id, None), caller.request_id)
+            except Exception as failure:
+                status = self._failure_status(method, caller, failure)
+                code = status.code
+                await _abort(context, status, caller.request_id)
             finally:
                 code = _cut_short(context) or code
                 elapsed = time.perf_counter() - started
@@ -192,6 +182,19 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 _log_stream_ended(method, request, code, elapsed, caller, sent, opened=opened)
 
         return stream
+
+    def _failure_status(self, method: str, caller: Caller, failure: Exception) -> grpc.Status:
+        """What a call that raised `failure` answers: a ServiceError its own status; anything else INTERNAL, logged.
+
+        Call it from the `except` block: the log line of an unexpected error carries its traceback.
+        """
+        if isinstance(failure, errors.ServiceError):
+            if isinstance(failure, errors.CorruptCredential):
+                self._metrics.decryption_failures.labels(failure.provider).inc()
+            return to_grpc_status(status_code_of(failure), failure.message, caller.request_id, failure)
+        log.exception("unexpected error", extra={"request_id": caller.request_id, "rpc": method})
+        message = f"internal error; the service logged it with request id {caller.request_id}"
+        return to_grpc_status(grpc.StatusCode.INTERNAL, message, caller.request_id, None)
 
     def _authorize(self, caller: Caller, identified: Identified, method: str, request: Any) -> None:
         try:
