@@ -447,26 +447,31 @@ async def test_a_store_that_does_not_listen_never_claims_to_be_connected(writer:
     assert not writer.changes().connected
 
 
-@pytest.mark.postgres
-async def test_the_migration_applies_on_a_database_of_the_previous_version(database: str) -> None:
+async def migrated_to(database: str, count: int) -> None:
+    """`database` as a service of the first `count` migrations left it (the ledger included)."""
     conn = await asyncpg.connect(database)
     try:
         await conn.execute(
             "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
             "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
         )
-        for migration in load_migrations("postgres")[:2]:
+        for migration in load_migrations("postgres")[:count]:
             await conn.execute(migration.sql)
             await conn.execute(
                 "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", migration.version, migration.name
             )
-        await conn.execute(
-            "INSERT INTO integration_config (id, organization_id, provider, config) "
-            "VALUES ('old-1', $1, 'stripe', '{}')",
-            ORG,
-        )
     finally:
         await conn.close()
+
+
+@pytest.mark.postgres
+async def test_the_migration_applies_on_a_database_of_the_previous_version(database: str) -> None:
+    await migrated_to(database, 2)
+    await raw(
+        database,
+        "INSERT INTO integration_config (id, organization_id, provider, config) VALUES ('old-1', $1, 'stripe', '{}')",
+        ORG,
+    )
     store = await PostgresStore.connect(database, migrate=False)
     try:
         # 0003 (the change feed) and every later one.
@@ -519,19 +524,7 @@ def test_the_trigger_notifies_the_channel_the_code_listens_to() -> None:
 
 @pytest.mark.postgres
 async def test_migration_0004_applies_on_version_3_and_moves_foreign_writers_versions(database: str) -> None:
-    conn = await asyncpg.connect(database)
-    try:
-        await conn.execute(
-            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
-            "applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-        )
-        for migration in load_migrations("postgres")[:3]:
-            await conn.execute(migration.sql)
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", migration.version, migration.name
-            )
-    finally:
-        await conn.close()
+    await migrated_to(database, 3)
     store = await PostgresStore.connect(database, migrate=False)
     try:
         # 0004 and every later one.

@@ -3,8 +3,8 @@
 --
 -- integrations_save_if_unchanged writes p_config to the row only if the row is still the version the
 -- service read: same id, same version, same xmin (the transaction that wrote that version of the row,
--- so any writer's change counts, even one that leaves version alone: `rotate`, the dashboard, a
--- manual SQL fix). When it writes, it appends the audit record in the same transaction, and the
+-- so any writer's change counts, even `rotate`'s, which leaves version alone; 0004 moves the version of
+-- every other writer's change). When it writes, it appends the audit record in the same transaction, and the
 -- change-feed trigger (0003) notifies as for any update. When it does not, it writes nothing and
 -- returns the row as stored now (no row when there is none), for the caller's next try.
 --
