@@ -127,7 +127,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 code = status.code
                 await _abort(context, status, caller.request_id)
             finally:
-                code = _cut_short(context) or code
+                code = _cut_short(context, code) or code
                 elapsed = time.perf_counter() - started
                 rpc_metrics.handled(code, elapsed)
                 _log_rpc(method, request, code, elapsed, caller, line.close())
@@ -169,14 +169,14 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 raise
             except GeneratorExit:
-                code = _cut_short(context) or grpc.StatusCode.CANCELLED
+                code = _cut_short(context, grpc.StatusCode.CANCELLED) or grpc.StatusCode.CANCELLED
                 raise
             except Exception as failure:
                 status = self._failure_status(method, caller, failure)
                 code = status.code
                 await _abort(context, status, caller.request_id)
             finally:
-                code = _cut_short(context) or code
+                code = _cut_short(context, code) or code
                 elapsed = time.perf_counter() - started
                 rpc_metrics.handled(code)
                 _log_stream_ended(method, request, code, elapsed, caller, sent, opened=opened)
@@ -255,12 +255,17 @@ def _tolerant(deserializer: Deserializer | None) -> Deserializer | None:
 DEADLINE_CANCEL_SLACK = 0.25
 
 
-def _cut_short(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode | None:
-    """DEADLINE_EXCEEDED or CANCELLED when the call ended before its answer could reach the caller."""
+def _cut_short(context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode) -> grpc.StatusCode | None:
+    """DEADLINE_EXCEEDED or CANCELLED when the call ended before its answer could reach the caller.
+
+    `code` is what the handler got to: CANCELLED when its task was cancelled. gRPC cancels the task when
+    the deadline's timer fires, which can be a moment before `time_remaining()` reads 0 (and before
+    `cancelled()` says so), so a cancelled task within the slack of its deadline counts as the deadline's.
+    """
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         return grpc.StatusCode.DEADLINE_EXCEEDED
-    if context.cancelled():
+    if context.cancelled() or code is grpc.StatusCode.CANCELLED:
         if remaining is not None and remaining <= DEADLINE_CANCEL_SLACK:
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
