@@ -1,9 +1,10 @@
-"""The interceptor's per-call bookkeeping: request ids, and the wrapped handler of each method."""
+"""The interceptor's per-call bookkeeping: request ids, and the wrapped handler of each method, made at registration."""
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -11,11 +12,13 @@ from prometheus_client import CollectorRegistry
 from integrations.v1 import integrations_pb2 as pb
 from integrations_service.api.auth import Authorizer
 from integrations_service.api.interceptor import RpcInterceptor, request_ids
+from integrations_service.api.server import WrappingRegistrar
 from integrations_service.domain.audit import AuditTrail
 from integrations_service.metrics import Metrics
 from integrations_service.store.memory import MemoryStore
 
-GET = "/integrations.v1.IntegrationService/GetProviderConfig"
+SERVICE = "integrations.v1.IntegrationService"
+GET = f"/{SERVICE}/GetProviderConfig"
 
 
 def test_request_ids_are_32_hex_characters_and_never_repeat() -> None:
@@ -36,24 +39,70 @@ class _Details(grpc.HandlerCallDetails):
         self.invocation_metadata = ()
 
 
-async def test_a_methods_wrapped_handler_is_built_once_and_unknown_methods_are_not_kept() -> None:
-    inner = grpc.unary_unary_rpc_method_handler(
+def _unary() -> grpc.RpcMethodHandler[Any, Any]:
+    return grpc.unary_unary_rpc_method_handler(
         lambda request, context: None,
         request_deserializer=pb.GetProviderConfigRequest.FromString,
         response_serializer=pb.GetProviderConfigResponse.SerializeToString,
     )
-    looked_up: list[str] = []
 
-    async def continuation(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
-        looked_up.append(details.method)
-        return inner if details.method == GET else None
 
+class _RecordingServer:
+    """What the registrar hands on: the two registration calls of a grpc.aio.Server."""
+
+    def __init__(self) -> None:
+        self.registered: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+        self.generic: list[grpc.GenericRpcHandler] = []
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.registered.update({f"/{service}/{name}": handler for name, handler in handlers.items()})
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.generic.extend(handlers)
+
+
+def _registrar() -> tuple[WrappingRegistrar, _RecordingServer]:
+    server = _RecordingServer()
     interceptor = RpcInterceptor(Authorizer(None), AuditTrail(MemoryStore()), Metrics(CollectorRegistry()))
-    first = await interceptor.intercept_service(continuation, _Details(GET))
-    again = await interceptor.intercept_service(continuation, _Details(GET))
+    return WrappingRegistrar(cast(grpc.aio.Server, server), interceptor), server
+
+
+def test_handlers_registered_by_name_reach_the_server_wrapped_and_unchecked_streams_not_at_all() -> None:
+    registrar, server = _registrar()
+    inner = _unary()
+    upload: grpc.RpcMethodHandler[Any, Any] = grpc.stream_unary_rpc_method_handler(lambda requests, context: None)
+    registrar.add_registered_method_handlers(SERVICE, {"GetProviderConfig": inner, "Upload": upload})
+    reflection_stream: grpc.RpcMethodHandler[Any, Any] = grpc.stream_stream_rpc_method_handler(
+        lambda requests, context: None
+    )
+    registrar.add_registered_method_handlers("grpc.reflection.v1alpha.ServerReflection", {"Info": reflection_stream})
+    assert set(server.registered) == {GET, "/grpc.reflection.v1alpha.ServerReflection/Info"}
+    assert server.registered[GET] is not inner
+    assert server.registered[GET].unary_unary is not inner.unary_unary  # the wrapper, not the servicer's own
+    # A streaming method of the service would skip the checks: it is not served (UNIMPLEMENTED), fail closed.
+    assert f"/{SERVICE}/Upload" not in server.registered
+    # Reflection's stream carries no credential: served as it is, to every authenticated caller.
+    assert server.registered["/grpc.reflection.v1alpha.ServerReflection/Info"] is reflection_stream
+
+
+def test_a_generic_handlers_methods_are_wrapped_once_and_unknown_methods_are_not_kept() -> None:
+    inner = _unary()
+    asked: list[str] = []
+
+    class Generic(grpc.GenericRpcHandler):
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+            asked.append(details.method)
+            return inner if details.method == GET else None
+
+    registrar, server = _registrar()
+    registrar.add_generic_rpc_handlers((Generic(),))
+    (generic,) = server.generic
+    first = generic.service(_Details(GET))
     assert first is not None
-    assert again is first
-    assert first is not inner  # the wrapper, not the servicer's own handler
+    assert first is not inner
+    assert generic.service(_Details(GET)) is first
     for _ in range(2):
-        assert await interceptor.intercept_service(continuation, _Details("/x.Y/Unknown")) is None
-    assert looked_up == [GET, "/x.Y/Unknown", "/x.Y/Unknown"]
+        assert generic.service(_Details("/x.Y/Unknown")) is None
+    assert asked == [GET, "/x.Y/Unknown", "/x.Y/Unknown"]

@@ -36,6 +36,7 @@ from integrations_service.api.auth import SERVICE_PREFIX, Authorizer, Identified
 from integrations_service.api.status import status_code_of, to_grpc_status
 from integrations_service.deadlines import set_call_deadline
 from integrations_service.domain.audit import AuditRecord, AuditTrail, Caller, CallLine
+from integrations_service.logs import log_line
 from integrations_service.metrics import Metrics
 from integrations_service.untrusted import bounded
 
@@ -55,47 +56,39 @@ def current_caller() -> Caller:
     return _current_caller.get()
 
 
-class RpcInterceptor(grpc.aio.ServerInterceptor):
+class RpcInterceptor:
+    """Wraps each method's handler once, when the server registers it (`wrapped`), not per call.
+
+    A `grpc.aio.ServerInterceptor` is awaited on every call before its handler is found; handlers wrapped at
+    registration cost nothing until they run (`api.server.WrappingRegistrar` does the registering).
+    """
+
     def __init__(self, authorizer: Authorizer, audit: AuditTrail, metrics: Metrics) -> None:
         self._authorizer = authorizer
         self._audit = audit
         self._metrics = metrics
         self._new_request_id = request_ids()
-        # The wrapped handler of each unary method, built on its first call: the servicer's handlers never
-        # change while the server runs. Only registered methods get here, so the map stays that small.
-        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        wrapped = self._wrapped.get(handler_call_details.method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+    def wrapped(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """`handler` of `method` ("/package.Service/Method") with the checks; None for one that must not be served."""
         if handler.unary_unary is None:
-            if handler.unary_stream is not None and handler_call_details.method.startswith(SERVICE_PREFIX):
+            if handler.unary_stream is not None and method.startswith(SERVICE_PREFIX):
                 return grpc.unary_stream_rpc_method_handler(
-                    self._wrap_stream(handler_call_details.method, cast(StreamHandler, handler.unary_stream)),
+                    self._wrap_stream(method, cast(StreamHandler, handler.unary_stream)),
                     request_deserializer=_tolerant(handler.request_deserializer),
                     response_serializer=handler.response_serializer,
                 )
-            if handler_call_details.method.startswith(SERVICE_PREFIX):
+            if method.startswith(SERVICE_PREFIX):
                 # Fail closed: a streaming method would bypass the checks this wrapper makes.
-                log.error("streaming methods are not authorized; refusing", extra={"rpc": handler_call_details.method})
+                log.error("streaming methods are not authorized; refusing", extra={"rpc": method})
                 return None
-            return handler  # reflection's stream: open to every authenticated caller
+            return handler  # reflection's and health's streams: open to every authenticated caller
         # Under grpc.aio the unary behaviour is a coroutine function taking an aio context.
-        behaviour = cast(Handler, handler.unary_unary)
-        wrapped = self._wrapped[handler_call_details.method] = grpc.unary_unary_rpc_method_handler(
-            self._wrap(handler_call_details.method, behaviour),
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(method, cast(Handler, handler.unary_unary)),
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
-        return wrapped
 
     def _wrap(self, method: str, inner: Handler) -> Handler:
         rpc_metrics = self._metrics.rpc(method)
@@ -317,9 +310,11 @@ def _log_rpc(
     else:
         organization_id, provider = audit.organization_id or None, audit.provider or None
         caller_shown, request_id = audit.caller, audit.request_id
-    log.info(
+    log_line(
+        log,
+        logging.INFO,
         "rpc finished",
-        extra={
+        {
             "rpc": method,
             "code": code.name,
             "duration_ms": round(elapsed * 1000, 3),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -70,16 +72,65 @@ def build_server(
         metrics.rpc(method)  # their series exist from the first scrape, at zero
     for method in _server_streaming_methods():
         metrics.stream_rpc(method)
-    interceptor = RpcInterceptor(authorizer, audit, metrics)
-    server = grpc.aio.server(interceptors=[interceptor], options=keepalive.options())
-    pb_grpc.add_IntegrationServiceServicer_to_server(IntegrationServicer(service, audit_pages, watches), server)
+    server = grpc.aio.server(options=keepalive.options())
+    # The generated registration functions call only the two methods a WrappingRegistrar has.
+    registrar = cast(grpc.aio.Server, WrappingRegistrar(server, RpcInterceptor(authorizer, audit, metrics)))
+    pb_grpc.add_IntegrationServiceServicer_to_server(IntegrationServicer(service, audit_pages, watches), registrar)
     health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
     if reflection_enabled:
         # grpcio-reflection speaks the v1alpha protocol: grpcurl 1.8 asks for it, newer ones fall back to it.
         names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        documented_reflection.enable(names, server)
+        documented_reflection.enable(names, registrar)
     return server, health_servicer
+
+
+class WrappingRegistrar:
+    """Stands in for the server when servicers register: every handler reaches the server already wrapped.
+
+    The generated `add_*Servicer_to_server` functions register each service twice: its handlers by name
+    (which grpc looks up first) and a generic handler. Both get `RpcInterceptor.wrapped` handlers; a method
+    the interceptor refuses is not registered at all, so it answers UNIMPLEMENTED.
+    """
+
+    def __init__(self, server: grpc.aio.Server, interceptor: RpcInterceptor) -> None:
+        self._server = server
+        self._interceptor = interceptor
+
+    def add_registered_method_handlers(
+        self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        wrapped = {
+            name: handler
+            for name, inner in method_handlers.items()
+            if (handler := self._interceptor.wrapped(f"/{service_name}/{name}", inner)) is not None
+        }
+        self._server.add_registered_method_handlers(service_name, wrapped)
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(_WrappedGenericHandler(handler, self._interceptor) for handler in generic_rpc_handlers)
+        )
+
+
+class _WrappedGenericHandler(grpc.GenericRpcHandler):
+    """A generic handler whose handlers are wrapped, each once: grpc asks it only for methods not registered by
+    name, and the methods of a servicer do not change while it serves."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, interceptor: RpcInterceptor) -> None:
+        self._inner = inner
+        self._interceptor = interceptor
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any] | None] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None  # not one of this handler's methods: nothing kept, whatever a caller sends
+        wrapped = self._wrapped[method] = self._interceptor.wrapped(method, handler)
+        return wrapped
 
 
 def _unary_methods() -> list[str]:
