@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import logging
 import sys
@@ -35,11 +36,12 @@ def extra_keys_logged_by_the_service() -> dict[str, str]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if not isinstance(node, ast.Call):
                 continue
-            for keyword in node.keywords:
-                if keyword.arg != "extra":
-                    continue
-                assert isinstance(keyword.value, ast.Dict), f"{path}:{node.lineno}: extra must be a dict literal"
-                for key in keyword.value.keys:
+            fields = [keyword.value for keyword in node.keywords if keyword.arg == "extra"]
+            if isinstance(node.func, ast.Name) and node.func.id == "log_line" and len(node.args) == 4:
+                fields.append(node.args[3])  # log_line(logger, level, message, fields)
+            for value in fields:
+                assert isinstance(value, ast.Dict), f"{path}:{node.lineno}: extra must be a dict literal"
+                for key in value.keys:
                     assert isinstance(key, ast.Constant), f"{path}:{node.lineno}: extra keys must be literals"
                     found.setdefault(str(key.value), f"{path.relative_to(SERVICE_ROOT)}:{node.lineno}")
     return found
@@ -48,6 +50,7 @@ def extra_keys_logged_by_the_service() -> dict[str, str]:
 def test_every_extra_field_the_service_logs_is_in_the_allowlist() -> None:
     found = extra_keys_logged_by_the_service()
     assert "versions" in found, "the scan finds the migration line's field"
+    assert found["duration_ms"].startswith("api/interceptor.py"), "the scan finds the fields of log_line calls"
     missing = {key: where for key, where in found.items() if key not in logs._FIELDS}
     assert not missing, f"logged but silently dropped (add them to logs._FIELDS): {missing}"
 
@@ -106,3 +109,95 @@ def test_json_time_stays_right_across_seconds_on_one_formatter() -> None:
         made.created = created
         expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
         assert json.loads(formatter.format(made))["time"] == expected
+
+
+def test_log_line_makes_the_record_logger_log_makes(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("integrations.rpc")
+    fields: dict[str, object] = {"rpc": "/x.Y/Z", "code": "OK", "request_id": "r1", "organization_id": None}
+    with caplog.at_level(logging.INFO, logger="integrations.rpc"):
+        logger.info("rpc finished", extra=fields)
+        logs.log_line(logger, logging.INFO, "rpc finished", fields)
+    usual, lean = caplog.records
+    assert set(vars(lean)) == set(vars(usual))
+    # The moment differs, and the source: configure() makes logging look none up, the test's logging does.
+    moments = {"created", "msecs", "relativeCreated", "pathname", "filename", "module", "lineno", "funcName"}
+    assert {k: v for k, v in vars(lean).items() if k not in moments} == {
+        k: v for k, v in vars(usual).items() if k not in moments
+    }
+    assert abs(lean.created - usual.created) < 1
+    assert 0 <= lean.msecs < 1000
+    assert abs(lean.relativeCreated - usual.relativeCreated) < 1000
+    assert (lean.pathname, lean.lineno, lean.funcName) == ("(unknown file)", 0, "(unknown function)")
+
+    def without_time(line: str) -> dict[str, object]:
+        return {k: v for k, v in json.loads(line).items() if k != "time"}
+
+    assert without_time(logs.JsonFormatter().format(lean)) == without_time(logs.JsonFormatter().format(usual))
+
+
+def test_log_line_honours_levels_and_disabled_loggers(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("integrations.test_quiet")
+    with caplog.at_level(logging.WARNING, logger="integrations.test_quiet"):
+        logs.log_line(logger, logging.INFO, "below the level", {})
+        logger.disabled = True
+        try:
+            logs.log_line(logger, logging.ERROR, "disabled", {})
+        finally:
+            logger.disabled = False
+        logs.log_line(logger, logging.ERROR, "kept", {})
+    assert [r.getMessage() for r in caplog.records] == ["kept"]
+
+
+class _CountedWrites:
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+async def test_lines_logged_in_one_loop_turn_are_written_with_one_write_at_its_end() -> None:
+    target = _CountedWrites()
+    lines = logs.LoopBatchedLines(target)  # type: ignore[arg-type]  # a TextIO for what the handler calls
+    lines.write("a\n")
+    lines.flush()
+    lines.write("b\n")
+    assert target.writes == []  # not before the turn ends
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert target.writes == ["a\nb\n"]
+    lines.write("c\n")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert target.writes == ["a\nb\n", "c\n"]
+
+
+async def test_a_line_logged_off_the_loop_is_written_at_once_after_what_is_pending() -> None:
+    target = _CountedWrites()
+    lines = logs.LoopBatchedLines(target)  # type: ignore[arg-type]
+    lines.write("on the loop\n")
+    await asyncio.to_thread(lines.write, "from a thread\n")
+    assert target.writes == ["on the loop\n", "from a thread\n"]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert target.writes == ["on the loop\n", "from a thread\n"]  # nothing written twice
+
+
+def test_pending_lines_are_written_at_exit_even_when_the_loop_never_turned_again() -> None:
+    target = _CountedWrites()
+    lines = logs.LoopBatchedLines(target)  # type: ignore[arg-type]
+
+    async def log_and_stop() -> None:
+        lines.write("last words\n")
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(log_and_stop())
+    finally:
+        loop.close()  # the scheduled drain may never run now
+    lines.drain()  # what atexit calls
+    assert "".join(target.writes) == "last words\n"
