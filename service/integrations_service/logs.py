@@ -19,13 +19,14 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import re
 import sys
 import threading
 import time
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import TextIO, cast
 
 from integrations_service.untrusted import controls_escaped
 
@@ -94,16 +95,44 @@ class JsonFormatter(logging.Formatter):
         self._time = _Timestamps()  # a handler formats one record at a time (it holds its lock)
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "time": self._time(record.created),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-            **_fields(record),
-        }
+        """What `json.dumps({"time": …, "level": …, "logger": …, "message": …, **fields})` writes, made faster.
+
+        A line is made of its parts: strings through the json module's own C escaper, numbers as json writes
+        them, anything else through the encoder. A test checks it against json.dumps for every kind of value.
+        """
+        attributes = record.__dict__
+        parts = [
+            '{"time": "',
+            self._time(record.created),
+            '", "level": ',
+            _string(record.levelname.lower()),
+            ', "logger": ',
+            _string(record.name),
+            ', "message": ',
+            _string(record.getMessage()),
+        ]
+        for name in _FIELDS:
+            value = attributes.get(name)
+            if value is not None:
+                parts += (', "', name, '": ', _value(value))
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return _JSON.encode(entry)
+            parts += (', "exception": ', _string(self.formatException(record.exc_info)))
+        parts.append("}")
+        return "".join(parts)
+
+
+_string = json.encoder.encode_basestring  # the C escaper, as json.dumps(ensure_ascii=False) uses
+
+
+def _value(value: object) -> str:
+    kind = value.__class__
+    if kind is str:
+        return _string(cast(str, value))
+    if kind is int:
+        return int.__repr__(cast(int, value))
+    if kind is float and math.isfinite(cast(float, value)):
+        return float.__repr__(cast(float, value))
+    return _JSON.encode(value)  # bools, lists, NaN, subclasses: as json.dumps writes them
 
 
 def _escaped(text: str) -> str:

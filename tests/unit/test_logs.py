@@ -201,3 +201,54 @@ def test_pending_lines_are_written_at_exit_even_when_the_loop_never_turned_again
         loop.close()  # the scheduled drain may never run now
     lines.drain()  # what atexit calls
     assert "".join(target.writes) == "last words\n"
+
+
+class _Text(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "plain",
+        "accents é and ✓ and 𝄞",
+        'quote " backslash \\ newline \n nul \x00 line separator \u2028',
+        0,
+        -7,
+        2**70,
+        1.5,
+        1e-7,
+        1e22,
+        float("nan"),
+        float("inf"),
+        True,
+        False,
+        ["stripe", "resend"],
+        _Text("a str subclass"),
+    ],
+)
+def test_a_json_line_is_exactly_what_json_dumps_writes(value: object) -> None:
+    made = record(f"message with {value!r}\n", rpc=value, code="OK", organization_id=None, count=3)
+    expected = {
+        "time": logs._Timestamps()(made.created),
+        "level": "info",
+        "logger": "integrations.rpc",
+        "message": made.getMessage(),
+        "rpc": value,
+        "code": "OK",
+        "count": 3,
+    }
+    assert logs.JsonFormatter().format(made) == json.dumps(expected, ensure_ascii=False)
+
+
+def test_a_json_line_with_a_traceback_is_exactly_what_json_dumps_writes() -> None:
+    made = record(exc_info=True)
+    formatter = logs.JsonFormatter()
+    expected = {
+        "time": logs._Timestamps()(made.created),
+        "level": "info",
+        "logger": "integrations.rpc",
+        "message": "rpc finished",
+        "exception": formatter.formatException(made.exc_info),  # type: ignore[arg-type]
+    }
+    assert formatter.format(made) == json.dumps(expected, ensure_ascii=False)
