@@ -8,6 +8,7 @@ read and every refusal of either leaves an audit record.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ def etag_of_change(change: ConfigChanged) -> str:
     return "" if change.kind is ChangeKind.DELETED else _etag(change.row_id, change.version)
 
 
+# Every read of a row asks for its etag; a few thousand rows' worth are kept (etags are no secret).
+@functools.lru_cache(maxsize=4096)
 def _etag(row_id: str, version: int) -> str:
     return hashlib.blake2b(f"{row_id}:{version}".encode(), digest_size=9).hexdigest()
 
