@@ -23,7 +23,7 @@ from integrations_service.crypto import (
     legacy_format,
     seal_v1,
 )
-from integrations_service.crypto.aead import associated_data
+from integrations_service.crypto.aead import AAD_CACHE_SIZE, _associated_data, associated_data
 
 FORMAT_DOC = Path(__file__).resolve().parents[2] / "docs" / "encryption-format.md"
 VECTOR_KEY_HEX = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
@@ -112,6 +112,23 @@ def test_a_value_moved_to_another_organization_provider_or_field_is_rejected(mov
     stored = CIPHER.encrypt("sk_live_moving_value", CONTEXT)
     with pytest.raises(InvalidCiphertext, match="moved"):
         CIPHER.decrypt(stored, moved_to)
+
+
+def test_cached_associated_data_still_binds_each_value_to_its_own_context() -> None:
+    here = CIPHER.encrypt("sk_live_here", CONTEXT)
+    there_context = ValueContext("org_2", "stripe", "secretKey")
+    there = CIPHER.encrypt("sk_live_there", there_context)
+    for _ in range(2):  # the second round reads with the associated data of both contexts cached
+        assert CIPHER.decrypt(here, CONTEXT) == "sk_live_here"
+        assert CIPHER.decrypt(there, there_context) == "sk_live_there"
+        with pytest.raises(InvalidCiphertext, match="moved"):
+            CIPHER.decrypt(here, there_context)
+
+
+def test_the_associated_data_cache_is_bounded() -> None:
+    for n in range(AAD_CACHE_SIZE + 10):
+        associated_data("a", ValueContext(f"org_{n}", "stripe", "secretKey"))
+    assert _associated_data.cache_info().currsize == AAD_CACHE_SIZE
 
 
 def test_every_single_bit_flip_is_rejected() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from integrations_service.domain import validation
 from integrations_service.domain.registry import find_provider
@@ -113,6 +115,7 @@ def test_every_violation_is_reported_at_once() -> None:
         ("org\t1", "without whitespace"),
         ("org\x00", "printable"),
         ("org\u200b", "printable"),
+        ("org\u3000", "printable"),  # an ideographic space, beyond ASCII
     ],
 )
 def test_bad_organization_ids(organization_id: str, says: str) -> None:
@@ -128,6 +131,12 @@ def test_bad_organization_ids(organization_id: str, says: str) -> None:
 )
 def test_good_organization_ids(organization_id: str) -> None:
     assert validation.check_target(organization_id, "stripe") is STRIPE
+
+
+@given(st.text(max_size=40))
+def test_organization_ids_are_judged_as_by_a_scan_of_every_character(organization_id: str) -> None:
+    scanned = organization_id.isprintable() and not any(c.isspace() for c in organization_id)
+    assert validation._printable_without_whitespace(organization_id) is scanned
 
 
 def test_missing_organization_and_provider_both_named() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -46,6 +47,9 @@ _HKDF_INFO_VALUES = b"integrations-credential-service/value-encryption/v2"
 _HKDF_INFO_CHECK = b"integrations-credential-service/key-check/v1"
 _HKDF_INFO_FINGERPRINT = b"integrations-credential-service/audit-fingerprint/v1"
 _AAD_LABEL = b"integrations/v2"
+# Associated data kept for this many (key id, organization, provider, field) contexts. It is made of
+# identifiers only, nothing secret, and building it costs more than the AES-GCM call it feeds.
+AAD_CACHE_SIZE = 4096
 
 
 class InvalidCiphertext(Exception):
@@ -75,8 +79,12 @@ def derive_subkey(key: EncryptionKey, info: bytes) -> bytes:
 
 def associated_data(key_id: str, context: ValueContext) -> bytes:
     """Length-prefixed parts, so no two different contexts encode alike."""
-    parts = (key_id, context.organization_id, context.provider, context.field)
-    encoded = [part.encode("utf-8") for part in parts]
+    return _associated_data(key_id, context.organization_id, context.provider, context.field)
+
+
+@functools.lru_cache(maxsize=AAD_CACHE_SIZE)
+def _associated_data(key_id: str, organization_id: str, provider: str, field: str) -> bytes:
+    encoded = [part.encode("utf-8") for part in (key_id, organization_id, provider, field)]
     return _AAD_LABEL + b"".join(struct.pack(">I", len(e)) + e for e in encoded)
 
 
@@ -184,6 +192,16 @@ class ValueCipher:
 
     def decrypt(self, stored: str, context: ValueContext) -> str:
         """The clear text of a stored value; legacy plaintext passes through."""
+        # What nearly every read meets, parsed once: enc:v2 under a configured key (so a well-formed key id).
+        if stored.startswith(V2_PREFIX):
+            key_id, sep, body = stored[len(V2_PREFIX) :].partition(":")
+            material = self._keys.get(key_id) if sep else None
+            if material is not None:
+                return _open(material.v2, body, associated_data(key_id, context))
+        return self._decrypt_other(stored, context)
+
+    def _decrypt_other(self, stored: str, context: ValueContext) -> str:
+        """Plaintext, enc:v1, and the values that fail: malformed, or under a key id not configured."""
         key_id = key_id_of(stored)
         if key_id is None:
             return stored
@@ -213,7 +231,7 @@ def _checked_nonce(nonce: bytes) -> bytes:
 
 def _open(aead: AESGCM, encoded: str, aad: bytes | None) -> str:
     try:
-        blob = base64.b64decode(encoded, validate=True)
+        blob = binascii.a2b_base64(encoded, strict_mode=True)  # base64.b64decode(validate=True), one call less
     except (binascii.Error, ValueError):
         raise InvalidCiphertext("encrypted value is not valid base64") from None
     if len(blob) < NONCE_BYTES + TAG_BYTES:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from integrations_service.domain.periodic import PeriodicFlush
+from integrations_service.domain.registry import PROVIDERS
 from integrations_service.errors import ServiceError, StoreRejected, Unavailable
 from integrations_service.store import AuditEntry, AuditRecord, IntegrationStore
 from integrations_service.untrusted import bounded
@@ -104,10 +105,20 @@ _call_line: contextvars.ContextVar[CallLine | None] = contextvars.ContextVar("au
 
 
 def _storable_fields(fields: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(fields, frozenset) and (known := _CATALOG_FIELDS.get(fields)) is not None:
+        return known
+    return _bounded_fields(fields)
+
+
+def _bounded_fields(fields: Iterable[str]) -> tuple[str, ...]:
     keys = sorted({bounded(key) for key in fields})
     if len(keys) > _MAX_FIELDS:
         keys = [*keys[:_MAX_FIELDS], f"…[+{len(keys) - _MAX_FIELDS} fields]"]
     return tuple(keys)
+
+
+# Every decrypted read records all of its provider's fields: those sets are made storable once.
+_CATALOG_FIELDS = {spec.field_keys: _bounded_fields(spec.field_keys) for spec in PROVIDERS}
 
 
 class AuditTrail:
@@ -155,7 +166,7 @@ class AuditTrail:
             provider=bounded(provider),
             fields=_storable_fields(fields),
             request_id=bounded(caller.request_id),
-            details={bounded(key): bounded(value, _DETAIL_LIMIT) for key, value in (details or {}).items()},
+            details={bounded(key): bounded(value, _DETAIL_LIMIT) for key, value in details.items()} if details else {},
         )
 
     def written(self, audit: AuditRecord) -> None:

@@ -55,17 +55,19 @@ class ProviderSpec:
     runtime_supported: bool
     fields: tuple[FieldSpec, ...]
     cross_checks: tuple[CrossCheck, ...] = ()
+    # Derived from `fields` once, with the spec: every read asks for them.
     _by_key: dict[str, FieldSpec] = field(init=False, repr=False, compare=False)
+    # The provider's field keys: only these are ever decrypted.
+    field_keys: frozenset[str] = field(init=False, repr=False, compare=False)
+    binding_keys: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_key", {f.key: f for f in self.fields})
+        object.__setattr__(self, "field_keys", frozenset(self._by_key))
+        object.__setattr__(self, "binding_keys", frozenset(f.key for f in self.fields if f.binds_secrets))
 
     def field(self, key: str) -> FieldSpec | None:
         return self._by_key.get(key)
-
-    @property
-    def binding_keys(self) -> frozenset[str]:
-        return frozenset(f.key for f in self.fields if f.binds_secrets)
 
     @property
     def env_vars(self) -> tuple[str, ...]:
@@ -265,7 +267,9 @@ def find_provider(provider_id: str) -> ProviderSpec | None:
 
 
 def providers_in(category: Category | None) -> Iterator[ProviderSpec]:
-    return (p for p in PROVIDERS if category is None or p.category is category)
+    if category is None:  # what nearly every listing asks for
+        return iter(PROVIDERS)
+    return (p for p in PROVIDERS if p.category is category)
 
 
 def all_env_vars() -> tuple[str, ...]:

@@ -65,7 +65,9 @@ def resolve_values(
     view: ConfigView,
 ) -> dict[str, EffectiveValue]:
     """Every field of the provider, in registry order, shown as `view` asks."""
-    inherit_secrets = secrets_inherited(spec, [key for key, value in organization_values.items() if value])
+    # `secrets_inherited` of the keys that hold a value, asked of the few binding keys only.
+    inherit_secrets = not any(organization_values.get(key) for key in spec.binding_keys)
+    mask = view is ConfigView.MASKED
     resolved: dict[str, EffectiveValue] = {}
     for field in spec.fields:
         if value := organization_values.get(field.key, ""):
@@ -74,7 +76,7 @@ def resolve_values(
             source = ValueSource.ENVIRONMENT
         else:
             source = ValueSource.UNSET
-        if field.secret and view is ConfigView.MASKED:
+        if field.secret and mask:
             value = mask_secret(value)
         resolved[field.key] = EffectiveValue(value, source, field.secret)
     return resolved

@@ -8,6 +8,7 @@ read and every refusal of either leaves an audit record.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ def etag_of_change(change: ConfigChanged) -> str:
     return "" if change.kind is ChangeKind.DELETED else _etag(change.row_id, change.version)
 
 
+# Every read of a row asks for its etag; a few thousand rows' worth are kept (etags are no secret).
+@functools.lru_cache(maxsize=4096)
 def _etag(row_id: str, version: int) -> str:
     return hashlib.blake2b(f"{row_id}:{version}".encode(), digest_size=9).hexdigest()
 
@@ -95,6 +98,9 @@ class CredentialService:
         self._sealer = sealer
         self._environment = dict(environment)
         self._audit = audit
+        # How a provider the organization stored nothing for lists: the environment alone decides, and it is
+        # fixed, as the catalog is. Most of a listing's providers are such, so each is worked out once.
+        self._nothing_stored = {spec.id: self._status(spec, None) for spec in providers_in(None)}
 
     async def list_providers(self, organization_id: str, category: Category | None) -> list[ProviderStatus]:
         if not organization_id:
@@ -108,12 +114,11 @@ class CredentialService:
         try:
             spec = validation.check_target(request.organization_id, request.provider)
             row = await self._store.get(request.organization_id, spec.id)
-            clear = self._sealer.unseal(row, _field_keys(spec)) if row else {}
+            clear = self._sealer.unseal(row, spec.field_keys) if row else {}
             if decrypted:
-                fields = [f.key for f in spec.fields]
                 # With INTEGRATIONS_AUDIT_READS=strict this waits until the record is stored (or fails).
                 await self._audit.decrypted_read(
-                    self._audit.record(caller, RPC_GET, OUTCOME_OK, request.organization_id, spec.id, fields)
+                    self._audit.record(caller, RPC_GET, OUTCOME_OK, request.organization_id, spec.id, spec.field_keys)
                 )
         except ServiceError as error:
             if decrypted:  # every refusal of a decrypted read is on the record, whatever refused it
@@ -162,12 +167,14 @@ class CredentialService:
             raise
 
     def _status(self, spec: ProviderSpec, row: StoredIntegration | None) -> ProviderStatus:
-        stored_keys = frozenset(k for k, v in row.config.items() if v and spec.field(k)) if row else frozenset()
+        stored_keys = frozenset(k for k, v in row.config.items() if v and k in spec.field_keys) if row else frozenset()
         return ProviderStatus(spec, configured=bool(stored_keys), ready=is_ready(spec, stored_keys, self._environment))
 
     def _listed(self, spec: ProviderSpec, row: StoredIntegration | None) -> ProviderStatus:
         """A stored row that reads would refuse is configured (it exists) but never ready."""
-        if row is not None and not self._sealer.readable(row, _field_keys(spec)):
+        if row is None:
+            return self._nothing_stored[spec.id]
+        if not self._sealer.readable(row, spec.field_keys):
             return ProviderStatus(spec, configured=True, ready=False)
         return self._status(spec, row)
 
@@ -206,7 +213,7 @@ class _SaveMerge:
         request = self._request
         _check_etag(current, request.etag)
         touched = request.touched
-        kept_clear = self._sealer.unseal(current, _field_keys(self._spec) - touched) if current else {}
+        kept_clear = self._sealer.unseal(current, self._spec.field_keys - touched) if current else {}
         merged_clear = kept_clear | dict(request.values)
         validation.check_cross_field_rules(self._spec, merged_clear)
         target = Target(request.organization_id, self._spec.id)
@@ -218,11 +225,6 @@ class _SaveMerge:
         if self._written is None or self._written[0] != row.config:
             raise RuntimeError("the store returned a config this save did not write")
         return self._written[1]
-
-
-def _field_keys(spec: ProviderSpec) -> frozenset[str]:
-    """The registry's fields of a provider: only these are ever decrypted."""
-    return frozenset(f.key for f in spec.fields)
 
 
 def _check_etag(current: StoredIntegration | None, etag: str) -> None:

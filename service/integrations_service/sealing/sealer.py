@@ -67,7 +67,7 @@ class Sealer:
         """
         if isinstance(row.config, UnreadableConfig):
             raise CorruptConfig(row.organization_id, row.provider, row.config.reason)
-        target = target_of(row)
+        organization_id, provider = row.organization_id, row.provider  # each value is bound to its own row
         clear: dict[str, str] = {}
         broken: dict[str, str] = {}
         legacy_read: list[str] = []
@@ -80,7 +80,7 @@ class Sealer:
                 broken[key] = refusal_reason(legacy)
                 continue
             try:
-                clear[key] = self._cipher.decrypt(stored, target.context(key))
+                clear[key] = self._cipher.decrypt(stored, ValueContext(organization_id, provider, key))
             except InvalidCiphertext as error:
                 broken[key] = str(error)
                 continue
