@@ -25,6 +25,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TextIO, cast
 
@@ -95,28 +96,39 @@ class JsonFormatter(logging.Formatter):
         self._time = _Timestamps()  # a handler formats one record at a time (it holds its lock)
 
     def format(self, record: logging.LogRecord) -> str:
+        exception = self.formatException(record.exc_info) if record.exc_info else None
+        return self.line(record.created, record.levelname, record.name, record.getMessage(), record.__dict__, exception)
+
+    def line(
+        self,
+        created: float,
+        levelname: str,
+        logger: str,
+        message: str,
+        attributes: Mapping[str, object],
+        exception: str | None = None,
+    ) -> str:
         """What `json.dumps({"time": …, "level": …, "logger": …, "message": …, **fields})` writes, made faster.
 
         A line is made of its parts: strings through the json module's own C escaper, numbers as json writes
         them, anything else through the encoder. A test checks it against json.dumps for every kind of value.
         """
-        attributes = record.__dict__
         parts = [
             '{"time": "',
-            self._time(record.created),
+            self._time(created),
             '", "level": ',
-            _string(record.levelname.lower()),
+            _string(levelname.lower()),
             ', "logger": ',
-            _string(record.name),
+            _string(logger),
             ', "message": ',
-            _string(record.getMessage()),
+            _string(message),
         ]
         for name in _FIELDS:
             value = attributes.get(name)
             if value is not None:
                 parts += (', "', name, '": ', _value(value))
-        if record.exc_info:
-            parts += (', "exception": ', _string(self.formatException(record.exc_info)))
+        if exception is not None:
+            parts += (', "exception": ', _string(exception))
         parts.append("}")
         return "".join(parts)
 
@@ -252,6 +264,10 @@ def log_line(logger: logging.Logger, level: int, message: str, fields: dict[str,
     """
     if not logger.isEnabledFor(level):
         return
+    direct = _direct
+    if direct is not None and direct.is_the_only_handler_of(logger, level):
+        direct.write(logger.name, level, message, fields)
+        return
     record: logging.LogRecord = _bare_record(logging.LogRecord)
     attributes = record.__dict__
     attributes.update(_record_defaults(logger.name, level))
@@ -265,6 +281,57 @@ def log_line(logger: logging.Logger, level: int, message: str, fields: dict[str,
 
 
 _bare_record = object.__new__
+
+
+class _DirectLines:
+    """The JSON handler `configure` installs, written to without a record while it is all a logger's records
+    would reach: the same line, without the record and the handler's dispatch.
+
+    A test (caplog), a filter or another handler added anywhere on the way makes `log_line` make a record
+    again, as `logger.log` would.
+    """
+
+    def __init__(self, handler: logging.StreamHandler[LoopBatchedLines], formatter: JsonFormatter) -> None:
+        self._handler = handler
+        self._formatter = formatter
+        self._stream = handler.stream
+
+    def is_the_only_handler_of(self, logger: logging.Logger, level: int) -> bool:
+        root = logging.root
+        handlers = root.handlers
+        if len(handlers) != 1 or handlers[0] is not self._handler or root.filters:
+            return False
+        handler = self._handler
+        if handler.filters or level < handler.level or handler.stream is not self._stream:
+            return False
+        if handler.formatter is not self._formatter:
+            return False
+        current: logging.Logger | None = logger
+        while current is not None and current is not root:
+            if current.handlers or current.filters or not current.propagate:
+                return False
+            current = current.parent
+        return current is root
+
+    def write(self, name: str, level: int, message: str, fields: Mapping[str, object]) -> None:
+        self._handler.acquire()  # the formatter's clock is not thread-safe: as Handler.handle does
+        try:
+            line = self._formatter.line(time.time(), logging.getLevelName(level), name, message, fields)
+            self._stream.write(line + "\n")
+        finally:
+            self._handler.release()
+
+
+_direct: _DirectLines | None = None
+_batched: LoopBatchedLines | None = None
+
+
+def drain() -> None:
+    """Write the lines still pending now: for an exit that skips atexit (a multiprocessing worker's)."""
+    if _batched is not None:
+        _batched.drain()
+
+
 _START: float = logging._startTime  # type: ignore[attr-defined]  # what LogRecord counts relativeCreated from
 
 
@@ -309,6 +376,10 @@ class LoopBatchedLines:
     def flush(self) -> None:
         """Called by the handler after each line: the batch is written by `drain`, at the end of the iteration."""
 
+    def fileno(self) -> int:
+        """The descriptor the lines end up on (the supervisor hands it to its workers as their fd 2)."""
+        return self._stream.fileno()
+
     def drain(self) -> None:
         self._scheduled = False
         if self._pending:
@@ -324,8 +395,12 @@ class LoopBatchedLines:
 
 
 def configure(json_lines: bool, level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(LoopBatchedLines(_json_stream() if json_lines else sys.stderr))
-    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    global _direct, _batched  # what this function installs: log_line and drain use them
+    _batched = LoopBatchedLines(_json_stream() if json_lines else sys.stderr)
+    handler = logging.StreamHandler(_batched)
+    formatter = JsonFormatter() if json_lines else TextFormatter()
+    handler.setFormatter(formatter)
+    _direct = _DirectLines(handler, formatter) if isinstance(formatter, JsonFormatter) else None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

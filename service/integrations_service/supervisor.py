@@ -336,3 +336,5 @@ def _worker_main(settings: Settings, index: int, serve: Serve) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        logs.drain()  # multiprocessing ends a worker with os._exit: atexit never runs

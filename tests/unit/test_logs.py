@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import io
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -252,3 +254,79 @@ def test_a_json_line_with_a_traceback_is_exactly_what_json_dumps_writes() -> Non
         "exception": formatter.formatException(made.exc_info),  # type: ignore[arg-type]
     }
     assert formatter.format(made) == json.dumps(expected, ensure_ascii=False)
+
+
+@pytest.fixture
+def json_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    """The service's JSON logging (`configure(True)`), writing to a string; the test's logging restored after."""
+    written = io.StringIO()
+    monkeypatch.setattr(logs, "_json_stream", lambda: written)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    logs.configure(json_lines=True)
+    try:
+        yield written
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+        monkeypatch.setattr(logs, "_direct", None)
+
+
+def _lines(written: io.StringIO) -> list[dict[str, object]]:
+    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in written.getvalue().splitlines()]
+
+
+def test_log_line_writes_to_the_configured_handler_the_line_a_record_would_make(json_logging: io.StringIO) -> None:
+    logger = logging.getLogger("integrations.rpc")
+    fields: dict[str, object] = {"rpc": "/x.Y/Z", "code": "OK", "duration_ms": 0.25, "organization_id": None}
+    root = logging.getLogger()
+    ours, *pytest_handlers = root.handlers  # pytest adds its own to the root for each test's call
+    handled: list[logging.LogRecord] = []
+    handle = ours.handle
+
+    def counted(record: logging.LogRecord) -> bool:
+        handled.append(record)
+        return handle(record)
+
+    root.handlers[:] = [ours]
+    ours.handle = counted  # type: ignore[method-assign]
+    try:
+        logger.info("rpc finished", extra=fields)  # through a record and the handler
+        logs.log_line(logger, logging.INFO, "rpc finished", fields)  # written directly
+    finally:
+        del ours.handle
+        root.handlers[:] = [ours, *pytest_handlers]
+    assert len(handled) == 1  # the second line made no record
+    usual, direct = _lines(json_logging)
+    assert direct == usual
+    assert usual == {"level": "info", "logger": "integrations.rpc", "message": "rpc finished", "rpc": "/x.Y/Z"} | {
+        "code": "OK",
+        "duration_ms": 0.25,
+    }
+
+
+def test_log_line_makes_a_record_again_when_anything_else_would_see_it(
+    json_logging: io.StringIO, caplog: pytest.LogCaptureFixture
+) -> None:
+    logger = logging.getLogger("integrations.rpc")
+    with caplog.at_level(logging.INFO, logger="integrations.rpc"):  # caplog's handler joins the root's
+        logs.log_line(logger, logging.INFO, "seen by both", {"code": "OK"})
+    assert [r.getMessage() for r in caplog.records] == ["seen by both"]
+    assert [line["message"] for line in _lines(json_logging)] == ["seen by both"]  # and written once
+
+    class Refuse(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return False
+
+    handler = logging.getLogger().handlers[0]
+    handler.addFilter(Refuse())
+    try:
+        logs.log_line(logger, logging.INFO, "filtered out", {})
+    finally:
+        handler.filters.clear()
+    logger.propagate = False
+    try:
+        logs.log_line(logger, logging.INFO, "not propagated", {})
+    finally:
+        logger.propagate = True
+    assert [line["message"] for line in _lines(json_logging)] == ["seen by both"]
