@@ -412,6 +412,15 @@ async def test_list_audit_pages_newest_first_and_filters_by_organization(store: 
     assert await store.list_audit("", everything[-1].id, 2) == []
 
 
+async def test_a_flush_sized_batch_is_stored_whole_and_in_order(store: IntegrationStore) -> None:
+    # A flush of a busy second: thousands of decrypted reads' records in one append.
+    records = [event(request_id=f"req-{i}", time=datetime(2026, 12, 1, 12, 0, 0, i, tzinfo=UTC)) for i in range(2500)]
+    await store.append_audit(records)
+    assert await trail(store) == records[:-1001:-1]  # trail() reads the newest 1000
+    everything = await store.list_audit("", 0, 3000)
+    assert [entry.record for entry in everything] == records[::-1]
+
+
 async def test_audit_ids_grow_with_every_record(store: IntegrationStore) -> None:
     await store.append_audit([event(request_id="a")])
     [first] = await store.list_audit("", 0, 1)

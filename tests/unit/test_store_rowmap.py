@@ -45,7 +45,7 @@ def _audit_parameters_of(statement: str) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("statement", "own_parameters"),
-    [(postgres._INSERT_AUDIT, 0), (postgres._INSERT_AUDITED, 4), (postgres._UPDATE_AUDITED, 2)],
+    [(postgres._INSERT_AUDITED, 4), (postgres._UPDATE_AUDITED, 2)],
 )
 def test_the_audited_statements_number_every_audit_column_after_their_own_parameters(
     statement: str, own_parameters: int
@@ -76,3 +76,24 @@ def test_encryption_counts_are_sorted_without_zeros_and_never_negative() -> None
     assert rowmap.encryption_counts({"k2": 1, "k1": 7, "k3": 0}) == [("k1", 7), ("k2", 1)]
     with pytest.raises(ValueError, match="cannot go down"):
         rowmap.encryption_counts({"k1": -1})
+
+
+def test_a_batch_of_audit_records_travels_as_json_of_every_column() -> None:
+    record = AuditRecord(
+        time=datetime(2026, 12, 1, 13, 30, 15, 654321, tzinfo=timezone(timedelta(hours=1))),
+        caller="spiffe://x/commerce",
+        action="GetProviderConfig",
+        outcome="OK",
+        organization_id="org",
+        provider="stripe",
+        fields=("secretKey",),
+        request_id="r1",
+        details={"reason": "x"},
+    )
+    as_json = rowmap.audit_json(record)
+    assert list(as_json) == list(rowmap.AUDIT_COLUMNS)
+    values = dict(zip(rowmap.AUDIT_COLUMNS, rowmap.audit_values(record), strict=True))
+    assert as_json == values | {"time": "2026-12-01T12:30:15.654321+00:00"}
+    statement = postgres._INSERT_AUDIT
+    assert f"INSERT INTO audit_events ({', '.join(rowmap.AUDIT_COLUMNS)}) SELECT" in statement
+    assert re.findall(r"\$(\d+)", statement) == ["1"]  # the records are the only parameter

@@ -221,7 +221,23 @@ def _with_audit(statement: str) -> str:
     return f"WITH audited AS ({_audit_insert(first_parameter)}) {statement}"
 
 
-_INSERT_AUDIT = _audit_insert(1)
+def _audit_batch_insert() -> str:
+    """The insert of every audit row of a batch from one JSON array of records, ids given in its order.
+
+    One statement instead of one execution per record: a flush of a busy second's decrypted reads is
+    thousands of records, and PostgreSQL shares the cores with the service.
+    """
+    columns = ", ".join(rowmap.AUDIT_COLUMNS)
+    selected = ", ".join(f"r.{column}" for column in rowmap.AUDIT_COLUMNS)
+    # Built from this module's constants only; the records travel as the one parameter.
+    return (
+        f"INSERT INTO audit_events ({columns}) SELECT {selected} "  # noqa: S608
+        "FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(record, n), "
+        "jsonb_populate_record(NULL::audit_events, e.record) AS r ORDER BY e.n"
+    )
+
+
+_INSERT_AUDIT = _audit_batch_insert()
 _INSERT_AUDITED = _with_audit(_INSERT)
 _UPDATE_AUDITED = _with_audit(_UPDATE)
 _SELECT_AUDIT = (
@@ -890,8 +906,8 @@ async def _fetch_keys(conn: PoolConnectionProxy) -> list[KeyRecord]:
 
 
 async def _insert_audit(conn: PoolConnectionProxy, records: Sequence[AuditRecord]) -> None:
-    """In the caller's transaction: one statement, executed for every record."""
-    await conn.executemany(_INSERT_AUDIT, [rowmap.audit_values(record) for record in records])
+    """In the caller's transaction: one statement for all the records."""
+    await conn.execute(_INSERT_AUDIT, [rowmap.audit_json(record) for record in records])
 
 
 def _to_audit_entry(record: asyncpg.Record) -> AuditEntry:

@@ -107,6 +107,21 @@ def audit_values(record: AuditRecord) -> tuple[object, ...]:
     return tuple(values[column] for column in AUDIT_COLUMNS)
 
 
+def audit_json(record: AuditRecord) -> dict[str, object]:
+    """The record as a JSON object of its columns (`audit_values`' values, the time as ISO 8601 UTC)."""
+    return {
+        "time": utc(record.time).isoformat(),
+        "caller": record.caller,
+        "rpc": record.action,  # the column keeps its first name
+        "outcome": record.outcome,
+        "organization_id": record.organization_id,
+        "provider": record.provider,
+        "fields": list(record.fields),
+        "request_id": record.request_id,
+        "details": dict(record.details),
+    }
+
+
 def audit_entry(
     *,
     id_: int,
