@@ -26,6 +26,16 @@ class Measurement:
         return bool(self.phases)
 
 
+def median_round(rounds: Sequence[Measurement]) -> Measurement:
+    """Of one row's rounds, the one with the median calls per second at full concurrency (the lower middle
+    of an even count): a real measurement, with its own latency and CPU, that one noisy round cannot move."""
+    measured = [m for m in rounds if m.available and m.phases.get(CONCURRENT, {}).get("rps") is not None]
+    if not measured:
+        return rounds[0]
+    ordered = sorted(measured, key=lambda m: float(m.phases[CONCURRENT]["rps"]))
+    return ordered[(len(ordered) - 1) // 2]
+
+
 @dataclass(frozen=True)
 class Comparison:
     service: Key
