@@ -292,10 +292,16 @@ async def test_delete_rejects_missing_fields(svc: Running) -> None:
     assert set(error.violations) == {"organization_id", "provider"}
 
 
-async def test_request_id_from_the_caller_comes_back(svc: Running) -> None:
+async def test_a_request_id_from_the_caller_comes_back_on_an_error_and_a_success_answers_none(svc: Running) -> None:
+    metadata = (("x-request-id", "trace-abc-123"),)
     call = svc.stub.GetProviderConfig(
-        pb.GetProviderConfigRequest(organization_id=new_org(), provider="stripe"),
-        metadata=(("x-request-id", "trace-abc-123"),),
+        pb.GetProviderConfigRequest(organization_id=new_org(), provider="stripe"), metadata=metadata
     )
     await call
-    assert ("x-request-id", "trace-abc-123") in tuple(await call.trailing_metadata() or ())
+    assert [key for key, _ in await call.trailing_metadata() or () if key == "x-request-id"] == []
+    refused = svc.stub.GetProviderConfig(
+        pb.GetProviderConfigRequest(organization_id=new_org(), provider="no_such_provider"), metadata=metadata
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await refused
+    assert ("x-request-id", "trace-abc-123") in tuple(raised.value.trailing_metadata() or ())
