@@ -92,13 +92,9 @@ class RpcInterceptor:
 
     def _wrap(self, method: str, inner: Handler) -> Handler:
         rpc_metrics = self._metrics.rpc(method)
-        new_request_id = self._new_request_id
 
         async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            identified = self._authorizer.identify(peer_names(context))
-            # The typed rendering of the caller, e.g. spiffe:…
-            caller = Caller(str(identified.name), _request_id(context) or new_request_id())
-            _current_caller.set(caller)
+            identified, caller = self._caller(context)
             line = CallLine.open()
             set_call_deadline(context.time_remaining())  # the store waits no longer than the caller does
             started = time.perf_counter()
@@ -133,9 +129,7 @@ class RpcInterceptor:
         """The checks of `_wrap` for a server-streaming method: all of them before the first message."""
 
         async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            identified = self._authorizer.identify(peer_names(context))
-            caller = Caller(str(identified.name), _request_id(context) or self._new_request_id())
-            _current_caller.set(caller)
+            identified, caller = self._caller(context)
             started = time.perf_counter()
             rpc_metrics = self._metrics.stream_rpc(method)
             rpc_metrics.started()
@@ -176,6 +170,14 @@ class RpcInterceptor:
                 _log_stream_ended(method, request, code, elapsed, caller, sent, opened=opened)
 
         return stream
+
+    def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> tuple[Identified, Caller]:
+        """Who is calling (as the policy sees it, and as logs and audit records show it: spiffe:…), made the
+        current caller of this call's task."""
+        identified = self._authorizer.identify(peer_names(context))
+        caller = Caller(str(identified.name), _request_id(context) or self._new_request_id())
+        _current_caller.set(caller)
+        return identified, caller
 
     def _failure_status(self, method: str, caller: Caller, failure: Exception) -> grpc.Status:
         """What a call that raised `failure` answers: a ServiceError its own status; anything else INTERNAL, logged.

@@ -91,9 +91,9 @@ def encryption_counts(counts: Mapping[str, int]) -> list[tuple[str, int]]:
     return [(key_id, counts[key_id]) for key_id in sorted(counts) if counts[key_id]]
 
 
-def audit_values(record: AuditRecord) -> tuple[object, ...]:
-    """The record's column values in AUDIT_COLUMNS order: time aware UTC, fields a list, details a dict."""
-    values: dict[str, object] = {
+def _audit_columns(record: AuditRecord) -> dict[str, object]:
+    """The record's column values by column, in AUDIT_COLUMNS order."""
+    return {
         "time": utc(record.time),
         "caller": record.caller,
         "rpc": record.action,  # the column keeps its first name
@@ -104,22 +104,19 @@ def audit_values(record: AuditRecord) -> tuple[object, ...]:
         "request_id": record.request_id,
         "details": dict(record.details),
     }
+
+
+def audit_values(record: AuditRecord) -> tuple[object, ...]:
+    """The record's column values in AUDIT_COLUMNS order: time aware UTC, fields a list, details a dict."""
+    values = _audit_columns(record)
     return tuple(values[column] for column in AUDIT_COLUMNS)
 
 
 def audit_json(record: AuditRecord) -> dict[str, object]:
     """The record as a JSON object of its columns (`audit_values`' values, the time as ISO 8601 UTC)."""
-    return {
-        "time": utc(record.time).isoformat(),
-        "caller": record.caller,
-        "rpc": record.action,  # the column keeps its first name
-        "outcome": record.outcome,
-        "organization_id": record.organization_id,
-        "provider": record.provider,
-        "fields": list(record.fields),
-        "request_id": record.request_id,
-        "details": dict(record.details),
-    }
+    values = _audit_columns(record)
+    values["time"] = utc(record.time).isoformat()
+    return values
 
 
 def audit_entry(
