@@ -184,17 +184,39 @@ def _legacy_policy(settings: Settings, metrics: Metrics) -> LegacyPolicy:
     )
 
 
-async def start(settings: Settings) -> RunningService:
-    _warn_if_key_in_environment(settings)
+@dataclass
+class Domain:
+    """The service below its API, as `start` serves it: what a benchmark can also drive without gRPC."""
+
+    store: IntegrationStore  # with its row cache, when one is configured
+    key_usage: KeyUsage
+    audit: AuditTrail  # not started: `start` starts it once the server is up
+    service: CredentialService
+    key_id: str  # the active key's id
+
+
+async def open_domain(settings: Settings, metrics: Metrics) -> Domain:
+    """The checked store (listening to its change feed), the row cache, the audit trail and the use cases."""
     cipher, counter = _cipher(settings)
-    credentials, authorizer = _security(settings)  # bad TLS files or policy stop us before the store opens
-    metrics = Metrics()
     store, key_usage = await open_checked_store(settings, cipher, counter, settings.db_pool_size, metrics, listen=True)
     store = _with_row_cache(store, settings, metrics)
     audit = AuditTrail(store, reads=settings.audit_reads)
     try:
         sealer = Sealer(cipher, _legacy_policy(settings, metrics))
         service = CredentialService(store, sealer, settings.provider_defaults, audit)
+    except BaseException:
+        await store.close()
+        raise
+    return Domain(store, key_usage, audit, service, cipher.active_key_id)
+
+
+async def start(settings: Settings) -> RunningService:
+    _warn_if_key_in_environment(settings)
+    credentials, authorizer = _security(settings)  # bad TLS files or policy stop us before the store opens
+    metrics = Metrics()
+    domain = await open_domain(settings, metrics)
+    store, key_usage, audit, service = domain.store, domain.key_usage, domain.audit, domain.service
+    try:
         watches = ChangeWatches(store.changes(), queue_size=settings.watch_queue_size)
         metrics.watches.counts = watches.counts
         server, health_servicer = build_server(
@@ -227,7 +249,7 @@ async def start(settings: Settings) -> RunningService:
             "mode": settings.mode.value,
             # The backend, not the wrappers around it (timing, row cache).
             "store": backend_name(settings.database_url),
-            "key_id": cipher.active_key_id,
+            "key_id": domain.key_id,
         },
     )
     return RunningService(
