@@ -48,6 +48,8 @@ EXPECTED = {
     "config.test.js": 5,
     "mtls.test.js": 7,
     "outage.test.js": 2,
+    "watch.test.js": 5,
+    "watch-shutdown.test.js": 1,
 }
 
 
@@ -144,11 +146,28 @@ async def test_typescript_client_plaintext(compiled: Path, plaintext_server: tup
     broken = {"secretKey": tampered(encrypt_v1("sk_test_51HxTypeScriptTampered0000", TEST_KEY))}
     await insert_dashboard_row(kind, where, broken_org, "stripe", broken)
     # Retries and settings do not depend on the store: they run once, on SQLite.
-    suites = ["plaintext.test.js", "retries.test.js", "config.test.js"] if kind == "sqlite" else ["plaintext.test.js"]
-    env = {"ITS_PLAIN_TARGET": process.target, "ITS_DATA_LOSS_ORG": broken_org, "ITS_WEBHOOK_DEFAULT": WEBHOOK_DEFAULT}
+    # The watch runs on both: its events come from the process itself on SQLite, from pg_notify on PostgreSQL.
+    per_store = ["plaintext.test.js", "watch.test.js"]
+    suites = [*per_store, "retries.test.js", "config.test.js"] if kind == "sqlite" else per_store
+    env = {
+        "ITS_PLAIN_TARGET": process.target,
+        "ITS_PLAIN_LOG": str(process.stderr_path),
+        "ITS_DATA_LOSS_ORG": broken_org,
+        "ITS_WEBHOOK_DEFAULT": WEBHOOK_DEFAULT,
+    }
     run = await asyncio.to_thread(run_suites, compiled, suites, env)
     assert_all_passed(run, suites)
     assert_no_leak(process)
+
+
+def test_typescript_client_watch_shutdown(compiled: Path, processes: Processes, tmp_path: Path) -> None:
+    """The suite sends SIGTERM to the server itself, once its watch is live, and sees the stream end."""
+    process = processes.serve(tmp_path / "serve", serve_env(tmp_path, f"sqlite:///{tmp_path / 'store.sqlite3'}"))
+    suites = ["watch-shutdown.test.js"]
+    env = {"ITS_SHUTDOWN_TARGET": process.target, "ITS_SHUTDOWN_PID": str(process.popen.pid)}
+    run = run_suites(compiled, suites, env)
+    assert_all_passed(run, suites)
+    assert process.popen.wait(10) == 0, process.stderr()
 
 
 @pytest.mark.postgres
