@@ -8,7 +8,7 @@ certificate paths in the environment. Each run must pass exactly the number
 of tests below, with none failed, skipped or cancelled: a suite that silently
 stops running its tests fails here too. The Next.js files of docs/dashboard.md
 are type-checked against the client's real types, and its server actions run
-against a real service.
+against a real service; so does the watch example of the client's README.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ COMPILED = PACKAGE / "dist" / "test"
 WEBHOOK_DEFAULT = "whsec_typescript_env_default_7777"
 NODE_TIMEOUT = 120
 DASHBOARD_DOC = ROOT / "docs" / "dashboard.md"
+README = PACKAGE / "README.md"
 
 # The `test(...)` count of each suite (clients/typescript/test/*.test.ts): update with the suites.
 EXPECTED = {
@@ -48,6 +49,8 @@ EXPECTED = {
     "config.test.js": 5,
     "mtls.test.js": 7,
     "outage.test.js": 2,
+    "watch.test.js": 5,
+    "watch-shutdown.test.js": 1,
 }
 
 
@@ -144,11 +147,28 @@ async def test_typescript_client_plaintext(compiled: Path, plaintext_server: tup
     broken = {"secretKey": tampered(encrypt_v1("sk_test_51HxTypeScriptTampered0000", TEST_KEY))}
     await insert_dashboard_row(kind, where, broken_org, "stripe", broken)
     # Retries and settings do not depend on the store: they run once, on SQLite.
-    suites = ["plaintext.test.js", "retries.test.js", "config.test.js"] if kind == "sqlite" else ["plaintext.test.js"]
-    env = {"ITS_PLAIN_TARGET": process.target, "ITS_DATA_LOSS_ORG": broken_org, "ITS_WEBHOOK_DEFAULT": WEBHOOK_DEFAULT}
+    # The watch runs on both: its events come from the process itself on SQLite, from pg_notify on PostgreSQL.
+    per_store = ["plaintext.test.js", "watch.test.js"]
+    suites = [*per_store, "retries.test.js", "config.test.js"] if kind == "sqlite" else per_store
+    env = {
+        "ITS_PLAIN_TARGET": process.target,
+        "ITS_PLAIN_LOG": str(process.stderr_path),
+        "ITS_DATA_LOSS_ORG": broken_org,
+        "ITS_WEBHOOK_DEFAULT": WEBHOOK_DEFAULT,
+    }
     run = await asyncio.to_thread(run_suites, compiled, suites, env)
     assert_all_passed(run, suites)
     assert_no_leak(process)
+
+
+def test_typescript_client_watch_shutdown(compiled: Path, processes: Processes, tmp_path: Path) -> None:
+    """The suite sends SIGTERM to the server itself, once its watch is live, and sees the stream end."""
+    process = processes.serve(tmp_path / "serve", serve_env(tmp_path, f"sqlite:///{tmp_path / 'store.sqlite3'}"))
+    suites = ["watch-shutdown.test.js"]
+    env = {"ITS_SHUTDOWN_TARGET": process.target, "ITS_SHUTDOWN_PID": str(process.popen.pid)}
+    run = run_suites(compiled, suites, env)
+    assert_all_passed(run, suites)
+    assert process.popen.wait(10) == 0, process.stderr()
 
 
 @pytest.mark.postgres
@@ -223,9 +243,9 @@ export async function withActiveOrg<T>(action: Action<T>): Promise<T> {
 }
 
 
-def doc_files() -> dict[str, str]:
+def doc_files(doc: Path = DASHBOARD_DOC) -> dict[str, str]:
     """The doc's ```ts/```tsx blocks that start with `// file: <path>`, by path."""
-    text = DASHBOARD_DOC.read_text(encoding="utf-8")
+    text = doc.read_text(encoding="utf-8")
     blocks = re.findall(r"^```tsx?\n// file: (\S+)\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
     return {path: body for path, body in blocks}
 
@@ -322,4 +342,47 @@ async def test_dashboard_doc_server_actions_run(compiled: Path, processes: Proce
         shutil.rmtree(project)
     assert done.returncode == 0, f"the doc's server actions failed:\n{done.stdout}{done.stderr}"
     assert "dashboard doc actions: ok" in done.stdout
+    assert_no_leak(process)
+
+
+# The README's watch example, compiled as a Node.js (ESM) project would and run through a proxy
+# whose connections the runner cuts, against a real service.
+README_RUN_TSCONFIG = """{
+  "compilerOptions": {
+    "target": "ES2022", "module": "nodenext", "moduleResolution": "nodenext", "types": ["node"],
+    "strict": true, "skipLibCheck": true, "outDir": "out", "rootDir": "."
+  },
+  "files": ["follow-changes.ts"]
+}
+"""
+README_RUN_SCRIPT = Path(__file__).with_name("readme_watch_example.mjs")
+
+
+async def test_readme_watch_example_runs(compiled: Path, processes: Processes, tmp_path: Path) -> None:
+    files = doc_files(README)
+    assert set(files) == {"follow-changes.ts"}
+    process = processes.serve(tmp_path / "serve", serve_env(tmp_path, f"sqlite:///{tmp_path / 'store.sqlite3'}"))
+    project = Path(tempfile.mkdtemp(prefix=".doccheck-", dir=PACKAGE))
+    try:
+        extra = {"tsconfig.json": README_RUN_TSCONFIG, "run.mjs": README_RUN_SCRIPT.read_text(encoding="utf-8")}
+        for name, body in {**files, **extra}.items():
+            (project / name).write_text(body, encoding="utf-8")
+        built = tsc(project, "tsconfig.json")
+        assert built.returncode == 0, f"the README's watch example does not compile:\n{built.stdout}{built.stderr}"
+        env = {"INTEGRATIONS_SERVICE_TARGET": process.target, "DOC_ORGANIZATION": new_org()}
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [node_binary(), "run.mjs"],
+            cwd=project,
+            env=clean_env(env),
+            capture_output=True,
+            text=True,
+            timeout=NODE_TIMEOUT,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(project)
+    assert done.returncode == 0, f"the README's watch example failed:\n{done.stdout}{done.stderr}"
+    assert "readme watch example: ok" in done.stdout
+    assert "config watch ended, again in ~100 ms: UnavailableError UNAVAILABLE" in done.stderr
     assert_no_leak(process)

@@ -1,4 +1,4 @@
-/** The dashboard backend's client: the four calls the dashboard makes, over gRPC (HTTP/2) with mutual TLS. */
+/** The dashboard backend's client: the calls the dashboard makes and the change stream, over gRPC (HTTP/2) with mutual TLS. */
 
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type CallOptions as ConnectCallOptions, type Client } from "@connectrpc/connect";
@@ -13,16 +13,18 @@ import {
   type ClientOptions,
   type RetryOptions,
 } from "./config.js";
-import { DeadlineExceededError, REQUEST_ID_KEY, errorFrom } from "./errors.js";
+import { DeadlineExceededError, REQUEST_ID_KEY, UnavailableError, errorFrom, type IntegrationsError } from "./errors.js";
 import * as pb from "./gen/integrations/v1/integrations_pb.js";
 import {
   categoryNumber,
   plainConfig,
   plainProvider,
+  plainWatchEvent,
   withoutMaskedValues,
   type Category,
   type Provider,
   type ProviderConfig,
+  type WatchEvent,
 } from "./models.js";
 import { TlsFiles, type TlsMaterial } from "./tls.js";
 
@@ -47,6 +49,21 @@ export interface DeleteOptions extends CallOptions {
   etag?: string;
   /** Deleting credentials that do not exist succeeds instead of throwing NotFoundError. */
   allowMissing?: boolean;
+}
+
+export interface WatchScope {
+  /** Only this organization's changes; every organization when absent or "". */
+  organizationId?: string | null;
+  /** Only these provider ids (at most 16); every provider when absent or empty. */
+  providers?: readonly string[];
+}
+
+/** A watch has no deadline: it runs until `signal` aborts, the client closes, or the service ends it. */
+export interface WatchOptions {
+  /** Ends the stream: the iteration stops, without an error. */
+  signal?: AbortSignal;
+  /** Sent as `x-request-id`: the service logs the stream under it. */
+  requestId?: string;
 }
 
 // The server accepts keepalive pings every 20 s or more.
@@ -164,6 +181,27 @@ export class IntegrationsClient {
     await this.write(options, (call) => this.rpc.deleteIntegration(request, call));
   }
 
+  /**
+   * Committed changes of stored credentials within `scope`, as they commit: a `started` event
+   * first (the subscription is live), then `changed` events (identifiers, etag, type, time; never
+   * a value) and `resync` events (changes may have been missed: rebuild everything). Each
+   * `for await` over the result opens its own stream; nothing is sent before that.
+   *
+   * It does not reconnect by itself: the stream's end is thrown as the client's error, as a
+   * unary call's would be: `UnavailableError` when the service ends it (it is shutting down, or
+   * lost its change feed) or the connection drops, `InvalidArgumentError` for a bad scope,
+   * `PermissionDeniedError` for a role that may not watch. Iterate again (after a pause) to
+   * resubscribe, and rebuild everything on its `started` event, since changes during the gap are
+   * unknown. Aborting `signal`, breaking out of the loop or `close()` ends it without an error.
+   */
+  watchConfigChanges(scope: WatchScope = {}, options: WatchOptions = {}): AsyncIterable<WatchEvent> {
+    const request = create(pb.WatchConfigChangesRequestSchema, {
+      organizationId: scope.organizationId ?? "",
+      providers: [...(scope.providers ?? [])],
+    });
+    return { [Symbol.asyncIterator]: () => this.watch(request, options) };
+  }
+
   /** Closes the connection; calls made afterwards throw. */
   close(): void {
     this.closed = true;
@@ -200,6 +238,37 @@ export class IntegrationsClient {
     const request = create(pb.GetProviderConfigRequestSchema, { organizationId, provider, view });
     const reply = await this.read(options, (call) => this.rpc.getProviderConfig(request, call));
     return plainConfig(reply.config);
+  }
+
+  private async *watch(request: pb.WatchConfigChangesRequest, options: WatchOptions): AsyncGenerator<WatchEvent> {
+    if (this.closed) throw new ConfigurationError("the client is closed");
+    const { signal } = options;
+    if (signal?.aborted) return;
+    this.useRotatedTls();
+    // Our own controller, so that leaving the loop early (break, return, a throw in its body)
+    // cancels the stream on the service too, not only an abort of the caller's signal.
+    const ended = new AbortController();
+    const end = (): void => ended.abort();
+    signal?.addEventListener("abort", end, { once: true });
+    const connect: ConnectCallOptions = { signal: ended.signal };
+    if (options.requestId) connect.headers = { [REQUEST_ID_KEY]: options.requestId };
+    let failure: IntegrationsError | undefined;
+    try {
+      for await (const reply of this.rpc.watchConfigChanges(request, connect)) {
+        const event = plainWatchEvent(reply);
+        if (event !== undefined) yield event;
+      }
+      // The service never ends a watch with OK; a proxy closing it cleanly still leaves changes unknown.
+      failure = new UnavailableError("the service ended the watch stream", "UNAVAILABLE", "");
+    } catch (cause) {
+      failure = errorFrom(transportError(cause, { signal: ended.signal }));
+    } finally {
+      signal?.removeEventListener("abort", end);
+      // Ended by the caller (its signal) or by close() is a clean end, as documented.
+      if (ended.signal.aborted || this.closed) failure = undefined;
+      end();
+    }
+    if (failure) throw failure;
   }
 
   private async write<T>(options: CallOptions, call: (connect: ConnectCallOptions) => Promise<T>): Promise<T> {

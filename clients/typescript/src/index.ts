@@ -1,4 +1,11 @@
-export { IntegrationsClient, type CallOptions, type DeleteOptions, type SaveOptions } from "./client.js";
+export {
+  IntegrationsClient,
+  type CallOptions,
+  type DeleteOptions,
+  type SaveOptions,
+  type WatchOptions,
+  type WatchScope,
+} from "./client.js";
 export {
   ConfigurationError,
   DEFAULT_RETRY,
@@ -31,9 +38,14 @@ export {
   MASK_CHARACTER,
   withoutMaskedValues,
   type Category,
+  type ChangeType,
+  type ConfigChangedEvent,
   type ConfigValue,
   type Provider,
   type ProviderConfig,
   type ProviderField,
   type ValueSource,
+  type WatchEvent,
+  type WatchResyncEvent,
+  type WatchStartedEvent,
 } from "./models.js";

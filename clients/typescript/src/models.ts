@@ -4,13 +4,15 @@
  * action can return them to the browser as they are.
  */
 
-import { timestampDate } from "@bufbuild/protobuf/wkt";
+import { timestampDate, type Timestamp } from "@bufbuild/protobuf/wkt";
 import type { DescEnum } from "@bufbuild/protobuf";
 
 import * as pb from "./gen/integrations/v1/integrations_pb.js";
 
 export type Category = "payments" | "notifications" | "analytics";
 export type ValueSource = "organization" | "environment" | "unset";
+/** What a committed change did: `"saved"` (created or updated, by any writer) or `"deleted"`. */
+export type ChangeType = "saved" | "deleted";
 
 /**
  * One configurable field of a provider: every field of `integrations.v1.ProviderField` under its
@@ -51,6 +53,37 @@ export interface ProviderConfig {
   updateTime: string | null;
 }
 
+/** The first event of every watch stream: from now on no committed change in its scope is missed while it stays open. */
+export interface WatchStartedEvent {
+  kind: "started";
+  /** When the subscription became live (the service's clock, ISO 8601). */
+  time: string | null;
+}
+
+/**
+ * One committed change of one organization's stored credentials for one provider. It never holds
+ * a value, masked or not: identifiers, an etag, a type and a time.
+ */
+export interface ConfigChangedEvent {
+  kind: "changed";
+  organizationId: string;
+  provider: string;
+  /** The etag getConfig answers after the change ("" after a delete): holding it means already having the change. */
+  etag: string;
+  type: ChangeType;
+  /** When it was committed (ISO 8601; for a save, the credentials' updateTime). */
+  time: string | null;
+}
+
+/** Changes may have been missed (this consumer fell behind, or an undescribed change): rebuild everything; the stream goes on. */
+export interface WatchResyncEvent {
+  kind: "resync";
+  /** For logs: "fell_behind", "truncated" or "undescribed". */
+  reason: string;
+}
+
+export type WatchEvent = WatchStartedEvent | ConfigChangedEvent | WatchResyncEvent;
+
 /** The character the service masks secrets with; a value containing it is a masked value sent back. */
 export const MASK_CHARACTER = "•";
 
@@ -60,6 +93,7 @@ function enumNames<T extends string>(schema: DescEnum, prefix: string): Map<numb
 
 const CATEGORY_NAMES = enumNames<Category>(pb.CategorySchema, "CATEGORY_");
 const SOURCE_NAMES = enumNames<ValueSource>(pb.ValueSourceSchema, "VALUE_SOURCE_");
+const CHANGE_TYPE_NAMES = enumNames<ChangeType>(pb.ChangeTypeSchema, "CHANGE_TYPE_");
 
 function enumName<T extends string>(names: Map<number, T>, value: number): T {
   // An enum number newer than this client's generated code: say so rather than guess.
@@ -114,8 +148,36 @@ export function plainConfig(config: pb.ProviderConfig | undefined): ProviderConf
     provider: config.provider,
     values,
     etag: config.etag,
-    updateTime: config.updateTime ? timestampDate(config.updateTime).toISOString() : null,
+    updateTime: isoTime(config.updateTime),
   };
+}
+
+function isoTime(timestamp: Timestamp | undefined): string | null {
+  return timestamp ? timestampDate(timestamp).toISOString() : null;
+}
+
+/** The event one WatchConfigChanges message carries; undefined for a kind of message newer than this client. */
+export function plainWatchEvent(reply: pb.WatchConfigChangesResponse): WatchEvent | undefined {
+  const { event } = reply;
+  switch (event.case) {
+    case "started":
+      return { kind: "started", time: isoTime(event.value.startTime) };
+    case "change": {
+      const change = event.value;
+      return {
+        kind: "changed",
+        organizationId: change.organizationId,
+        provider: change.provider,
+        etag: change.etag,
+        type: enumName(CHANGE_TYPE_NAMES, change.type),
+        time: isoTime(change.changeTime),
+      };
+    }
+    case "resync":
+      return { kind: "resync", reason: event.value.reason };
+    default:
+      return undefined;
+  }
 }
 
 /**

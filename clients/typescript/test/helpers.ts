@@ -5,11 +5,14 @@
 
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 
-import type { TlsOptions } from "../src/index.js";
+import type { TlsOptions, WatchEvent } from "../src/index.js";
 
 export const PLAIN_TARGET = process.env["ITS_PLAIN_TARGET"] ?? "";
+/** The stderr file of the plaintext server: its log, one line per call or stream. */
+export const PLAIN_LOG = process.env["ITS_PLAIN_LOG"] ?? "";
 export const MTLS_TARGET = process.env["ITS_MTLS_TARGET"] ?? "";
 export const CERTS_DIR = process.env["ITS_CERTS_DIR"] ?? "";
 /** An organization whose stored Stripe secretKey cannot be decrypted (planted by the pytest). */
@@ -67,4 +70,34 @@ export async function rejection(promise: Promise<unknown>): Promise<unknown> {
     return error;
   }
   assert.fail("expected the call to fail");
+}
+
+/** `promise`, or a failure saying `message` after `ms`: a test that waits for the service must not hang. */
+export async function withTimeout<T>(promise: Promise<T>, message: string, ms = 10_000): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(message)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** The watch stream's next event; fails when it ends instead, or when none comes within 10 s. */
+export async function nextEvent(stream: AsyncIterator<WatchEvent>): Promise<WatchEvent> {
+  const result = await withTimeout(stream.next(), "no watch event within 10 s");
+  assert.ok(!result.done, "the watch stream ended");
+  return result.value;
+}
+
+/** Until the plaintext server logged that `count` streams with `requestId` ended with `code` (fails after 5 s). */
+export async function streamEnded(requestId: string, code: string, count = 1): Promise<void> {
+  const line = new RegExp(`^.*stream ended .*code=${code} .*request_id=${requestId}\\b.*$`, "gm");
+  for (const started = Date.now(); Date.now() - started < 5_000; ) {
+    if ((await readFile(PLAIN_LOG, "utf8")).match(line)?.length === count) return;
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  assert.fail(`the service did not log the end of ${count} stream(s) ${requestId} (${code}) within 5 s`);
 }
