@@ -55,3 +55,37 @@ def test_docs_mark_exactly_the_endpoint_and_account_fields(provider: ProviderSpe
     assert sorted(re.findall(r"`(\w+)`\**†", readme_fields)) == binding
     api_cell = _cells((ROOT / "docs" / "api.md").read_text(), f"`{provider.id}`")[1]
     assert sorted(re.findall(r"`(\w+)`", api_cell)) == binding
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "deploy" / "kubernetes" / "README.md"]
+SERVICE_SOURCE = "\n".join(path.read_text() for path in (ROOT / "service" / "integrations_service").rglob("*.py"))
+# How the docs name a log event: `"event": "x"`, "logged (`x`", "logs `x`", "an `x` log line", ...
+_EVENT_MENTIONS = (
+    r'"event": "(\w+)"',
+    r"\blog(?:s|ged)(?:\s+as|\s+at\s+error\s+level)?\s+\(?`(\w+)`",
+    r"`(\w+)`\s+log\s+line",
+    r"`(\w+)`\s+is\s+logged",
+)
+
+
+def _documented_events(text: str) -> set[str]:
+    return {name for pattern in _EVENT_MENTIONS for name in re.findall(pattern, text)}
+
+
+def test_the_event_mentions_are_found() -> None:
+    """The patterns still find the events the docs are known to name (else the next test checks nothing)."""
+    everything = "\n".join(doc.read_text() for doc in DOCS)
+    assert {
+        "audit",
+        "permission_denied",
+        "audit_lost",
+        "worker_died",
+        "ambiguous_caller",
+        "workers_crash_loop",
+    } <= _documented_events(everything)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_log_event_the_docs_name_is_logged_by_the_code(doc: Path) -> None:
+    missing = {event for event in _documented_events(doc.read_text()) if f'"event": "{event}"' not in SERVICE_SOURCE}
+    assert not missing, f"{doc.name} names log events the service never logs: {sorted(missing)}"
