@@ -7,8 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from integrations_service.config import SETTINGS, Setting
+from integrations_client import config as client_config
+from integrations_service.config import (
+    ENCRYPTION_KEY_ENV,
+    ENCRYPTION_KEY_FILE_ENV,
+    ENCRYPTION_KEYS_ENV,
+    HEALTHCHECK_FILE_ENVS,
+    HEALTHCHECK_SERVER_NAME_ENV,
+    SETTINGS,
+    Setting,
+)
 from integrations_service.domain.registry import PROVIDERS, ProviderSpec, all_env_vars
+from tests.conftest import POSTGRES_URL_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -89,3 +99,41 @@ def test_the_event_mentions_are_found() -> None:
 def test_every_log_event_the_docs_name_is_logged_by_the_code(doc: Path) -> None:
     missing = {event for event in _documented_events(doc.read_text()) if f'"event": "{event}"' not in SERVICE_SOURCE}
     assert not missing, f"{doc.name} names log events the service never logs: {sorted(missing)}"
+
+
+def _client_envs() -> set[str]:
+    return {getattr(client_config, name) for name in client_config.__all__ if name.startswith("ENV_")}
+
+
+def _env_vars_read() -> set[str]:
+    service = {setting.env for setting in SETTINGS} | set(HEALTHCHECK_FILE_ENVS)
+    service |= {ENCRYPTION_KEY_ENV, ENCRYPTION_KEYS_ENV, ENCRYPTION_KEY_FILE_ENV, HEALTHCHECK_SERVER_NAME_ENV}
+    return service | _client_envs() | {POSTGRES_URL_ENV}
+
+
+@pytest.mark.parametrize(
+    "doc", [*DOCS, ROOT / "clients" / "python" / "README.md"], ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_every_integrations_variable_the_docs_name_is_read_by_the_code(doc: Path) -> None:
+    read = _env_vars_read()
+    named = set(re.findall(r"\bINTEGRATIONS?_[A-Z0-9_]*[A-Z0-9]\b", doc.read_text()))
+    unknown = {name for name in named - read if not any(env.startswith(name + "_") for env in read)}
+    assert not unknown, f"{doc.name} names variables nothing reads: {sorted(unknown)}"
+
+
+def test_defaults_stated_in_passing_are_the_settings_defaults() -> None:
+    """ "`INTEGRATIONS_X` (default 5 s)", "`INTEGRATIONS_X`, default 1000", "`INTEGRATIONS_X` (60 s)", ...
+
+    deploy/kubernetes/README.md states the manifests' values instead, so it is not read here.
+    """
+    defaults = {setting.env: setting.default for setting in SETTINGS}
+    stated = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = " ".join(doc.read_text().split())  # a mention may wrap over lines
+        for match in re.finditer(r"`(INTEGRATIONS_\w+)`,? \((?:seconds, )?(?:default )?(\d+)(?: s)?[;,)]", text):
+            stated.append((doc.name, match.group(1), match.group(2)))
+        for match in re.finditer(r"`(INTEGRATIONS_\w+)`,? (?:\w+ )?\(?default (\d+)", text):
+            stated.append((doc.name, match.group(1), match.group(2)))
+    assert len(stated) >= 6, stated  # the patterns still find the known mentions
+    wrong = [(doc, env, value, defaults.get(env)) for doc, env, value in stated if defaults.get(env) != value]
+    assert not wrong, f"defaults stated in the docs that are not the code's (doc, variable, stated, code): {wrong}"
