@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
 import pytest
 
 from integrations_client import config as client_config
+from integrations_service import cli
 from integrations_service.config import (
     ENCRYPTION_KEY_ENV,
     ENCRYPTION_KEY_FILE_ENV,
@@ -137,3 +139,18 @@ def test_defaults_stated_in_passing_are_the_settings_defaults() -> None:
     assert len(stated) >= 6, stated  # the patterns still find the known mentions
     wrong = [(doc, env, value, defaults.get(env)) for doc, env, value in stated if defaults.get(env) != value]
     assert not wrong, f"defaults stated in the docs that are not the code's (doc, variable, stated, code): {wrong}"
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    actions = [a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(actions[0].choices)
+
+
+def test_the_readme_commands_table_is_the_clis_commands_and_their_flags() -> None:
+    section = README.split("Commands of `integrations-service`:", 1)[1].split("\n\n", 2)[1]
+    rows = re.findall(r"^\| `([a-z-]+)((?: [^`]*)?)` \|", section, re.M)
+    commands = _subcommands()
+    assert sorted(name for name, _ in rows) == sorted(commands)
+    for name, usage in rows:
+        flags = {flag for action in commands[name]._actions for flag in action.option_strings}
+        assert set(re.findall(r"--[a-z-]+", usage)) <= flags, (name, usage)
