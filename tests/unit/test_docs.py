@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from integrations.v1 import integrations_pb2 as pb
 from integrations_client import config as client_config
 from integrations_service import cli
+from integrations_service.api.auth import ROLES, SERVICE_PREFIX, required_permission
 from integrations_service.config import (
     ENCRYPTION_KEY_ENV,
     ENCRYPTION_KEY_FILE_ENV,
@@ -154,3 +157,36 @@ def test_the_readme_commands_table_is_the_clis_commands_and_their_flags() -> Non
     for name, usage in rows:
         flags = {flag for action in commands[name]._actions for flag in action.option_strings}
         assert set(re.findall(r"--[a-z-]+", usage)) <= flags, (name, usage)
+
+
+SECURITY = (ROOT / "docs" / "security.md").read_text()
+
+
+def _requests_of(column: str) -> list[tuple[str, Any]]:
+    """The calls a column of docs/security.md's role table stands for: "GetProviderConfig decrypted", "A, B", ..."""
+    calls: list[tuple[str, Any]] = []
+    for part in column.split(", "):
+        name, _, view = part.partition(" ")
+        request = pb.GetProviderConfigRequest(
+            view=pb.CONFIG_VIEW_DECRYPTED if view == "decrypted" else pb.CONFIG_VIEW_MASKED
+        )
+        calls.append((f"{SERVICE_PREFIX}{name}", request if name == "GetProviderConfig" else None))
+    return calls
+
+
+def test_the_role_table_of_docs_security_md_is_what_each_role_may_call() -> None:
+    header = next(line for line in SECURITY.splitlines() if line.startswith("| role |"))
+    columns = [cell.strip() for cell in header.strip("|").split("|")][1:]
+    rows = {
+        cells[0].strip("`"): cells[1:]
+        for line in SECURITY.splitlines()
+        if line.startswith("| `")
+        and (cells := [cell.strip() for cell in line.strip("|").split("|")])[0] in {f"`{role}`" for role in ROLES}
+    }
+    assert sorted(rows) == sorted(ROLES)
+    for role, cells in rows.items():
+        assert len(cells) == len(columns), role
+        for column, cell in zip(columns, cells, strict=True):
+            for method, request in _requests_of(column):
+                allowed = required_permission(method, request) in ROLES[role]
+                assert allowed == (cell == "yes"), (role, column, cell)
