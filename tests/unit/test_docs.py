@@ -190,3 +190,14 @@ def test_the_role_table_of_docs_security_md_is_what_each_role_may_call() -> None
             for method, request in _requests_of(column):
                 allowed = required_permission(method, request) in ROLES[role]
                 assert allowed == (cell == "yes"), (role, column, cell)
+
+
+def test_docs_api_md_names_every_field_a_violation_can_name() -> None:
+    """docs/api.md, Errors: the BadRequest field names; the code's are its FieldViolation literals and paths."""
+    api = " ".join((ROOT / "docs" / "api.md").read_text().split())
+    listed = api.split("violations name each bad field:", 1)[1].split("`NOT_FOUND` carries", 1)[0]
+    documented = {re.sub(r"\[<\w+>\]$|\.<\w+>$", "", name) for name in re.findall(r"`([^`]+)`", listed)}
+    code = set(re.findall(r'FieldViolation\(\s*f?"([a-z_]+)', SERVICE_SOURCE))
+    code |= set(re.findall(r'\bpath = f"([a-z_]+)\[', SERVICE_SOURCE))
+    assert {"clear_fields", "values"} <= code  # the patterns still find them
+    assert documented == code
