@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from integrations.v1 import integrations_pb2 as pb
+from integrations_client import IntegrationsClient, IntegrationsClientSync
 from integrations_client import config as client_config
 from integrations_service import cli
 from integrations_service.api.auth import ROLES, SERVICE_PREFIX, required_permission
@@ -201,3 +205,19 @@ def test_docs_api_md_names_every_field_a_violation_can_name() -> None:
     code |= set(re.findall(r'\bpath = f"([a-z_]+)\[', SERVICE_SOURCE))
     assert {"clear_fields", "values"} <= code  # the patterns still find them
     assert documented == code
+
+
+CLIENT_README = (ROOT / "clients" / "python" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("client", [IntegrationsClient, IntegrationsClientSync], ids=lambda c: c.__name__)
+def test_the_client_readme_shows_the_constructors_keywords_and_defaults(client: type) -> None:
+    shown = CLIENT_README.split("## Building a client", 1)[1].split("```python\n", 1)[1].split("\n)", 1)[0]
+    documented = dict(re.findall(r"^    (\w+)=([^,]+),", shown, re.M))
+    parameters = inspect.signature(client).parameters
+    keywords = {name: p for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert sorted(documented) == sorted(keywords)
+    for name, default in documented.items():
+        # `clock=time.monotonic`: names a function; the rest are literals.
+        code = keywords[name].default
+        assert (code is time.monotonic) if default == "time.monotonic" else code == ast.literal_eval(default), name
