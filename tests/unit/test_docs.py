@@ -1,4 +1,10 @@
-"""The README's configuration table and the code's settings say the same thing."""
+"""What the docs state as fact, read from the docs and checked against the code.
+
+The README's settings, commands and provider fields; docs/api.md's violation fields and fallback table;
+docs/security.md's roles; the variables, defaults and log events any doc names; the Python client's
+constructor. (Metrics: test_metrics_catalog.py; the README's grpcurl sessions run in
+tests/integration/test_grpcurl.py.)
+"""
 
 from __future__ import annotations
 
