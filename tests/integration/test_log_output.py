@@ -137,6 +137,36 @@ def test_json_mode_output_written_just_before_exit_is_flushed_as_json(tmp_path: 
     assert [entry["message"] for entry in entries][-1] == "configuration is valid"
 
 
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"INTEGRATIONS_MODE": "production"}, "DATABASE_URL"),  # JSON is production's default
+        ({"INTEGRATIONS_LOG_FORMAT": "json", "INTEGRATIONS_DB_TIMEOUT": "soon"}, "INTEGRATIONS_DB_TIMEOUT"),
+    ],
+)
+def test_json_mode_reports_invalid_settings_as_one_json_line(
+    tmp_path: Path, settings: dict[str, str], named: str
+) -> None:
+    """docs/operations.md: in JSON mode every line on stderr is a JSON object; the settings' errors too."""
+    result = run_cli(["serve"], tmp_path, clean_env(settings))
+    assert result.returncode == 2, result.stderr
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert len(entries) == 1, entries
+    assert entries[0]["level"] == "error"
+    assert entries[0]["event"] == "invalid_configuration"
+    assert entries[0]["message"].startswith("invalid configuration:\n")
+    assert named in entries[0]["message"]
+
+
+def test_text_mode_reports_invalid_settings_as_plain_lines(tmp_path: Path) -> None:
+    result = run_cli(["serve"], tmp_path, clean_env({"INTEGRATIONS_DB_TIMEOUT": "soon"}))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "integrations-service: invalid configuration:",
+        "  INTEGRATIONS_DB_TIMEOUT must be a number, got 'soon'",
+    ]
+
+
 def test_json_mode_logs_one_line_per_rpc_with_its_audit_record_on_it(tmp_path: Path, processes: Processes) -> None:
     """A call that leaves an audit record (a save, a decrypted read) still writes one line, which carries
     the record; the record in the store is the same as ever."""
