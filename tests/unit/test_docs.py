@@ -227,3 +227,14 @@ def test_the_client_readme_shows_the_constructors_keywords_and_defaults(client: 
         # `clock=time.monotonic`: names a function; the rest are literals.
         code = keywords[name].default
         assert (code is time.monotonic) if default == "time.monotonic" else code == ast.literal_eval(default), name
+
+
+@pytest.mark.parametrize("provider", PROVIDERS, ids=lambda p: p.id)
+def test_the_readme_provider_table_marks_each_fields_secret_required_and_env_var(provider: ProviderSpec) -> None:
+    """`| `stripe` | payments | ***`secretKey`*** (`STRIPE_SECRET_KEY`), ...`: `*` secret, `**` required, `***` both."""
+    _, category, fields = _cells(README, f"`{provider.id}`")
+    assert category.split(",")[0] == provider.category.value
+    assert ("UI only" in category) is not provider.runtime_supported
+    shown = re.findall(r"(\**)`(\w+)`\**†? \(`(\w+)`\)", fields)
+    expected = [("*" * (bool(f.secret) + 2 * bool(f.required)), f.key, f.env_var) for f in provider.fields]
+    assert shown == expected
