@@ -33,6 +33,7 @@ from integrations_service.config import (
     Setting,
 )
 from integrations_service.domain.registry import PROVIDERS, ProviderSpec, all_env_vars
+from integrations_service.store import postgres
 from tests.conftest import POSTGRES_URL_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -241,3 +242,13 @@ def test_the_readme_provider_table_marks_each_fields_secret_required_and_env_var
     shown = re.findall(r"(\**)`(\w+)`\**†? \(`(\w+)`\)", fields)
     expected = [("*" * (bool(f.secret) + 2 * bool(f.required)), f.key, f.env_var) for f in provider.fields]
     assert shown == expected
+
+
+def test_the_sqlstates_docs_operations_md_calls_outages_are_the_stores() -> None:
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    table = operations.split("| SQLSTATE | meaning | examples |", 1)[1].split("\n\n", 1)[0]
+    documented = set(re.findall(r"^\| `(\w+)` \|", table, re.M))
+    assert documented == {*postgres._UNAVAILABLE_SQLSTATE_CLASSES, *postgres._UNAVAILABLE_SQLSTATES}
+    # "At start-up, `28` and `3D` at the first connection stop the service with a configuration error instead"
+    assert set(postgres._CONFIGURATION_SQLSTATE_CLASSES) == {"28", "3D"}
+    assert "At start-up, `28` and `3D` at the first connection" in " ".join(operations.split())
