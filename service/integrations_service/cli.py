@@ -200,7 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigurationError as error:
             _invalid_configuration(error, settings.json_logs)
             return 2
-        print("configuration is valid", file=sys.stderr)
+        if settings.json_logs:
+            log.info("configuration is valid", extra={"event": "configuration_valid"})
+        else:
+            print("configuration is valid", file=sys.stderr)
         return 0
     try:
         if args.command == "serve" and settings.workers > 1:
