@@ -85,7 +85,8 @@ H2LOAD, PYTHON = "h2load", "python"
 
 # h2load phases: a warm-up of WARMUP_CALLS (at least WARMUP_CALLS_PER_STREAM per call in flight), then as
 # many calls as the warm-up's rate makes in --duration (at least MIN_CALLS_PER_STREAM per call in flight).
-# Each h2load process is killed after BOUND_S (+ 3 × --duration).
+# Each h2load process is killed BOUND_S (+ 3 × --duration for a measured phase) + h2load.run's 30 s margin after
+# it started.
 WARMUP_CALLS = 200
 WARMUP_CALLS_PER_STREAM = 20
 MIN_CALLS_PER_STREAM = 10

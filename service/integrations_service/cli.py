@@ -20,6 +20,7 @@ from integrations_service.config import (
     KEY_MATERIAL_ENVS,
     Settings,
     add_flags,
+    json_logs_wanted,
     load_healthcheck_settings,
     load_settings,
 )
@@ -164,6 +165,14 @@ def _healthcheck(address: str | None, timeout: float, ready: bool) -> int:
     return healthcheck.check(settings, timeout, SERVICE_NAME if ready else "")
 
 
+def _invalid_configuration(error: ConfigurationError, json_lines: bool) -> None:
+    """One JSON line in JSON mode (its newlines escaped), else the plain text a terminal reads best."""
+    if json_lines:
+        log.error("%s", error, extra={"event": "invalid_configuration"})
+    else:
+        print(f"integrations-service: {error}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "gen-key":
@@ -176,7 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args, os.environ, serving=args.command == "serve")
     except ConfigurationError as error:
-        print(f"integrations-service: {error}", file=sys.stderr)
+        json_lines = json_logs_wanted(args, os.environ)
+        if json_lines:
+            logs.configure(json_lines=True)
+        _invalid_configuration(error, json_lines)
         return 2
     finally:
         for name in KEY_MATERIAL_ENVS:
@@ -186,9 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             app.check_security_files(settings)
         except ConfigurationError as error:
-            print(f"integrations-service: {error}", file=sys.stderr)
+            _invalid_configuration(error, settings.json_logs)
             return 2
-        print("configuration is valid", file=sys.stderr)
+        if settings.json_logs:
+            log.info("configuration is valid", extra={"event": "configuration_valid"})
+        else:
+            print("configuration is valid", file=sys.stderr)
         return 0
     try:
         if args.command == "serve" and settings.workers > 1:

@@ -273,6 +273,17 @@ def load_settings(args: argparse.Namespace | None, environ: Mapping[str, str], s
     return settings
 
 
+def json_logs_wanted(args: argparse.Namespace | None, environ: Mapping[str, str]) -> bool:
+    """The log format `load_settings` would choose, read alone: for reporting what else is wrong with the settings.
+
+    In JSON mode every line on stderr is a JSON object (docs/operations.md), the settings' own errors included:
+    a container's log pipeline would otherwise split that message into lines it cannot parse.
+    """
+    reader = _Reader(args, environ)
+    chosen = reader.text(LOG_FORMAT)
+    return chosen == "json" if chosen else reader.text(MODE) == Mode.PRODUCTION.value
+
+
 HEALTHCHECK_CA_ENV = "INTEGRATIONS_HEALTHCHECK_CA"
 HEALTHCHECK_CERT_ENV = "INTEGRATIONS_HEALTHCHECK_CERT"
 HEALTHCHECK_KEY_ENV = "INTEGRATIONS_HEALTHCHECK_KEY"

@@ -39,6 +39,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from integrations_service.domain.registry import PROVIDERS
 from integrations_service.domain.watch import WatchCounts
 from integrations_service.store import IntegrationStore, PoolStats
 from integrations_service.store.cached import INVALIDATION_REASONS, RESULTS, CacheCounts
@@ -74,6 +75,10 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        # At 0 from the start: the alert is increase() > 0, which sees nothing in a series that first appears at 1,
+        # so without these the first failure of a provider (after each restart) would never fire it.
+        for provider in PROVIDERS:
+            self.decryption_failures.labels(provider.id)
         self.legacy_values_read = Counter(
             "integrations_legacy_values_read",
             "Legacy stored values (plaintext, enc:v1) read and served, by format and provider",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from cryptography import x509
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
 from integrations_service.crypto import EncryptionKey
+from integrations_service.devcerts import make_dev_certs
 from tests.harness import TEST_KEY
 from tests.processes import Processes, ServeProcess, clean_env, free_port, health_status, run_cli
 from tests.tls_fixtures import CertificateAuthority
@@ -366,3 +368,25 @@ def test_make_run_mtls_renews_expiring_certificates() -> None:
     recipe = makefile.split("\nrun-mtls:", 1)[1].split("\n\n", 1)[0]
     assert "$(BIN)/integrations-service dev-certs --if-expiring" in recipe
     assert "test -f" not in recipe
+
+
+def test_the_readmes_production_block_is_a_complete_production_configuration(tmp_path: Path) -> None:
+    """README, "Running in production": its exports pass `serve --check` once the files they name exist."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("Running in production:", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    exported = dict(re.findall(r"\b([A-Z_]+)=(\S+)", block))
+    assert exported["INTEGRATIONS_MODE"] == "production"
+    issued = make_dev_certs(tmp_path / "certs")
+    keyring = tmp_path / "keyring"
+    keyring.write_text(f"k1:{EncryptionKey.generate().to_text()}\n")
+    keyring.chmod(0o600)
+    files = {
+        "INTEGRATION_ENCRYPTION_KEY_FILE": keyring,
+        "INTEGRATIONS_TLS_CERT": issued["server"].cert,
+        "INTEGRATIONS_TLS_KEY": issued["server"].key,
+        "INTEGRATIONS_TLS_CLIENT_CA": issued["ca"].cert,
+        "INTEGRATIONS_AUTHZ_POLICY": tmp_path / "certs" / "policy.toml",
+    }
+    assert files.keys() <= exported.keys()
+    result = run_cli(["serve", "--check"], tmp_path, clean_env({**exported, **{k: str(v) for k, v in files.items()}}))
+    assert result.returncode == 0, result.stderr

@@ -11,6 +11,8 @@ import json
 import re
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,12 +131,58 @@ def test_json_mode_writes_only_json_lines_even_for_grpc_core_handshake_errors(
     assert entries[-1].get("message") == "stopped", entries[-3:]
 
 
-def test_json_mode_output_written_just_before_exit_is_flushed_as_json(tmp_path: Path) -> None:
+def test_json_mode_output_written_just_before_exit_is_flushed_as_json() -> None:
+    """What the service's logger does not write, written to fd 2 just before exit (a last print, say)."""
+    script = (
+        "import sys\n"
+        "from integrations_service import logs\n"
+        "logs.configure(json_lines=True)\n"
+        "print('the very last plain words', file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [(entry["logger"], entry["message"]) for entry in entries] == [("stderr", "the very last plain words")]
+
+
+def test_json_mode_serve_check_says_the_configuration_is_valid_at_info_level(tmp_path: Path) -> None:
     env, _credentials = _tls_env(tmp_path)
     result = run_cli(["serve", "--check"], tmp_path, env)
     assert result.returncode == 0, result.stderr
     entries = [json.loads(line) for line in result.stderr.splitlines()]
-    assert [entry["message"] for entry in entries][-1] == "configuration is valid"
+    assert entries[-1]["message"] == "configuration is valid"
+    assert entries[-1]["level"] == "info"  # not an error a log pipeline would alert on
+    assert entries[-1]["event"] == "configuration_valid"
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"INTEGRATIONS_MODE": "production"}, "DATABASE_URL"),  # JSON is production's default
+        ({"INTEGRATIONS_LOG_FORMAT": "json", "INTEGRATIONS_DB_TIMEOUT": "soon"}, "INTEGRATIONS_DB_TIMEOUT"),
+    ],
+)
+def test_json_mode_reports_invalid_settings_as_one_json_line(
+    tmp_path: Path, settings: dict[str, str], named: str
+) -> None:
+    """docs/operations.md: in JSON mode every line on stderr is a JSON object; the settings' errors too."""
+    result = run_cli(["serve"], tmp_path, clean_env(settings))
+    assert result.returncode == 2, result.stderr
+    entries = [json.loads(line) for line in result.stderr.splitlines()]
+    assert len(entries) == 1, entries
+    assert entries[0]["level"] == "error"
+    assert entries[0]["event"] == "invalid_configuration"
+    assert entries[0]["message"].startswith("invalid configuration:\n")
+    assert named in entries[0]["message"]
+
+
+def test_text_mode_reports_invalid_settings_as_plain_lines(tmp_path: Path) -> None:
+    result = run_cli(["serve"], tmp_path, clean_env({"INTEGRATIONS_DB_TIMEOUT": "soon"}))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "integrations-service: invalid configuration:",
+        "  INTEGRATIONS_DB_TIMEOUT must be a number, got 'soon'",
+    ]
 
 
 def test_json_mode_logs_one_line_per_rpc_with_its_audit_record_on_it(tmp_path: Path, processes: Processes) -> None:

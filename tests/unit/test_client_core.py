@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from integrations.v1 import integrations_pb2 as pb
-from integrations_client import IntegrationsClient, IntegrationsClientSync
+from integrations_client import ConfigurationError, IntegrationsClient, IntegrationsClientSync
 from integrations_client._core import Call, ClientCore
 from integrations_client.models import ProviderCredentials
 
@@ -172,3 +172,21 @@ def test_calls_take_the_channels_in_turn_each_on_a_connection_of_its_own() -> No
     assert ("grpc.use_local_subchannel_pool", 1) not in single._options
     with pytest.raises(ValueError, match="channels must be at least 1"):
         core(channels=0)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"target": ""}, "target"),
+        ({"timeout": 0}, "timeout"),
+        ({"channels": 0}, "channels"),
+        ({"cache_ttl": -1}, "cache_ttl"),
+        ({"stale_if_error": -1}, "stale_if_error"),
+        ({"cache_max_entries": 0}, "cache_max_entries"),
+    ],
+)
+def test_a_wrong_argument_is_a_configuration_error_naming_it(arguments: dict[str, Any], named: str) -> None:
+    """clients/python/README.md: ConfigurationError (a ValueError) reports a wrong client configuration."""
+    target = arguments.pop("target", "127.0.0.1:1")
+    with pytest.raises(ConfigurationError, match=named):
+        ClientCore(target, **arguments)

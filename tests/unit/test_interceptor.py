@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import grpc
+import pytest
 from prometheus_client import CollectorRegistry
 
 from integrations.v1 import integrations_pb2 as pb
 from integrations_service.api.auth import Authorizer
-from integrations_service.api.interceptor import RpcInterceptor, request_ids
+from integrations_service.api.interceptor import REQUEST_ID_KEY, RpcInterceptor, _request_id, request_ids
 from integrations_service.api.server import WrappingRegistrar
 from integrations_service.domain.audit import AuditTrail
 from integrations_service.metrics import Metrics
@@ -106,3 +107,32 @@ def test_a_generic_handlers_methods_are_wrapped_once_and_unknown_methods_are_not
     for _ in range(2):
         assert generic.service(_Details("/x.Y/Unknown")) is None
     assert asked == [GET, "/x.Y/Unknown", "/x.Y/Unknown"]
+
+
+class _Metadata:
+    """A servicer context as far as the request id is concerned: the call's metadata."""
+
+    def __init__(self, *metadata: tuple[str, str]) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ("3f2504e0-4f89-11d3-9a0c-0305e82c3301", True),  # a UUID
+        ("trace.abc_1:2-3", True),
+        ("x" * 64, True),
+        ("x" * 65, False),
+        ("", False),
+        ("two words", False),
+        ("forged\nline", False),
+        ("émigré", False),
+    ],
+)
+def test_a_callers_request_id_is_kept_only_in_the_form_docs_api_md_gives(sent: str, kept: bool) -> None:
+    """docs/api.md, Errors: 1-64 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'; anything else is ignored."""
+    found = _request_id(cast(Any, _Metadata(("other", "x"), (REQUEST_ID_KEY, sent))))
+    assert found == (sent if kept else "")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from integrations_client.errors import ConfigurationError
 from integrations_client.models import ProviderCredentials
 
 log = logging.getLogger("integrations_client")
@@ -76,9 +77,9 @@ class _Entry:
 class CredentialCache:
     def __init__(self, ttl: float, max_entries: int, stale_if_error: float, clock: Callable[[], float]) -> None:
         if ttl < 0 or stale_if_error < 0:
-            raise ValueError("cache_ttl and stale_if_error must be >= 0")
+            raise ConfigurationError("cache_ttl and stale_if_error must be >= 0")
         if max_entries < 1:
-            raise ValueError("cache_max_entries must be >= 1")
+            raise ConfigurationError("cache_max_entries must be >= 1")
         self.ttl = ttl
         self.max_entries = max_entries
         self.stale_if_error = stale_if_error

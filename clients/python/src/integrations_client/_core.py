@@ -31,7 +31,13 @@ from integrations_client._watch import FIRST_SUBSCRIPTION_WAIT, Reconnect
 from integrations_client._watch import log as watch_log
 from integrations_client.config import ReloadingTls, TlsConfig, env_settings, env_watch
 from integrations_client.config import channel_options as tls_channel_options
-from integrations_client.errors import DeadlineExceeded, IntegrationsError, Unavailable, error_from_rpc
+from integrations_client.errors import (
+    ConfigurationError,
+    DeadlineExceeded,
+    IntegrationsError,
+    Unavailable,
+    error_from_rpc,
+)
 from integrations_client.models import (
     Category,
     ChangeKind,
@@ -104,11 +110,11 @@ class ClientCore(Generic[_Flight]):
         watch: bool = True,
     ) -> None:
         if not target:
-            raise ValueError("target is required (host:port of the integrations service)")
+            raise ConfigurationError("target is required (host:port of the integrations service)")
         if timeout <= 0:
-            raise ValueError("timeout must be > 0 seconds")
+            raise ConfigurationError("timeout must be > 0 seconds")
         if channels < 1:
-            raise ValueError("channels must be at least 1")
+            raise ConfigurationError("channels must be at least 1")
         self._target = target
         self._tls = tls
         self._timeout = timeout
