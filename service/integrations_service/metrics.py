@@ -43,6 +43,7 @@ from integrations_service.domain.registry import PROVIDERS
 from integrations_service.domain.watch import WatchCounts
 from integrations_service.store import IntegrationStore, PoolStats
 from integrations_service.store.cached import INVALIDATION_REASONS, RESULTS, CacheCounts
+from integrations_service.store.instrumented import TIMED_OPERATIONS
 
 T = TypeVar("T")
 _Scraped = TypeVar("_Scraped", bound=Collector)
@@ -104,6 +105,9 @@ class Metrics:
             ["operation"],
             registry=r,
         )
+        # At 0 from the start, as the decryption failures: the unreachable-database alert is increase() > 0.
+        for operation in (*TIMED_OPERATIONS, "ping"):
+            self.store_unavailable.labels(operation)
         # Called on every store call that found the database unreachable (readiness re-checks at once).
         self.store_unavailable_listeners: list[Callable[[], None]] = []
         # Read at scrape time (set_function, watch): one process's state, which a worker under a supervisor

@@ -9,7 +9,7 @@ import pytest
 from integrations_service.errors import Unavailable
 from integrations_service.metrics import Metrics
 from integrations_service.store import IntegrationStore
-from integrations_service.store.instrumented import UNTIMED, InstrumentedStore, instrumented
+from integrations_service.store.instrumented import TIMED_OPERATIONS, UNTIMED, InstrumentedStore, instrumented
 from integrations_service.store.memory import MemoryStore
 
 
@@ -59,3 +59,25 @@ async def test_calls_are_passed_through_and_timed_by_operation_unavailable_ones_
     assert metrics.registry.get_sample_value("integrations_store_unavailable_total", {"operation": "get"}) == 1.0
     assert sample_count(metrics, "get") == 3.0
     assert told == ["unavailable"]
+
+
+async def test_an_outage_the_readiness_ping_finds_is_counted_though_pings_are_not_timed() -> None:
+    # On a replica with no traffic the probe's ping is the only store call: the unreachable-database alert,
+    # which counts integrations_store_unavailable_total, must see it.
+    metrics = Metrics()
+    inner = MemoryStore()
+    store = instrumented(inner, metrics)
+    await store.ping()
+    await inner.close()
+    with pytest.raises(Unavailable):
+        await store.ping()
+    assert metrics.registry.get_sample_value("integrations_store_unavailable_total", {"operation": "ping"}) == 1.0
+    assert sample_count(metrics, "ping") == 0.0
+
+
+def test_every_operation_s_unavailable_series_exists_at_zero_from_the_start() -> None:
+    # The alert is increase() > 0, which sees no increase in a series that first appears at 1.
+    metrics = Metrics()
+    for operation in [*TIMED_OPERATIONS, "ping"]:
+        value = metrics.registry.get_sample_value("integrations_store_unavailable_total", {"operation": operation})
+        assert value == 0.0, operation

@@ -64,6 +64,9 @@ class Readiness:
                     await self._wake.wait()
             self._wake.clear()
             await self._probe()
+            # A wake during the probe is answered by it, the probe's own failed ping included (it counts as a
+            # store call that found the database unreachable): waking again for it would probe in a loop.
+            self._wake.clear()
 
     async def _probe(self) -> None:
         try:
