@@ -288,13 +288,22 @@ class _DirectLines:
     would reach: the same line, without the record and the handler's dispatch.
 
     A test (caplog), a filter or another handler added anywhere on the way makes `log_line` make a record
-    again, as `logger.log` would.
+    again, as `logger.log` would. The one filter it knows is a worker's `WorkerField`, installed with the
+    handler: it writes that field itself.
     """
 
-    def __init__(self, handler: logging.StreamHandler[LoopBatchedLines], formatter: JsonFormatter) -> None:
+    def __init__(
+        self,
+        handler: logging.StreamHandler[LoopBatchedLines],
+        formatter: JsonFormatter,
+        worker: WorkerField | None = None,
+    ) -> None:
         self._handler = handler
         self._formatter = formatter
         self._stream = handler.stream
+        # The handler's filters as `configure` left them: none, or a worker's field, which a line gets here too.
+        self._filters: list[logging.Filter] = [worker] if worker is not None else []
+        self._worker = worker
 
     def is_the_only_handler_of(self, logger: logging.Logger, level: int) -> bool:
         root = logging.root
@@ -302,7 +311,7 @@ class _DirectLines:
         if len(handlers) != 1 or handlers[0] is not self._handler or root.filters:
             return False
         handler = self._handler
-        if handler.filters or level < handler.level or handler.stream is not self._stream:
+        if handler.filters != self._filters or level < handler.level or handler.stream is not self._stream:
             return False
         if handler.formatter is not self._formatter:
             return False
@@ -314,12 +323,28 @@ class _DirectLines:
         return current is root
 
     def write(self, name: str, level: int, message: str, fields: Mapping[str, object]) -> None:
+        worker = self._worker
+        if worker is not None:  # what its filter does to a record: the field set, whatever `fields` had
+            fields = {**fields, "worker": worker.index}
         self._handler.acquire()  # the formatter's clock is not thread-safe: as Handler.handle does
         try:
             line = self._formatter.line(time.time(), logging.getLevelName(level), name, message, fields)
             self._stream.write(line + "\n")
         finally:
             self._handler.release()
+
+
+class WorkerField(logging.Filter):
+    """Adds `worker=<index>` to every log line of a worker of `serve --workers N`, so interleaved lines can be
+    told apart (`configure(worker=…)` installs it)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
 
 
 _direct: _DirectLines | None = None
@@ -394,13 +419,17 @@ class LoopBatchedLines:
             pass
 
 
-def configure(json_lines: bool, level: int = logging.INFO) -> None:
+def configure(json_lines: bool, level: int = logging.INFO, *, worker: int | None = None) -> None:
+    """`worker`: the index of a worker of `serve --workers N`, which every line of it then names."""
     global _direct, _batched  # what this function installs: log_line and drain use them
     _batched = LoopBatchedLines(_json_stream() if json_lines else sys.stderr)
     handler = logging.StreamHandler(_batched)
     formatter = JsonFormatter() if json_lines else TextFormatter()
     handler.setFormatter(formatter)
-    _direct = _DirectLines(handler, formatter) if isinstance(formatter, JsonFormatter) else None
+    field = WorkerField(worker) if worker is not None else None
+    if field is not None:
+        handler.addFilter(field)
+    _direct = _DirectLines(handler, formatter, field) if isinstance(formatter, JsonFormatter) else None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

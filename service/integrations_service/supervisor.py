@@ -296,18 +296,6 @@ def _log_fd() -> int | None:
     return None
 
 
-class _WorkerField(logging.Filter):
-    """Adds `worker=<index>` to every log line of a worker, so interleaved lines can be told apart."""
-
-    def __init__(self, index: int) -> None:
-        super().__init__()
-        self._index = index
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.worker = self._index
-        return True
-
-
 def _drain_when_orphaned() -> None:
     """A worker whose supervisor died (SIGKILL, OOM) drains and exits instead of serving on unsupervised."""
     supervisor = os.getppid()
@@ -324,9 +312,7 @@ def _drain_when_orphaned() -> None:
 def _worker_main(settings: Settings, index: int, serve: Serve) -> None:
     """A worker process: the whole service, metrics to the multiprocess files; its exit code as `serve`'s."""
     # Ctrl-C reaches the whole process group: the worker drains on it as on the supervisor's SIGTERM.
-    logs.configure(json_lines=settings.json_logs)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_WorkerField(index))
+    logs.configure(json_lines=settings.json_logs, worker=index)
     metrics.run_as_worker(index)
     _drain_when_orphaned()
     try:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import io
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -256,14 +258,14 @@ def test_a_json_line_with_a_traceback_is_exactly_what_json_dumps_writes() -> Non
     assert formatter.format(made) == json.dumps(expected, ensure_ascii=False)
 
 
-@pytest.fixture
-def json_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+@contextlib.contextmanager
+def _configured(monkeypatch: pytest.MonkeyPatch, worker: int | None = None) -> Iterator[io.StringIO]:
     """The service's JSON logging (`configure(True)`), writing to a string; the test's logging restored after."""
     written = io.StringIO()
     monkeypatch.setattr(logs, "_json_stream", lambda: written)
     root = logging.getLogger()
     saved = root.handlers[:], root.level
-    logs.configure(json_lines=True)
+    logs.configure(json_lines=True, worker=worker)
     try:
         yield written
     finally:
@@ -272,13 +274,29 @@ def json_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
         monkeypatch.setattr(logs, "_direct", None)
 
 
+@pytest.fixture
+def json_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    with _configured(monkeypatch) as written:
+        yield written
+
+
+WORKER = 3
+
+
+@pytest.fixture
+def worker_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    """A worker's logging: `configure(True, worker=WORKER)`, as `serve --workers N` has it."""
+    with _configured(monkeypatch, worker=WORKER) as written:
+        yield written
+
+
 def _lines(written: io.StringIO) -> list[dict[str, object]]:
     return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in written.getvalue().splitlines()]
 
 
-def test_log_line_writes_to_the_configured_handler_the_line_a_record_would_make(json_logging: io.StringIO) -> None:
-    logger = logging.getLogger("integrations.rpc")
-    fields: dict[str, object] = {"rpc": "/x.Y/Z", "code": "OK", "duration_ms": 0.25, "organization_id": None}
+@contextlib.contextmanager
+def _records_handled() -> Iterator[list[logging.LogRecord]]:
+    """The records the service's handler handles meanwhile, with pytest's own root handlers out of the way."""
     root = logging.getLogger()
     ours, *pytest_handlers = root.handlers  # pytest adds its own to the root for each test's call
     handled: list[logging.LogRecord] = []
@@ -291,11 +309,23 @@ def test_log_line_writes_to_the_configured_handler_the_line_a_record_would_make(
     root.handlers[:] = [ours]
     ours.handle = counted  # type: ignore[method-assign]
     try:
-        logger.info("rpc finished", extra=fields)  # through a record and the handler
-        logs.log_line(logger, logging.INFO, "rpc finished", fields)  # written directly
+        yield handled
     finally:
         del ours.handle
         root.handlers[:] = [ours, *pytest_handlers]
+
+
+def _without_time(written: io.StringIO) -> list[str]:
+    """The lines as written, but for their time (the two paths read the clock at different moments)."""
+    return [re.sub(r'^\{"time": "[^"]*", ', "{", line) for line in written.getvalue().splitlines()]
+
+
+def test_log_line_writes_to_the_configured_handler_the_line_a_record_would_make(json_logging: io.StringIO) -> None:
+    logger = logging.getLogger("integrations.rpc")
+    fields: dict[str, object] = {"rpc": "/x.Y/Z", "code": "OK", "duration_ms": 0.25, "organization_id": None}
+    with _records_handled() as handled:
+        logger.info("rpc finished", extra=fields)  # through a record and the handler
+        logs.log_line(logger, logging.INFO, "rpc finished", fields)  # written directly
     assert len(handled) == 1  # the second line made no record
     usual, direct = _lines(json_logging)
     assert direct == usual
@@ -330,3 +360,59 @@ def test_log_line_makes_a_record_again_when_anything_else_would_see_it(
     finally:
         logger.propagate = True
     assert [line["message"] for line in _lines(json_logging)] == ["seen by both"]
+
+
+RPC_FIELDS: dict[str, object] = {
+    "rpc": "/x.Y/Z",
+    "code": "OK",
+    "duration_ms": 0.25,
+    "request_id": "r-1",
+    "organization_id": "org_1",
+    "provider": "stripe",
+}
+
+
+def test_a_workers_line_is_written_directly_byte_for_byte_as_its_record_would_write_it(
+    worker_logging: io.StringIO,
+) -> None:
+    logger = logging.getLogger("integrations.rpc")
+    with _records_handled() as handled:
+        logger.info("rpc finished", extra=RPC_FIELDS)  # a record, which the worker's filter gives its field
+        logs.log_line(logger, logging.INFO, "rpc finished", RPC_FIELDS)
+        # A field of that name in `fields` is the worker's index all the same, as the filter sets it.
+        logs.log_line(logger, logging.INFO, "rpc finished", {**RPC_FIELDS, "worker": "forged"})
+    assert len(handled) == 1  # the other lines made no record
+    usual, direct, forged = _without_time(worker_logging)
+    assert direct == usual == forged
+    assert usual.endswith(f'"provider": "stripe", "worker": {WORKER}}}')
+    assert "worker" not in RPC_FIELDS  # the caller's fields are left as they were
+
+
+def test_a_workers_log_line_makes_a_record_again_when_anything_else_would_see_it(worker_logging: io.StringIO) -> None:
+    logger = logging.getLogger("integrations.rpc")
+    handler = logging.getLogger().handlers[0]
+    (field,) = handler.filters
+
+    class Refuse(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return False
+
+    refuse = Refuse()
+    other = logging.NullHandler()
+    with _records_handled() as handled:
+        handler.addFilter(refuse)
+        logs.log_line(logger, logging.INFO, "filtered out", {})
+        handler.removeFilter(refuse)
+        handler.removeFilter(field)  # no longer a worker's handler: no worker field
+        logs.log_line(logger, logging.INFO, "not a worker's", {})
+        handler.addFilter(field)
+        logger.addHandler(other)
+        logs.log_line(logger, logging.INFO, "seen by another handler", {})
+        logger.removeHandler(other)
+        logs.log_line(logger, logging.INFO, "direct again", {})
+    assert [record.getMessage() for record in handled] == ["filtered out", "not a worker's", "seen by another handler"]
+    assert [(line["message"], line.get("worker")) for line in _lines(worker_logging)] == [
+        ("not a worker's", None),
+        ("seen by another handler", WORKER),
+        ("direct again", WORKER),
+    ]

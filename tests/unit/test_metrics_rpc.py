@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import random
+import sys
 import threading
 from collections.abc import Callable
+from typing import Literal
 
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
 
 from integrations_service import metrics as metrics_module
-from integrations_service.metrics import Metrics, _PlainRpcFamilies, _PrometheusRpcFamilies
+from integrations_service.metrics import Metrics, _MirroredRpcFamilies, _PlainRpcFamilies
 
 GET = "/integrations.v1.IntegrationService/GetProviderConfig"
 SAVE = "/integrations.v1.IntegrationService/SaveIntegration"
@@ -25,8 +28,8 @@ GET_LABELS = {
 Code = grpc.StatusCode
 
 
-def new_metrics(*, plain: bool) -> Metrics:
-    return Metrics(CollectorRegistry(), plain_rpc_counts=plain)
+def new_metrics(*, plain: bool = False, counts: Literal["plain", "mirrored", "prometheus"] | None = None) -> Metrics:
+    return Metrics(CollectorRegistry(), rpc_counts=counts or ("plain" if plain else "prometheus"))
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -162,9 +165,110 @@ def test_a_scrape_while_calls_are_recorded_sees_histograms_whose_count_matches_t
     assert last > 0
 
 
-def test_workers_keep_prometheus_clients_objects(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Only they write to the multiprocess files the supervisor adds up; one process counts in plain ints.
+def test_workers_count_in_plain_ints_which_their_mirror_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only prometheus_client's objects write to the multiprocess files the supervisor adds up: a worker's mirror
+    # copies its counts into them. One process reads its plain ints at scrape time.
     assert isinstance(Metrics(CollectorRegistry())._grpc, _PlainRpcFamilies)
     monkeypatch.setattr(metrics_module, "_worker", "0")
     monkeypatch.setattr(metrics_module._WorkerMirror, "start", lambda self: None)
-    assert isinstance(Metrics(CollectorRegistry())._grpc, _PrometheusRpcFamilies)
+    worker = Metrics(CollectorRegistry())
+    assert isinstance(worker._grpc, _MirroredRpcFamilies)
+    assert worker._mirror is not None
+    assert worker._mirror._rpcs is worker._grpc
+
+
+def mirrored() -> tuple[Metrics, _MirroredRpcFamilies]:
+    metrics = new_metrics(counts="mirrored")
+    assert isinstance(metrics._grpc, _MirroredRpcFamilies)
+    return metrics, metrics._grpc
+
+
+Families = dict[str, tuple[str, str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]]
+
+
+def families(metrics: Metrics) -> Families:
+    """Each RPC family's type, help and samples by name and labels: all a multiprocess scrape keeps (not the order
+    of the series, which the supervisor's collector makes its own)."""
+    parsed = text_string_to_metric_families(rpc_families(generate_latest(metrics.registry).decode()))
+    return {
+        family.name: (
+            family.type,
+            family.documentation,
+            {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples},
+        )
+        for family in parsed
+    }
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_workers_mirror_copies_into_prometheus_clients_objects_what_they_would_have_counted(seed: int) -> None:
+    before = new_metrics(counts="prometheus")
+    after, rpcs = mirrored()
+    for metrics in (before, after):
+        metrics.rpc(GET)
+        metrics.stream_rpc(WATCH)
+    assert families(after) == families(before)  # every series at zero from the start, before any round
+    for calls in (seed, seed + 100):  # the second round copies only what came after the first
+        drive(before, calls)
+        drive(after, calls)
+        rpcs.copy()
+        assert families(after) == families(before)
+    rpcs.copy()  # nothing new: nothing added
+    assert families(after) == families(before)
+    assert (
+        value(after, "grpc_server_started_total", **GET_LABELS)
+        == value(before, "grpc_server_started_total", **GET_LABELS)
+        > 0
+    )
+
+
+def test_mirror_rounds_racing_the_calls_and_each_other_copy_every_call_exactly_once() -> None:
+    metrics, rpcs = mirrored()
+    mirror = metrics_module._WorkerMirror([], "0", rpcs)  # not started: its rounds are run here
+    get = metrics.rpc(GET)
+    stop = threading.Event()
+
+    def calls() -> None:  # the event loop's part
+        while not stop.is_set():
+            for code, seconds in ((Code.OK, 0.0001), (Code.NOT_FOUND, 0.003), (Code.OK, 9.0)):
+                get.started()
+                get.handled(code, seconds)
+
+    def rounds() -> None:
+        for _ in range(200):
+            mirror.copy()
+
+    threads = [threading.Thread(target=calls), threading.Thread(target=rounds), threading.Thread(target=rounds)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads take turns within a round, not only between rounds
+    try:
+        for thread in threads:
+            thread.start()
+        threads[1].join()
+        threads[2].join()
+    finally:
+        stop.set()
+        threads[0].join()
+        sys.setswitchinterval(interval)
+    mirror.copy()  # the last round, as Metrics.close runs it
+    started = value(metrics, "grpc_server_started_total", **GET_LABELS)
+    assert started is not None
+    assert started > 0
+    assert value(metrics, "grpc_server_handled_total", **GET_LABELS, grpc_code="OK") == started * 2 / 3
+    assert value(metrics, "integrations_rpc_requests_total", method=GET, code="NOT_FOUND") == started / 3
+    assert value(metrics, "grpc_server_handling_seconds_count", **GET_LABELS) == started
+    assert value(metrics, "grpc_server_handling_seconds_bucket", **GET_LABELS, le="0.0005") == started / 3
+    assert value(metrics, "grpc_server_handling_seconds_sum", **GET_LABELS) == pytest.approx(started / 3 * 9.0031)
+
+
+async def test_a_worker_stopping_copies_what_came_since_its_mirrors_last_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics_module, "_worker", "0")
+    monkeypatch.setattr(metrics_module._WorkerMirror, "start", lambda self: None)  # no round but the last
+    metrics = Metrics(CollectorRegistry())
+    get = metrics.rpc(GET)
+    get.started()
+    get.handled(Code.OK, 0.002)
+    assert value(metrics, "grpc_server_started_total", **GET_LABELS) == 0
+    await metrics.close()
+    assert value(metrics, "grpc_server_started_total", **GET_LABELS) == 1
+    assert value(metrics, "integrations_rpc_duration_seconds_sum", method=GET) == 0.002
