@@ -348,17 +348,20 @@ def test_log_line_makes_a_record_again_when_anything_else_would_see_it(
         def filter(self, record: logging.LogRecord) -> bool:
             return False
 
-    handler = logging.getLogger().handlers[0]
-    handler.addFilter(Refuse())
-    try:
-        logs.log_line(logger, logging.INFO, "filtered out", {})
-    finally:
-        handler.filters.clear()
-    logger.propagate = False
-    try:
-        logs.log_line(logger, logging.INFO, "not propagated", {})
-    finally:
-        logger.propagate = True
+    # With pytest's own root handlers out of the way, which alone would keep log_line off its direct path.
+    with _records_handled() as handled:
+        handler = logging.getLogger().handlers[0]
+        handler.addFilter(Refuse())
+        try:
+            logs.log_line(logger, logging.INFO, "filtered out", {})
+        finally:
+            handler.filters.clear()
+        assert len(handled) == 1  # a record, which the filter refused
+        logger.propagate = False
+        try:
+            logs.log_line(logger, logging.INFO, "not propagated", {})
+        finally:
+            logger.propagate = True
     assert [line["message"] for line in _lines(json_logging)] == ["seen by both"]
 
 

@@ -58,7 +58,7 @@ def documented() -> dict[str, dict[str, list[str]]]:
 
 def exposed() -> dict[str, dict[str, set[str]]]:
     """What a fresh service's registry exposes after one of each event: family name -> {label: values seen}."""
-    metrics = Metrics(CollectorRegistry(), plain_rpc_counts=True)
+    metrics = Metrics(CollectorRegistry(), rpc_counts="plain")
     metrics.rpc("/integrations.v1.IntegrationService/GetProviderConfig").started()
     metrics.stream_rpc("/integrations.v1.IntegrationService/WatchConfigChanges").started()
     metrics.observed("get", 0.001)
@@ -112,7 +112,7 @@ def test_metrics_named_anywhere_in_the_docs_exist(doc: Path) -> None:
 
 def test_decryption_failures_are_exposed_at_zero_for_every_provider_before_the_first() -> None:
     """deploy/prometheus/alerts.yml fires on increase(integrations_decryption_failures_total) > 0."""
-    metrics = Metrics(CollectorRegistry(), plain_rpc_counts=True)
+    metrics = Metrics(CollectorRegistry(), rpc_counts="plain")
     for provider in PROVIDERS:
         value = metrics.registry.get_sample_value("integrations_decryption_failures_total", {"provider": provider.id})
         assert value == 0, provider.id
