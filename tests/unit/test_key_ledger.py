@@ -60,7 +60,7 @@ def record(key_id: str, check_value: str, retired: bool = False, encryptions: in
         ),
         pytest.param(
             [record(OLD_KEY_ID, WRONG_CHECK), record(NEW_KEY_ID, NEW_CHECK, retired=True), record("lost", "z" * 64)],
-            ["is not the key the stored data", f"the active key {NEW_KEY_ID!r} is retired", "keys 'lost' are not"],
+            ["is not the key the stored data", f"the active key {NEW_KEY_ID!r} is retired", "key 'lost' is not"],
             id="every problem at once",
         ),
     ],

@@ -41,9 +41,10 @@ def check_keys(records: list[KeyRecord], cipher: ValueCipher) -> None:
             "dropped from the keyring, which a retired key may be; make a new key active instead"
         )
     if missing := sorted(r.key_id for r in records if not r.retired and r.key_id not in mine):
+        keys, are, them = ("key", "is", "it") if len(missing) == 1 else ("keys", "are", "them")
         problems.append(
-            f"keys {', '.join(map(repr, missing))} are not configured but not retired either: stored values "
-            "may still need them (configure them, or rotate and then retire them)"
+            f"{keys} {', '.join(map(repr, missing))} {are} not configured but not retired either: stored values "
+            f"may still need {them} (configure {them}, or rotate and then retire {them})"
         )
     if problems:
         raise ConfigurationError("encryption keys do not match the store:\n  " + "\n  ".join(problems))
