@@ -85,16 +85,21 @@ def compiled() -> Path:
     return COMPILED
 
 
-def run_suites(compiled: Path, suites: list[str], env: dict[str, str]) -> NodeRun:
-    done = subprocess.run(
-        [node_binary(), "--test", "--test-reporter=tap", *(str(compiled / suite) for suite in suites)],
-        cwd=PACKAGE,
+def node(arguments: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Node.js with `arguments` in `cwd`, with only `env` (and what a process needs) in its environment."""
+    return subprocess.run(
+        [node_binary(), *arguments],
+        cwd=cwd,
         env=clean_env(env),
         capture_output=True,
         text=True,
         timeout=NODE_TIMEOUT,
         check=False,
     )
+
+
+def run_suites(compiled: Path, suites: list[str], env: dict[str, str]) -> NodeRun:
+    done = node(["--test", "--test-reporter=tap", *(str(compiled / suite) for suite in suites)], PACKAGE, env)
     output = done.stdout + done.stderr
     summary = {name: int(count) for name, count in re.findall(r"^# (\w+) (\d+)$", done.stdout, flags=re.MULTILINE)}
     return NodeRun(done.returncode, output, summary)
@@ -327,22 +332,18 @@ async def test_dashboard_doc_server_actions_run(compiled: Path, processes: Proce
             text = compiled_file.read_text(encoding="utf-8")
             text = re.sub(r'from "@/(lib/[a-z]+)"', lambda m: f'from "{(out / m[1]).as_posix()}.js"', text)
             compiled_file.write_text(text, encoding="utf-8")
-        env = {"INTEGRATIONS_SERVICE_TARGET": process.target, "DOC_ORGANIZATION": new_org()}
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [node_binary(), "run.mjs"],
-            cwd=project,
-            env=clean_env(env),
-            capture_output=True,
-            text=True,
-            timeout=NODE_TIMEOUT,
-            check=False,
-        )
+        done = await run_doc_project(project, process)
     finally:
         shutil.rmtree(project)
     assert done.returncode == 0, f"the doc's server actions failed:\n{done.stdout}{done.stderr}"
     assert "dashboard doc actions: ok" in done.stdout
     assert_no_leak(process)
+
+
+async def run_doc_project(project: Path, process: ServeProcess) -> subprocess.CompletedProcess[str]:
+    """`node run.mjs` in a compiled doc project, against `process`, for a new organization."""
+    env = {"INTEGRATIONS_SERVICE_TARGET": process.target, "DOC_ORGANIZATION": new_org()}
+    return await asyncio.to_thread(node, ["run.mjs"], project, env)
 
 
 # The README's watch example, compiled as a Node.js (ESM) project would and run through a proxy
@@ -369,17 +370,7 @@ async def test_readme_watch_example_runs(compiled: Path, processes: Processes, t
             (project / name).write_text(body, encoding="utf-8")
         built = tsc(project, "tsconfig.json")
         assert built.returncode == 0, f"the README's watch example does not compile:\n{built.stdout}{built.stderr}"
-        env = {"INTEGRATIONS_SERVICE_TARGET": process.target, "DOC_ORGANIZATION": new_org()}
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [node_binary(), "run.mjs"],
-            cwd=project,
-            env=clean_env(env),
-            capture_output=True,
-            text=True,
-            timeout=NODE_TIMEOUT,
-            check=False,
-        )
+        done = await run_doc_project(project, process)
     finally:
         shutil.rmtree(project)
     assert done.returncode == 0, f"the README's watch example failed:\n{done.stdout}{done.stderr}"
