@@ -40,7 +40,7 @@ from integrations_service.devcerts import ROLES as DEV_ROLES
 from integrations_service.devcerts import make_dev_certs
 from integrations_service.domain.registry import PROVIDERS, ProviderSpec
 from tests.harness import TEST_KEY, Metadata
-from tests.processes import Processes, ServeProcess, clean_env, health_status
+from tests.processes import Processes, ServeProcess, clean_env, health_status, own_store_location
 from tests.tls_fixtures import CertificateAuthority
 
 SERVICE = "/integrations.v1.IntegrationService"
@@ -68,9 +68,10 @@ REFUSED = {C.PERMISSION_DENIED, C.INVALID_ARGUMENT}
 MAX_MESSAGE_BYTES = 2048
 MAX_REQUEST_BYTES = 1 << 20  # the server's grpc.max_receive_message_length: bigger is RESOURCE_EXHAUSTED
 CALL_TIMEOUT = 30.0
-EXAMPLES = 500  # per unary RPC
-RAW_EXAMPLES = 200  # per unary RPC
-WATCH_EXAMPLES = 150
+# Per unary RPC and store.
+EXAMPLES = 300
+RAW_EXAMPLES = 120
+WATCH_EXAMPLES = 100  # per store
 STRANGER = "stranger"
 CALLERS = (*DEV_ROLES, STRANGER)
 
@@ -288,9 +289,14 @@ class Fuzzed:
         )
 
 
-@pytest.fixture(scope="module")
-def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def fuzzed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
+    """One service for every test of the module on each store; its log is checked after the last of them."""
     where = tmp_path_factory.mktemp("fuzz")
+    if request.param == "sqlite":
+        database_url = f"sqlite:///{where / 'store.sqlite3'}"
+    else:
+        database_url = own_store_location(("postgres", ""), request)[1]
     dev = make_dev_certs(where / "certs")
     ca = CertificateAuthority.load(dev["ca"].cert, dev["ca"].key)
     stranger = ca.issue(STRANGER, uris=("spiffe://integrations.local/stranger",))
@@ -301,7 +307,7 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     env = clean_env(
         {
             "INTEGRATION_ENCRYPTION_KEY": TEST_KEY,
-            "DATABASE_URL": f"sqlite:///{where / 'store.sqlite3'}",
+            "DATABASE_URL": database_url,
             "INTEGRATIONS_DATA_DIR": str(where / "data"),
             "INTEGRATIONS_TLS_CERT": str(dev["server"].cert),
             "INTEGRATIONS_TLS_KEY": str(dev["server"].key),
