@@ -279,9 +279,8 @@ def json_logs_wanted(args: argparse.Namespace | None, environ: Mapping[str, str]
     In JSON mode every line on stderr is a JSON object (docs/operations.md), the settings' own errors included:
     a container's log pipeline would otherwise split that message into lines it cannot parse.
     """
-    reader = _Reader(args, environ)
-    chosen = reader.text(LOG_FORMAT)
-    return chosen == "json" if chosen else reader.text(MODE) == Mode.PRODUCTION.value
+    reader = _Reader(args, environ)  # its problems are not raised: `load_settings` already reports them
+    return reader.log_format(reader.choice(MODE, Mode))
 
 
 HEALTHCHECK_CA_ENV = "INTEGRATIONS_HEALTHCHECK_CA"

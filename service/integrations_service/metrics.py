@@ -294,27 +294,40 @@ class _PrometheusRpcFamilies:
         return _PrometheusStreamRpc(method, self)
 
 
-class _PrometheusRpc:
-    """One unary method's label children, resolved once: recording a call is a few increments."""
+class _PrometheusCalls:
+    """The label children of one method that every kind of call has: started (one message received each),
+    messages sent, and the codes calls ended with."""
 
-    def __init__(self, method: str, families: _PrometheusRpcFamilies) -> None:
-        labels = _grpc_labels("unary", method)
+    def __init__(self, grpc_type: str, method: str, families: _PrometheusRpcFamilies) -> None:
+        self._labels = labels = _grpc_labels(grpc_type, method)
         self._started = families.started.labels(*labels)
         self._received = families.received.labels(*labels)
         self._sent = families.sent.labels(*labels)
-        self._seconds = families.seconds.labels(*labels)
         # Every code exists from the start, as go-grpc-prometheus does: ratios and increase() see zeros, not gaps.
         self._handled = {code: families.handled.labels(*labels, code.name) for code in _CODES}
+
+    def started(self) -> None:
+        self._started.inc()
+        self._received.inc()
+
+    def _add_started(self, calls: int) -> None:
+        if calls:
+            self._started.inc(calls)
+            self._received.inc(calls)
+
+
+class _PrometheusRpc(_PrometheusCalls):
+    """One unary method's label children, resolved once: recording a call is a few increments."""
+
+    def __init__(self, method: str, families: _PrometheusRpcFamilies) -> None:
+        super().__init__("unary", method, families)
+        self._seconds = families.seconds.labels(*self._labels)
         self._own_seconds = families.rpc_seconds.labels(method)
         # integrations_rpc_requests_total's children of this method, one per code, made on a code's first call
         # (a label lookup per call costs more than the increment).
         self._own_requests = families.rpcs
         self._method = method
         self._own_by_code: dict[grpc.StatusCode, Counter] = {}
-
-    def started(self) -> None:
-        self._started.inc()
-        self._received.inc()
 
     def handled(self, code: grpc.StatusCode, seconds: float) -> None:
         if code is grpc.StatusCode.OK:
@@ -333,9 +346,7 @@ class _PrometheusRpc:
     def add(self, calls: int, codes: Mapping[grpc.StatusCode, int], buckets: Sequence[int], seconds: float) -> None:
         """Many calls at once (a mirror's round): `started` `calls` times, `handled` `codes[code]` times per code,
         with `buckets[i]` observations in bucket i (not cumulative; the last +Inf's) summing to `seconds`."""
-        if calls:
-            self._started.inc(calls)
-            self._received.inc(calls)
+        self._add_started(calls)
         for code, count in codes.items():
             if code is grpc.StatusCode.OK:
                 self._sent.inc(count)
@@ -359,20 +370,12 @@ def _observed(histogram: Histogram, buckets: Sequence[int], seconds: float) -> N
     histogram._sum.inc(seconds)
 
 
-class _PrometheusStreamRpc:
+class _PrometheusStreamRpc(_PrometheusCalls):
     """One server-streaming method's label children: calls, their codes, messages."""
 
     def __init__(self, method: str, families: _PrometheusRpcFamilies) -> None:
-        labels = _grpc_labels("server_stream", method)
-        self._started = families.started.labels(*labels)
-        self._received = families.received.labels(*labels)
-        self._sent = families.sent.labels(*labels)
-        self._handled = {code: families.handled.labels(*labels, code.name) for code in _CODES}
+        super().__init__("server_stream", method, families)
         self._own = {code: families.rpcs.labels(method, code.name) for code in _CODES}
-
-    def started(self) -> None:
-        self._started.inc()
-        self._received.inc()
 
     def sent(self) -> None:
         self._sent.inc()
@@ -383,9 +386,7 @@ class _PrometheusStreamRpc:
 
     def add(self, calls: int, messages: int, codes: Mapping[grpc.StatusCode, int]) -> None:
         """Many streams at once (a mirror's round): started, sent and handled with each code as many times."""
-        if calls:
-            self._started.inc(calls)
-            self._received.inc(calls)
+        self._add_started(calls)
         if messages:
             self._sent.inc(messages)
         for code, count in codes.items():
