@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from integrations.v1 import integrations_pb2 as pb
+from integrations_service import errors
 from integrations_service.api.auth import Authorizer
 from integrations_service.api.interceptor import REQUEST_ID_KEY, RpcInterceptor, _request_id, request_ids
 from integrations_service.api.server import WrappingRegistrar
@@ -136,3 +137,73 @@ def test_a_callers_request_id_is_kept_only_in_the_form_docs_api_md_gives(sent: s
     """docs/api.md, Errors: 1-64 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'; anything else is ignored."""
     found = _request_id(cast(Any, _Metadata(("other", "x"), (REQUEST_ID_KEY, sent))))
     assert found == (sent if kept else "")
+
+
+class _Aborting(_Metadata):
+    """A servicer context that sends nothing: `abort` notes what the call had logged and counted by the time its
+    status would leave, and raises as grpc.aio's does."""
+
+    def __init__(self, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture) -> None:
+        super().__init__((REQUEST_ID_KEY, "abort-order"))
+        self._registry = registry
+        self._caplog = caplog
+        self.at_abort: tuple[list[str], float | None] | None = None
+        self.code: grpc.StatusCode | None = None
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_trailing_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
+        pass
+
+    async def abort(self, code: grpc.StatusCode, details: str, trailing: Sequence[tuple[str, str]]) -> None:
+        lines = [record.getMessage() for record in self._caplog.records]
+        labels = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "GetProviderConfig"}
+        if code is grpc.StatusCode.NOT_FOUND:  # the unary call's count; streams are checked by their line alone
+            handled = self._registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": code.name})
+        else:
+            handled = None
+        self.code = code
+        self.at_abort = (lines, handled)
+        raise grpc.aio.AbortError()
+
+
+async def test_a_failed_call_is_logged_and_counted_before_its_status_is_sent(caplog: pytest.LogCaptureFixture) -> None:
+    """A caller that holds the error may look for the call at once: its line and count exist by then (CI once saw a
+    NOT_FOUND's line missing right after the caller got it, when the line was logged after `abort`)."""
+    registry = CollectorRegistry()
+    interceptor = RpcInterceptor(Authorizer(None), AuditTrail(MemoryStore()), Metrics(registry))
+
+    async def missing(request: Any, context: Any) -> Any:
+        raise errors.NotFound("no stripe integration for org", "integration", "org/stripe")
+
+    async def broken_stream(request: Any, context: Any) -> Any:
+        raise errors.Unavailable("the store is unreachable")
+        yield  # pragma: no cover  # an async generator, as a streaming handler is
+
+    caplog.set_level("INFO", logger="integrations")
+    unary = interceptor.wrapped(GET, grpc.unary_unary_rpc_method_handler(missing))
+    assert unary is not None
+    handle: Any = unary.unary_unary  # under grpc.aio a coroutine function (the stubs say a plain one)
+    context = _Aborting(registry, caplog)
+    with pytest.raises(grpc.aio.AbortError):
+        await handle(pb.GetProviderConfigRequest(), context)
+    assert context.at_abort == (["rpc finished"], 1.0)
+
+    caplog.clear()
+    watch = interceptor.wrapped(f"/{SERVICE}/WatchConfigChanges", grpc.unary_stream_rpc_method_handler(broken_stream))
+    assert watch is not None
+    stream: Any = watch.unary_stream  # an async generator function under grpc.aio
+    context = _Aborting(registry, caplog)
+    with pytest.raises(grpc.aio.AbortError):
+        async for _ in stream(pb.WatchConfigChangesRequest(), context):
+            pass  # pragma: no cover
+    assert context.code is grpc.StatusCode.UNAVAILABLE
+    assert context.at_abort is not None
+    assert context.at_abort[0] == ["stream opened", "stream ended"]

@@ -100,6 +100,7 @@ class RpcInterceptor:
             started = time.perf_counter()
             rpc_metrics.started()
             code = grpc.StatusCode.OK
+            failed: grpc.Status | None = None
             try:
                 _check_decoded(request)
                 self._authorize(caller, identified, method, request)
@@ -113,14 +114,18 @@ class RpcInterceptor:
             except grpc.aio.AbortError:
                 raise
             except Exception as failure:
-                status = self._failure_status(method, caller, failure)
-                code = status.code
-                await _abort(context, status, caller.request_id)
+                failed = self._failure_status(method, caller, failure)
+                code = failed.code
             finally:
+                # Before an error status goes out (below), not after: `abort` sends it and resumes this task only
+                # once gRPC reports it sent, by when the caller may already hold the error and look for the
+                # call's line, audit record or count. A returned response is sent after this block anyway.
                 code = _cut_short(context, code) or code
                 elapsed = time.perf_counter() - started
                 rpc_metrics.handled(code, elapsed)
                 _log_rpc(method, request, code, elapsed, caller, line.close())
+            if failed is not None:
+                await _abort(context, failed, caller.request_id)
             raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
         return handle
@@ -134,6 +139,7 @@ class RpcInterceptor:
             rpc_metrics = self._metrics.stream_rpc(method)
             rpc_metrics.started()
             code = grpc.StatusCode.OK
+            failed: grpc.Status | None = None
             sent = 0
             opened = False
             try:
@@ -160,14 +166,16 @@ class RpcInterceptor:
                 code = _cut_short(context, grpc.StatusCode.CANCELLED) or grpc.StatusCode.CANCELLED
                 raise
             except Exception as failure:
-                status = self._failure_status(method, caller, failure)
-                code = status.code
-                await _abort(context, status, caller.request_id)
+                failed = self._failure_status(method, caller, failure)
+                code = failed.code
             finally:
+                # Before an error status goes out, as in `_wrap`.
                 code = _cut_short(context, code) or code
                 elapsed = time.perf_counter() - started
                 rpc_metrics.handled(code)
                 _log_stream_ended(method, request, code, elapsed, caller, sent, opened=opened)
+            if failed is not None:
+                await _abort(context, failed, caller.request_id)
 
         return stream
 
