@@ -39,6 +39,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from integrations_service.crypto import LEGACY_FORMATS
 from integrations_service.domain.registry import PROVIDERS
 from integrations_service.domain.watch import WatchCounts
 from integrations_service.store import IntegrationStore, PoolStats
@@ -102,6 +103,11 @@ class Metrics:
             ["format", "provider"],
             registry=r,
         )
+        # At 0 from the start too: the legacy-reads panel is a rate(), blind to a series' first value.
+        for legacy_format in LEGACY_FORMATS:
+            for provider in PROVIDERS:
+                self.legacy_values_read.labels(legacy_format, provider.id)
+                self.legacy_values_refused.labels(legacy_format, provider.id)
         self.store_seconds = Histogram(
             "integrations_store_operation_duration_seconds",
             "Store call latency, by operation",

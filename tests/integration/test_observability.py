@@ -27,7 +27,6 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 ABSENT_FOR_A_REASON = {
     "up": "Prometheus makes it for every target",
     "integrations_store_pool_connections": "PostgreSQL only (tests/integration/test_metrics.py checks it there)",
-    "integrations_legacy_values_read_total": "counted by the legacy-values work, which lands separately",
 }
 PROMETHEUS_LABELS = {"job", "instance"}
 PROMQL_WORDS = {

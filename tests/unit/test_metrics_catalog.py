@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from integrations_service.crypto import LEGACY_FORMATS
 from integrations_service.domain.registry import PROVIDERS
 from integrations_service.domain.watch import RESYNC_REASONS
 from integrations_service.metrics import Metrics
@@ -98,7 +99,8 @@ def test_listed_label_values_are_the_codes() -> None:
     assert sorted(rows["integrations_watch_resyncs_total"]["reason"]) == sorted(RESYNC_REASONS)
     pool_states = rows["integrations_store_pool_connections"]["state"]
     assert set(pool_states) == exposed()["integrations_store_pool_connections"]["state"]
-    assert sorted(rows["integrations_legacy_values_read_total"]["format"]) == ["plaintext", "v1"]
+    assert rows["integrations_legacy_values_read_total"]["format"] == list(LEGACY_FORMATS) == ["plaintext", "v1"]
+    assert rows["integrations_legacy_values_refused_total"]["format"] == list(LEGACY_FORMATS)
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda path: str(path.relative_to(ROOT)))
@@ -116,3 +118,13 @@ def test_decryption_failures_are_exposed_at_zero_for_every_provider_before_the_f
     for provider in PROVIDERS:
         value = metrics.registry.get_sample_value("integrations_decryption_failures_total", {"provider": provider.id})
         assert value == 0, provider.id
+
+
+@pytest.mark.parametrize("name", ["integrations_legacy_values_read_total", "integrations_legacy_values_refused_total"])
+def test_legacy_values_are_exposed_at_zero_for_every_format_and_provider_before_the_first(name: str) -> None:
+    """The dashboard's legacy-reads panel is a rate(): a series that first appears at 1 hides the first value."""
+    metrics = Metrics(CollectorRegistry(), rpc_counts="plain")
+    for legacy_format in LEGACY_FORMATS:
+        for provider in PROVIDERS:
+            labels = {"format": legacy_format, "provider": provider.id}
+            assert metrics.registry.get_sample_value(name, labels) == 0, labels

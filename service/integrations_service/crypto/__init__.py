@@ -1,6 +1,7 @@
 """Authenticated encryption of single credential values (the `enc:` formats) and the keyring."""
 
 from integrations_service.crypto.aead import (
+    LEGACY_FORMATS,
     LEGACY_PLAINTEXT,
     LEGACY_V1,
     NONCE_LIMIT,
@@ -18,6 +19,7 @@ from integrations_service.crypto.keyring import DEFAULT_KEY_ID, EncryptionKey, I
 
 __all__ = [
     "DEFAULT_KEY_ID",
+    "LEGACY_FORMATS",
     "LEGACY_PLAINTEXT",
     "LEGACY_V1",
     "NONCE_LIMIT",

@@ -103,6 +103,8 @@ def key_id_of(stored: str) -> str | None:
 
 LEGACY_PLAINTEXT = "plaintext"
 LEGACY_V1 = "v1"
+# Every value `legacy_format` returns (the `format` label of the legacy-value metrics).
+LEGACY_FORMATS = (LEGACY_PLAINTEXT, LEGACY_V1)
 
 
 def legacy_format(stored: str) -> str | None:
