@@ -60,17 +60,30 @@ class RunningService:
         await self.health.enter_graceful_shutdown()
         self.watches.shutdown()
         await self.server.stop(grace)
-        await _close_in_order(self.audit, self.key_usage, self.store)
+        await _close_in_order(self.audit, self.key_usage, self.store, self.metrics)
         log.info("stopped", extra={"event": "stopped"})
         await self.metrics.close()
 
 
-async def _close_in_order(audit: AuditTrail, key_usage: KeyUsage, store: IntegrationStore) -> None:
+async def _close_in_order(
+    audit: AuditTrail, key_usage: KeyUsage, store: IntegrationStore, metrics: Metrics | None = None
+) -> None:
     """The store last (the others write to it), and each whatever the others did: a failed audit flush must not
-    keep the encryption counts, which the nonce budget depends on, from being saved."""
+    keep the encryption counts, which the nonce budget depends on, from being saved.
+
+    A worker's metrics are copied to the supervisor's files one last time just before the store closes: after the
+    last counts (the audit flush counts the records it gives up), while what is read at scrape time can still read
+    the store.
+    """
+
+    async def copy_metrics() -> None:
+        if metrics is not None:
+            metrics.last_copy()
+
     steps: Sequence[tuple[str, Callable[[], Awaitable[None]]]] = (
         ("audit", audit.close),
         ("key_usage", key_usage.close),
+        ("metrics", copy_metrics),
         ("store", store.close),
     )
     for step, close in steps:

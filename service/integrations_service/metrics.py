@@ -202,11 +202,16 @@ class Metrics:
         self._http = server
         return int(server.server_port)
 
-    async def close(self) -> None:
-        """Stop the /metrics HTTP server, if one was started, and release its port; a worker's mirror copies
-        what was counted since its last round (the server has stopped: nothing is counted after)."""
+    def last_copy(self) -> None:
+        """A worker's mirror copies everything counted since its last round, once more: for when nothing is
+        counted any more (the server has stopped, the audit trail and key usage are closed: the audit trail's
+        closing flush counts the records it gives up) and the store is still open (the read-at-scrape state reads
+        it). `app.RunningService.stop` runs it between the two; nothing for one process, scraped directly."""
         if self._mirror is not None:
-            self._mirror.copy_rpcs()  # not the read-at-scrape state: it may read the store, closed by now
+            self._mirror.copy()
+
+    async def close(self) -> None:
+        """Stop the /metrics HTTP server, if one was started, and release its port."""
         server, self._http = self._http, None
         if server is not None:
             # shutdown() waits for the serving thread's poll loop (up to _SHUTDOWN_POLL): not on the event loop.
@@ -718,7 +723,7 @@ class _WorkerMirror(Thread):
         self._sources = sources
         self._worker = worker
         self._rpcs = rpcs
-        # A round copies differences from the last: two at once (the thread's, the last at close) would copy twice.
+        # A round copies differences from the last: two at once (the thread's, the last at stop) would copy twice.
         self._round = Lock()
         self._gauges: dict[str, Gauge] = {}
         self._counters: dict[str, Counter] = {}

@@ -250,7 +250,7 @@ def test_mirror_rounds_racing_the_calls_and_each_other_copy_every_call_exactly_o
         stop.set()
         threads[0].join()
         sys.setswitchinterval(interval)
-    mirror.copy()  # the last round, as Metrics.close runs it
+    mirror.copy()  # the last round, as Metrics.last_copy runs it
     started = value(metrics, "grpc_server_started_total", **GET_LABELS)
     assert started is not None
     assert started > 0
@@ -261,7 +261,7 @@ def test_mirror_rounds_racing_the_calls_and_each_other_copy_every_call_exactly_o
     assert value(metrics, "grpc_server_handling_seconds_sum", **GET_LABELS) == pytest.approx(started / 3 * 9.0031)
 
 
-async def test_a_worker_stopping_copies_what_came_since_its_mirrors_last_round(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_worker_stopping_copies_what_came_since_its_mirrors_last_round(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(metrics_module, "_worker", "0")
     monkeypatch.setattr(metrics_module._WorkerMirror, "start", lambda self: None)  # no round but the last
     metrics = Metrics(CollectorRegistry())
@@ -269,6 +269,6 @@ async def test_a_worker_stopping_copies_what_came_since_its_mirrors_last_round(m
     get.started()
     get.handled(Code.OK, 0.002)
     assert value(metrics, "grpc_server_started_total", **GET_LABELS) == 0
-    await metrics.close()
+    metrics.last_copy()  # as the worker's shutdown runs it (tests/unit/test_worker_stop_metrics.py)
     assert value(metrics, "grpc_server_started_total", **GET_LABELS) == 1
     assert value(metrics, "integrations_rpc_duration_seconds_sum", method=GET) == 0.002
