@@ -130,7 +130,8 @@ class Script:
     delays: dict[str, float] = field(default_factory=dict)
     peers: list[tuple[str, str]] = field(default_factory=list)  # (method, client certificate common name)
     # WatchConfigChanges: None answers UNIMPLEMENTED (an older server); a queue streams what the test puts in
-    # it, a status code ends the stream with that status, None ends it cleanly.
+    # it, a status code ends the stream with that status, None ends it cleanly. Each call reads the queue that was
+    # here when it arrived.
     watch: asyncio.Queue[pb.WatchConfigChangesResponse | grpc.StatusCode | None] | None = None
 
     def fail(self, method: str, *codes: grpc.StatusCode) -> None:
@@ -186,10 +187,12 @@ class FakeService(pb_grpc.IntegrationServiceServicer):
         self, request: pb.WatchConfigChangesRequest, context: Any
     ) -> AsyncIterator[pb.WatchConfigChangesResponse]:
         await self._play("WatchConfigChanges", context)
-        if self.script.watch is None:
+        queue = self.script.watch  # this call's: a test that swaps in another queue feeds only the calls after
+        if queue is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+            return
         while True:
-            item = await self.script.watch.get()
+            item = await queue.get()
             if item is None:
                 return
             if isinstance(item, grpc.StatusCode):

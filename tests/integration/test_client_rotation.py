@@ -265,8 +265,12 @@ async def test_the_cache_watch_moves_to_the_new_certificate(
         assert client.cache_stats.watching
         rotate_files(pki, tls, ROTATED)
         await asyncio.sleep(NOTICED)
+        # The new channel's watch gets a stream of its own: the old one, still open a moment, must not take its
+        # `started` (a shared queue let it, under load).
+        moved: asyncio.Queue[pb.WatchConfigChangesResponse | grpc.StatusCode | None] = asyncio.Queue()
+        server.script.watch = moved
         await get_config("org_2")  # the call that notices the new files moves the watch too
-        stream.put_nowait(pb.WatchConfigChangesResponse(started=pb.WatchStarted()))
+        moved.put_nowait(pb.WatchConfigChangesResponse(started=pb.WatchStarted()))
         await until(lambda: client.cache_stats.watch_subscriptions == 2, "the watch on the new channel")
         watches = [peer for method, peer in server.script.peers if method == "WatchConfigChanges"]
         assert watches == [COMMERCE, ROTATED]
