@@ -7,7 +7,9 @@ right RPC with the right message.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import pickle
 from typing import Any
 
 import pytest
@@ -190,3 +192,48 @@ def test_a_wrong_argument_is_a_configuration_error_naming_it(arguments: dict[str
     target = arguments.pop("target", "127.0.0.1:1")
     with pytest.raises(ConfigurationError, match=named):
         ClientCore(target, **arguments)
+
+
+# --- decrypted values never leave the object by accident ---------------------------------------------------
+
+
+def _secret_credentials() -> ProviderCredentials:
+    config = pb.ProviderConfig(
+        organization_id="org_a",
+        provider="stripe",
+        values={"secretKey": pb.ConfigValue(value=SECRET, source=pb.VALUE_SOURCE_ORGANIZATION, secret=True)},
+        etag="etag-1",
+    )
+    return core()._credentials_call(KEY, None, True).convert(pb.GetProviderConfigResponse(config=config))
+
+
+SECRET = "sk_test_51UnitSecretKey0000004242"
+
+
+def test_credentials_refuse_pickling_with_a_clear_error() -> None:
+    """A pickled ProviderCredentials (a Django or Flask cache, a Celery argument) would write the decrypted
+    values to Redis or disk in clear text: refused, for the object and for its `values`, with a message that
+    names the way out and never a value."""
+    creds = _secret_credentials()
+    for thing in (creds, creds.values):
+        for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+            with pytest.raises(TypeError, match="cannot be pickled") as caught:
+                pickle.dumps(thing, protocol=protocol)
+            assert SECRET not in str(caught.value)
+
+
+def test_credentials_copy_as_themselves() -> None:
+    """Immutable: copy and deepcopy (of a settings dict holding them, say) give the same object back."""
+    creds = _secret_credentials()
+    assert copy.copy(creds) is creds
+    assert copy.deepcopy({"stripe": creds})["stripe"] is creds
+    assert copy.deepcopy(creds.values) is creds.values
+    assert creds["secretKey"] == SECRET
+
+
+def test_a_call_repr_never_shows_its_request() -> None:
+    """A traceback that shows frame locals (Sentry, rich, pytest --showlocals) prints the `call` of a failed
+    save(): its request holds the new secret values."""
+    save = core()._save_call(*KEY, {"secretKey": SECRET}, (), "", None)
+    assert SECRET not in repr(save)
+    assert "SaveIntegration" in repr(save)

@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Self, TypeVar
 
 import grpc
@@ -75,7 +75,8 @@ class Call(Generic[_Request, _Reply, _Result]):
     """One unary RPC, ready to run by either shell."""
 
     method: Method
-    request: _Request
+    # Not in the repr: a save's request holds the new secret values, and tracebacks may show frame locals.
+    request: _Request = field(repr=False)
     convert: Callable[[_Reply], _Result]
     timeout: float
     wait_for_ready: bool

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
+from typing import Any, NoReturn, Self
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -86,6 +87,24 @@ class _SecretValues(Mapping[str, str]):
     def __repr__(self) -> str:
         return f"<secret values: {', '.join(self._data) or 'none'}>"
 
+    # Immutable, so a copy is the object itself; never pickled (see `_refuse_pickling`).
+    def __copy__(self) -> Self:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        return self
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        _refuse_pickling(type(self).__name__)
+
+
+def _refuse_pickling(name: str) -> NoReturn:
+    """Pickling decrypted values would write them in clear text wherever the bytes go (a cache, a queue, a file)."""
+    raise TypeError(
+        f"{name} holds decrypted secrets and cannot be pickled: keep it in memory and call get_config again "
+        "(it is cached), or pass on the one value a task needs"
+    )
+
 
 @dataclass(frozen=True, repr=False)
 class ProviderCredentials:
@@ -129,6 +148,15 @@ class ProviderCredentials:
         )
 
     __str__ = __repr__
+
+    def __copy__(self) -> Self:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        return self
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        _refuse_pickling(type(self).__name__)
 
 
 @dataclass(frozen=True)
