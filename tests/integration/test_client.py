@@ -24,6 +24,7 @@ import pytest
 
 from integrations_client import (
     Category,
+    ClientClosed,
     ConfigurationError,
     Conflict,
     DataLoss,
@@ -472,6 +473,43 @@ async def test_invalidate_during_a_read_in_flight_drops_its_result(fake: FakeSer
         assert fake.script.calls["GetProviderConfig"] == 2
         await client.get_config("org_1", "stripe")
         assert fake.script.calls["GetProviderConfig"] == 2  # the newer read was cached
+
+
+async def test_closing_the_client_fails_its_calls_in_flight_with_client_closed(fake: FakeServer) -> None:
+    """close() cancels the calls in flight: each caller gets ClientClosed, not an asyncio.CancelledError its own
+    task never asked for (a TaskGroup or a web framework would take that for its own cancellation)."""
+    fake.script.delays["GetProviderConfig"] = fake.script.delays["ListProviders"] = 1.0
+    client = IntegrationsClient(fake.target, watch=False)
+    uncached = IntegrationsClient(fake.target, cache_ttl=0)
+    pending = [
+        asyncio.ensure_future(client.get_config("org_1", "stripe")),
+        asyncio.ensure_future(client.get_config("org_1", "stripe")),  # joins the first one's read
+        asyncio.ensure_future(client.list_providers()),
+        asyncio.ensure_future(uncached.get_config("org_1", "stripe")),
+    ]
+    await asyncio.sleep(0.2)
+    await client.close()
+    await uncached.close()
+    for call in pending:
+        with pytest.raises(ClientClosed, match="closed") as caught:
+            await call
+        assert caught.value.code is grpc.StatusCode.CANCELLED
+    assert isinstance(caught.value, IntegrationsError)
+    assert isinstance(caught.value, RuntimeError)  # what use after close raised before: still caught the same way
+    with pytest.raises(ClientClosed, match="is closed"):
+        await client.get_config("org_1", "stripe")
+    with pytest.raises(ClientClosed, match="is closed"):
+        await client.list_providers()
+
+
+async def test_a_cancelled_caller_of_an_uncached_read_is_still_cancelled(fake: FakeServer) -> None:
+    fake.script.delays["GetProviderConfig"] = 1.0
+    async with IntegrationsClient(fake.target, cache_ttl=0) as client:
+        caller = asyncio.ensure_future(client.get_config("org_1", "stripe"))
+        await asyncio.sleep(0.2)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
 
 
 # --- outages: stale-if-error, recovery, restarts ------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -17,6 +18,7 @@ import pytest
 
 from integrations_client import (
     Category,
+    ClientClosed,
     Conflict,
     IntegrationsClientSync,
     InvalidArgument,
@@ -202,3 +204,35 @@ def test_closed_client_refuses_calls() -> None:
     client.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         client.list_providers()
+    with pytest.raises(ClientClosed, match="is closed"):
+        client.get_config("org_1", "stripe")
+
+
+async def test_close_while_threads_are_in_calls_fails_them_with_client_closed(fake: FakeServer) -> None:
+    """Not InternalError ("a bug"): the calls were cut by close(), from another thread, and none of them hangs."""
+    fake.script.delays["GetProviderConfig"] = fake.script.delays["ListProviders"] = 1.0
+    client = IntegrationsClientSync(fake.target)
+    started = threading.Barrier(6)
+
+    def call(index: int) -> BaseException | None:
+        started.wait()
+        try:
+            if index == 4:
+                client.list_providers()
+            else:
+                client.get_config("org_1", "stripe")  # one read, three threads waiting on it
+        except BaseException as error:
+            return error
+        return None
+
+    def close_soon() -> None:
+        started.wait()
+        time.sleep(0.3)
+        client.close()
+        client.close()  # twice, while the calls end
+
+    calls = [asyncio.to_thread(call, index) for index in range(5)] + [asyncio.to_thread(close_soon)]
+    outcome = await asyncio.wait_for(asyncio.gather(*calls), 10)
+    errors = outcome[:5]
+    assert all(isinstance(error, ClientClosed) for error in errors), errors
+    assert all(error.code is grpc.StatusCode.CANCELLED for error in errors if isinstance(error, ClientClosed))

@@ -19,6 +19,7 @@ from integrations_client._cache import CacheStats
 from integrations_client.aio import ChangeStream, IntegrationsClient
 from integrations_client.config import TlsConfig
 from integrations_client.errors import (
+    ClientClosed,
     ConfigurationError,
     Conflict,
     DataLoss,
@@ -56,6 +57,7 @@ __all__ = [
     "ChangeKind",
     "ChangeStream",
     "ChangeStreamSync",
+    "ClientClosed",
     "ConfigChangeEvent",
     "ConfigValue",
     "ConfigurationError",

@@ -32,6 +32,7 @@ from integrations_client._watch import log as watch_log
 from integrations_client.config import ReloadingTls, TlsConfig, env_settings, env_watch
 from integrations_client.config import channel_options as tls_channel_options
 from integrations_client.errors import (
+    ClientClosed,
     ConfigurationError,
     DeadlineExceeded,
     IntegrationsError,
@@ -176,7 +177,7 @@ class ClientCore(Generic[_Flight]):
 
     def _ensure_open(self) -> None:
         if self._closed:
-            raise RuntimeError(f"the {type(self).__name__} is closed")
+            raise ClientClosed(f"the {type(self).__name__} is closed")
 
     def _connect(self, insecure: Callable[..., _Channel], secure: Callable[..., _Channel]) -> _Channel:
         """A new channel (grpc's or grpc.aio's factories) with the newest TLS files that loaded."""
@@ -220,11 +221,23 @@ class ClientCore(Generic[_Flight]):
 
     def _error(self, error: grpc.RpcError, call: Call[Any, Any, Any]) -> IntegrationsError:
         converted = error_from_rpc(error, method=call.method)
+        if converted.code is grpc.StatusCode.CANCELLED and self._closed:
+            return self._cut_short(call)
         if isinstance(converted, DeadlineExceeded):
             converted.message = (
                 f"{converted.message}: no answer from {self._target} within {call.timeout:g} s ({call.method})"
             )
         return converted
+
+    def _cut_short(self, call: Call[Any, Any, Any]) -> IntegrationsError:
+        """A call cancelled on this side without its caller asking: its channel closed under it."""
+        if self._closed:
+            return ClientClosed(f"the {type(self).__name__} was closed while {call.method} was in flight")
+        # Only the asyncio client's retired channels close under a call, once their grace period is over.
+        return Unavailable(
+            f"{call.method} was cut short: its channel closed after a certificate change; try again",
+            code=grpc.StatusCode.CANCELLED,
+        )
 
     def _finished(self, call: Call[Any, Any, Any]) -> None:
         """After a call, whatever its outcome."""

@@ -190,6 +190,12 @@ class IntegrationsClient(ClientCore[_Flight]):
             reply = await method(call.request, timeout=call.timeout, wait_for_ready=call.wait_for_ready)
         except grpc.aio.AioRpcError as error:
             raise self._error(error, call) from error
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is None or current.cancelling():
+                raise  # the caller was cancelled
+            # The call was, not its caller: its channel closed (close(), or a retired channel's grace ran out).
+            raise self._cut_short(call) from None
         finally:
             self._finished(call)
         return call.convert(reply)

@@ -16,6 +16,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 __all__ = [
+    "ClientClosed",
     "ConfigurationError",
     "Conflict",
     "DataLoss",
@@ -140,6 +141,15 @@ class DataLoss(IntegrationsError):
     """DATA_LOSS: a stored value cannot be decrypted; saving a new value for the field repairs it."""
 
     default_code = grpc.StatusCode.DATA_LOSS
+
+
+class ClientClosed(IntegrationsError, RuntimeError):
+    """The client is closed: called after `close()`, or a call that `close()` cut short while it was in flight.
+
+    Also a `RuntimeError` (use after close is a programming error). `code` is CANCELLED.
+    """
+
+    default_code = grpc.StatusCode.CANCELLED
 
 
 class InternalError(IntegrationsError):
