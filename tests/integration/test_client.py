@@ -512,6 +512,37 @@ async def test_a_cancelled_caller_of_an_uncached_read_is_still_cancelled(fake: F
             await caller
 
 
+async def test_a_caller_joining_a_slower_read_gives_up_at_its_own_deadline(fake: FakeServer) -> None:
+    """Single-flight does not stretch a caller's deadline to the one of the read it joined."""
+    fake.script.delays["GetProviderConfig"] = 1.0
+    async with IntegrationsClient(fake.target, watch=False) as client:
+        patient = asyncio.ensure_future(client.get_config("org_1", "stripe", timeout=5))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match=r"within 0.2 s") as caught:
+            await client.get_config("org_1", "stripe", timeout=0.2)
+        assert time.monotonic() - started < 0.6
+        assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert (await patient)["secretKey"] == SK  # the shared read went on
+        assert fake.script.calls["GetProviderConfig"] == 1
+        assert client.cache_stats.coalesced == 1
+
+
+async def test_a_caller_joining_a_slow_refresh_gets_the_stale_value_at_its_deadline(fake: FakeServer) -> None:
+    clock = FakeClock()
+    async with IntegrationsClient(fake.target, watch=False, clock=clock, cache_ttl=30, stale_if_error=300) as client:
+        cached = await client.get_config("org_1", "stripe")
+        clock.advance(31)
+        fake.script.delays["GetProviderConfig"] = 1.0
+        patient = asyncio.ensure_future(client.get_config("org_1", "stripe", timeout=5))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        assert await client.get_config("org_1", "stripe", timeout=0.2) is cached
+        assert time.monotonic() - started < 0.6
+        assert client.cache_stats.stale_served == 1
+        await patient
+
+
 # --- outages: stale-if-error, recovery, restarts ------------------------------------------------------------
 
 

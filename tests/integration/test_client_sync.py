@@ -20,6 +20,7 @@ from integrations_client import (
     Category,
     ClientClosed,
     Conflict,
+    DeadlineExceeded,
     IntegrationsClientSync,
     InvalidArgument,
     NotFound,
@@ -148,6 +149,27 @@ async def test_single_flight_shares_a_slow_read_and_its_errors(fake: FakeServer)
         assert all(isinstance(f, ProviderNotFound) for f in failures)
         assert len({id(f) for f in failures}) == 20  # each thread raises its own exception object
         assert fake.script.calls["GetProviderConfig"] == 2
+
+
+async def test_a_thread_joining_a_slower_read_gives_up_at_its_own_deadline(fake: FakeServer) -> None:
+    fake.script.delays["GetProviderConfig"] = 1.0
+    with IntegrationsClientSync(fake.target, watch=False) as client:
+        patient = asyncio.ensure_future(in_thread(lambda: client.get_config("org_1", "stripe", timeout=5)))
+        await asyncio.sleep(0.1)
+
+        def impatient() -> tuple[BaseException | None, float]:
+            started = time.monotonic()
+            try:
+                client.get_config("org_1", "stripe", timeout=0.2)
+            except BaseException as error:
+                return error, time.monotonic() - started
+            return None, time.monotonic() - started
+
+        error, waited = await in_thread(impatient)
+        assert isinstance(error, DeadlineExceeded), error
+        assert waited < 0.6
+        assert (await patient)["secretKey"] == SK
+        assert fake.script.calls["GetProviderConfig"] == 1
 
 
 async def test_ttl_with_an_injected_clock(svc: Running) -> None:

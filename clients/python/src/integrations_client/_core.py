@@ -322,6 +322,16 @@ class ClientCore(Generic[_Flight]):
         wait_for_ready = self._wait_for_ready and not self._cache.has_fallback(key)
         return ReadStart(wait_for_ready, self._cache.clock())
 
+    def _join_timed_out(self, timeout: float | None) -> DeadlineExceeded:
+        """A caller that joined another caller's read reached its own deadline first (that read goes on)."""
+        return DeadlineExceeded(
+            f"Deadline Exceeded: no answer from {self._target} within {self._join_budget(timeout):g} s "
+            "(GetProviderConfig, waiting for another caller's read of the same config)"
+        )
+
+    def _join_budget(self, timeout: float | None) -> float:
+        return self._timeout if timeout is None else timeout
+
     def _stale_instead(self, key: Key, error: IntegrationsError) -> ProviderCredentials | None:
         """After a failed refresh: the stale value to serve instead, or None to raise the error."""
         return self._cache.fallback(key, error.code)

@@ -229,11 +229,29 @@ class IntegrationsClient(ClientCore[_Flight]):
             flight = asyncio.get_running_loop().create_task(self._refresh(key, timeout))
             self._inflight[key] = flight
             flight.add_done_callback(lambda done: self._on_done(key, done))
-        # shield: a caller that gives up (cancelled) does not cancel the read the others wait for.
-        value, stale = await asyncio.shield(flight)
+            # shield: a caller that gives up (cancelled) does not cancel the read the others wait for.
+            value, stale = await asyncio.shield(flight)
+        else:
+            value, stale = await self._join(key, flight, timeout)
         if stale:
             self._served_stale()
         return value
+
+    async def _join(
+        self,
+        key: Key,
+        flight: _Flight,
+        timeout: float | None,  # noqa: ASYNC109 - the caller's deadline
+    ) -> tuple[ProviderCredentials, bool]:
+        """Waits for another caller's read, up to this caller's own deadline (the read has the other's)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(flight), self._join_budget(timeout))
+        except TimeoutError:
+            error = self._join_timed_out(timeout)
+            stale = self._stale_instead(key, error)
+            if stale is None:
+                raise error from None
+            return stale, True
 
     def _in_progress(self, flight: _Flight) -> bool:
         return not flight.done()

@@ -261,8 +261,15 @@ class IntegrationsClientSync(ClientCore[_Flight]):
                 flight = self._inflight[key] = _Flight()
         if start is not None:
             self._lead(key, flight, timeout, start)
-        else:
-            flight.done.wait()
+        elif not flight.done.wait(self._join_budget(timeout)):
+            # This thread's deadline came before the end of the read it joined (which goes on for the others).
+            error = self._join_timed_out(timeout)
+            with self._lock:
+                stale = self._stale_instead(key, error)
+            if stale is None:
+                raise error
+            self._served_stale()
+            return stale
         if flight.error is not None:
             # A copy per thread: one exception object raised in several threads would share a traceback.
             raise copy.copy(flight.error) from flight.error.__cause__
