@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -228,6 +228,26 @@ def test_closed_client_refuses_calls() -> None:
         client.list_providers()
     with pytest.raises(ClientClosed, match="is closed"):
         client.get_config("org_1", "stripe")
+
+
+def test_close_racing_a_call_between_its_channel_and_its_send_is_client_closed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """grpc raises a bare ValueError for a call on a closed channel: the window between a thread taking its
+    channel and sending is where another thread's close() lands."""
+    client = IntegrationsClientSync("127.0.0.1:1")
+    checkout = client._checkout
+
+    def checkout_then_close() -> Any:
+        channel = checkout()
+        client.close()  # another thread's
+        return channel
+
+    monkeypatch.setattr(client, "_checkout", checkout_then_close)
+    with pytest.raises(ClientClosed, match="closed"):
+        client.list_providers()
+    with pytest.raises(ClientClosed, match="closed"):
+        client.watch_changes()
 
 
 async def test_close_while_threads_are_in_calls_fails_them_with_client_closed(fake: FakeServer) -> None:

@@ -19,7 +19,7 @@ from integrations.v1 import integrations_pb2_grpc as pb_grpc
 from integrations_client._cache import Key
 from integrations_client._core import Call, ClientCore, ReadStart
 from integrations_client._watch import log as watch_log
-from integrations_client.errors import IntegrationsError, Unavailable
+from integrations_client.errors import ClientClosed, IntegrationsError, Unavailable
 from integrations_client.models import (
     Category,
     Provider,
@@ -226,6 +226,10 @@ class IntegrationsClientSync(ClientCore[_Flight]):
             reply = method(call.request, timeout=call.timeout, wait_for_ready=call.wait_for_ready)
         except grpc.RpcError as error:
             raise self._error(error, call) from error
+        except ValueError as error:  # grpc's "Cannot invoke RPC on closed channel!": close() ran since _checkout
+            if not self._closed:
+                raise
+            raise self._cut_short(call) from error
         finally:
             self._checkin(channel)
             self._finished(call)
@@ -315,7 +319,8 @@ class IntegrationsClientSync(ClientCore[_Flight]):
                 rpc = cast(grpc.Call, error)
                 code, details = rpc.code(), rpc.details() or ""
             except Exception as error:  # never let a bug kill the watch or reach a caller
-                watch_log.exception("the config watch failed", extra={"event": "watch_error"})
+                if not self._watch_stop.is_set():  # else: close() closed the channel under it
+                    watch_log.exception("the config watch failed", extra={"event": "watch_error"})
                 details = type(error).__name__
             finally:
                 with self._lock:
@@ -345,6 +350,11 @@ class IntegrationsClientSync(ClientCore[_Flight]):
         channel = self._checkout()
         try:
             return ChangeStreamSync(self, channel, request)
+        except ValueError as error:  # the channel closed since _checkout: close() ran
+            self._checkin(channel)
+            if not self._closed:
+                raise
+            raise ClientClosed(f"the {type(self).__name__} was closed") from error
         except BaseException:
             self._checkin(channel)
             raise
