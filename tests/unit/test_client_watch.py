@@ -236,6 +236,18 @@ def test_a_read_answering_another_version_than_the_announced_one_is_not_stored()
     assert client.cache_stats.size == 1
 
 
+def test_a_change_of_a_kind_this_client_does_not_know_evicts_without_blocking_the_key() -> None:
+    """Its etag is not trusted, so no version is expected of the next read: it is cached as usual. (It was
+    taken for a delete's "": no read but one of deleted credentials was stored again until a resubscription.)"""
+    client = core()
+    client._watch_reply(started())
+    cached(client, etag="etag-1")
+    client._watch_reply(change(etag="etag-2", kind=99))  # type: ignore[arg-type]  # a newer server's kind
+    assert client._fresh(KEY) is None
+    cached(client, etag="etag-2")
+    assert client._fresh(KEY) is not None
+
+
 def test_resync_and_every_subscription_forget_everything_including_reads_in_flight() -> None:
     client = core()
     cached(client)  # read before the watch was live: the gap may hide a change

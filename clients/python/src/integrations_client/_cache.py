@@ -147,17 +147,20 @@ class CredentialCache:
         )
         return entry.value
 
-    def changed(self, key: Key, etag: str, *, reading: bool) -> bool:
+    def changed(self, key: Key, etag: str | None, *, reading: bool) -> bool:
         """A committed change of `key` whose new etag is `etag` ("" for a delete): True when the entry was dropped.
 
         An entry that already holds that version (this client's own save, read back before its event arrived)
         is kept: etags name one version of one stored row. When the key was cached or is being read
-        (`reading`), the etag is remembered until a read returns it (see `accepts`).
+        (`reading`), the etag is remembered until a read returns it (see `accepts`). `etag` None: a change
+        whose version is unknown (a kind this client does not know): the entry is dropped, no version expected.
         """
         entry = self._entries.get(key)
         if entry is not None and etag and entry.value.etag == etag:
             return False
-        if entry is not None or reading:
+        if etag is None:
+            self._expected.pop(key, None)
+        elif entry is not None or reading:
             self._expected[key] = etag
             self._expected.move_to_end(key)
             while len(self._expected) > self.max_entries:

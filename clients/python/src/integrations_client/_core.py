@@ -420,7 +420,7 @@ class ClientCore(Generic[_Flight]):
         self._cache.watch_events += 1
         reading = key in self._inflight
         known = event.kind is not ChangeKind.UNSPECIFIED
-        if self._cache.changed(key, event.etag if known else "", reading=reading and known):
+        if self._cache.changed(key, event.etag if known else None, reading=reading and known):
             self._cache.watch_evictions += 1
         if reading:  # that read may have started before the change: not stored, later callers read anew
             del self._inflight[key]
