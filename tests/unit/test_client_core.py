@@ -12,10 +12,17 @@ import inspect
 import pickle
 from typing import Any
 
+import grpc
 import pytest
 
 from integrations.v1 import integrations_pb2 as pb
-from integrations_client import ConfigurationError, IntegrationsClient, IntegrationsClientSync
+from integrations_client import (
+    ClientClosed,
+    ConfigurationError,
+    IntegrationsClient,
+    IntegrationsClientSync,
+    Unavailable,
+)
 from integrations_client._core import Call, ClientCore
 from integrations_client.models import ProviderCredentials
 
@@ -237,3 +244,17 @@ def test_a_call_repr_never_shows_its_request() -> None:
     save = core()._save_call(*KEY, {"secretKey": SECRET}, (), "", None)
     assert SECRET not in repr(save)
     assert "SaveIntegration" in repr(save)
+
+
+def test_a_call_cut_short_by_its_channel_is_client_closed_once_closed_else_unavailable() -> None:
+    client = core()
+    call = client._list_providers_call(None, None, None)
+    cut = client._cut_short(call)  # the asyncio client's retired channel, closed after its grace period
+    assert isinstance(cut, Unavailable)
+    assert not isinstance(cut, ClientClosed)
+    client._closed = True
+    closed = client._cut_short(call)
+    assert isinstance(closed, ClientClosed)
+    assert isinstance(closed, RuntimeError)
+    assert closed.code is grpc.StatusCode.CANCELLED
+    assert "ListProviders" in str(closed)
