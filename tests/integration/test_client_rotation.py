@@ -281,3 +281,26 @@ async def test_the_cache_watch_moves_to_the_new_certificate(
             await aio.close()
         if sync:
             await asyncio.to_thread(sync.close)
+
+
+async def test_a_public_stream_on_a_retired_channel_ends_with_unavailable(
+    pki_and_fake: tuple[Pki, FakeServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """clients/python/README.md: the stream ends with Unavailable when its old channel closes, not with an
+    asyncio.CancelledError in a consumer task nobody cancelled."""
+    monkeypatch.setattr("integrations_client.aio.RETIRED_CHANNEL_GRACE", 0.2)
+    pki, server = pki_and_fake
+    stream: asyncio.Queue[pb.WatchConfigChangesResponse | grpc.StatusCode | None] = asyncio.Queue()
+    server.script.watch = stream
+    stream.put_nowait(pb.WatchConfigChangesResponse(started=pb.WatchStarted()))
+    tls = client_files(pki, tmp_path / "client", COMMERCE)
+    async with IntegrationsClient(server.target, tls=tls, timeout=5, watch=False) as client:
+        changes = client.watch_changes()
+        await changes.__anext__()  # WatchStarted
+        following = asyncio.ensure_future(changes.__anext__())
+        rotate_files(pki, tls, ROTATED)
+        await asyncio.sleep(NOTICED)
+        await client.list_providers()  # notices the new files: the stream's channel is retired
+        with pytest.raises(Unavailable, match="subscribe again"):
+            await asyncio.wait_for(following, 5)
+        assert not following.cancelled()

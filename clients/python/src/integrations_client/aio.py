@@ -71,7 +71,15 @@ class ChangeStream:
             except asyncio.CancelledError:
                 if self._closed or self._client._closed:  # cancelled by aclose() or close(), not by our caller
                     break
-                raise
+                current = asyncio.current_task()
+                if current is None or current.cancelling():
+                    raise  # our caller was cancelled
+                # Nobody cancelled the consumer: the stream's channel closed (retired after a certificate change).
+                self._closed = True
+                raise Unavailable(
+                    "the watch stream was cancelled: its channel closed after a certificate change; subscribe again",
+                    code=grpc.StatusCode.CANCELLED,
+                ) from None
             if reply is grpc.aio.EOF:
                 self._closed = True
                 if self._client._closed:
