@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import statistics
 import sys
 import time
@@ -321,6 +322,33 @@ async def test_truncate_and_an_undescribable_write_send_a_reset_and_the_write_su
     row = await writer.get(huge, "stripe")
     assert row is not None
     assert row.id == "huge-1"
+
+
+@pytest.mark.postgres
+async def test_a_forged_or_garbled_notification_resynchronizes_and_the_listener_goes_on(
+    database: str,
+    writer: PostgresStore,
+    listener: PostgresStore,
+    events: Subscription,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Any role that can connect may NOTIFY the channel: whatever it sends, consumers resynchronize (a reset
+    # for a reason of the trigger's own), the feed stays connected, and nothing is logged (asyncio would log a
+    # raising callback at ERROR with its arguments: the payload).
+    feed = listener.changes()
+    forged = [
+        "[" * 7999,  # deeper than the JSON decoder recurses
+        '{"operation": "reset", "reason": "disconnected"}',  # would end every watch stream
+        '{"operation": "reset", "reason": "connected"}',
+        "not json",
+    ]
+    for payload in forged:
+        await raw(database, "SELECT pg_notify($1, $2)", CHANGE_CHANNEL, payload)
+        assert await next_event(events) == FeedReset(ResetReason.UNDESCRIBED), payload[:60]
+        assert feed.connected
+    row = await writer.upsert(ORG, "stripe", put({"secretKey": "after"}))
+    assert await next_event(events) == ConfigChanged.saved(row)
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
 
 
 @pytest.mark.postgres

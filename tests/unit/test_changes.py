@@ -185,6 +185,22 @@ def test_a_rewrap_is_told_apart_and_a_payload_from_before_migration_0004_reads_a
         ('{"operation": "reset", "reason": "truncated"}', ResetReason.TRUNCATED),
         ('{"operation": "reset", "reason": "undescribed"}', ResetReason.UNDESCRIBED),
         ('{"operation": "reset", "reason": "something new"}', ResetReason.UNDESCRIBED),
+        # Only the trigger's own reasons: a forged "the listener reconnected" or "fell behind" would end every
+        # watch stream (UNAVAILABLE) on every replica, and count as what it is not.
+        ('{"operation": "reset", "reason": "connected"}', ResetReason.UNDESCRIBED),
+        ('{"operation": "reset", "reason": "disconnected"}', ResetReason.UNDESCRIBED),
+        ('{"operation": "reset", "reason": "fell_behind"}', ResetReason.UNDESCRIBED),
+        ('{"operation": "reset", "reason": ["truncated"]}', ResetReason.UNDESCRIBED),
+        # Nested deeper than the JSON decoder recurses (RecursionError), within pg_notify's 8000 bytes.
+        ("[" * 7999, ResetReason.UNDESCRIBED),
+        ('{"operation": ' + "[" * 7000, ResetReason.UNDESCRIBED),
+        (
+            '{"operation": "saved", "organization_id": "o", "provider": "p", "id": "i", "version": '
+            + "9" * 5000
+            + ', "time": "2026-01-02T03:04:05Z"}',
+            ResetReason.UNDESCRIBED,
+        ),
+        ("\x00\udcff", ResetReason.UNDESCRIBED),
         ("not json", ResetReason.UNDESCRIBED),
         ("[]", ResetReason.UNDESCRIBED),
         ('{"operation": "saved"}', ResetReason.UNDESCRIBED),
