@@ -275,6 +275,36 @@ async def test_a_manual_sql_insert_update_and_delete_notify(
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("column", ["organization_id", "provider"])
+async def test_a_manual_sql_update_that_moves_a_row_notifies_its_old_key_deleted_then_its_new_one_saved(
+    database: str, writer: PostgresStore, listener: PostgresStore, events: Subscription, column: str
+) -> None:
+    # A fix by hand (a row filed under the wrong organization or provider): whoever cached or watches the old
+    # key must hear that it is gone, not only the new key that it appeared.
+    old = await writer.upsert(ORG, "stripe", put({"secretKey": "enc:v2:x"}))
+    await next_event(events)
+    moved_to = {"organization_id": "org_moved", "provider": "resend"}[column]
+    await raw(database, f"UPDATE integration_config SET {column} = $1 WHERE id = $2", moved_to, old.id)
+    gone = await next_event(events)
+    assert isinstance(gone, ConfigChanged)
+    assert (gone.organization_id, gone.provider, gone.row_id, gone.version, gone.kind, gone.rewrap) == (
+        ORG,
+        "stripe",
+        old.id,
+        old.version,
+        ChangeKind.DELETED,
+        False,
+    )
+    moved = await (listener.get("org_moved", "stripe") if column == "organization_id" else listener.get(ORG, "resend"))
+    assert moved is not None
+    assert await next_event(events) == ConfigChanged.saved(moved)
+    # An update that keeps the key notifies once, as before.
+    await raw(database, "UPDATE integration_config SET updated_at = now() WHERE id = $1", old.id)
+    assert isinstance(await next_event(events), ConfigChanged)
+    await nothing_more(events, after=marker(writer))
+
+
+@pytest.mark.postgres
 async def test_a_rewrap_notifies_with_the_same_version(writer: PostgresStore, events: Subscription) -> None:
     row = await writer.upsert(ORG, "stripe", put({"secretKey": "enc:v2:old"}))
     await next_event(events)
@@ -548,6 +578,8 @@ def test_the_trigger_notifies_the_channel_the_code_listens_to() -> None:
     assert migration.sql.count(f"pg_notify('{CHANGE_CHANNEL}'") == 2
     [rewrap] = [m for m in load_migrations("postgres") if m.name == "change_feed_rewrap"]
     assert rewrap.sql.count(f"pg_notify('{CHANGE_CHANNEL}'") == 1
+    [moved] = [m for m in load_migrations("postgres") if m.name == "change_feed_moved_rows"]
+    assert moved.sql.count(f"pg_notify('{CHANGE_CHANNEL}'") == 3
 
 
 @pytest.mark.postgres
