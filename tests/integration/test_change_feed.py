@@ -371,6 +371,9 @@ async def test_a_forged_or_garbled_notification_resynchronizes_and_the_listener_
         '{"operation": "reset", "reason": "disconnected"}',  # would end every watch stream
         '{"operation": "reset", "reason": "connected"}',
         "not json",
+        # A change no watch message could carry (a lone surrogate): believed, it would fail the streams in scope.
+        '{"operation": "saved", "organization_id": "\\ud800", "provider": "stripe", "id": "i", "version": 1, '
+        '"time": "2026-01-02T03:04:05Z", "rewrap": false}',
     ]
     for payload in forged:
         await raw(database, "SELECT pg_notify($1, $2)", CHANGE_CHANNEL, payload)

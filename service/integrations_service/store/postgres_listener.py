@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 import random
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -179,7 +179,7 @@ def parse_notification(payload: str) -> ChangeEvent:
         operation = message["operation"]
         if operation == "reset":
             return FeedReset(_NOTIFIED_RESET_REASONS.get(message.get("reason"), ResetReason.UNDESCRIBED))
-        time = datetime.fromisoformat(message["time"])
+        stamp = datetime.fromisoformat(message["time"])
         fields = (message["organization_id"], message["provider"], message["id"])
         version = message["version"]
         rewrap = message.get("rewrap", False)  # absent before migration 0004: a change like any other
@@ -188,9 +188,14 @@ def parse_notification(payload: str) -> ChangeEvent:
             or type(rewrap) is not bool
             or not all(isinstance(value, str) for value in fields)
             or type(version) is not int
-            or time.tzinfo is None
+            or stamp.tzinfo is None
         ):
             raise ValueError("not a change")  # noqa: TRY301 (one fallback for every malformed shape)
+        # What a watch message can carry, or it would fail every stream the change is in scope of: UTF-8
+        # strings (JSON's "\ud800" reads as a lone surrogate, which has none), and a time a protobuf Timestamp
+        # holds (datetime's range in UTC: OverflowError past it).
+        "".join(fields).encode()
+        time = stamp.astimezone(UTC)
     # Every failure alike, RecursionError included (a payload nested deeper than the decoder recurses).
     except Exception:
         return FeedReset(ResetReason.UNDESCRIBED)
