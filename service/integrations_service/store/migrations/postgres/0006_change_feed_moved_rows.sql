@@ -12,8 +12,11 @@
 -- The payloads are those of 0004; each one over pg_notify's limit is replaced
 -- by a reset, as before.
 
+-- Plain arguments, cast (the adopted table may type its columns otherwise), not the table's row type: a
+-- function taking that type would depend on the table (the dashboard's) and stand in the way of its DROP.
 CREATE OR REPLACE FUNCTION integrations_config_payload(
-    operation TEXT, changed integration_config, moment TIMESTAMPTZ, rewrap BOOLEAN
+    operation TEXT, organization_id TEXT, provider TEXT, id TEXT, version BIGINT, moment TIMESTAMPTZ,
+    rewrap BOOLEAN
 ) RETURNS TEXT
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -21,10 +24,10 @@ DECLARE
 BEGIN
     payload := json_build_object(
         'operation', operation,
-        'organization_id', changed.organization_id,
-        'provider', changed.provider,
-        'id', changed.id,
-        'version', changed.version,
+        'organization_id', organization_id,
+        'provider', provider,
+        'id', id,
+        'version', version,
         'time', to_char(moment AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
         'rewrap', rewrap
     )::text;
@@ -39,17 +42,19 @@ CREATE OR REPLACE FUNCTION integrations_config_notify() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'DELETE' THEN
-        PERFORM pg_notify('integrations_config_changes',
-            integrations_config_payload('deleted', OLD, clock_timestamp(), FALSE));
+        PERFORM pg_notify('integrations_config_changes', integrations_config_payload(
+            'deleted', OLD.organization_id::text, OLD.provider::text, OLD.id::text, OLD.version::bigint,
+            clock_timestamp(), FALSE));
         RETURN NULL;
     END IF;
     IF TG_OP = 'UPDATE' AND (NEW.organization_id IS DISTINCT FROM OLD.organization_id
             OR NEW.provider IS DISTINCT FROM OLD.provider) THEN
-        PERFORM pg_notify('integrations_config_changes',
-            integrations_config_payload('deleted', OLD, clock_timestamp(), FALSE));
+        PERFORM pg_notify('integrations_config_changes', integrations_config_payload(
+            'deleted', OLD.organization_id::text, OLD.provider::text, OLD.id::text, OLD.version::bigint,
+            clock_timestamp(), FALSE));
     END IF;
     PERFORM pg_notify('integrations_config_changes', integrations_config_payload(
-        'saved', NEW, NEW.updated_at,
+        'saved', NEW.organization_id::text, NEW.provider::text, NEW.id::text, NEW.version::bigint, NEW.updated_at,
         TG_OP = 'UPDATE' AND NEW.version = OLD.version AND integrations_config_is_rewrap()));
     RETURN NULL;
 END
