@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import statistics
 import sys
 import time
@@ -274,6 +275,36 @@ async def test_a_manual_sql_insert_update_and_delete_notify(
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("column", ["organization_id", "provider"])
+async def test_a_manual_sql_update_that_moves_a_row_notifies_its_old_key_deleted_then_its_new_one_saved(
+    database: str, writer: PostgresStore, listener: PostgresStore, events: Subscription, column: str
+) -> None:
+    # A fix by hand (a row filed under the wrong organization or provider): whoever cached or watches the old
+    # key must hear that it is gone, not only the new key that it appeared.
+    old = await writer.upsert(ORG, "stripe", put({"secretKey": "enc:v2:x"}))
+    await next_event(events)
+    moved_to = {"organization_id": "org_moved", "provider": "resend"}[column]
+    await raw(database, f"UPDATE integration_config SET {column} = $1 WHERE id = $2", moved_to, old.id)
+    gone = await next_event(events)
+    assert isinstance(gone, ConfigChanged)
+    assert (gone.organization_id, gone.provider, gone.row_id, gone.version, gone.kind, gone.rewrap) == (
+        ORG,
+        "stripe",
+        old.id,
+        old.version,
+        ChangeKind.DELETED,
+        False,
+    )
+    moved = await (listener.get("org_moved", "stripe") if column == "organization_id" else listener.get(ORG, "resend"))
+    assert moved is not None
+    assert await next_event(events) == ConfigChanged.saved(moved)
+    # An update that keeps the key notifies once, as before.
+    await raw(database, "UPDATE integration_config SET updated_at = now() WHERE id = $1", old.id)
+    assert isinstance(await next_event(events), ConfigChanged)
+    await nothing_more(events, after=marker(writer))
+
+
+@pytest.mark.postgres
 async def test_a_rewrap_notifies_with_the_same_version(writer: PostgresStore, events: Subscription) -> None:
     row = await writer.upsert(ORG, "stripe", put({"secretKey": "enc:v2:old"}))
     await next_event(events)
@@ -321,6 +352,36 @@ async def test_truncate_and_an_undescribable_write_send_a_reset_and_the_write_su
     row = await writer.get(huge, "stripe")
     assert row is not None
     assert row.id == "huge-1"
+
+
+@pytest.mark.postgres
+async def test_a_forged_or_garbled_notification_resynchronizes_and_the_listener_goes_on(
+    database: str,
+    writer: PostgresStore,
+    listener: PostgresStore,
+    events: Subscription,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Any role that can connect may NOTIFY the channel: whatever it sends, consumers resynchronize (a reset
+    # for a reason of the trigger's own), the feed stays connected, and nothing is logged (asyncio would log a
+    # raising callback at ERROR with its arguments: the payload).
+    feed = listener.changes()
+    forged = [
+        "[" * 7999,  # deeper than the JSON decoder recurses
+        '{"operation": "reset", "reason": "disconnected"}',  # would end every watch stream
+        '{"operation": "reset", "reason": "connected"}',
+        "not json",
+        # A change no watch message could carry (a lone surrogate): believed, it would fail the streams in scope.
+        '{"operation": "saved", "organization_id": "\\ud800", "provider": "stripe", "id": "i", "version": 1, '
+        '"time": "2026-01-02T03:04:05Z", "rewrap": false}',
+    ]
+    for payload in forged:
+        await raw(database, "SELECT pg_notify($1, $2)", CHANGE_CHANNEL, payload)
+        assert await next_event(events) == FeedReset(ResetReason.UNDESCRIBED), payload[:60]
+        assert feed.connected
+    row = await writer.upsert(ORG, "stripe", put({"secretKey": "after"}))
+    assert await next_event(events) == ConfigChanged.saved(row)
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
 
 
 @pytest.mark.postgres
@@ -520,6 +581,8 @@ def test_the_trigger_notifies_the_channel_the_code_listens_to() -> None:
     assert migration.sql.count(f"pg_notify('{CHANGE_CHANNEL}'") == 2
     [rewrap] = [m for m in load_migrations("postgres") if m.name == "change_feed_rewrap"]
     assert rewrap.sql.count(f"pg_notify('{CHANGE_CHANNEL}'") == 1
+    [moved] = [m for m in load_migrations("postgres") if m.name == "change_feed_moved_rows"]
+    assert moved.sql.count(f"pg_notify('{CHANGE_CHANNEL}'") == 3
 
 
 @pytest.mark.postgres

@@ -194,6 +194,33 @@ async def test_a_delete_through_one_replica_empties_the_others_answer(
 
 
 @pytest.mark.postgres
+async def test_a_row_moved_to_another_organization_by_sql_leaves_the_old_ones_cache(
+    database: str, start_replica: StartReplica
+) -> None:
+    # A fix by hand: a row filed under the wrong organization is moved. B cached it under the old one; with
+    # a TTL far beyond the wait, only the notification of the old key can make B stop serving it there.
+    a = await start_replica("a", database)
+    b = await start_replica("b", database, INTEGRATIONS_CACHE_TTL="300")
+    org, right = new_org(), new_org()
+    etag = (await a.save(org, secretKey=SK)).etag
+    await until_served(b, org, lambda config: config.etag == etag)
+    await b.get(org)  # cached now
+    assert (await b.get(right)).etag == ""  # "no row", cached too
+    moved = await sql(
+        database, "UPDATE integration_config SET organization_id = $1 WHERE organization_id = $2", right, org
+    )
+    assert moved == "UPDATE 1"
+    delay = await until_served(b, org, lambda config: config.etag == "")
+    assert (await b.get(org)).values["secretKey"].source != pb.VALUE_SOURCE_ORGANIZATION
+    assert delay < 1.0
+    # The new key's "no row" is gone too: B reads the moved row, whose ciphertext is bound to the organization
+    # it was saved for (so it refuses to decrypt it there, as it should).
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await b.get(right)
+    assert refused.value.code() == grpc.StatusCode.DATA_LOSS
+
+
+@pytest.mark.postgres
 async def test_a_manual_sql_update_and_the_rotate_command_invalidate_the_other_replica(
     database: str, start_replica: StartReplica, tmp_path: Path
 ) -> None:

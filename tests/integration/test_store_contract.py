@@ -699,7 +699,7 @@ async def test_replicas_migrating_a_new_database_at_once_both_succeed(
     second = await PostgresStore.connect(url, migrate=False)
     try:
         results = await asyncio.gather(first.migrate(), second.migrate())
-        assert sorted(results) == [[], [1, 2, 3, 4, 5]]
+        assert sorted(results) == [[], [1, 2, 3, 4, 5, 6]]
         assert await first.migrate() == []
         assert (await second.upsert(ORG, "stripe", put({"k": "v"}))).version == 1
     finally:
@@ -712,6 +712,7 @@ async def test_replicas_migrating_a_new_database_at_once_both_succeed(
         (3, "change_feed"),
         (4, "change_feed_rewrap"),
         (5, "save_if_unchanged"),
+        (6, "change_feed_moved_rows"),
     ]
 
 

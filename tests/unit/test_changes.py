@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from integrations_service.api.convert import watch_event_to_pb
 from integrations_service.domain.service import etag_of, etag_of_change
 from integrations_service.store import StoredIntegration
 from integrations_service.store.changes import (
@@ -185,6 +188,22 @@ def test_a_rewrap_is_told_apart_and_a_payload_from_before_migration_0004_reads_a
         ('{"operation": "reset", "reason": "truncated"}', ResetReason.TRUNCATED),
         ('{"operation": "reset", "reason": "undescribed"}', ResetReason.UNDESCRIBED),
         ('{"operation": "reset", "reason": "something new"}', ResetReason.UNDESCRIBED),
+        # Only the trigger's own reasons: a forged "the listener reconnected" or "fell behind" would end every
+        # watch stream (UNAVAILABLE) on every replica, and count as what it is not.
+        ('{"operation": "reset", "reason": "connected"}', ResetReason.UNDESCRIBED),
+        ('{"operation": "reset", "reason": "disconnected"}', ResetReason.UNDESCRIBED),
+        ('{"operation": "reset", "reason": "fell_behind"}', ResetReason.UNDESCRIBED),
+        ('{"operation": "reset", "reason": ["truncated"]}', ResetReason.UNDESCRIBED),
+        # Nested deeper than the JSON decoder recurses (RecursionError), within pg_notify's 8000 bytes.
+        ("[" * 7999, ResetReason.UNDESCRIBED),
+        ('{"operation": ' + "[" * 7000, ResetReason.UNDESCRIBED),
+        (
+            '{"operation": "saved", "organization_id": "o", "provider": "p", "id": "i", "version": '
+            + "9" * 5000
+            + ', "time": "2026-01-02T03:04:05Z"}',
+            ResetReason.UNDESCRIBED,
+        ),
+        ("\x00\udcff", ResetReason.UNDESCRIBED),
         ("not json", ResetReason.UNDESCRIBED),
         ("[]", ResetReason.UNDESCRIBED),
         ('{"operation": "saved"}', ResetReason.UNDESCRIBED),
@@ -218,3 +237,64 @@ def test_a_rewrap_is_told_apart_and_a_payload_from_before_migration_0004_reads_a
 def test_anything_but_a_well_formed_change_resynchronizes(payload: str, reason: ResetReason) -> None:
     # Anyone who can connect may NOTIFY the channel: never trusted, never raising.
     assert parse_notification(payload) == FeedReset(reason)
+
+
+def change_payload(**fields: object) -> str:
+    message: dict[str, object] = {
+        "operation": "saved",
+        "organization_id": "o",
+        "provider": "p",
+        "id": "i",
+        "version": 1,
+        "time": "2026-01-02T03:04:05Z",
+        "rewrap": False,
+    }
+    return json.dumps({**message, **fields})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("organization_id", "\ud800"),  # a lone surrogate (JSON "\ud800"): no UTF-8, so no protobuf string
+        ("provider", "a\udcff"),
+        ("id", "\ud800"),
+        ("time", "0001-01-01T00:00:00+14:00"),  # before the first instant a protobuf Timestamp holds
+        ("time", "9999-12-31T23:59:59-14:00"),  # after the last
+    ],
+)
+def test_a_change_no_watch_message_could_carry_resynchronizes(field: str, value: str) -> None:
+    # Believed, it would fail every watch stream it is in scope of, on every replica, with INTERNAL.
+    assert parse_notification(change_payload(**{field: value})) == FeedReset(ResetReason.UNDESCRIBED)
+
+
+_TEXT = st.one_of(st.text(max_size=20), st.sampled_from(["\ud800", "a\udcff", "", "org_1"]))
+_ZONES = st.builds(timezone, st.timedeltas(min_value=-timedelta(hours=23, minutes=59), max_value=timedelta(hours=23)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    organization_id=_TEXT,
+    provider=_TEXT,
+    row_id=_TEXT,
+    version=st.one_of(st.integers(), st.booleans(), st.floats(), st.none(), _TEXT),
+    time=st.one_of(st.datetimes(timezones=_ZONES).map(datetime.isoformat), _TEXT),
+    rewrap=st.one_of(st.booleans(), st.none(), st.integers()),
+    operation=st.sampled_from(["saved", "deleted", "reset", "renamed"]),
+)
+def test_whatever_a_notification_holds_it_makes_a_watch_message_or_a_reset(
+    organization_id: str, provider: str, row_id: str, version: object, time: str, rewrap: object, operation: str
+) -> None:
+    payload = change_payload(
+        operation=operation,
+        organization_id=organization_id,
+        provider=provider,
+        id=row_id,
+        version=version,
+        time=time,
+        rewrap=rewrap,
+    )
+    event = parse_notification(payload)
+    if isinstance(event, ConfigChanged):
+        assert watch_event_to_pb(event).SerializeToString()
+    else:
+        assert event == FeedReset(ResetReason.UNDESCRIBED)

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from integrations_service.config import load_settings
 from integrations_service.errors import ConfigurationError
 from integrations_service.store import StoredIntegration
 from integrations_service.store.cached import CachingStore
-from integrations_service.store.changes import ChangeHub, FeedReset, ResetReason
+from integrations_service.store.changes import ChangeHub, ConfigChanged, FeedReset, ResetReason
 from integrations_service.store.memory import MemoryDatabase, MemoryStore
 
 ORG = "org_cache"
+T = datetime(2026, 1, 2, tzinfo=UTC)
 
 
 def put(value: str):  # type: ignore[no-untyped-def]
@@ -296,3 +300,177 @@ def test_the_ttl_setting_defaults_to_five_seconds_and_zero_is_allowed(raw: str |
 def test_a_bad_ttl_setting_is_refused_by_name(raw: str) -> None:
     with pytest.raises(ConfigurationError, match="INTEGRATIONS_CACHE_TTL"):
         load_settings(None, {"INTEGRATIONS_CACHE_TTL": raw})
+
+
+# --- every interleaving: reads in flight, writes, notifications, lost and restored connections, time ----------
+
+
+class GatedStore(MemoryStore):
+    """A replica whose every store read takes its snapshot at once and returns only when the test says so."""
+
+    def __init__(self, database: MemoryDatabase, hub: ChangeHub) -> None:
+        super().__init__(database)
+        self.hub = hub
+        self.gates: list[asyncio.Event] = []
+
+    def changes(self) -> ChangeHub:
+        return self.hub  # notifications are the test's to deliver, lose or delay
+
+    async def _held(self, rows: list[StoredIntegration]) -> list[StoredIntegration]:
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        return rows
+
+    async def get(self, organization_id: str, provider: str) -> StoredIntegration | None:
+        row = self.database.rows.get((organization_id, provider))
+        held = await self._held([row] if row is not None else [])
+        return held[0] if held else None
+
+    async def list_for_organization(self, organization_id: str) -> list[StoredIntegration]:
+        return await self._held([row for (org, _), row in self.database.rows.items() if org == organization_id])
+
+
+KEYS = [("org_a", "stripe"), ("org_a", "resend"), ("org_b", "stripe")]
+ROW_KEYS = KEYS[:2]  # fewer keys: races on one key come up more often
+TTL = 5.0
+STEPS = st.one_of(
+    st.tuples(st.just("get"), st.sampled_from(ROW_KEYS)),
+    st.tuples(st.just("list"), st.sampled_from(["org_a", "org_b"])),
+    st.tuples(st.just("finish"), st.integers(0, 5)),
+    st.tuples(st.just("write"), st.sampled_from(ROW_KEYS)),  # by another replica: its notification is pending
+    st.tuples(st.just("own_write"), st.sampled_from(KEYS)),
+    st.tuples(st.just("notify"), st.just(0)),  # the oldest pending notification arrives
+    st.tuples(st.just("silent"), st.just(0)),  # the connection stops delivering, unnoticed (a partition)
+    st.tuples(st.just("lose"), st.just(0)),  # the listener notices the loss
+    st.tuples(st.just("connect"), st.just(0)),  # LISTEN in place again
+    st.tuples(st.just("tick"), st.sampled_from([0.5, 1.0, 2.5, 4.0])),
+)
+
+
+async def run_interleaving(steps: list[tuple[str, object]]) -> None:
+    """Checks every answer against what the cache promises (module docstring of store/cached.py):
+
+    - a read that starts after a change was announced (its notification delivered, a reset published after
+      its commit, or the process's own write returned) answers that change or a later one;
+    - a read that starts while the feed is disconnected reads the store;
+    - an answer from memory was current at some moment less than the TTL before it is given.
+    """
+    clock = FakeClock()
+    database = MemoryDatabase()
+    hub = ChangeHub(connected=True)
+    inner = GatedStore(database, hub)
+    cache = CachingStore(inner, ttl=TTL, clock=clock)
+    versions = dict.fromkeys(KEYS, 0)  # 0: no row
+    superseded: dict[tuple[tuple[str, str], int], float] = {}  # (key, version) -> when the next one committed
+    announced = dict.fromkeys(KEYS, 0)
+    pending: list[ConfigChanged] = []
+    listening, silent = True, False
+    reads: list[tuple[asyncio.Task[object], str, object, dict[tuple[str, str], int], bool]] = []
+
+    def commit(key: tuple[str, str], row: StoredIntegration) -> None:
+        superseded[(key, versions[key])] = clock.now
+        versions[key] = row.version
+        if listening and not silent:
+            pending.append(ConfigChanged.saved(row))
+
+    def announce_all() -> None:
+        announced.update(versions)
+
+    def check(kind: str, target: object, floor: dict[tuple[str, str], int], hit: bool, answer: object) -> None:
+        rows = [answer] if kind == "get" else list(answer)  # type: ignore[call-overload]
+        keys = [target] if kind == "get" else [key for key in KEYS if key[0] == target]
+        served = {key: 0 for key in keys}
+        for row in rows:
+            if row is not None:
+                served[(row.organization_id, row.provider)] = row.version
+        for key, version in served.items():
+            assert version >= floor[key], f"{kind} {key} answered version {version} after {floor[key]} was announced"
+            if hit and version < versions[key]:
+                assert superseded[(key, version)] > clock.now - TTL, f"{key} version {version} served past the TTL"
+
+    async def settle() -> None:
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    for kind, arg in steps:
+        if kind in ("get", "list"):
+            gates = len(inner.gates)
+            if kind == "get":
+                org, provider = arg  # type: ignore[misc]
+                task: asyncio.Task[object] = asyncio.ensure_future(cache.get(org, provider))
+            else:
+                task = asyncio.ensure_future(cache.list_for_organization(str(arg)))
+            started_disconnected = not hub.connected
+            await settle()
+            hit = len(inner.gates) == gates
+            assert not (hit and started_disconnected), "a read answered from memory while the feed was down"
+            reads.append((task, kind, arg, dict(announced), hit))
+        elif kind == "finish":
+            waiting = [gate for gate in inner.gates if not gate.is_set()]
+            if waiting:
+                waiting[int(arg) % len(waiting)].set()  # type: ignore[call-overload]
+        elif kind == "write":
+            key = arg
+            current = database.rows.get(key)  # type: ignore[call-overload]
+            row = (
+                StoredIntegration("id-" + "-".join(key), *key, {}, 1, T, T)  # type: ignore[misc]
+                if current is None
+                else replace(current, version=current.version + 1)
+            )
+            database.rows[key] = row  # type: ignore[index]
+            commit(key, row)  # type: ignore[arg-type]
+        elif kind == "own_write":
+            org, provider = arg  # type: ignore[misc]
+            row = await cache.upsert(org, provider, put("v"))
+            commit((org, provider), row)
+            announced[(org, provider)] = max(announced[(org, provider)], row.version)
+        elif kind == "notify":
+            if pending:
+                event = pending.pop(0)
+                hub.publish(event)
+                key = (event.organization_id, event.provider)
+                announced[key] = max(announced[key], event.version)
+        elif kind == "silent":
+            silent = True
+            pending.clear()
+        elif kind == "lose":
+            if listening:
+                listening, silent = False, False
+                pending.clear()
+                hub.mark_disconnected()
+                announce_all()
+        elif kind == "connect":
+            if not listening:
+                listening = True
+                hub.mark_connected()
+                announce_all()
+        elif kind == "tick":
+            clock.now += float(arg)  # type: ignore[arg-type]
+        await settle()
+        for read in [read for read in reads if read[0].done()]:
+            reads.remove(read)
+            task, kind_, target, floor, hit = read
+            check(kind_, target, floor, hit, task.result())
+    for gate in inner.gates:
+        gate.set()
+    await settle()
+    for task, kind_, target, floor, hit in reads:
+        check(kind_, target, floor, hit, await task)
+
+
+K = KEYS[0]
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(STEPS, min_size=4, max_size=30))
+# The shapes that matter, always tried: a read that raced a notified change; a slow read (the TTL counts from
+# its start); a read across a reconnection; a change made in the gap; a silent partition (the TTL alone).
+@example([("get", K), ("write", K), ("notify", 0), ("finish", 0), ("get", K)])
+@example([("get", K), ("write", K), ("tick", 4.0), ("finish", 0), ("tick", 2.5), ("get", K)])
+@example([("get", K), ("lose", 0), ("write", K), ("connect", 0), ("finish", 0), ("get", K), ("finish", 0)])
+@example([("get", K), ("finish", 0), ("lose", 0), ("write", K), ("connect", 0), ("get", K), ("finish", 0)])
+@example([("get", K), ("finish", 0), ("silent", 0), ("write", K), ("tick", 4.0), ("get", K), ("tick", 1.0)] * 2)
+@example([("list", "org_a"), ("write", K), ("notify", 0), ("finish", 0), ("list", "org_a"), ("get", K)])
+def test_no_interleaving_serves_an_announced_change_late_or_a_row_past_its_ttl(steps: list[tuple[str, object]]) -> None:
+    asyncio.run(run_interleaving(steps))

@@ -2,8 +2,10 @@
 
 `CachingStore` wraps any store and answers `get` and `list_for_organization`
 from memory; everything else passes through. It holds what the store returns:
-ciphertext, never a clear value (decryption, and the audit of each decrypted
-read, stay per call above the store). "No row" is cached too.
+ciphertext, never a value decrypted here (decryption, and the audit of each
+decrypted read, stay per call above the store); a legacy plaintext value that
+`rotate` has not rewritten yet is held as the database holds it. "No row" is
+cached too.
 
 Why it is never wrong for long:
 

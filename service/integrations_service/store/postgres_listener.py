@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 import random
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -46,7 +46,9 @@ FIRST_BACKOFF = 0.1
 MAX_BACKOFF = 5.0
 
 _KINDS = {kind.value: kind for kind in ChangeKind}
-_RESET_REASONS = {reason.value: reason for reason in ResetReason}
+# The reasons the trigger itself sends (migration 0003). The others are the listener's and the hub's own: read from
+# a payload, which anyone who can connect may send, "disconnected" or "connected" would end every watch stream.
+_NOTIFIED_RESET_REASONS = {reason.value: reason for reason in (ResetReason.TRUNCATED, ResetReason.UNDESCRIBED)}
 
 
 class PostgresChangeListener:
@@ -169,14 +171,15 @@ def parse_notification(payload: str) -> ChangeEvent:
     """The event of one notification of the trigger (migrations 0003, 0004); a reset for anything unreadable.
 
     Anyone who may connect can NOTIFY the channel, so the payload is untrusted:
-    an unreadable one resynchronizes consumers rather than being ignored or raising.
+    an unreadable one resynchronizes consumers rather than being ignored or raising
+    (a raising callback would lose the notification, with the cache still trusted).
     """
     try:
         message = json.loads(payload)
         operation = message["operation"]
         if operation == "reset":
-            return FeedReset(_RESET_REASONS.get(message.get("reason"), ResetReason.UNDESCRIBED))
-        time = datetime.fromisoformat(message["time"])
+            return FeedReset(_NOTIFIED_RESET_REASONS.get(message.get("reason"), ResetReason.UNDESCRIBED))
+        stamp = datetime.fromisoformat(message["time"])
         fields = (message["organization_id"], message["provider"], message["id"])
         version = message["version"]
         rewrap = message.get("rewrap", False)  # absent before migration 0004: a change like any other
@@ -185,9 +188,15 @@ def parse_notification(payload: str) -> ChangeEvent:
             or type(rewrap) is not bool
             or not all(isinstance(value, str) for value in fields)
             or type(version) is not int
-            or time.tzinfo is None
+            or stamp.tzinfo is None
         ):
             raise ValueError("not a change")  # noqa: TRY301 (one fallback for every malformed shape)
-    except (ValueError, TypeError, KeyError, AttributeError):
+        # What a watch message can carry, or it would fail every stream the change is in scope of: UTF-8
+        # strings (JSON's "\ud800" reads as a lone surrogate, which has none), and a time a protobuf Timestamp
+        # holds (datetime's range in UTC: OverflowError past it).
+        "".join(fields).encode()
+        time = stamp.astimezone(UTC)
+    # Every failure alike, RecursionError included (a payload nested deeper than the decoder recurses).
+    except Exception:
         return FeedReset(ResetReason.UNDESCRIBED)
     return ConfigChanged(fields[0], fields[1], fields[2], version, _KINDS[operation], time, rewrap)
