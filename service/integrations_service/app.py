@@ -28,7 +28,7 @@ from integrations_service.domain.service import CredentialService
 from integrations_service.domain.watch import ChangeWatches
 from integrations_service.errors import ConfigurationError
 from integrations_service.metrics import Metrics
-from integrations_service.sealing import LegacyPolicy, Sealer
+from integrations_service.sealing import LegacyPolicy, Sealer, holds_no_clear_text
 from integrations_service.store import IntegrationStore
 from integrations_service.store.cached import CachingStore
 from integrations_service.store.factory import backend_name, open_store
@@ -274,7 +274,7 @@ def _with_row_cache(store: IntegrationStore, settings: Settings, metrics: Metric
     """Reads from memory while the change feed vouches for them (serving only: the commands read once)."""
     if settings.cache_ttl <= 0:
         return store
-    cached = CachingStore(store, ttl=settings.cache_ttl)
+    cached = CachingStore(store, cacheable=holds_no_clear_text, ttl=settings.cache_ttl)
     metrics.cache.counts = cached.counts
     return cached
 

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from integrations.v1 import integrations_pb2 as pb
-from tests.harness import TEST_KEY, Running, get, new_org, refused, rich_error, start_service, values_of
+from tests.harness import TEST_KEY, Running, get, new_org, refused, rich_error, save, start_service, values_of
 from tests.integration.raw_rows import (
     DEFAULT_KEY_ID,
     V2_PREFIX,
@@ -98,6 +98,19 @@ async def test_legacy_values_are_served_and_counted_by_default(reading: Running,
     assert legacy_sample(metrics, "integrations_legacy_values_read_total", "plaintext") == 1
     assert legacy_sample(metrics, "integrations_legacy_values_read_total", "v1") == 1
     assert legacy_sample(metrics, "integrations_legacy_values_refused_total", "plaintext") == 0
+
+
+async def test_a_row_holding_plaintext_is_never_kept_in_the_row_cache(reading: Running, own_store: Location) -> None:
+    """No clear text cached in the service: each read of a legacy plaintext row reads the store (a miss); a row
+    the service sealed is read once, then from memory (a hit)."""
+    legacy, sealed = new_org(), new_org()
+    await plant_legacy_row(own_store, legacy)
+    await save(reading, sealed, secretKey=NEW_SECRET)
+    for org in (legacy, legacy, sealed, sealed):
+        await get(reading, org, view=DECRYPTED)
+    metrics = await scrape(reading)
+    assert sample(metrics, "integrations_cache_requests_total", result="hit") == 1
+    assert sample(metrics, "integrations_cache_requests_total", result="miss") == 3
 
 
 # --- refuse: DATA_LOSS naming organization, provider and field ---------------------------------------

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from integrations_service.config import load_settings
 from integrations_service.errors import ConfigurationError
+from integrations_service.sealing import holds_no_clear_text
 from integrations_service.store import StoredIntegration
 from integrations_service.store.cached import CachingStore
 from integrations_service.store.changes import ChangeHub, ConfigChanged, FeedReset, ResetReason
@@ -29,6 +30,12 @@ T = datetime(2026, 1, 2, tzinfo=UTC)
 
 def put(value: str):  # type: ignore[no-untyped-def]
     return lambda current: {"secretKey": value}
+
+
+def any_row(row: StoredIntegration) -> bool:
+    """What the coherence tests let the cache keep: every row (their values are placeholders, not sealed ones);
+    which rows serve keeps is tested on its own, with the wiring's rule."""
+    return True
 
 
 class FakeClock:
@@ -72,6 +79,7 @@ def replicas(**options: object) -> tuple[CachingStore, PausedStore, MemoryStore]
     """(the cache of replica A, A's store below it, replica B on the same database)."""
     database = MemoryDatabase()
     inner = PausedStore(database)
+    options.setdefault("cacheable", any_row)
     return CachingStore(inner, **options), inner, MemoryStore(database)  # type: ignore[arg-type]
 
 
@@ -274,12 +282,38 @@ async def test_an_organizations_listing_is_cached_and_any_change_of_it_evicts_it
     assert [row.provider for row in await cache.list_for_organization(ORG)] == ["resend", "stripe"]
 
 
+@pytest.mark.parametrize(
+    ("stored", "kept"),
+    [
+        ("enc:v2:k1:bm9uY2U:Y2lwaGVy", True),
+        ("enc:v1:bm9uY2U:Y2lwaGVy", True),  # the dashboard's format: ciphertext too, rewritten by `rotate`
+        ("", True),  # an unset field
+        ("sk_live_legacy_plaintext", False),  # the dashboard's legacy plaintext: a secret as stored
+    ],
+)
+async def test_serve_never_keeps_a_row_or_listing_holding_clear_text(stored: str, kept: bool) -> None:
+    """docs/operations.md, Row cache: a row still holding a legacy plaintext value is read from the store each time,
+    and so is its organization's listing; the row's other providers' rows are kept as usual."""
+    cache, inner, other = replicas(cacheable=holds_no_clear_text)
+    await other.upsert(ORG, "stripe", lambda current: {"publishableKey": "enc:v2:k1:bm9uY2U:cGs", "secretKey": stored})
+    await other.upsert(ORG, "resend", put("enc:v2:k1:bm9uY2U:cmU"))
+    for _ in range(2):
+        row = await cache.get(ORG, "stripe")
+        assert row is not None
+        assert row.config["secretKey"] == stored
+        await cache.list_for_organization(ORG)
+        await cache.get(ORG, "resend")
+    reads_of_each = 1 if kept else 2
+    assert inner.reads == reads_of_each * 2 + 1  # stripe's row and the listing, each; resend's row once
+    assert cache.entries == (3 if kept else 1)
+
+
 async def test_a_store_without_a_feed_is_never_cached() -> None:
     class Feedless(MemoryStore):
         def changes(self) -> None:  # type: ignore[override]
             return None
 
-    cache = CachingStore(Feedless())
+    cache = CachingStore(Feedless(), cacheable=any_row)
     await cache.get(ORG, "stripe")
     await cache.get(ORG, "stripe")
     assert cache.counts.requests == {"hit": 0, "miss": 0, "bypass": 2}
@@ -287,7 +321,7 @@ async def test_a_store_without_a_feed_is_never_cached() -> None:
 
 def test_a_ttl_of_zero_is_no_cache() -> None:
     with pytest.raises(ValueError, match="ttl must be positive"):
-        CachingStore(MemoryStore(), ttl=0)
+        CachingStore(MemoryStore(), cacheable=any_row, ttl=0)
 
 
 @pytest.mark.parametrize(("raw", "ttl"), [(None, 5.0), ("0", 0.0), ("0.25", 0.25)])
@@ -360,7 +394,7 @@ async def run_interleaving(steps: list[tuple[str, object]]) -> None:
     database = MemoryDatabase()
     hub = ChangeHub(connected=True)
     inner = GatedStore(database, hub)
-    cache = CachingStore(inner, ttl=TTL, clock=clock)
+    cache = CachingStore(inner, cacheable=any_row, ttl=TTL, clock=clock)
     versions = dict.fromkeys(KEYS, 0)  # 0: no row
     superseded: dict[tuple[tuple[str, str], int], float] = {}  # (key, version) -> when the next one committed
     announced = dict.fromkeys(KEYS, 0)

@@ -5,6 +5,6 @@ and unseals; `legacy` is its policy for legacy stored values.
 """
 
 from integrations_service.sealing.legacy import LegacyPolicy, LegacyValues
-from integrations_service.sealing.sealer import Sealer, Target, target_of
+from integrations_service.sealing.sealer import Sealer, Target, holds_no_clear_text, target_of
 
-__all__ = ["LegacyPolicy", "LegacyValues", "Sealer", "Target", "target_of"]
+__all__ = ["LegacyPolicy", "LegacyValues", "Sealer", "Target", "holds_no_clear_text", "target_of"]

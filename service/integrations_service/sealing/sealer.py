@@ -33,6 +33,15 @@ def target_of(row: StoredIntegration) -> Target:
     return Target(row.organization_id, row.provider)
 
 
+def holds_no_clear_text(row: StoredIntegration) -> bool:
+    """Whether every value of `row` is sealed (or empty): a row that may be kept in memory as it is stored.
+
+    A legacy plaintext value (the dashboard's, until `rotate` rewrites it) is a secret as the database holds it;
+    the row cache asks this, so no clear text is ever kept in the service's memory beyond the call that read it.
+    """
+    return all(not stored or is_encrypted(stored) for stored in row.config.values())
+
+
 class Sealer:
     """Seals clear values for the store and unseals what it returns, under one legacy-value policy."""
 

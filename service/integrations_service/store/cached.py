@@ -3,9 +3,10 @@
 `CachingStore` wraps any store and answers `get` and `list_for_organization`
 from memory; everything else passes through. It holds what the store returns:
 ciphertext, never a value decrypted here (decryption, and the audit of each
-decrypted read, stay per call above the store); a legacy plaintext value that
-`rotate` has not rewritten yet is held as the database holds it. "No row" is
-cached too.
+decrypted read, stay per call above the store). A row the wiring's `cacheable`
+refuses (one still holding a legacy plaintext value, until `rotate` rewrites
+it) is read from the store every time, and so is a listing that includes one:
+no clear text is ever kept in memory. "No row" is cached too.
 
 Why it is never wrong for long:
 
@@ -88,6 +89,7 @@ class CachingStore(IntegrationStore):
         self,
         inner: IntegrationStore,
         *,
+        cacheable: Callable[[StoredIntegration], bool],
         ttl: float = DEFAULT_TTL,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
@@ -97,6 +99,8 @@ class CachingStore(IntegrationStore):
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self._inner = inner
+        # Whether a row may be kept: which stored values are clear text is the sealing layer's to say, not the store's.
+        self._cacheable = cacheable
         self._ttl = ttl
         self._max_entries = max_entries
         self._clock = clock
@@ -152,7 +156,8 @@ class CachingStore(IntegrationStore):
         try:
             value = await load()
             self._apply_feed()  # what arrived during the read counts as having raced it
-            if self._trusted() and max(self._reset_at, self._invalidated_at.get(key, 0)) <= seen:
+            raced = max(self._reset_at, self._invalidated_at.get(key, 0)) > seen
+            if self._trusted() and not raced and self._keepable(value):
                 self._store(key, _Entry(value, started + self._ttl))
         finally:
             self._loading[key] -= 1
@@ -160,6 +165,13 @@ class CachingStore(IntegrationStore):
                 del self._loading[key]
                 self._invalidated_at.pop(key, None)
         return value
+
+    def _keepable(self, value: _Value) -> bool:
+        if value is None:
+            return True
+        if isinstance(value, tuple):
+            return all(self._cacheable(row) for row in value)
+        return self._cacheable(value)
 
     def _trusted(self) -> bool:
         return self._feed is not None and self._feed.connected
