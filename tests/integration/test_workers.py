@@ -111,6 +111,13 @@ def entries_of(stderr: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
 
 
+def metrics_files(worker: int) -> set[str]:
+    """The files in the supervisor's multiprocess metrics folder (named in a worker's environment)."""
+    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    folder = next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
+    return {path.name for path in Path(folder).iterdir()}
+
+
 class Starting:
     """`serve --workers 2` started without waiting for anything, for signals sent while its workers start."""
 
@@ -272,6 +279,10 @@ async def test_a_killed_worker_is_restarted_and_serving_goes_on(
             await stub.ListProviders(pb.ListProvidersRequest(), timeout=10)
     text = await asyncio.to_thread(scrape, env["INTEGRATIONS_METRICS_ADDRESS"])
     assert sum(sample(text, "integrations_worker_restarts_total", worker=w) for w in ("0", "1")) == 1
+    # The dead worker's counts are folded into the archived ones: no file of its own is left behind.
+    files = metrics_files(min(server.worker_pids()))
+    assert not [name for name in files if f"_{victim}." in name]
+    assert {"counter_archived.db", "histogram_archived.db"} <= files
     assert server.terminate() == 0
 
 
