@@ -153,14 +153,21 @@ class Supervisor:
 
     def run(self) -> int:
         self._serve_metrics()
-        for slot in self._slots:
-            self._start(slot)
-        log.info(
-            "supervising %d workers",
-            len(self._slots),
-            extra={"event": "supervising", "count": len(self._slots), "address": self._settings.listen_address},
-        )
-        code = self._watch()
+        try:
+            for slot in self._slots:
+                if self._start(slot):
+                    return 1
+            log.info(
+                "supervising %d workers",
+                len(self._slots),
+                extra={"event": "supervising", "count": len(self._slots), "address": self._settings.listen_address},
+            )
+            code = self._watch()
+        except BaseException:
+            # Whatever went wrong here, the workers must not go on serving unsupervised (nor this process hang in
+            # multiprocessing's exit, which joins them).
+            self._stop_all()
+            raise
         return self._stop_all() if code is None else code
 
     def _serve_metrics(self) -> None:
@@ -188,30 +195,37 @@ class Supervisor:
                 f"INTEGRATIONS_METRICS_ADDRESS: cannot listen on {self._settings.metrics_address}: {error.strerror}"
             ) from None
 
-    def _start(self, slot: _Slot) -> None:
+    def _start(self, slot: _Slot) -> bool:
+        """Start the worker of `slot`; True when it could not be, and its restart budget is spent."""
         process = self._context.Process(
             target=_worker_main,
             args=(self._worker_settings, slot.index, self._serve, os.getpid()),
             name=f"integrations-worker-{slot.index}",
             daemon=False,
         )
-        with _log_stream_as_stderr():
-            process.start()
-        slot.process, slot.started, slot.restart_at = process, time.monotonic(), None
+        slot.started = time.monotonic()  # the attempt's, for the backoff of one that fails at once
+        try:
+            with _log_stream_as_stderr():
+                process.start()
+        except OSError as error:  # no process to be had (the pod's pid limit, memory): as a worker that died at once
+            slot.process, slot.restart_at = None, None
+            return self._restart_later(slot, f"could not be started: {error}", None, None, None)
+        slot.process, slot.restart_at = process, None
         log.info(
             "worker %d started (pid %s)",
             slot.index,
             process.pid,
             extra={"event": "worker_started", "worker": slot.index, "pid": process.pid},
         )
+        return False
 
     def _watch(self) -> int | None:
         """Until a signal (None) or a crash loop (the exit code)."""
         while not self._stop.requested:
             now = time.monotonic()
             for slot in self._slots:
-                if slot.restart_at is not None and slot.restart_at <= now:
-                    self._start(slot)
+                if slot.restart_at is not None and slot.restart_at <= now and self._start(slot):
+                    return 1
             due = [slot.restart_at for slot in self._slots if slot.restart_at is not None]
             timeout = max(0.0, min(due) - now) if due else None
             sentinels: list[Any] = [
@@ -233,37 +247,35 @@ class Supervisor:
     def _died(self, slot: _Slot) -> bool:
         """Schedule the restart of a worker that died on its own; True when its restart budget is spent."""
         assert slot.process is not None
-        now = time.monotonic()
         code = slot.process.exitcode
         ended, signame = _ending(code)
         self._forget(slot.process)
+        return self._restart_later(slot, f"died unexpectedly ({ended})", slot.process.pid, code, signame)
+
+    def _restart_later(self, slot: _Slot, what: str, pid: int | None, code: int | None, signame: str | None) -> bool:
+        """Log `what` happened to the worker of `slot` and schedule its restart; True when its budget is spent."""
+        now = time.monotonic()
         if now - slot.started >= STABLE_SECONDS:
             slot.backoff = FIRST_BACKOFF
         slot.deaths = [t for t in slot.deaths if now - t < RESTART_WINDOW] + [now]
         if len(slot.deaths) > RESTART_BUDGET:
             log.error(
-                "worker %d died %d times within %.0f s (last %s): stopping the service; its log lines above say why",
+                "worker %d died %d times within %.0f s (last: %s): stopping the service; its log lines above say why",
                 slot.index,
                 len(slot.deaths),
                 RESTART_WINDOW,
-                ended,
+                what,
                 extra={"event": "workers_crash_loop", "worker": slot.index, "code": code, "signal": signame},
             )
             self._stop_all()
             return True
         log.error(
-            "worker %d (pid %s) died unexpectedly (%s): restarting it in %.1f s",
+            "worker %d%s %s: restarting it in %.1f s",
             slot.index,
-            slot.process.pid,
-            ended,
+            "" if pid is None else f" (pid {pid})",
+            what,
             slot.backoff,
-            extra={
-                "event": "worker_died",
-                "worker": slot.index,
-                "pid": slot.process.pid,
-                "code": code,
-                "signal": signame,
-            },
+            extra={"event": "worker_died", "worker": slot.index, "pid": pid, "code": code, "signal": signame},
         )
         if self._restarts is not None:
             self._restarts.labels(str(slot.index)).inc()
