@@ -436,7 +436,7 @@ def _drain_when_orphaned(supervisor: int) -> None:
     """A worker whose supervisor died (SIGKILL, OOM) drains and exits instead of serving on unsupervised."""
 
     def watch() -> None:
-        while os.getppid() == supervisor:
+        while not _orphaned(supervisor):
             time.sleep(ORPHAN_CHECK_SECONDS)
         log.error("the supervisor is gone: stopping", extra={"event": "supervisor_gone"})
         os.kill(os.getpid(), signal.SIGTERM)

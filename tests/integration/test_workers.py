@@ -316,7 +316,9 @@ async def test_the_clients_channels_option_spreads_calls_over_the_workers(
 def test_workers_whose_supervisor_was_killed_drain_and_exit(
     processes: Processes, postgres_database_url: str, tmp_path: Path
 ) -> None:
-    server = processes.serve(tmp_path / "work", workers_env(postgres_database_url), ["--workers", "2"])
+    # Its metrics folder stays behind (documented): in the test's own TMPDIR, not the machine's /tmp.
+    env = workers_env(postgres_database_url, TMPDIR=str(tmp_path))
+    server = processes.serve(tmp_path / "work", env, ["--workers", "2"])
     server.wait_workers_serving(2)
     workers = server.worker_pids()
     server.kill()  # SIGKILL: no chance to stop its workers
@@ -330,7 +332,7 @@ def test_workers_whose_supervisor_is_killed_while_they_start_exit_too(
     postgres_database_url: str, tmp_path: Path
 ) -> None:
     # Killed before a worker could look at who its parent is: it must not take init for its supervisor.
-    starting = Starting(tmp_path, workers_env(postgres_database_url))
+    starting = Starting(tmp_path, workers_env(postgres_database_url, TMPDIR=str(tmp_path)))
     try:
         starting.wait_workers_spawned()
         starting.popen.kill()
