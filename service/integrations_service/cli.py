@@ -66,11 +66,29 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(settings: Settings) -> None:
-    running = await app.start(settings)
+    # Handled from before the start, so that no moment serves without them, and one that comes meanwhile (a
+    # worker told to stop while it starts; as PID 1 of a container, unhandled, it would not even be delivered)
+    # ends the start where it is (a wait for the store, for another replica's migrations): it closes what it
+    # opened, and nothing served yet.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    starting = asyncio.ensure_future(app.start(settings))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+    try:
+        running = await starting
+    except asyncio.CancelledError:
+        if not stop.is_set():
+            raise
+        log.info("stopped before serving", extra={"event": "stopped"})
+        return
+    finally:
+        if not stopping.done():
+            stopping.cancel()
     await stop.wait()
     log.info("shutting down", extra={"event": "shutting_down"})
     await running.stop(settings.shutdown_grace)

@@ -43,6 +43,8 @@ _FIELDS = (
     # A worker of `serve --workers N` (its index), and the processes the supervisor starts.
     "worker",
     "pid",
+    # How a worker process ended: the name of the signal that killed it (SIGKILL: an OOM kill).
+    "signal",
     "store",
     "path",
     "mode",

@@ -60,23 +60,73 @@ def run(settings: Settings, serve: Serve) -> int:
 
     ConfigurationError and Unavailable (a setting, file or store that stops the start) reach the caller.
     """
-    asyncio.run(_prepare(settings))
+    # From before the migrations: as PID 1 of a container, a signal without a handler is not even delivered.
+    stop = _StopRequest()
+    if not asyncio.run(_prepare(settings, stop)):
+        log.info("stopped before any worker started", extra={"event": "stopped"})
+        return stop.done(0)
     metrics_dir = tempfile.mkdtemp(prefix="integrations-metrics-")
     # Read by prometheus_client when a worker imports it: every worker writes its series there.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        supervisor = Supervisor(settings, serve, metrics_dir)
-        return supervisor.run()
+        supervisor = Supervisor(settings, serve, metrics_dir, stop)
+        return stop.done(supervisor.run())
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-async def _prepare(settings: Settings) -> None:
-    """Once, before any worker: bad TLS files, policy or keys stop the service here, and migrations run alone."""
-    app.check_security_files(settings)
-    async with app.maintenance(settings, pool_size=1):
-        pass  # opening migrates and checks the keys; closing saves nothing new
+class _StopRequest:
+    """SIGTERM and SIGINT, from the supervisor's start to its exit: noted, and a byte on a pipe to wake its wait."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_write, False)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.requested = True
+        with contextlib.suppress(BlockingIOError):  # a full pipe already wakes the supervisor
+            os.write(self._wake_write, b"x")
+
+    def done(self, code: int) -> int:
+        """The exit code, once every worker has stopped: a signal from now on (a second SIGTERM, Ctrl-C twice)
+        is ignored, where Python's exit, which sets the handlers back to the default, would die of it."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
+        return code
+
+
+async def _prepare(settings: Settings, stop: _StopRequest) -> bool:
+    """Once, before any worker: bad TLS files, policy or keys stop the service here, and migrations run alone.
+
+    False when a signal ended it (a wait for the store, for another replica's migrations): what it opened is
+    closed, and no worker is to start.
+    """
+    loop = asyncio.get_running_loop()
+    preparing = asyncio.current_task()
+    assert preparing is not None
+
+    def cancel() -> None:
+        loop.remove_reader(stop.wake_read)  # once: closing the store must not be cancelled again
+        preparing.cancel()
+
+    loop.add_reader(stop.wake_read, cancel)
+    try:
+        if stop.requested:
+            return False
+        app.check_security_files(settings)
+        async with app.maintenance(settings, pool_size=1):
+            pass  # opening migrates and checks the keys; closing saves nothing new
+    except asyncio.CancelledError:
+        if stop.requested:
+            return False
+        raise
+    finally:
+        loop.remove_reader(stop.wake_read)
     log.info("migrations applied and keys checked", extra={"event": "migrated"})
+    return not stop.requested
 
 
 @dataclass
@@ -90,50 +140,44 @@ class _Slot:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, serve: Serve, metrics_dir: str) -> None:
+    def __init__(self, settings: Settings, serve: Serve, metrics_dir: str, stop: _StopRequest) -> None:
         self._settings = settings
         # The supervisor serves the metrics of all; a worker opens no metrics port of its own.
         self._worker_settings = dataclasses.replace(settings, metrics_address=None)
         self._serve = serve
-        self._metrics_dir = metrics_dir
+        self._metrics_files = MetricsFiles(metrics_dir)
         self._slots = [_Slot(index) for index in range(settings.workers)]
         self._context = multiprocessing.get_context("spawn")
-        self._wake_read, self._wake_write = os.pipe()
-        self._stopping = False
+        self._stop = stop
         self._restarts: Any = None
 
     def run(self) -> int:
         self._serve_metrics()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._on_signal)
-        for slot in self._slots:
-            self._start(slot)
-        log.info(
-            "supervising %d workers",
-            len(self._slots),
-            extra={"event": "supervising", "count": len(self._slots), "address": self._settings.listen_address},
-        )
-        code = self._watch()
+        try:
+            for slot in self._slots:
+                if self._start(slot):
+                    return 1
+            log.info(
+                "supervising %d workers",
+                len(self._slots),
+                extra={"event": "supervising", "count": len(self._slots), "address": self._settings.listen_address},
+            )
+            code = self._watch()
+        except BaseException:
+            # Whatever went wrong here, the workers must not go on serving unsupervised (nor this process hang in
+            # multiprocessing's exit, which joins them).
+            self._stop_all()
+            raise
         return self._stop_all() if code is None else code
-
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        self._stopping = True
-        os.write(self._wake_write, b"x")
 
     def _serve_metrics(self) -> None:
         if self._settings.metrics_address is None:
             return
-        from prometheus_client import (
-            CollectorRegistry,
-            Counter,
-            disable_created_metrics,
-            multiprocess,
-            start_http_server,
-        )
+        from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, start_http_server
 
         disable_created_metrics()  # type: ignore[no-untyped-call]
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
+        registry.register(self._metrics_files)
         # prometheus_client was imported before PROMETHEUS_MULTIPROC_DIR was set: this one is the supervisor's own.
         self._restarts = Counter(
             "integrations_worker_restarts",
@@ -151,37 +195,44 @@ class Supervisor:
                 f"INTEGRATIONS_METRICS_ADDRESS: cannot listen on {self._settings.metrics_address}: {error.strerror}"
             ) from None
 
-    def _start(self, slot: _Slot) -> None:
+    def _start(self, slot: _Slot) -> bool:
+        """Start the worker of `slot`; True when it could not be, and its restart budget is spent."""
         process = self._context.Process(
             target=_worker_main,
-            args=(self._worker_settings, slot.index, self._serve),
+            args=(self._worker_settings, slot.index, self._serve, os.getpid()),
             name=f"integrations-worker-{slot.index}",
             daemon=False,
         )
-        with _log_stream_as_stderr():
-            process.start()
-        slot.process, slot.started, slot.restart_at = process, time.monotonic(), None
+        slot.started = time.monotonic()  # the attempt's, for the backoff of one that fails at once
+        try:
+            with _log_stream_as_stderr():
+                process.start()
+        except OSError as error:  # no process to be had (the pod's pid limit, memory): as a worker that died at once
+            slot.process, slot.restart_at = None, None
+            return self._restart_later(slot, f"could not be started: {error}", None, None, None)
+        slot.process, slot.restart_at = process, None
         log.info(
             "worker %d started (pid %s)",
             slot.index,
             process.pid,
             extra={"event": "worker_started", "worker": slot.index, "pid": process.pid},
         )
+        return False
 
     def _watch(self) -> int | None:
         """Until a signal (None) or a crash loop (the exit code)."""
-        while not self._stopping:
+        while not self._stop.requested:
             now = time.monotonic()
             for slot in self._slots:
-                if slot.restart_at is not None and slot.restart_at <= now:
-                    self._start(slot)
+                if slot.restart_at is not None and slot.restart_at <= now and self._start(slot):
+                    return 1
             due = [slot.restart_at for slot in self._slots if slot.restart_at is not None]
             timeout = max(0.0, min(due) - now) if due else None
             sentinels: list[Any] = [
                 slot.process.sentinel for slot in self._slots if slot.process is not None and slot.restart_at is None
             ]
-            multiprocessing.connection.wait([*sentinels, self._wake_read], timeout)
-            if self._stopping:
+            multiprocessing.connection.wait([*sentinels, self._stop.wake_read], timeout)
+            if self._stop.requested:
                 return None
             for slot in self._slots:
                 if (
@@ -196,31 +247,35 @@ class Supervisor:
     def _died(self, slot: _Slot) -> bool:
         """Schedule the restart of a worker that died on its own; True when its restart budget is spent."""
         assert slot.process is not None
-        now = time.monotonic()
         code = slot.process.exitcode
+        ended, signame = _ending(code)
         self._forget(slot.process)
+        return self._restart_later(slot, f"died unexpectedly ({ended})", slot.process.pid, code, signame)
+
+    def _restart_later(self, slot: _Slot, what: str, pid: int | None, code: int | None, signame: str | None) -> bool:
+        """Log `what` happened to the worker of `slot` and schedule its restart; True when its budget is spent."""
+        now = time.monotonic()
         if now - slot.started >= STABLE_SECONDS:
             slot.backoff = FIRST_BACKOFF
         slot.deaths = [t for t in slot.deaths if now - t < RESTART_WINDOW] + [now]
         if len(slot.deaths) > RESTART_BUDGET:
             log.error(
-                "worker %d died %d times within %.0f s (last exit code %s): stopping the service; its log lines "
-                "above say why",
+                "worker %d died %d times within %.0f s (last: %s): stopping the service; its log lines above say why",
                 slot.index,
                 len(slot.deaths),
                 RESTART_WINDOW,
-                code,
-                extra={"event": "workers_crash_loop", "worker": slot.index, "code": code},
+                what,
+                extra={"event": "workers_crash_loop", "worker": slot.index, "code": code, "signal": signame},
             )
             self._stop_all()
             return True
         log.error(
-            "worker %d (pid %s) died unexpectedly (exit code %s): restarting it in %.1f s",
+            "worker %d%s %s: restarting it in %.1f s",
             slot.index,
-            slot.process.pid,
-            code,
+            "" if pid is None else f" (pid {pid})",
+            what,
             slot.backoff,
-            extra={"event": "worker_died", "worker": slot.index, "pid": slot.process.pid, "code": code},
+            extra={"event": "worker_died", "worker": slot.index, "pid": pid, "code": code, "signal": signame},
         )
         if self._restarts is not None:
             self._restarts.labels(str(slot.index)).inc()
@@ -229,10 +284,8 @@ class Supervisor:
         return False
 
     def _forget(self, process: BaseProcess) -> None:
-        from prometheus_client import multiprocess
-
         if process.pid is not None:
-            multiprocess.mark_process_dead(process.pid, self._metrics_dir)  # type: ignore[no-untyped-call]
+            self._metrics_files.forget(process.pid)
 
     def _stop_all(self) -> int:
         """SIGTERM to every worker, each drains; 0 when every one of them stopped cleanly."""
@@ -254,17 +307,94 @@ class Supervisor:
                 )
                 slot.process.kill()
                 slot.process.join(5)
-            if slot.process.exitcode != 0:
+            code = slot.process.exitcode
+            ended, signame = _ending(code)
+            if code == -signal.SIGTERM:
+                # Ended by the SIGTERM itself: it came before the worker's handler, so while nothing served yet.
+                log.info(
+                    "worker %d stopped before it served (%s)",
+                    slot.index,
+                    ended,
+                    extra={"event": "worker_stopped", "worker": slot.index, "code": code, "signal": signame},
+                )
+            elif code != 0:
                 clean = False
                 log.error(
-                    "worker %d stopped with exit code %s",
+                    "worker %d (pid %s) stopped badly (%s)",
                     slot.index,
-                    slot.process.exitcode,
-                    extra={"event": "worker_failed", "worker": slot.index, "code": slot.process.exitcode},
+                    slot.process.pid,
+                    ended,
+                    extra={
+                        "event": "worker_failed",
+                        "worker": slot.index,
+                        "pid": slot.process.pid,
+                        "code": code,
+                        "signal": signame,
+                    },
                 )
             self._forget(slot.process)
         log.info("stopped", extra={"event": "stopped"})
         return 0 if clean else 1
+
+
+class MetricsFiles:
+    """The workers' multiprocess files, as one collector; a dead worker's counts folded into one file per type.
+
+    prometheus_client keeps a dead process's counter and histogram files for its counts to stay in the sums:
+    about 100 KiB a worker, in a /tmp that is a 16 MiB memory-backed emptyDir (deploy/kubernetes): every OOM
+    kill or crash would add its two for the life of the pod, until the kubelet evicted it, and every scrape
+    read them all. Its live gauges go (`mark_process_dead`). The fold and a scrape take turns: a scrape
+    between the fold's write and its delete would count the worker twice, a counter going back down after.
+    """
+
+    ARCHIVED = "archived"  # the "pid" of the files of folded counts: counter_archived.db, histogram_archived.db
+
+    def __init__(self, path: str) -> None:
+        from prometheus_client import multiprocess
+
+        self._path = path
+        self._collector: Any = multiprocess.MultiProcessCollector(None, path=path)  # type: ignore[no-untyped-call]
+        self._turn = threading.Lock()
+
+    def collect(self) -> list[Any]:
+        with self._turn:
+            return list(self._collector.collect())
+
+    def forget(self, pid: int) -> None:
+        """A worker that has exited: its live gauges removed, its counts added to the archived ones."""
+        from prometheus_client import multiprocess
+        from prometheus_client.mmap_dict import MmapedDict
+
+        with self._turn:
+            multiprocess.mark_process_dead(pid, self._path)  # type: ignore[no-untyped-call]
+            for kind in ("counter", "histogram"):
+                dead = os.path.join(self._path, f"{kind}_{pid}.db")
+                try:
+                    values = MmapedDict.read_all_values_from_file(dead)  # type: ignore[no-untyped-call]
+                except FileNotFoundError:
+                    continue  # it died before it counted anything
+                archive: Any = MmapedDict(os.path.join(self._path, f"{kind}_{self.ARCHIVED}.db"))  # type: ignore[no-untyped-call]
+                try:
+                    for key, value, timestamp, _ in values:
+                        archived, _ = archive.read_value(key)
+                        archive.write_value(key, archived + value, timestamp)
+                finally:
+                    archive.close()
+                os.remove(dead)
+
+
+def _ending(code: int | None) -> tuple[str, str | None]:
+    """How a worker ended, for a log line ("exit code 1", "killed by signal 9, SIGKILL"), and its signal's name.
+
+    multiprocessing gives a death by signal N as the exit code -N; an OOM kill is a SIGKILL.
+    """
+    if code is None or code >= 0:
+        return f"exit code {code}", None
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"killed by signal {-code}", None
+    return f"killed by signal {-code}, {name}", name
 
 
 @contextlib.contextmanager
@@ -296,12 +426,17 @@ def _log_fd() -> int | None:
     return None
 
 
-def _drain_when_orphaned() -> None:
+def _orphaned(supervisor: int) -> bool:
+    # The pid the supervisor gave, not the parent found at some point of the start: one that died before the
+    # worker looked would make init (or a subreaper) its "supervisor".
+    return os.getppid() != supervisor
+
+
+def _drain_when_orphaned(supervisor: int) -> None:
     """A worker whose supervisor died (SIGKILL, OOM) drains and exits instead of serving on unsupervised."""
-    supervisor = os.getppid()
 
     def watch() -> None:
-        while os.getppid() == supervisor:
+        while not _orphaned(supervisor):
             time.sleep(ORPHAN_CHECK_SECONDS)
         log.error("the supervisor is gone: stopping", extra={"event": "supervisor_gone"})
         os.kill(os.getpid(), signal.SIGTERM)
@@ -309,13 +444,16 @@ def _drain_when_orphaned() -> None:
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
-def _worker_main(settings: Settings, index: int, serve: Serve) -> None:
+def _worker_main(settings: Settings, index: int, serve: Serve, supervisor: int) -> None:
     """A worker process: the whole service, metrics to the multiprocess files; its exit code as `serve`'s."""
     # Ctrl-C reaches the whole process group: the worker drains on it as on the supervisor's SIGTERM.
     logs.configure(json_lines=settings.json_logs, worker=index)
     metrics.run_as_worker(index)
-    _drain_when_orphaned()
     try:
+        if _orphaned(supervisor):
+            log.error("the supervisor is gone: not starting", extra={"event": "supervisor_gone"})
+            sys.exit(1)
+        _drain_when_orphaned(supervisor)
         asyncio.run(serve(settings))
     except (ConfigurationError, Unavailable) as error:
         log.error("cannot start: %s", error, extra={"event": "start_failed"})

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -19,11 +21,22 @@ import pytest
 from integrations.v1 import integrations_pb2 as pb
 from integrations.v1 import integrations_pb2_grpc as pb_grpc
 from integrations_client import IntegrationsClient, IntegrationsClientSync
+from integrations_service.store.migrate import MIGRATION_LOCK_KEY
 from integrations_service.store.postgres import ROW_LOCK_NAMESPACE
 from tests.harness import TEST_KEY, new_org
 from tests.integration.test_metrics import sample
 from tests.integration.test_shutdown import wait_until_blocked
-from tests.processes import Processes, ServeProcess, clean_env, free_port, health_status, run_cli, scrape
+from tests.processes import (
+    SERVICE,
+    Processes,
+    ServeProcess,
+    children,
+    clean_env,
+    free_port,
+    health_status,
+    run_cli,
+    scrape,
+)
 
 # Enough connections that the kernel's spread puts some on each worker (all on one: 2 in 2**12).
 CHANNELS = 12
@@ -84,6 +97,61 @@ def feed_connected(text: str, worker: str) -> bool:
         return sample(text, "integrations_change_feed_connected", worker=worker) == 1
     except AssertionError:
         return False
+
+
+def exited(pid: int) -> bool:
+    """Whether `pid` is gone or a zombie (its parent has not reaped it yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def entries_of(stderr: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def metrics_files(worker: int) -> set[str]:
+    """The files in the supervisor's multiprocess metrics folder (named in a worker's environment)."""
+    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    folder = next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
+    return {path.name for path in Path(folder).iterdir()}
+
+
+class Starting:
+    """`serve --workers 2` started without waiting for anything, for signals sent while its workers start."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], workers: str = "2") -> None:
+        self.stderr_path = tmp_path / "starting.stderr"
+        env = {**env, "INTEGRATIONS_LISTEN_ADDRESS": f"127.0.0.1:{free_port()}"}
+        with self.stderr_path.open("wb") as stderr:
+            self.popen = subprocess.Popen(
+                [str(SERVICE), "serve", "--workers", workers],
+                cwd=tmp_path,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        self.workers: set[int] = set()
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="backslashreplace")
+
+    def wait_workers_spawned(self) -> None:
+        """Until the supervisor has spawned both workers (logged just after each spawn: long before they serve)."""
+        until(lambda: self.stderr().count('"event": "worker_started"') == 2 or self.popen.poll() is not None)
+        assert self.popen.poll() is None, self.stderr()
+        self.workers = {pid for pid in children(self.popen.pid) if Path(f"/proc/{pid}/cmdline").exists()}
+        self.workers = {pid for pid in self.workers if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+        assert len(self.workers) == 2
+
+    def cleanup(self) -> None:
+        """Whatever the test found, leave no process behind."""
+        for pid in [self.popen.pid, *self.workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.popen.wait(5)
 
 
 pytestmark = pytest.mark.postgres
@@ -204,12 +272,17 @@ async def test_a_killed_worker_is_restarted_and_serving_goes_on(
     died = [e for e in log_entries(server) if e.get("event") == "worker_died"]
     assert len(died) == 1
     assert died[0]["pid"] == victim
-    assert "died unexpectedly (exit code -9)" in str(died[0]["message"])
+    assert "died unexpectedly (killed by signal 9, SIGKILL)" in str(died[0]["message"])
+    assert died[0]["signal"] == "SIGKILL"
     async with channels(server.target) as stubs:
         for stub in stubs:
             await stub.ListProviders(pb.ListProvidersRequest(), timeout=10)
     text = await asyncio.to_thread(scrape, env["INTEGRATIONS_METRICS_ADDRESS"])
     assert sum(sample(text, "integrations_worker_restarts_total", worker=w) for w in ("0", "1")) == 1
+    # The dead worker's counts are folded into the archived ones: no file of its own is left behind.
+    files = metrics_files(min(server.worker_pids()))
+    assert not [name for name in files if f"_{victim}." in name]
+    assert {"counter_archived.db", "histogram_archived.db"} <= files
     assert server.terminate() == 0
 
 
@@ -243,20 +316,77 @@ async def test_the_clients_channels_option_spreads_calls_over_the_workers(
 def test_workers_whose_supervisor_was_killed_drain_and_exit(
     processes: Processes, postgres_database_url: str, tmp_path: Path
 ) -> None:
-    server = processes.serve(tmp_path / "work", workers_env(postgres_database_url), ["--workers", "2"])
+    # Its metrics folder stays behind (documented): in the test's own TMPDIR, not the machine's /tmp.
+    env = workers_env(postgres_database_url, TMPDIR=str(tmp_path))
+    server = processes.serve(tmp_path / "work", env, ["--workers", "2"])
     server.wait_workers_serving(2)
     workers = server.worker_pids()
     server.kill()  # SIGKILL: no chance to stop its workers
 
-    def exited(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-        except FileNotFoundError:
-            return True
-
     until(lambda: all(exited(pid) for pid in workers))
     assert sum(e.get("event") == "supervisor_gone" for e in log_entries(server)) == 2
     assert sum(e.get("event") == "stopped" for e in log_entries(server)) == 2
+
+
+def test_workers_whose_supervisor_is_killed_while_they_start_exit_too(
+    postgres_database_url: str, tmp_path: Path
+) -> None:
+    # Killed before a worker could look at who its parent is: it must not take init for its supervisor.
+    starting = Starting(tmp_path, workers_env(postgres_database_url, TMPDIR=str(tmp_path)))
+    try:
+        starting.wait_workers_spawned()
+        starting.popen.kill()
+        starting.popen.wait(5)
+        until(lambda: all(exited(pid) for pid in starting.workers))
+    finally:
+        starting.cleanup()
+    entries = entries_of(starting.stderr())
+    assert sum(e.get("event") == "supervisor_gone" for e in entries) == 2
+    assert not [e for e in entries if e.get("event") == "serving"], "nothing may serve unsupervised"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_workers_start_stops_them_all_and_exits_0(
+    postgres_database_url: str, tmp_path: Path, signum: int
+) -> None:
+    starting = Starting(tmp_path, workers_env(postgres_database_url))
+    try:
+        starting.wait_workers_spawned()
+        starting.popen.send_signal(signum)
+        time.sleep(0.05)
+        starting.popen.send_signal(signum)  # twice, as an impatient operator or orchestrator does
+        code = starting.popen.wait(20)
+        assert all(exited(pid) for pid in starting.workers)
+    finally:
+        starting.cleanup()
+    entries = entries_of(starting.stderr())
+    assert code == 0, starting.stderr()
+    assert not [e for e in entries if e.get("level") == "error"], starting.stderr()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_signal_while_waiting_to_migrate_stops_the_service_at_once_and_exits_0(
+    postgres_database_url: str, tmp_path: Path, workers: str
+) -> None:
+    # The orchestrator's SIGTERM while the service waits for another replica's migrations (up to 5 minutes):
+    # the wait ends, no worker starts, nothing served, the exit code is 0. (As PID 1 of a container, a process
+    # without a handler yet would not even have been sent it: it would serve until the kubelet's SIGKILL.)
+    admin = await asyncpg.connect(postgres_database_url)
+    try:
+        await admin.execute("SELECT pg_advisory_lock($1::bigint)", MIGRATION_LOCK_KEY)
+        starting = Starting(tmp_path, workers_env(postgres_database_url), workers)
+        try:
+            await wait_until_blocked(admin, postgres_database_url.rsplit("/", 1)[1])
+            starting.popen.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(starting.popen.wait, 10)
+        finally:
+            starting.cleanup()
+    finally:
+        await admin.close()
+    assert code == 0, starting.stderr()
+    entries = entries_of(starting.stderr())
+    assert [e["event"] for e in entries if e.get("event") in ("worker_started", "serving", "stopped")] == ["stopped"]
+    assert not [e for e in entries if e.get("level") == "error"], starting.stderr()
 
 
 def test_a_crash_loop_ends_the_service_with_an_error(postgres_database_url: str, tmp_path: Path) -> None:
@@ -270,6 +400,12 @@ def test_a_crash_loop_ends_the_service_with_an_error(postgres_database_url: str,
     assert result.returncode == 1
     assert "died 6 times within 60 s" in result.stderr
     assert "cannot listen on" in result.stderr
+    # Each restart waits twice as long as the one before, and says so: no tight loop.
+    waits = [
+        str(e["message"]).rsplit(" in ", 1)[1] for e in entries_of(result.stderr) if e.get("event") == "worker_died"
+    ]
+    assert sorted(set(waits)) == ["0.5 s", "1.0 s", "2.0 s", "4.0 s", "8.0 s"]
+    assert len(waits) <= 10
 
 
 def test_a_metrics_address_in_use_stops_the_supervisor_before_any_worker(
