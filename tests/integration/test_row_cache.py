@@ -28,6 +28,7 @@ from integrations.v1 import integrations_pb2_grpc as pb_grpc
 from integrations_service.store.postgres_listener import APPLICATION_NAME
 from tests.conftest import CreateDatabase
 from tests.harness import TEST_KEY, new_org
+from tests.integration.raw_rows import encrypt_v1
 from tests.integration.test_rotation import cli, insert_rows
 from tests.integration.test_store_outage import TcpProxy, _with_address
 from tests.processes import Processes, ServeProcess, clean_env, free_port
@@ -241,10 +242,13 @@ async def test_a_manual_sql_update_and_the_rotate_command_invalidate_the_other_r
     assert (await b.get(org)).values["webhookSecret"].source != pb.VALUE_SOURCE_ORGANIZATION
     assert delay < 1.0
 
-    # `rotate` rewraps legacy plaintext rows: same version and etag, new ciphertext. B read the old rows
-    # (each read of a legacy value is counted); once they are rewrapped it must read them again.
+    # `rotate` rewraps the dashboard's enc:v1 rows: same version and etag, new ciphertext. B read the old rows
+    # (each read of a legacy value is counted) and keeps them (ciphertext; a plaintext row it would not keep);
+    # once they are rewrapped it must read them again.
     legacy = [new_org() for _ in range(3)]
-    await insert_rows(database, [(f"legacy-{org}", org, "stripe", {"secretKey": SK}) for org in legacy])
+    await insert_rows(
+        database, [(f"legacy-{org}", org, "stripe", {"secretKey": encrypt_v1(SK, TEST_KEY)}) for org in legacy]
+    )
     for org in legacy:
         await until_served(b, org, lambda config: config.etag != "")
     # The database is this test's own: the save, the SQL fix and the inserts notified so far.
@@ -255,7 +259,7 @@ async def test_a_manual_sql_update_and_the_rotate_command_invalidate_the_other_r
     for org in legacy:
         await b.get(org)
     assert (await b.cache())["hit"] == hits + len(legacy)
-    legacy_reads = await b.sample("integrations_legacy_values_read_total", format="plaintext", provider="stripe")
+    legacy_reads = await b.sample("integrations_legacy_values_read_total", format="v1", provider="stripe")
     rotated = await cli(["rotate"], database, f"default:{TEST_KEY}", tmp_path)
     assert rotated.returncode == 0, rotated.stderr
     await until_invalidated(b, 2 + 2 * len(legacy))
@@ -263,10 +267,8 @@ async def test_a_manual_sql_update_and_the_rotate_command_invalidate_the_other_r
     for org in legacy:
         assert (await b.get(org)).values["secretKey"].source == pb.VALUE_SOURCE_ORGANIZATION
     assert (await b.cache())["miss"] == misses + len(legacy), "B served rows cached before the rotation"
-    # What B read again is the rewrapped row, not legacy plaintext.
-    assert (
-        await b.sample("integrations_legacy_values_read_total", format="plaintext", provider="stripe") == legacy_reads
-    )
+    # What B read again is the rewrapped row, not the legacy format.
+    assert await b.sample("integrations_legacy_values_read_total", format="v1", provider="stripe") == legacy_reads
 
 
 @pytest.mark.postgres

@@ -14,6 +14,7 @@ import pytest
 
 from integrations_service.errors import Unavailable
 from integrations_service.metrics import Metrics
+from integrations_service.sealing import holds_no_clear_text
 from integrations_service.store import IntegrationStore, PoolStats
 from integrations_service.store.cached import CachingStore
 from integrations_service.store.instrumented import InstrumentedStore, instrumented
@@ -26,7 +27,7 @@ ABSTRACT = sorted(IntegrationStore.__abstractmethods__)
 # Methods with a default body in the interface, which a wrapper must still ask the wrapped store for.
 PASSED_ON = ("ping", "pool_stats", "changes", "close")
 WRAPPERS: dict[str, Callable[[IntegrationStore], IntegrationStore]] = {
-    "cached": CachingStore,
+    "cached": lambda inner: CachingStore(inner, cacheable=holds_no_clear_text),
     "instrumented": lambda inner: instrumented(inner, Metrics()),
 }
 
