@@ -479,3 +479,38 @@ async def test_an_undecryptable_value_is_reported_and_the_rest_of_its_batch_stil
         assert "secretKey" in error.message
     finally:
         await running.close()
+
+
+async def test_retire_key_is_refused_while_a_row_is_unreadable_and_may_still_need_the_key(
+    database: str, tmp_path: Path
+) -> None:
+    # A hand-written fix that double-encoded a row: its config is a JSON string holding the object, whose
+    # value is under k1. Repairing it needs k1, so k1 must not be retired (and then dropped) meanwhile.
+    inner = json.dumps({"secretKey": "enc:v2:k1:AAAA"})
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute(
+            "INSERT INTO integration_config (id, organization_id, provider, config, created_at, updated_at) "
+            "VALUES ('double-encoded', 'org_x', 'stripe', $1::jsonb, now(), now())",
+            json.dumps(inner),
+        )
+    finally:
+        await conn.close()
+    running = await start(database, ROTATING, tmp_path)  # registers k1, k2 and default
+    await running.close()
+
+    rotated = await cli(["rotate"], database, ROTATING, tmp_path)
+    assert rotated.returncode == 1
+    assert rotated.report()["unreadable_rows"] == ["double-encoded"]
+
+    refused = await cli(["retire-key", "k1"], database, ROTATING, tmp_path)
+    assert refused.returncode == 1
+    assert "not a JSON object" in refused.stderr
+    assert "'double-encoded'" in refused.stderr
+    assert "AAAA" not in refused.stderr + refused.stdout
+    conn = await asyncpg.connect(database)
+    try:
+        retired = await conn.fetchval("SELECT retired_at IS NOT NULL FROM encryption_keys WHERE key_id = 'k1'")
+    finally:
+        await conn.close()
+    assert retired is False

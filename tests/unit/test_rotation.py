@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -13,6 +14,7 @@ from integrations_service.domain.rotation import RETIRE_ACTION, ROTATE_ACTION, R
 from integrations_service.domain.service import ReadRequest, etag_of
 from integrations_service.errors import FailedPrecondition
 from integrations_service.sealing import Sealer
+from integrations_service.store import UnreadableConfig
 from integrations_service.store.memory import MemoryDatabase, MemoryStore
 from tests.unit.seam import (
     CALLER,
@@ -255,3 +257,22 @@ async def test_an_empty_value_stays_unset_through_rotation(
     after = await listed_status(service, "org-a", "ifthenpay")
     assert before == after == (False, False)
     assert report.values_rewrapped == 0
+
+
+async def test_retire_is_refused_while_a_row_cannot_be_read(
+    database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher, audit: AuditTrail
+) -> None:
+    # A config that is not a JSON object (say, one double-encoded by a hand-written fix) may well hold values
+    # under the key, and a repair can get them back only while the key is still there: the store cannot tell.
+    await store.register_keys(cipher.check_values())
+    row_id = put_row(database, "org-a", "stripe", {})
+    row = database.rows[("org-a", "stripe")]
+    database.rows[("org-a", "stripe")] = dataclasses.replace(row, config=UnreadableConfig("is not a JSON object"))
+
+    with pytest.raises(FailedPrecondition) as refused:
+        await rotator(store, cipher, audit).retire(OLD_KEY_ID)
+
+    assert "1 stored rows have a config that is not a JSON object" in refused.value.message
+    assert row_id in refused.value.message
+    assert not database.keys[OLD_KEY_ID].retired
+    assert audit_records(database, RETIRE_ACTION) == []

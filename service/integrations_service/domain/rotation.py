@@ -36,6 +36,8 @@ log = logging.getLogger("integrations.rotation")
 ROTATE_ACTION = "RotateKeys"
 RETIRE_ACTION = "RetireKey"
 PLAINTEXT = "plaintext"
+# Row ids a refused retirement names; the rest are counted.
+_MAX_SHOWN_ROWS = 10
 
 
 @dataclass
@@ -109,13 +111,23 @@ class Rotator:
                 f"no key {key_id!r} is registered in the store (known: {', '.join(map(repr, sorted(known)))})"
             )
         in_use, rows, after = 0, 0, ""
+        unreadable: list[str] = []
         while batch := await self._store.scan(after, self._batch_size):
             after = batch[-1].id
             rows += len(batch)
             in_use += sum(_key_of(v) == key_id for row in batch for v in row.config.values())
+            unreadable.extend(row.id for row in batch if isinstance(row.config, UnreadableConfig))
         if in_use:
             raise FailedPrecondition(
                 f"key {key_id!r} still encrypts {in_use} stored values: run `integrations-service rotate` first"
+            )
+        if unreadable:
+            # Their values cannot be seen, so may be under this key; a repair needs the key to get them back.
+            shown = ", ".join(map(repr, unreadable[:_MAX_SHOWN_ROWS]))
+            more = f" and {len(unreadable) - _MAX_SHOWN_ROWS} more" if len(unreadable) > _MAX_SHOWN_ROWS else ""
+            raise FailedPrecondition(
+                f"{len(unreadable)} stored rows have a config that is not a JSON object (ids {shown}{more}), "
+                f"so whether they need key {key_id!r} cannot be told: repair or delete them first"
             )
         await self._store.retire_key(key_id)
         self._audit.enqueue(self._audit.record(self._caller, RETIRE_ACTION, OUTCOME_OK, details={"key_id": key_id}))
