@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("gen-key", help="print a new random encryption key (base64)")
     rotate = commands.add_parser("rotate", help="re-encrypt every stored value under the active key")
     add_flags(rotate)
-    rotate.add_argument("--batch-size", type=int, default=100, help="rows per transaction (default: 100)")
+    rotate.add_argument("--batch-size", type=_batch_size, default=100, help="rows per transaction (default: 100)")
     retire = commands.add_parser("retire-key", help="retire a key once no stored value needs it")
     add_flags(retire)
     retire.add_argument("key_id", help="the id of the key to retire")
@@ -63,6 +63,17 @@ def _parser() -> argparse.ArgumentParser:
         "--if-expiring", action="store_true", help="only when a certificate is missing or expires within a day"
     )
     return parser
+
+
+def _batch_size(text: str) -> int:
+    """A count of rows, at least 1: a scan of 0 rows per batch would find nothing and report a complete rotation."""
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {size})")
+    return size
 
 
 async def _serve(settings: Settings) -> None:

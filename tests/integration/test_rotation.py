@@ -514,3 +514,19 @@ async def test_retire_key_is_refused_while_a_row_is_unreadable_and_may_still_nee
     finally:
         await conn.close()
     assert retired is False
+
+
+@pytest.mark.parametrize("batch_size", ["0", "-5"])
+async def test_a_batch_size_below_one_is_refused_not_a_rotation_of_nothing(
+    database: str, tmp_path: Path, batch_size: str
+) -> None:
+    # With 0 rows per batch the scan found nothing: exit 0, rows_scanned 0, as if no value needed the old key.
+    await insert_rows(database, [("plain-1", "org_plain", "stripe", {"secretKey": "sk_test_batch_size_0001"})])
+
+    result = await cli(["rotate", "--batch-size", batch_size], database, ROTATING, tmp_path)
+
+    assert result.returncode == 2
+    assert "--batch-size" in result.stderr
+    assert "at least 1" in result.stderr
+    assert result.stdout == ""
+    assert stored_values(await raw_rows(database)) == {("plain-1", "secretKey"): "sk_test_batch_size_0001"}

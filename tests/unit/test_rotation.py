@@ -276,3 +276,11 @@ async def test_retire_is_refused_while_a_row_cannot_be_read(
     assert row_id in refused.value.message
     assert not database.keys[OLD_KEY_ID].retired
     assert audit_records(database, RETIRE_ACTION) == []
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_a_rotator_needs_at_least_one_row_per_batch(
+    batch_size: int, store: MemoryStore, cipher: ValueCipher, audit: AuditTrail
+) -> None:
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        rotator(store, cipher, audit, batch_size=batch_size)

@@ -80,6 +80,9 @@ class Rotator:
         progress: Callable[[RotationReport], None] = lambda report: None,
         rewrap_legacy: bool = True,
     ) -> None:
+        if batch_size < 1:
+            # A scan of 0 rows finds none: the rotation would report itself complete, retirement find no use.
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self._store = store
         self._sealer = sealer
         self._audit = audit
