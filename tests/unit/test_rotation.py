@@ -284,3 +284,21 @@ def test_a_rotator_needs_at_least_one_row_per_batch(
 ) -> None:
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         rotator(store, cipher, audit, batch_size=batch_size)
+
+
+async def test_a_value_that_is_not_valid_text_is_reported_and_the_rest_of_its_batch_still_rotates(
+    database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher, audit: AuditTrail
+) -> None:
+    # A lone surrogate: SQLite's JSON text can hold "\ud800" (PostgreSQL's jsonb refuses it). Sealing it raised
+    # UnicodeEncodeError out of the batch: every run stopped there, the rows after it never rotated.
+    bad = put_row(database, "org-a", "stripe", {"secretKey": "sk_test_\ud800", "publishableKey": PUBLISHABLE})
+    put_row(database, "org-b", "stripe", {"secretKey": SECRET})
+
+    report = await rotator(store, cipher, audit, batch_size=2).rotate()
+
+    assert report.undecryptable == [(bad, "secretKey")]
+    # Its row is left whole (a store cannot write the lone surrogate back), the next row rotates.
+    assert (report.rows_rewrapped, report.values_rewrapped, report.legacy_remaining) == (1, 1, 1)
+    assert not report.complete
+    assert stored_config(database, "org-a", "stripe") == {"secretKey": "sk_test_\ud800", "publishableKey": PUBLISHABLE}
+    assert stored_clear(database, cipher, "org-b", "stripe") == {"secretKey": SECRET}

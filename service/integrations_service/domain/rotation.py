@@ -160,6 +160,10 @@ class Rotator:
                     outcome.legacy_remaining += bool(legacy)
                     continue
                 outcome.rewrapped[_key_of(stored)] += 1
+            if outcome.rewrapped and not all(map(_is_text, new.values())):
+                # A value kept as it is cannot be written back (SQLite refuses a lone surrogate): the whole
+                # row stays as it is, so the rest of its batch can still be written.
+                outcome.rewrapped.clear()
             outcomes[row.id] = outcome
             return new if outcome.rewrapped else None
 
@@ -174,6 +178,15 @@ class Rotator:
             report.undecryptable.extend((row_id, name) for name in outcome.failed)
             report.legacy_found.update(outcome.legacy_found)
             report.legacy_remaining += outcome.legacy_remaining
+
+
+def _is_text(value: str) -> bool:
+    """Encodable as UTF-8: not holding a lone surrogate."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _key_of(stored: str) -> str:
