@@ -530,3 +530,18 @@ async def test_a_batch_size_below_one_is_refused_not_a_rotation_of_nothing(
     assert "at least 1" in result.stderr
     assert result.stdout == ""
     assert stored_values(await raw_rows(database)) == {("plain-1", "secretKey"): "sk_test_batch_size_0001"}
+
+
+@pytest.mark.parametrize("mistaken", [f"k1:{K1_KEY}", K1_KEY, base64.b16encode(base64.b64decode(K1_KEY)).decode()])
+async def test_retire_key_given_key_material_instead_of_an_id_never_repeats_it(
+    database: str, tmp_path: Path, mistaken: str
+) -> None:
+    # `k1:<key>` is how a keyring names a key: pasted as the id, it was repeated in the refusal's log line.
+    result = await cli(["retire-key", mistaken], database, ROTATING, tmp_path)
+
+    assert result.returncode == 2
+    assert "not a key id" in result.stderr
+    output = result.stdout + result.stderr
+    assert K1_KEY not in output
+    assert K1_KEY[:12] not in output
+    assert mistaken[-16:] not in output
