@@ -25,6 +25,7 @@ from integrations_service.config import (
     load_settings,
 )
 from integrations_service.crypto import EncryptionKey
+from integrations_service.crypto.keyring import KEY_ID_PATTERN
 from integrations_service.devcerts import expiring, make_dev_certs
 from integrations_service.domain.audit import Caller
 from integrations_service.domain.rotation import RotationReport, Rotator
@@ -45,10 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("gen-key", help="print a new random encryption key (base64)")
     rotate = commands.add_parser("rotate", help="re-encrypt every stored value under the active key")
     add_flags(rotate)
-    rotate.add_argument("--batch-size", type=int, default=100, help="rows per transaction (default: 100)")
+    rotate.add_argument("--batch-size", type=_batch_size, default=100, help="rows per transaction (default: 100)")
     retire = commands.add_parser("retire-key", help="retire a key once no stored value needs it")
     add_flags(retire)
-    retire.add_argument("key_id", help="the id of the key to retire")
+    retire.add_argument("key_id", type=_key_id, help="the id of the key to retire")
     health = commands.add_parser("healthcheck", help="exit 0 when the local service reports SERVING")
     health.add_argument("--address", help="host:port (default: INTEGRATIONS_LISTEN_ADDRESS)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds (default: 3)")
@@ -63,6 +64,31 @@ def _parser() -> argparse.ArgumentParser:
         "--if-expiring", action="store_true", help="only when a certificate is missing or expires within a day"
     )
     return parser
+
+
+def _batch_size(text: str) -> int:
+    """A count of rows, at least 1: a scan of 0 rows per batch would find nothing and report a complete rotation."""
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (got {size})")
+    return size
+
+
+def _key_id(text: str) -> str:
+    """A key id as a keyring names it; anything else is refused without being repeated.
+
+    What is pasted here by mistake is as likely key material (`k1:<key>` is how a keyring lists a
+    key): it must not reach a log line, an error message or a terminal's scrollback.
+    """
+    if not KEY_ID_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"not a key id (not shown: it may be key material): a key id is {KEY_ID_PATTERN.pattern}, "
+            "the part before ':' in a keyring entry"
+        )
+    return text
 
 
 async def _serve(settings: Settings) -> None:

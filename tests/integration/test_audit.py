@@ -255,6 +255,27 @@ async def test_a_page_token_the_service_never_gave_out_is_invalid_argument(svc: 
     assert list(error.violations) == ["page_token"]
 
 
+async def test_a_page_token_continues_only_the_organization_it_was_given_out_for(svc: Running) -> None:
+    org, other = new_org(), new_org()
+    for i in range(2):
+        await save(svc, org, request_id(f"scope{i}"), secretKey=f"{SK}{i}")
+    await save(svc, other, request_id("scope-other"), secretKey=SK)
+    token = (
+        await svc.stub.ListAuditEvents(pb.ListAuditEventsRequest(organization_id=org, page_size=1))
+    ).next_page_token
+    assert token
+
+    for used_for in (other, ""):
+        request = pb.ListAuditEventsRequest(organization_id=used_for, page_size=1, page_token=token)
+        error = rich_error(await refused(svc.stub.ListAuditEvents(request)))
+        assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert list(error.violations) == ["page_token"]
+        assert "another organization_id" in error.violations["page_token"]
+    # With its own organization it goes on.
+    request = pb.ListAuditEventsRequest(organization_id=org, page_size=1, page_token=token)
+    assert [e.organization_id for e in (await svc.stub.ListAuditEvents(request)).events] == [org]
+
+
 async def test_negative_page_size_and_bad_organization_are_invalid_argument(svc: Running) -> None:
     error = rich_error(await refused(svc.stub.ListAuditEvents(pb.ListAuditEventsRequest(page_size=-1))))
     assert error.code is grpc.StatusCode.INVALID_ARGUMENT

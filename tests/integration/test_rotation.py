@@ -479,3 +479,69 @@ async def test_an_undecryptable_value_is_reported_and_the_rest_of_its_batch_stil
         assert "secretKey" in error.message
     finally:
         await running.close()
+
+
+async def test_retire_key_is_refused_while_a_row_is_unreadable_and_may_still_need_the_key(
+    database: str, tmp_path: Path
+) -> None:
+    # A hand-written fix that double-encoded a row: its config is a JSON string holding the object, whose
+    # value is under k1. Repairing it needs k1, so k1 must not be retired (and then dropped) meanwhile.
+    inner = json.dumps({"secretKey": "enc:v2:k1:AAAA"})
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute(
+            "INSERT INTO integration_config (id, organization_id, provider, config, created_at, updated_at) "
+            "VALUES ('double-encoded', 'org_x', 'stripe', $1::jsonb, now(), now())",
+            json.dumps(inner),
+        )
+    finally:
+        await conn.close()
+    running = await start(database, ROTATING, tmp_path)  # registers k1, k2 and default
+    await running.close()
+
+    rotated = await cli(["rotate"], database, ROTATING, tmp_path)
+    assert rotated.returncode == 1
+    assert rotated.report()["unreadable_rows"] == ["double-encoded"]
+
+    refused = await cli(["retire-key", "k1"], database, ROTATING, tmp_path)
+    assert refused.returncode == 1
+    assert "not a JSON object" in refused.stderr
+    assert "'double-encoded'" in refused.stderr
+    assert "AAAA" not in refused.stderr + refused.stdout
+    conn = await asyncpg.connect(database)
+    try:
+        retired = await conn.fetchval("SELECT retired_at IS NOT NULL FROM encryption_keys WHERE key_id = 'k1'")
+    finally:
+        await conn.close()
+    assert retired is False
+
+
+@pytest.mark.parametrize("batch_size", ["0", "-5"])
+async def test_a_batch_size_below_one_is_refused_not_a_rotation_of_nothing(
+    database: str, tmp_path: Path, batch_size: str
+) -> None:
+    # With 0 rows per batch the scan found nothing: exit 0, rows_scanned 0, as if no value needed the old key.
+    await insert_rows(database, [("plain-1", "org_plain", "stripe", {"secretKey": "sk_test_batch_size_0001"})])
+
+    result = await cli(["rotate", "--batch-size", batch_size], database, ROTATING, tmp_path)
+
+    assert result.returncode == 2
+    assert "--batch-size" in result.stderr
+    assert "at least 1" in result.stderr
+    assert result.stdout == ""
+    assert stored_values(await raw_rows(database)) == {("plain-1", "secretKey"): "sk_test_batch_size_0001"}
+
+
+@pytest.mark.parametrize("mistaken", [f"k1:{K1_KEY}", K1_KEY, base64.b16encode(base64.b64decode(K1_KEY)).decode()])
+async def test_retire_key_given_key_material_instead_of_an_id_never_repeats_it(
+    database: str, tmp_path: Path, mistaken: str
+) -> None:
+    # `k1:<key>` is how a keyring names a key: pasted as the id, it was repeated in the refusal's log line.
+    result = await cli(["retire-key", mistaken], database, ROTATING, tmp_path)
+
+    assert result.returncode == 2
+    assert "not a key id" in result.stderr
+    output = result.stdout + result.stderr
+    assert K1_KEY not in output
+    assert K1_KEY[:12] not in output
+    assert mistaken[-16:] not in output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -13,6 +14,7 @@ from integrations_service.domain.rotation import RETIRE_ACTION, ROTATE_ACTION, R
 from integrations_service.domain.service import ReadRequest, etag_of
 from integrations_service.errors import FailedPrecondition
 from integrations_service.sealing import Sealer
+from integrations_service.store import UnreadableConfig
 from integrations_service.store.memory import MemoryDatabase, MemoryStore
 from tests.unit.seam import (
     CALLER,
@@ -255,3 +257,48 @@ async def test_an_empty_value_stays_unset_through_rotation(
     after = await listed_status(service, "org-a", "ifthenpay")
     assert before == after == (False, False)
     assert report.values_rewrapped == 0
+
+
+async def test_retire_is_refused_while_a_row_cannot_be_read(
+    database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher, audit: AuditTrail
+) -> None:
+    # A config that is not a JSON object (say, one double-encoded by a hand-written fix) may well hold values
+    # under the key, and a repair can get them back only while the key is still there: the store cannot tell.
+    await store.register_keys(cipher.check_values())
+    row_id = put_row(database, "org-a", "stripe", {})
+    row = database.rows[("org-a", "stripe")]
+    database.rows[("org-a", "stripe")] = dataclasses.replace(row, config=UnreadableConfig("is not a JSON object"))
+
+    with pytest.raises(FailedPrecondition) as refused:
+        await rotator(store, cipher, audit).retire(OLD_KEY_ID)
+
+    assert "1 stored rows have a config that is not a JSON object" in refused.value.message
+    assert row_id in refused.value.message
+    assert not database.keys[OLD_KEY_ID].retired
+    assert audit_records(database, RETIRE_ACTION) == []
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_a_rotator_needs_at_least_one_row_per_batch(
+    batch_size: int, store: MemoryStore, cipher: ValueCipher, audit: AuditTrail
+) -> None:
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        rotator(store, cipher, audit, batch_size=batch_size)
+
+
+async def test_a_value_that_is_not_valid_text_is_reported_and_the_rest_of_its_batch_still_rotates(
+    database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher, audit: AuditTrail
+) -> None:
+    # A lone surrogate: SQLite's JSON text can hold "\ud800" (PostgreSQL's jsonb refuses it). Sealing it raised
+    # UnicodeEncodeError out of the batch: every run stopped there, the rows after it never rotated.
+    bad = put_row(database, "org-a", "stripe", {"secretKey": "sk_test_\ud800", "publishableKey": PUBLISHABLE})
+    put_row(database, "org-b", "stripe", {"secretKey": SECRET})
+
+    report = await rotator(store, cipher, audit, batch_size=2).rotate()
+
+    assert report.undecryptable == [(bad, "secretKey")]
+    # Its row is left whole (a store cannot write the lone surrogate back), the next row rotates.
+    assert (report.rows_rewrapped, report.values_rewrapped, report.legacy_remaining) == (1, 1, 1)
+    assert not report.complete
+    assert stored_config(database, "org-a", "stripe") == {"secretKey": "sk_test_\ud800", "publishableKey": PUBLISHABLE}
+    assert stored_clear(database, cipher, "org-b", "stripe") == {"secretKey": SECRET}

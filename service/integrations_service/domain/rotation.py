@@ -36,6 +36,8 @@ log = logging.getLogger("integrations.rotation")
 ROTATE_ACTION = "RotateKeys"
 RETIRE_ACTION = "RetireKey"
 PLAINTEXT = "plaintext"
+# Row ids a refused retirement names; the rest are counted.
+_MAX_SHOWN_ROWS = 10
 
 
 @dataclass
@@ -78,6 +80,9 @@ class Rotator:
         progress: Callable[[RotationReport], None] = lambda report: None,
         rewrap_legacy: bool = True,
     ) -> None:
+        if batch_size < 1:
+            # A scan of 0 rows finds none: the rotation would report itself complete, retirement find no use.
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self._store = store
         self._sealer = sealer
         self._audit = audit
@@ -109,13 +114,23 @@ class Rotator:
                 f"no key {key_id!r} is registered in the store (known: {', '.join(map(repr, sorted(known)))})"
             )
         in_use, rows, after = 0, 0, ""
+        unreadable: list[str] = []
         while batch := await self._store.scan(after, self._batch_size):
             after = batch[-1].id
             rows += len(batch)
             in_use += sum(_key_of(v) == key_id for row in batch for v in row.config.values())
+            unreadable.extend(row.id for row in batch if isinstance(row.config, UnreadableConfig))
         if in_use:
             raise FailedPrecondition(
                 f"key {key_id!r} still encrypts {in_use} stored values: run `integrations-service rotate` first"
+            )
+        if unreadable:
+            # Their values cannot be seen, so may be under this key; a repair needs the key to get them back.
+            shown = ", ".join(map(repr, unreadable[:_MAX_SHOWN_ROWS]))
+            more = f" and {len(unreadable) - _MAX_SHOWN_ROWS} more" if len(unreadable) > _MAX_SHOWN_ROWS else ""
+            raise FailedPrecondition(
+                f"{len(unreadable)} stored rows have a config that is not a JSON object (ids {shown}{more}), "
+                f"so whether they need key {key_id!r} cannot be told: repair or delete them first"
             )
         await self._store.retire_key(key_id)
         self._audit.enqueue(self._audit.record(self._caller, RETIRE_ACTION, OUTCOME_OK, details={"key_id": key_id}))
@@ -145,6 +160,10 @@ class Rotator:
                     outcome.legacy_remaining += bool(legacy)
                     continue
                 outcome.rewrapped[_key_of(stored)] += 1
+            if outcome.rewrapped and not all(map(_is_text, new.values())):
+                # A value kept as it is cannot be written back (SQLite refuses a lone surrogate): the whole
+                # row stays as it is, so the rest of its batch can still be written.
+                outcome.rewrapped.clear()
             outcomes[row.id] = outcome
             return new if outcome.rewrapped else None
 
@@ -159,6 +178,15 @@ class Rotator:
             report.undecryptable.extend((row_id, name) for name in outcome.failed)
             report.legacy_found.update(outcome.legacy_found)
             report.legacy_remaining += outcome.legacy_remaining
+
+
+def _is_text(value: str) -> bool:
+    """Encodable as UTF-8: not holding a lone surrogate."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _key_of(stored: str) -> str:

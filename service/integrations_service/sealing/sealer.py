@@ -146,4 +146,11 @@ class Sealer:
         Legacy values pass through decryption as they are: the caller decides whether they may.
         An empty value stays empty (see `seal`).
         """
-        return self._sealed(self._cipher.decrypt(stored, context), context) if stored else StoredValue("")
+        if not stored:
+            return StoredValue("")
+        clear = self._cipher.decrypt(stored, context)
+        try:
+            return self._sealed(clear, context)
+        except UnicodeEncodeError:
+            # A lone surrogate, which SQLite's JSON text can hold: as malformed as a value that does not decrypt.
+            raise InvalidCiphertext("the stored value is not valid Unicode text (a lone surrogate)") from None

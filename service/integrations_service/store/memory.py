@@ -28,6 +28,7 @@ from integrations_service.store.base import (
     Precondition,
     Rewrite,
     StoredIntegration,
+    UnreadableConfig,
 )
 from integrations_service.store.changes import ChangeEvent, ChangeFeed, ChangeHub, ConfigChanged
 
@@ -221,7 +222,9 @@ def _utc(moment: datetime) -> datetime:
 
 
 def _copy(row: StoredIntegration) -> StoredIntegration:
-    """Callers get their own mapping: nothing they do to it reaches the stored row."""
+    """Callers get their own mapping: nothing they do to it reaches the stored row (an unreadable one stays so)."""
+    if isinstance(row.config, UnreadableConfig):
+        return row
     return replace(row, config=dict(row.config))
 
 
