@@ -81,6 +81,8 @@ export class IntegrationsClient {
   private readonly timeoutMs: number;
   private readonly retry: RetryOptions;
   private closed = false;
+  /** Aborted by close(): wakes reads sleeping before a retry. */
+  private readonly closing = new AbortController();
 
   /**
    * From INTEGRATIONS_SERVICE_TARGET and INTEGRATIONS_CLIENT_CA/_CERT/_KEY (the Python client's
@@ -205,6 +207,7 @@ export class IntegrationsClient {
   /** Closes the connection; calls made afterwards throw. */
   close(): void {
     this.closed = true;
+    this.closing.abort();
     this.session.abort();
     for (const session of this.retired) session.abort();
     this.retired.clear();
@@ -291,11 +294,15 @@ export class IntegrationsClient {
       try {
         return await call(connect);
       } catch (cause) {
+        // Cut short by close(), or failed while it was closing: no retry, the same error as a call made now.
+        if (this.closed) throw new ConfigurationError("the client is closed");
         const error = transportError(cause, options);
         const pause = backoff * (0.8 + Math.random() * 0.4);
         const retryable = error.code === Code.Unavailable;
         if (!retryable || attempt >= this.retry.maxAttempts || Date.now() + pause >= deadline) throw errorFrom(error);
-        await sleep(pause, options.signal);
+        await sleep(pause, [options.signal, this.closing.signal]);
+        // Closed during the pause: no new connection; the read ends as a call made now would.
+        if (this.closed) throw new ConfigurationError("the client is closed");
         backoff = Math.min(backoff * this.retry.multiplier, this.retry.maxBackoffMs);
       }
     }
@@ -318,11 +325,16 @@ export class IntegrationsClient {
 
 /**
  * connect-node reports a connection that closed before the answer (a service restarting, a proxy
- * dropping it) as CANCELLED; gRPC calls that UNAVAILABLE, and so do we unless the caller aborted.
+ * dropping it) as CANCELLED, and one that was reset (ECONNRESET) as ABORTED; gRPC calls both
+ * UNAVAILABLE, and so do we, unless the caller aborted. ABORTED is only ever the service's own
+ * status (a stale etag: ConflictError), which comes with a grpc-status; a reset carries none.
  */
 function transportError(cause: unknown, options: CallOptions): ConnectError {
   const error = ConnectError.from(cause);
-  if (error.code !== Code.Canceled || options.signal?.aborted) return error;
+  const dropped =
+    (error.code === Code.Canceled && !options.signal?.aborted) ||
+    (error.code === Code.Aborted && !error.metadata.has("grpc-status"));
+  if (!dropped) return error;
   return new ConnectError(error.rawMessage, Code.Unavailable, error.metadata, undefined, error);
 }
 
@@ -331,13 +343,15 @@ function positive(name: string, value: number): number {
   return value;
 }
 
-function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
+/** Resolves after `ms`, or as soon as one of `signals` aborts. */
+function sleep(ms: number, signals: ReadonlyArray<AbortSignal | undefined>): Promise<void> {
   return new Promise((resolve) => {
     const timer = setTimeout(done, ms);
-    signal?.addEventListener("abort", done, { once: true });
+    for (const signal of signals) signal?.addEventListener("abort", done, { once: true });
+    if (signals.some((signal) => signal?.aborted)) done();
     function done(): void {
       clearTimeout(timer);
-      signal?.removeEventListener("abort", done);
+      for (const signal of signals) signal?.removeEventListener("abort", done);
       resolve();
     }
   });

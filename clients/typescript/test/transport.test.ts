@@ -1,0 +1,90 @@
+/** The client against sockets that misbehave (reset, refused): no service needed. */
+
+import assert from "node:assert/strict";
+import { createServer, type AddressInfo, type Server, type Socket } from "node:net";
+import { after, describe, test } from "node:test";
+
+import { ConfigurationError, IntegrationsClient, UnavailableError } from "../src/index.js";
+import { SK, rejection, withTimeout } from "./helpers.js";
+
+interface Listener {
+  target: string;
+  connections: () => number;
+  close: () => Promise<void>;
+}
+
+/** A TCP listener that does `onSocket` with every connection it accepts. */
+async function listener(onSocket: (socket: Socket) => void): Promise<Listener> {
+  let connections = 0;
+  const sockets = new Set<Socket>();
+  const server: Server = createServer((socket) => {
+    connections += 1;
+    sockets.add(socket);
+    socket.on("error", () => socket.destroy()).on("close", () => sockets.delete(socket));
+    onSocket(socket);
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address() as AddressInfo;
+  return {
+    target: `127.0.0.1:${port}`,
+    connections: () => connections,
+    close: () =>
+      new Promise<void>((resolve) => {
+        for (const socket of sockets) socket.destroy();
+        server.close(() => resolve());
+      }),
+  };
+}
+
+describe("misbehaving connections", () => {
+  const cleanup: Array<() => unknown> = [];
+  after(async () => {
+    for (const step of cleanup.reverse()) await step();
+  });
+
+  test("a connection reset (ECONNRESET) is UnavailableError, never a ConflictError (ABORTED is the service's stale etag)", async () => {
+    // Reads the start of the HTTP/2 connection (preface, settings, the call's headers), then resets
+    // it, as a service that crashes or a proxy that gives up does.
+    const resetting = await listener((socket) => socket.once("data", () => setTimeout(() => socket.resetAndDestroy(), 20)));
+    const client = new IntegrationsClient({ target: resetting.target, retry: { maxAttempts: 2 } });
+    cleanup.push(resetting.close, () => client.close());
+
+    const read = await rejection(client.listProviders());
+    assert.ok(read instanceof UnavailableError, String(read));
+    assert.equal(read.code, "UNAVAILABLE");
+    assert.equal(resetting.connections(), 2, "a read is retried after a reset");
+
+    const write = await rejection(client.saveIntegration("org_ts_reset", "stripe", { secretKey: SK }));
+    assert.ok(write instanceof UnavailableError, String(write));
+    assert.equal(resetting.connections(), 3, "a write is not retried");
+
+    const watch = await rejection(
+      (async () => {
+        for await (const event of client.watchConfigChanges()) assert.fail(`unexpected ${event.kind}`);
+      })(),
+    );
+    assert.ok(watch instanceof UnavailableError, `a reset watch is resubscribed (followChanges), not fatal: ${String(watch)}`);
+  });
+
+  test("close() during a read's retry backoff ends the read at once, with no new connection", async () => {
+    const refusing = await listener((socket) => socket.destroy());
+    const client = new IntegrationsClient({
+      target: refusing.target,
+      timeoutMs: 10_000,
+      retry: { initialBackoffMs: 2_000, maxBackoffMs: 2_000 },
+    });
+    cleanup.push(refusing.close);
+    const read = rejection(client.listProviders());
+    for (const started = Date.now(); refusing.connections() < 1 && Date.now() - started < 5_000; ) {
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100)); // into the backoff
+    const closed = Date.now();
+    client.close();
+    const error = await withTimeout(read, "the read went on after close()", 1_000);
+    assert.ok(error instanceof ConfigurationError && /closed/.test(error.message), String(error));
+    assert.ok(Date.now() - closed < 500, `ended ${Date.now() - closed} ms after close()`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    assert.equal(refusing.connections(), 1, "no connection was opened after close()");
+  });
+});
