@@ -48,7 +48,7 @@ EXPECTED = {
     "retries.test.js": 6,
     "config.test.js": 5,
     "transport.test.js": 2,
-    "mtls.test.js": 7,
+    "mtls.test.js": 9,
     "outage.test.js": 2,
     "watch.test.js": 5,
     "watch-shutdown.test.js": 1,

@@ -74,10 +74,12 @@ const RETIRE_AFTER_MS = 60_000;
 
 export class IntegrationsClient {
   private readonly url: string;
-  private readonly tls: TlsFiles | undefined;
-  private session!: Http2SessionManager;
-  private rpc!: Client<typeof pb.IntegrationService>;
-  private readonly retired = new Set<Http2SessionManager>();
+  // ES private (#), so that console.log(client), util.inspect and JSON.stringify (a debugging
+  // session, a logger given the client) never show the TLS key the connections are made with.
+  readonly #tls: TlsFiles | undefined;
+  #session!: Http2SessionManager;
+  #rpc!: Client<typeof pb.IntegrationService>;
+  readonly #retired = new Set<Http2SessionManager>();
   private readonly timeoutMs: number;
   private readonly retry: RetryOptions;
   private closed = false;
@@ -101,12 +103,12 @@ export class IntegrationsClient {
    * changed into a valid set, new connections use them, with no restart.
    */
   constructor(options: ClientOptions) {
-    this.tls = options.tls === undefined ? undefined : new TlsFiles(options.tls);
-    this.url = baseUrl(options.target, this.tls !== undefined);
+    this.#tls = options.tls === undefined ? undefined : new TlsFiles(options.tls);
+    this.url = baseUrl(options.target, this.#tls !== undefined);
     this.timeoutMs = positive("timeoutMs", options.timeoutMs ?? DEFAULT_TIMEOUT_MS);
     this.retry = { ...DEFAULT_RETRY, ...options.retry };
     positive("retry.maxAttempts", this.retry.maxAttempts);
-    this.connectWith(this.tls?.current);
+    this.connectWith(this.#tls?.current);
   }
 
   /** The provider catalog in a stable order; with an organization id, each provider's `configured` and `ready`. */
@@ -119,7 +121,7 @@ export class IntegrationsClient {
       organizationId: organizationId ?? "",
       category: category ? categoryNumber(category) : pb.Category.UNSPECIFIED,
     });
-    const reply = await this.read(options, (call) => this.rpc.listProviders(request, call));
+    const reply = await this.read(options, (call) => this.#rpc.listProviders(request, call));
     return reply.providers.map(plainProvider);
   }
 
@@ -168,7 +170,7 @@ export class IntegrationsClient {
       clearFields,
       etag: options.etag ?? "",
     });
-    const reply = await this.write(options, (call) => this.rpc.saveIntegration(request, call));
+    const reply = await this.write(options, (call) => this.#rpc.saveIntegration(request, call));
     return plainConfig(reply.config);
   }
 
@@ -180,7 +182,7 @@ export class IntegrationsClient {
       allowMissing: options.allowMissing ?? false,
       etag: options.etag ?? "",
     });
-    await this.write(options, (call) => this.rpc.deleteIntegration(request, call));
+    await this.write(options, (call) => this.#rpc.deleteIntegration(request, call));
   }
 
   /**
@@ -208,27 +210,27 @@ export class IntegrationsClient {
   close(): void {
     this.closed = true;
     this.closing.abort();
-    this.session.abort();
-    for (const session of this.retired) session.abort();
-    this.retired.clear();
+    this.#session.abort();
+    for (const session of this.#retired) session.abort();
+    this.#retired.clear();
   }
 
   private connectWith(tls: TlsMaterial | undefined): void {
     const ping = { pingIntervalMs: PING_INTERVAL_MS, pingTimeoutMs: PING_TIMEOUT_MS };
-    this.session = new Http2SessionManager(this.url, ping, tls);
-    this.rpc = createClient(pb.IntegrationService, createGrpcTransport({ baseUrl: this.url, sessionManager: this.session }));
+    this.#session = new Http2SessionManager(this.url, ping, tls);
+    this.#rpc = createClient(pb.IntegrationService, createGrpcTransport({ baseUrl: this.url, sessionManager: this.#session }));
   }
 
   /** Rotated TLS files: new calls go over a new connection made with them; the old one is retired. */
   private useRotatedTls(): void {
-    const rotated = this.tls?.reloaded();
+    const rotated = this.#tls?.reloaded();
     if (rotated === undefined) return;
-    const previous = this.session;
+    const previous = this.#session;
     this.connectWith(rotated);
-    this.retired.add(previous);
+    this.#retired.add(previous);
     setTimeout(() => {
       previous.abort();
-      this.retired.delete(previous);
+      this.#retired.delete(previous);
     }, RETIRE_AFTER_MS).unref();
   }
 
@@ -239,7 +241,7 @@ export class IntegrationsClient {
     options: CallOptions,
   ): Promise<ProviderConfig> {
     const request = create(pb.GetProviderConfigRequestSchema, { organizationId, provider, view });
-    const reply = await this.read(options, (call) => this.rpc.getProviderConfig(request, call));
+    const reply = await this.read(options, (call) => this.#rpc.getProviderConfig(request, call));
     return plainConfig(reply.config);
   }
 
@@ -257,7 +259,7 @@ export class IntegrationsClient {
     if (options.requestId) connect.headers = { [REQUEST_ID_KEY]: options.requestId };
     let failure: IntegrationsError | undefined;
     try {
-      for await (const reply of this.rpc.watchConfigChanges(request, connect)) {
+      for await (const reply of this.#rpc.watchConfigChanges(request, connect)) {
         const event = plainWatchEvent(reply);
         if (event !== undefined) yield event;
       }
