@@ -66,7 +66,7 @@ describe("misbehaving connections", () => {
     assert.ok(watch instanceof UnavailableError, `a reset watch is resubscribed (followChanges), not fatal: ${String(watch)}`);
   });
 
-  test("close() during a read's retry backoff ends the read at once, with no new connection", async () => {
+  test("close() during a read's retry backoff, or while it waits for its answer, ends the read at once, with no new connection", async () => {
     const refusing = await listener((socket) => socket.destroy());
     const client = new IntegrationsClient({
       target: refusing.target,
@@ -86,5 +86,18 @@ describe("misbehaving connections", () => {
     assert.ok(Date.now() - closed < 500, `ended ${Date.now() - closed} ms after close()`);
     await new Promise((resolve) => setTimeout(resolve, 100));
     assert.equal(refusing.connections(), 1, "no connection was opened after close()");
+
+    // A read in flight (the service not answering yet) ends the same way, not retried.
+    const silent = await listener(() => undefined);
+    cleanup.push(silent.close);
+    const other = new IntegrationsClient({ target: silent.target, timeoutMs: 10_000 });
+    const pending = rejection(other.getConfig("org_ts_closed", "stripe"));
+    for (const started = Date.now(); silent.connections() < 1 && Date.now() - started < 5_000; ) {
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    other.close();
+    const cut = await withTimeout(pending, "the read went on after close()", 1_000);
+    assert.ok(cut instanceof ConfigurationError && /closed/.test(cut.message), String(cut));
+    assert.equal(silent.connections(), 1);
   });
 });
