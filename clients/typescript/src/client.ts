@@ -105,7 +105,7 @@ export class IntegrationsClient {
   constructor(options: ClientOptions) {
     this.#tls = options.tls === undefined ? undefined : new TlsFiles(options.tls);
     this.url = baseUrl(options.target, this.#tls !== undefined);
-    this.timeoutMs = positive("timeoutMs", options.timeoutMs ?? DEFAULT_TIMEOUT_MS);
+    this.timeoutMs = milliseconds("timeoutMs", options.timeoutMs ?? DEFAULT_TIMEOUT_MS);
     this.retry = { ...DEFAULT_RETRY, ...options.retry };
     positive("retry.maxAttempts", this.retry.maxAttempts);
     this.connectWith(this.#tls?.current);
@@ -312,7 +312,7 @@ export class IntegrationsClient {
 
   private timeout(options: CallOptions): number {
     if (this.closed) throw new ConfigurationError("the client is closed");
-    return options.timeoutMs === undefined ? this.timeoutMs : positive("timeoutMs", options.timeoutMs);
+    return options.timeoutMs === undefined ? this.timeoutMs : milliseconds("timeoutMs", options.timeoutMs);
   }
 
   private connectOptions(options: CallOptions, deadline: number): ConnectCallOptions {
@@ -342,6 +342,16 @@ function transportError(cause: unknown, options: CallOptions): ConnectError {
 
 function positive(name: string, value: number): number {
   if (!Number.isFinite(value) || value <= 0) throw new ConfigurationError(`${name} must be a positive number, got ${value}`);
+  return value;
+}
+
+// Node's timers (and so the deadlines) hold at most this; a longer one fires at once.
+const MAX_TIMEOUT_MS = 2 ** 31 - 1;
+
+function milliseconds(name: string, value: number): number {
+  if (!Number.isFinite(value) || value <= 0 || value > MAX_TIMEOUT_MS) {
+    throw new ConfigurationError(`${name} must be a positive number of milliseconds up to ${MAX_TIMEOUT_MS}, got ${value}`);
+  }
   return value;
 }
 

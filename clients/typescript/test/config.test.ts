@@ -47,6 +47,11 @@ describe("settings", () => {
       configurationError(/^tls\.caFile: cannot read "\/nonexistent\/ca\.crt" \(ENOENT\)$/),
     );
     assert.throws(() => new IntegrationsClient({ target: "h:1", timeoutMs: 0 }), configurationError(/timeoutMs/));
+    // Node's timers hold at most 2^31-1 ms (24.8 days): a longer deadline would fire at once, failing every call.
+    assert.throws(
+      () => new IntegrationsClient({ target: "h:1", timeoutMs: 2 ** 31 }),
+      configurationError(/^timeoutMs must be a positive number of milliseconds up to 2147483647, got 2147483648$/),
+    );
     const client = new IntegrationsClient({ target: "[::1]:50051" });
     client.close();
     return assert.rejects(client.listProviders(), configurationError(/closed/));
