@@ -3,6 +3,7 @@
 import assert from "node:assert/strict";
 import { createServer, type AddressInfo, type Server, type Socket } from "node:net";
 import { after, describe, test } from "node:test";
+import { inspect } from "node:util";
 
 import { ConfigurationError, IntegrationsClient, UnavailableError } from "../src/index.js";
 import { SK, rejection, withTimeout } from "./helpers.js";
@@ -56,6 +57,9 @@ describe("misbehaving connections", () => {
 
     const write = await rejection(client.saveIntegration("org_ts_reset", "stripe", { secretKey: SK }));
     assert.ok(write instanceof UnavailableError, String(write));
+    for (const shown of [String(write), JSON.stringify(write), inspect(write, { depth: Infinity, showHidden: true })]) {
+      assert.ok(!shown.includes(SK), `the failed save's error shows the secret: ${shown}`);
+    }
     assert.equal(resetting.connections(), 3, "a write is not retried");
 
     const watch = await rejection(
