@@ -4,7 +4,7 @@
  * connection after the old certificate expires.
  */
 
-import { X509Certificate, createPrivateKey } from "node:crypto";
+import { X509Certificate, createPrivateKey, type KeyObject } from "node:crypto";
 import { readFileSync, statSync } from "node:fs";
 import { createSecureContext } from "node:tls";
 
@@ -82,7 +82,7 @@ export class TlsFiles {
     // certificate would otherwise pass here and fail every handshake later).
     certificate("caFile", caFile, material.ca);
     const certificateOfClient = certificate("certFile", certFile, material.cert);
-    let key;
+    let key: KeyObject;
     try {
       key = createPrivateKey(material.key);
     } catch (error) {
