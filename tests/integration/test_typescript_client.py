@@ -46,7 +46,7 @@ README = PACKAGE / "README.md"
 EXPECTED = {
     "plaintext.test.js": 10,
     "retries.test.js": 6,
-    "config.test.js": 5,
+    "config.test.js": 6,
     "transport.test.js": 2,
     "mtls.test.js": 9,
     "outage.test.js": 2,

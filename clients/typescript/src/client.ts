@@ -8,7 +8,11 @@ import {
   ConfigurationError,
   DEFAULT_RETRY,
   DEFAULT_TIMEOUT_MS,
+  ENV_CA,
+  ENV_CERT,
+  ENV_KEY,
   baseUrl,
+  isLoopback,
   optionsFromEnv,
   type ClientOptions,
   type RetryOptions,
@@ -108,6 +112,13 @@ export class IntegrationsClient {
     this.timeoutMs = milliseconds("timeoutMs", options.timeoutMs ?? DEFAULT_TIMEOUT_MS);
     this.retry = { ...DEFAULT_RETRY, ...options.retry };
     positive("retry.maxAttempts", this.retry.maxAttempts);
+    if (this.#tls === undefined && !options.insecurePlaintextAnyAddress && !isLoopback(new URL(this.url).hostname)) {
+      // Plaintext sends every value as it is, before the service says anything: refuse rather than leak.
+      throw new ConfigurationError(
+        `target ${JSON.stringify(options.target.trim())} is not a loopback address: without tls the client talks ` +
+          `plaintext only to 127.0.0.1, ::1 or localhost (set ${ENV_CA}, ${ENV_CERT} and ${ENV_KEY}, or the tls option)`,
+      );
+    }
     this.connectWith(this.#tls?.current);
   }
 
