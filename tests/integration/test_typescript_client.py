@@ -47,7 +47,7 @@ EXPECTED = {
     "plaintext.test.js": 10,
     "retries.test.js": 6,
     "config.test.js": 6,
-    "transport.test.js": 2,
+    "transport.test.js": 3,
     "mtls.test.js": 9,
     "outage.test.js": 2,
     "watch.test.js": 5,

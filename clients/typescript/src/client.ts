@@ -1,5 +1,7 @@
 /** The dashboard backend's client: the calls the dashboard makes and the change stream, over gRPC (HTTP/2) with mutual TLS. */
 
+import { EventEmitter } from "node:events";
+
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type CallOptions as ConnectCallOptions, type Client } from "@connectrpc/connect";
 import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
@@ -228,7 +230,7 @@ export class IntegrationsClient {
 
   private connectWith(tls: TlsMaterial | undefined): void {
     const ping = { pingIntervalMs: PING_INTERVAL_MS, pingTimeoutMs: PING_TIMEOUT_MS };
-    this.#session = new Http2SessionManager(this.url, ping, tls);
+    this.#session = guarded(new Http2SessionManager(this.url, ping, tls));
     this.#rpc = createClient(pb.IntegrationService, createGrpcTransport({ baseUrl: this.url, sessionManager: this.#session }));
   }
 
@@ -335,6 +337,25 @@ export class IntegrationsClient {
     return connect;
   }
 }
+
+/**
+ * `manager`, with a listener of ours on the 'error' event of every HTTP/2 session it opens.
+ * connect-node (2.1) takes its own listener off a session when it moves on from it (a call made,
+ * or close(), right after a connection error such as an HTTP/2 protocol error), while Node has yet to emit that error on it: unhandled, that 'error' ends the
+ * whole process (the dashboard's server). The calls on that session fail as they would anyway.
+ */
+function guarded(manager: Http2SessionManager): Http2SessionManager {
+  const internal = manager as unknown as { setState?: (state: { t?: string; conn?: unknown }) => void };
+  const setState = internal.setState;
+  if (typeof setState !== "function") throw new TypeError("@connectrpc/connect-node: Http2SessionManager has no setState()");
+  internal.setState = function (this: unknown, state) {
+    if (state.t === "ready" && state.conn instanceof EventEmitter) state.conn.on("error", ignoreError);
+    setState.call(manager, state);
+  };
+  return manager;
+}
+
+function ignoreError(): void {}
 
 /**
  * connect-node reports a connection that closed before the answer (a service restarting, a proxy

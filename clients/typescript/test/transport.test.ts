@@ -1,11 +1,12 @@
 /** The client against sockets that misbehave (reset, refused): no service needed. */
 
 import assert from "node:assert/strict";
-import { createServer, type AddressInfo, type Server, type Socket } from "node:net";
+import { createServer as createHttp2Server, type ServerHttp2Stream } from "node:http2";
+import { connect, createServer, type AddressInfo, type Server, type Socket } from "node:net";
 import { after, describe, test } from "node:test";
 import { inspect } from "node:util";
 
-import { ConfigurationError, IntegrationsClient, UnavailableError } from "../src/index.js";
+import { ConfigurationError, IntegrationsClient, IntegrationsError, UnavailableError } from "../src/index.js";
 import { SK, rejection, withTimeout } from "./helpers.js";
 
 interface Listener {
@@ -68,6 +69,55 @@ describe("misbehaving connections", () => {
       })(),
     );
     assert.ok(watch instanceof UnavailableError, `a reset watch is resubscribed (followChanges), not fatal: ${String(watch)}`);
+  });
+
+  test("a connection the network corrupts (an HTTP/2 protocol error) fails its calls; calling again or close() at once does not crash the process", async () => {
+    // A real HTTP/2 peer that takes calls and never answers, behind a proxy that can corrupt what the client receives.
+    const streams: ServerHttp2Stream[] = [];
+    const peer = createHttp2Server();
+    peer.on("stream", (stream) => void streams.push(stream.on("error", () => undefined)));
+    peer.on("sessionError", () => undefined);
+    await new Promise<void>((resolve) => peer.listen(0, "127.0.0.1", resolve));
+    const peerPort = (peer.address() as AddressInfo).port;
+    const toClient: Socket[] = [];
+    const proxy = await listener((socket) => {
+      const upstream = connect(peerPort, "127.0.0.1");
+      upstream.on("error", () => socket.destroy()).on("close", () => socket.destroy());
+      socket.on("close", () => upstream.destroy());
+      socket.pipe(upstream).pipe(socket);
+      toClient.push(socket);
+    });
+    const client = new IntegrationsClient({ target: proxy.target, timeoutMs: 5_000 });
+    cleanup.push(
+      () => new Promise<void>((resolve) => peer.close(() => resolve())),
+      () => streams.forEach((stream) => stream.destroy()),
+      proxy.close,
+      () => client.close(),
+    );
+    const crashes: unknown[] = [];
+    const onCrash = (error: unknown): void => void crashes.push(error);
+    process.on("uncaughtException", onCrash);
+    try {
+      const first = client.listProviders();
+      for (const started = Date.now(); streams.length < 1 && Date.now() - started < 5_000; ) {
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+      // HEADERS (END_STREAM, END_HEADERS) on stream 99, which the client never opened: a connection error (PROTOCOL_ERROR).
+      for (const socket of toClient) {
+        socket.unpipe();
+        socket.write(Buffer.from([0, 0, 4, 0x01, 0x05, 0, 0, 0, 99, 1, 2, 3, 4]));
+      }
+      const broken = await rejection(first);
+      assert.ok(broken instanceof IntegrationsError, String(broken));
+      // At once, before Node has emitted the dead connection's error: another call, then close().
+      const again = rejection(client.listProviders(null, null, { timeoutMs: 300 }));
+      client.close();
+      assert.ok((await again) instanceof ConfigurationError);
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      assert.deepEqual(crashes.map(String), [], "an unhandled 'error' of the HTTP/2 session would have ended the process");
+    } finally {
+      process.off("uncaughtException", onCrash);
+    }
   });
 
   test("close() during a read's retry backoff, or while it waits for its answer, ends the read at once, with no new connection", async () => {
