@@ -359,17 +359,33 @@ function ignoreError(): void {}
 
 /**
  * connect-node reports a connection that closed before the answer (a service restarting, a proxy
- * dropping it) as CANCELLED, and one that was reset (ECONNRESET) as ABORTED; gRPC calls both
- * UNAVAILABLE, and so do we, unless the caller aborted. ABORTED is only ever the service's own
+ * dropping it) as CANCELLED, one that was reset (ECONNRESET) as ABORTED, and one that broke with an
+ * HTTP/2 connection error as INTERNAL; gRPC calls all three UNAVAILABLE, and so do we, unless the
+ * caller aborted. ABORTED is only ever the service's own
  * status (a stale etag: ConflictError), which comes with a grpc-status; a reset carries none.
  */
 function transportError(cause: unknown, options: CallOptions): ConnectError {
   const error = ConnectError.from(cause);
   const dropped =
     (error.code === Code.Canceled && !options.signal?.aborted) ||
-    (error.code === Code.Aborted && !error.metadata.has("grpc-status"));
+    (error.code === Code.Aborted && !error.metadata.has("grpc-status")) ||
+    (error.code === Code.Internal && !error.metadata.has("grpc-status") && connectionFailed(error));
   if (!dropped) return error;
   return new ConnectError(error.rawMessage, Code.Unavailable, error.metadata, undefined, error);
+}
+
+// Node's errors of a whole HTTP/2 connection (not of one stream): gRPC says UNAVAILABLE for those.
+const CONNECTION_ERRORS = new Set(["ERR_HTTP2_ERROR", "ERR_HTTP2_SESSION_ERROR", "ERR_HTTP2_GOAWAY_SESSION", "ERR_HTTP2_INVALID_SESSION"]);
+
+/** connect-node says INTERNAL for a connection that broke with an HTTP/2 error (a protocol error, a GOAWAY with an error code). */
+function connectionFailed(error: ConnectError): boolean {
+  const seen = new Set<unknown>();
+  for (let cause: unknown = error.cause; cause instanceof Error && !seen.has(cause); cause = cause.cause) {
+    seen.add(cause);
+    const { code } = cause as { code?: unknown };
+    if (typeof code === "string" && CONNECTION_ERRORS.has(code)) return true;
+  }
+  return false;
 }
 
 function positive(name: string, value: number): number {
