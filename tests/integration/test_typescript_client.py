@@ -46,8 +46,9 @@ README = PACKAGE / "README.md"
 EXPECTED = {
     "plaintext.test.js": 10,
     "retries.test.js": 6,
-    "config.test.js": 5,
-    "mtls.test.js": 7,
+    "config.test.js": 6,
+    "transport.test.js": 3,
+    "mtls.test.js": 9,
     "outage.test.js": 2,
     "watch.test.js": 5,
     "watch-shutdown.test.js": 1,
@@ -151,10 +152,10 @@ async def test_typescript_client_plaintext(compiled: Path, plaintext_server: tup
     broken_org = new_org()
     broken = {"secretKey": tampered(encrypt_v1("sk_test_51HxTypeScriptTampered0000", TEST_KEY))}
     await insert_dashboard_row(kind, where, broken_org, "stripe", broken)
-    # Retries and settings do not depend on the store: they run once, on SQLite.
+    # Retries, settings and misbehaving sockets do not depend on the store: they run once, on SQLite.
     # The watch runs on both: its events come from the process itself on SQLite, from pg_notify on PostgreSQL.
     per_store = ["plaintext.test.js", "watch.test.js"]
-    suites = [*per_store, "retries.test.js", "config.test.js"] if kind == "sqlite" else per_store
+    suites = [*per_store, "retries.test.js", "config.test.js", "transport.test.js"] if kind == "sqlite" else per_store
     env = {
         "ITS_PLAIN_TARGET": process.target,
         "ITS_PLAIN_LOG": str(process.stderr_path),

@@ -1,5 +1,7 @@
 /** The dashboard backend's client: the calls the dashboard makes and the change stream, over gRPC (HTTP/2) with mutual TLS. */
 
+import { EventEmitter } from "node:events";
+
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type CallOptions as ConnectCallOptions, type Client } from "@connectrpc/connect";
 import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
@@ -8,7 +10,11 @@ import {
   ConfigurationError,
   DEFAULT_RETRY,
   DEFAULT_TIMEOUT_MS,
+  ENV_CA,
+  ENV_CERT,
+  ENV_KEY,
   baseUrl,
+  isLoopback,
   optionsFromEnv,
   type ClientOptions,
   type RetryOptions,
@@ -74,13 +80,17 @@ const RETIRE_AFTER_MS = 60_000;
 
 export class IntegrationsClient {
   private readonly url: string;
-  private readonly tls: TlsFiles | undefined;
-  private session!: Http2SessionManager;
-  private rpc!: Client<typeof pb.IntegrationService>;
-  private readonly retired = new Set<Http2SessionManager>();
+  // ES private (#), so that console.log(client), util.inspect and JSON.stringify (a debugging
+  // session, a logger given the client) never show the TLS key the connections are made with.
+  readonly #tls: TlsFiles | undefined;
+  #session!: Http2SessionManager;
+  #rpc!: Client<typeof pb.IntegrationService>;
+  readonly #retired = new Set<Http2SessionManager>();
   private readonly timeoutMs: number;
   private readonly retry: RetryOptions;
   private closed = false;
+  /** Aborted by close(): wakes reads sleeping before a retry. */
+  private readonly closing = new AbortController();
 
   /**
    * From INTEGRATIONS_SERVICE_TARGET and INTEGRATIONS_CLIENT_CA/_CERT/_KEY (the Python client's
@@ -99,12 +109,19 @@ export class IntegrationsClient {
    * changed into a valid set, new connections use them, with no restart.
    */
   constructor(options: ClientOptions) {
-    this.tls = options.tls === undefined ? undefined : new TlsFiles(options.tls);
-    this.url = baseUrl(options.target, this.tls !== undefined);
-    this.timeoutMs = positive("timeoutMs", options.timeoutMs ?? DEFAULT_TIMEOUT_MS);
+    this.#tls = options.tls === undefined ? undefined : new TlsFiles(options.tls);
+    this.url = baseUrl(options.target, this.#tls !== undefined);
+    this.timeoutMs = milliseconds("timeoutMs", options.timeoutMs ?? DEFAULT_TIMEOUT_MS);
     this.retry = { ...DEFAULT_RETRY, ...options.retry };
     positive("retry.maxAttempts", this.retry.maxAttempts);
-    this.connectWith(this.tls?.current);
+    if (this.#tls === undefined && !options.insecurePlaintextAnyAddress && !isLoopback(new URL(this.url).hostname)) {
+      // Plaintext sends every value as it is, before the service says anything: refuse rather than leak.
+      throw new ConfigurationError(
+        `target ${JSON.stringify(options.target.trim())} is not a loopback address: without tls the client talks ` +
+          `plaintext only to 127.0.0.1, ::1 or localhost (set ${ENV_CA}, ${ENV_CERT} and ${ENV_KEY}, or the tls option)`,
+      );
+    }
+    this.connectWith(this.#tls?.current);
   }
 
   /** The provider catalog in a stable order; with an organization id, each provider's `configured` and `ready`. */
@@ -117,7 +134,7 @@ export class IntegrationsClient {
       organizationId: organizationId ?? "",
       category: category ? categoryNumber(category) : pb.Category.UNSPECIFIED,
     });
-    const reply = await this.read(options, (call) => this.rpc.listProviders(request, call));
+    const reply = await this.read(options, (call) => this.#rpc.listProviders(request, call));
     return reply.providers.map(plainProvider);
   }
 
@@ -166,7 +183,7 @@ export class IntegrationsClient {
       clearFields,
       etag: options.etag ?? "",
     });
-    const reply = await this.write(options, (call) => this.rpc.saveIntegration(request, call));
+    const reply = await this.write(options, (call) => this.#rpc.saveIntegration(request, call));
     return plainConfig(reply.config);
   }
 
@@ -178,7 +195,7 @@ export class IntegrationsClient {
       allowMissing: options.allowMissing ?? false,
       etag: options.etag ?? "",
     });
-    await this.write(options, (call) => this.rpc.deleteIntegration(request, call));
+    await this.write(options, (call) => this.#rpc.deleteIntegration(request, call));
   }
 
   /**
@@ -205,27 +222,28 @@ export class IntegrationsClient {
   /** Closes the connection; calls made afterwards throw. */
   close(): void {
     this.closed = true;
-    this.session.abort();
-    for (const session of this.retired) session.abort();
-    this.retired.clear();
+    this.closing.abort();
+    this.#session.abort();
+    for (const session of this.#retired) session.abort();
+    this.#retired.clear();
   }
 
   private connectWith(tls: TlsMaterial | undefined): void {
     const ping = { pingIntervalMs: PING_INTERVAL_MS, pingTimeoutMs: PING_TIMEOUT_MS };
-    this.session = new Http2SessionManager(this.url, ping, tls);
-    this.rpc = createClient(pb.IntegrationService, createGrpcTransport({ baseUrl: this.url, sessionManager: this.session }));
+    this.#session = guarded(new Http2SessionManager(this.url, ping, tls));
+    this.#rpc = createClient(pb.IntegrationService, createGrpcTransport({ baseUrl: this.url, sessionManager: this.#session }));
   }
 
   /** Rotated TLS files: new calls go over a new connection made with them; the old one is retired. */
   private useRotatedTls(): void {
-    const rotated = this.tls?.reloaded();
+    const rotated = this.#tls?.reloaded();
     if (rotated === undefined) return;
-    const previous = this.session;
+    const previous = this.#session;
     this.connectWith(rotated);
-    this.retired.add(previous);
+    this.#retired.add(previous);
     setTimeout(() => {
       previous.abort();
-      this.retired.delete(previous);
+      this.#retired.delete(previous);
     }, RETIRE_AFTER_MS).unref();
   }
 
@@ -236,7 +254,7 @@ export class IntegrationsClient {
     options: CallOptions,
   ): Promise<ProviderConfig> {
     const request = create(pb.GetProviderConfigRequestSchema, { organizationId, provider, view });
-    const reply = await this.read(options, (call) => this.rpc.getProviderConfig(request, call));
+    const reply = await this.read(options, (call) => this.#rpc.getProviderConfig(request, call));
     return plainConfig(reply.config);
   }
 
@@ -254,7 +272,7 @@ export class IntegrationsClient {
     if (options.requestId) connect.headers = { [REQUEST_ID_KEY]: options.requestId };
     let failure: IntegrationsError | undefined;
     try {
-      for await (const reply of this.rpc.watchConfigChanges(request, connect)) {
+      for await (const reply of this.#rpc.watchConfigChanges(request, connect)) {
         const event = plainWatchEvent(reply);
         if (event !== undefined) yield event;
       }
@@ -291,11 +309,15 @@ export class IntegrationsClient {
       try {
         return await call(connect);
       } catch (cause) {
+        // Cut short by close(), or failed while it was closing: no retry, the same error as a call made now.
+        if (this.closed) throw new ConfigurationError("the client is closed");
         const error = transportError(cause, options);
         const pause = backoff * (0.8 + Math.random() * 0.4);
         const retryable = error.code === Code.Unavailable;
         if (!retryable || attempt >= this.retry.maxAttempts || Date.now() + pause >= deadline) throw errorFrom(error);
-        await sleep(pause, options.signal);
+        await sleep(pause, [options.signal, this.closing.signal]);
+        // Closed during the pause: no new connection; the read ends as a call made now would.
+        if (this.closed) throw new ConfigurationError("the client is closed");
         backoff = Math.min(backoff * this.retry.multiplier, this.retry.maxBackoffMs);
       }
     }
@@ -303,7 +325,7 @@ export class IntegrationsClient {
 
   private timeout(options: CallOptions): number {
     if (this.closed) throw new ConfigurationError("the client is closed");
-    return options.timeoutMs === undefined ? this.timeoutMs : positive("timeoutMs", options.timeoutMs);
+    return options.timeoutMs === undefined ? this.timeoutMs : milliseconds("timeoutMs", options.timeoutMs);
   }
 
   private connectOptions(options: CallOptions, deadline: number): ConnectCallOptions {
@@ -317,13 +339,53 @@ export class IntegrationsClient {
 }
 
 /**
+ * `manager`, with a listener of ours on the 'error' event of every HTTP/2 session it opens.
+ * connect-node (2.1) takes its own listener off a session when it moves on from it (a call made,
+ * or close(), right after a connection error such as an HTTP/2 protocol error), while Node has yet to emit that error on it: unhandled, that 'error' ends the
+ * whole process (the dashboard's server). The calls on that session fail as they would anyway.
+ */
+function guarded(manager: Http2SessionManager): Http2SessionManager {
+  const internal = manager as unknown as { setState?: (state: { t?: string; conn?: unknown }) => void };
+  const setState = internal.setState;
+  if (typeof setState !== "function") throw new TypeError("@connectrpc/connect-node: Http2SessionManager has no setState()");
+  internal.setState = function (this: unknown, state) {
+    if (state.t === "ready" && state.conn instanceof EventEmitter) state.conn.on("error", ignoreError);
+    setState.call(manager, state);
+  };
+  return manager;
+}
+
+function ignoreError(): void {}
+
+/**
  * connect-node reports a connection that closed before the answer (a service restarting, a proxy
- * dropping it) as CANCELLED; gRPC calls that UNAVAILABLE, and so do we unless the caller aborted.
+ * dropping it) as CANCELLED, one that was reset (ECONNRESET) as ABORTED, and one that broke with an
+ * HTTP/2 connection error as INTERNAL; gRPC calls all three UNAVAILABLE, and so do we, unless the
+ * caller aborted. ABORTED is only ever the service's own
+ * status (a stale etag: ConflictError), which comes with a grpc-status; a reset carries none.
  */
 function transportError(cause: unknown, options: CallOptions): ConnectError {
   const error = ConnectError.from(cause);
-  if (error.code !== Code.Canceled || options.signal?.aborted) return error;
+  const dropped =
+    (error.code === Code.Canceled && !options.signal?.aborted) ||
+    (error.code === Code.Aborted && !error.metadata.has("grpc-status")) ||
+    (error.code === Code.Internal && !error.metadata.has("grpc-status") && connectionFailed(error));
+  if (!dropped) return error;
   return new ConnectError(error.rawMessage, Code.Unavailable, error.metadata, undefined, error);
+}
+
+// Node's errors of a whole HTTP/2 connection (not of one stream): gRPC says UNAVAILABLE for those.
+const CONNECTION_ERRORS = new Set(["ERR_HTTP2_ERROR", "ERR_HTTP2_SESSION_ERROR", "ERR_HTTP2_GOAWAY_SESSION", "ERR_HTTP2_INVALID_SESSION"]);
+
+/** connect-node says INTERNAL for a connection that broke with an HTTP/2 error (a protocol error, a GOAWAY with an error code). */
+function connectionFailed(error: ConnectError): boolean {
+  const seen = new Set<unknown>();
+  for (let cause: unknown = error.cause; cause instanceof Error && !seen.has(cause); cause = cause.cause) {
+    seen.add(cause);
+    const { code } = cause as { code?: unknown };
+    if (typeof code === "string" && CONNECTION_ERRORS.has(code)) return true;
+  }
+  return false;
 }
 
 function positive(name: string, value: number): number {
@@ -331,13 +393,25 @@ function positive(name: string, value: number): number {
   return value;
 }
 
-function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
+// Node's timers (and so the deadlines) hold at most this; a longer one fires at once.
+const MAX_TIMEOUT_MS = 2 ** 31 - 1;
+
+function milliseconds(name: string, value: number): number {
+  if (!Number.isFinite(value) || value <= 0 || value > MAX_TIMEOUT_MS) {
+    throw new ConfigurationError(`${name} must be a positive number of milliseconds up to ${MAX_TIMEOUT_MS}, got ${value}`);
+  }
+  return value;
+}
+
+/** Resolves after `ms`, or as soon as one of `signals` aborts. */
+function sleep(ms: number, signals: ReadonlyArray<AbortSignal | undefined>): Promise<void> {
   return new Promise((resolve) => {
     const timer = setTimeout(done, ms);
-    signal?.addEventListener("abort", done, { once: true });
+    for (const signal of signals) signal?.addEventListener("abort", done, { once: true });
+    if (signals.some((signal) => signal?.aborted)) done();
     function done(): void {
       clearTimeout(timer);
-      signal?.removeEventListener("abort", done);
+      for (const signal of signals) signal?.removeEventListener("abort", done);
       resolve();
     }
   });

@@ -44,8 +44,14 @@ export const DEFAULT_RETRY: Readonly<RetryOptions> = Object.freeze({
 export interface ClientOptions {
   /** host:port of the service, e.g. "127.0.0.1:50051" or "integrations.internal:443". */
   target: string;
-  /** Mutual TLS; plaintext (development only) when absent. */
+  /** Mutual TLS; plaintext (development only, to a loopback target) when absent. */
   tls?: TlsOptions;
+  /**
+   * DANGER: plaintext to a target that is not a loopback address (the client side of the service's
+   * INTEGRATIONS_INSECURE_PLAINTEXT_ANY_ADDRESS). Without it, a client without `tls` refuses such a
+   * target, so that TLS settings gone missing never send credentials in clear over the network.
+   */
+  insecurePlaintextAnyAddress?: boolean;
   /** Deadline of every call in milliseconds, retries included (default 2000); each method takes `timeoutMs` too. */
   timeoutMs?: number;
   retry?: Partial<RetryOptions>;
@@ -60,6 +66,12 @@ export function baseUrl(target: string, secure: boolean): string {
   const url = new URL(`${secure ? "https" : "http"}://${trimmed}`);
   if (!url.port) throw new ConfigurationError(`target ${JSON.stringify(trimmed)} names no port`);
   return url.origin;
+}
+
+/** 127.0.0.0/8, ::1 or localhost: what the service itself serves plaintext on. */
+export function isLoopback(hostname: string): boolean {
+  const host = hostname.toLowerCase();
+  return host === "localhost" || host === "[::1]" || /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
 }
 
 /**

@@ -4,6 +4,7 @@
  * connection after the old certificate expires.
  */
 
+import { X509Certificate, createPrivateKey, type KeyObject } from "node:crypto";
 import { readFileSync, statSync } from "node:fs";
 import { createSecureContext } from "node:tls";
 
@@ -71,13 +72,30 @@ export class TlsFiles {
   }
 
   private read(): TlsMaterial {
+    const { caFile, certFile, keyFile } = this.options;
     const material: TlsMaterial = {
-      ca: readPem("caFile", this.options.caFile),
-      cert: readPem("certFile", this.options.certFile),
-      key: readPem("keyFile", this.options.keyFile),
+      ca: readPem("caFile", caFile),
+      cert: readPem("certFile", certFile),
+      key: readPem("keyFile", keyFile),
     };
+    // Each file on its own first, so that the error names the wrong one (a CA file without a
+    // certificate would otherwise pass here and fail every handshake later).
+    certificate("caFile", caFile, material.ca);
+    const certificateOfClient = certificate("certFile", certFile, material.cert);
+    let key: KeyObject;
     try {
-      // Parses all three and checks that the key belongs to the certificate.
+      key = createPrivateKey(material.key);
+    } catch (error) {
+      throw new ConfigurationError(`tls.keyFile: ${JSON.stringify(keyFile)} holds no usable PEM private key (${reason(error)})`);
+    }
+    if (!certificateOfClient.checkPrivateKey(key)) {
+      throw new ConfigurationError(
+        `tls: the files do not form a valid set: the key in tls.keyFile ${JSON.stringify(keyFile)} ` +
+          `is not the certificate's (tls.certFile ${JSON.stringify(certFile)})`,
+      );
+    }
+    try {
+      // What node:http2 will do with them.
       createSecureContext({ ca: material.ca, cert: material.cert, key: material.key });
     } catch (error) {
       throw new ConfigurationError(`tls: the CA, certificate and key files do not form a valid set (${reason(error)})`);
@@ -95,6 +113,15 @@ function readPem(option: string, path: string): Buffer {
   }
 }
 
+function certificate(option: string, path: string, pem: Buffer): X509Certificate {
+  try {
+    return new X509Certificate(pem);
+  } catch (error) {
+    throw new ConfigurationError(`tls.${option}: ${JSON.stringify(path)} holds no PEM certificate (${reason(error)})`);
+  }
+}
+
+/** The error's code (ENOENT, ERR_OSSL_...); its message only when it has none. */
 function reason(error: unknown): string {
   const { code, message } = error as { code?: string; message?: string };
   return code ?? message ?? "unknown error";

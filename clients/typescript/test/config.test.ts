@@ -47,9 +47,36 @@ describe("settings", () => {
       configurationError(/^tls\.caFile: cannot read "\/nonexistent\/ca\.crt" \(ENOENT\)$/),
     );
     assert.throws(() => new IntegrationsClient({ target: "h:1", timeoutMs: 0 }), configurationError(/timeoutMs/));
+    // Node's timers hold at most 2^31-1 ms (24.8 days): a longer deadline would fire at once, failing every call.
+    assert.throws(
+      () => new IntegrationsClient({ target: "h:1", timeoutMs: 2 ** 31 }),
+      configurationError(/^timeoutMs must be a positive number of milliseconds up to 2147483647, got 2147483648$/),
+    );
     const client = new IntegrationsClient({ target: "[::1]:50051" });
     client.close();
     return assert.rejects(client.listProviders(), configurationError(/closed/));
+  });
+});
+
+describe("plaintext", () => {
+  test("without tls only a loopback target is accepted, so missing TLS settings never send credentials in clear", () => {
+    for (const target of ["integrations.internal:50051", "10.0.0.5:50051", "[2001:db8::1]:443", "127.0.0.1.example.com:1"]) {
+      assert.throws(
+        () => new IntegrationsClient({ target }),
+        configurationError(/is not a loopback address: without tls the client talks plaintext only to 127\.0\.0\.1, ::1 or localhost/),
+        target,
+      );
+    }
+    assert.throws(
+      () => IntegrationsClient.fromEnv({ INTEGRATIONS_SERVICE_TARGET: "integrations.internal:50051" }),
+      configurationError(/INTEGRATIONS_CLIENT_CA, INTEGRATIONS_CLIENT_CERT and INTEGRATIONS_CLIENT_KEY/),
+    );
+    for (const target of ["127.0.0.1:1", "127.0.0.2:1", "localhost:1", "LOCALHOST:1", "[::1]:1"]) {
+      new IntegrationsClient({ target }).close();
+    }
+    // The service's INTEGRATIONS_INSECURE_PLAINTEXT_ANY_ADDRESS, on this side: said explicitly.
+    new IntegrationsClient({ target: "integrations.internal:50051", insecurePlaintextAnyAddress: true }).close();
+    IntegrationsClient.fromEnv({ INTEGRATIONS_SERVICE_TARGET: "10.0.0.5:1" }, { insecurePlaintextAnyAddress: true }).close();
   });
 });
 

@@ -6,6 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { setTimeout as delay } from "node:timers/promises";
 import { after, describe, test } from "node:test";
+import { inspect } from "node:util";
 
 import {
   ConfigurationError,
@@ -143,6 +144,62 @@ describe("mutual TLS", skipUnless(MTLS_TARGET, "ITS_MTLS_TARGET"), () => {
     } finally {
       process.off("warning", onWarning);
       rmSync(live, { recursive: true, force: true });
+    }
+  });
+});
+
+describe("TLS files", skipUnless(CERTS_DIR, "ITS_CERTS_DIR"), () => {
+  test("a client prints and serializes without its key: console.log, util.inspect, JSON.stringify, spread", () => {
+    const client = new IntegrationsClient({ target: "127.0.0.1:9", tls: certs("dashboard") });
+    try {
+      const pem = readFileSync(certs("dashboard").keyFile);
+      const body = pem.toString("latin1").split("\n")[1]!.slice(0, 16); // the key's first base64 characters
+      const hex = [...pem.subarray(28, 44)].map((byte) => byte.toString(16).padStart(2, "0")).join(" ");
+      const shown = [
+        inspect(client),
+        inspect(client, { depth: Infinity, showHidden: true }),
+        JSON.stringify(client),
+        JSON.stringify({ ...client }),
+        inspect({ ...client }, { depth: Infinity }),
+      ];
+      for (const text of shown) {
+        assert.ok(!text.includes(body) && !text.includes(hex), `key material in: ${text.slice(0, 400)}`);
+        assert.ok(!/PRIVATE KEY|<Buffer|"type":"Buffer"/.test(text), `file contents in: ${text.slice(0, 400)}`);
+      }
+      assert.match(inspect(client), /127\.0\.0\.1:9/);
+    } finally {
+      client.close();
+    }
+  });
+
+  test("a file that is not what it should be fails at start-up naming that option and file, never its contents", () => {
+    const broken = mkdtempSync(join(tmpdir(), "its-tls-files-"));
+    const junk = join(broken, "junk.pem");
+    writeFileSync(junk, "not a PEM file\n");
+    const key = join(CERTS_DIR, "dashboard.key");
+    const expect = (tls: Partial<ReturnType<typeof certs>>, pattern: RegExp): void => {
+      assert.throws(
+        () => new IntegrationsClient({ target: "127.0.0.1:9", tls: { ...certs("dashboard"), ...tls } }).close(),
+        (error: unknown) => {
+          assert.ok(error instanceof ConfigurationError, String(error));
+          assert.match(error.message, pattern);
+          assert.ok(!/BEGIN|PRIVATE/.test(error.message), error.message);
+          return true;
+        },
+      );
+    };
+    try {
+      expect({ caFile: key }, new RegExp(`^tls\\.caFile: ${JSON.stringify(key)} holds no PEM certificate`));
+      expect({ caFile: junk }, new RegExp(`^tls\\.caFile: ${JSON.stringify(junk)} holds no PEM certificate`));
+      expect({ certFile: key }, new RegExp(`^tls\\.certFile: ${JSON.stringify(key)} holds no PEM certificate`));
+      expect({ keyFile: junk }, new RegExp(`^tls\\.keyFile: ${JSON.stringify(junk)} holds no usable PEM private key`));
+      expect({ keyFile: join(CERTS_DIR, "dashboard.crt") }, /^tls\.keyFile: .*dashboard\.crt" holds no usable PEM private key/);
+      expect(
+        { keyFile: join(CERTS_DIR, "commerce.key") },
+        /^tls: the files do not form a valid set: the key in tls\.keyFile ".*commerce\.key" is not the certificate's \(tls\.certFile ".*dashboard\.crt"\)$/,
+      );
+    } finally {
+      rmSync(broken, { recursive: true, force: true });
     }
   });
 });

@@ -2,6 +2,7 @@
 
 import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
+import { inspect } from "node:util";
 
 import {
   ConflictError,
@@ -159,7 +160,9 @@ describe("plaintext service", skipUnless(PLAIN_TARGET, "ITS_PLAIN_TARGET"), () =
     assert.deepEqual(bad.fieldViolations.map((v) => v.field), ["values.secretKey"]);
     assert.ok(bad.fieldViolations[0]!.description);
     assert.deepEqual(Object.keys(bad.byFormField()), ["secretKey"]);
-    assert.ok(!JSON.stringify(bad.toJSON()).includes("wrongKind"), "the error never echoes the value");
+    for (const shown of [String(bad), JSON.stringify(bad), inspect(bad, { depth: Infinity, showHidden: true })]) {
+      assert.ok(!shown.includes("wrongKind"), `the error echoes the value: ${shown}`);
+    }
     assertJsonSafe(bad.toJSON());
 
     const many = await rejection(
