@@ -161,10 +161,18 @@ def test_both_clients_take_the_documented_constructor_arguments() -> None:
         "channel_options": (),
         "channels": 1,
         "watch": True,
+        "insecure_plaintext_any_address": False,
     }
     for cls in (IntegrationsClient, IntegrationsClientSync):
         parameters = inspect.signature(cls).parameters
-        assert list(parameters) == [*list(expected)[:-3], "clock", "channel_options", "channels", "watch"]
+        assert list(parameters) == [
+            *list(expected)[:-4],
+            "clock",
+            "channel_options",
+            "channels",
+            "watch",
+            "insecure_plaintext_any_address",
+        ]
         assert {name: parameters[name].default for name in expected} == expected
 
 
@@ -258,3 +266,36 @@ def test_a_call_cut_short_by_its_channel_is_client_closed_once_closed_else_unava
     assert isinstance(closed, RuntimeError)
     assert closed.code is grpc.StatusCode.CANCELLED
     assert "ListProviders" in str(closed)
+
+
+@pytest.mark.parametrize(
+    ("target", "local"),
+    [
+        ("127.0.0.1:50051", True),
+        ("127.8.9.10:1", True),
+        ("localhost:50051", True),
+        ("LOCALHOST:50051", True),
+        ("[::1]:50051", True),
+        ("ipv4:127.0.0.1:50051", True),
+        ("dns:///localhost:50051", True),
+        ("unix:/run/integrations.sock", True),
+        ("integrations.internal:50051", False),
+        ("10.0.0.7:50051", False),
+        ("128.0.0.1:50051", False),
+        ("127.0.0.1.evil.example:50051", False),
+        ("localhost.evil.example:50051", False),
+        ("[2001:db8::1]:50051", False),
+        ("ipv4:127.0.0.1:1,10.0.0.1:2", False),  # a list with a remote address in it
+        ("dns:///integrations:50051", False),
+    ],
+)
+def test_plaintext_is_refused_to_a_target_off_this_machine(target: str, local: bool) -> None:
+    """Without tls (INTEGRATIONS_CLIENT_* gone missing), decrypted credentials would cross the network in clear:
+    only a loopback address or a local socket is served plaintext, unless the caller says it is meant."""
+    if local:
+        IntegrationsClientSync(target).close()
+    else:
+        with pytest.raises(ConfigurationError, match="not a loopback address") as refused:
+            IntegrationsClientSync(target)
+        assert "insecure_plaintext_any_address" in str(refused.value)
+        IntegrationsClientSync(target, insecure_plaintext_any_address=True).close()

@@ -29,7 +29,7 @@ from integrations.v1 import integrations_pb2 as pb
 from integrations_client._cache import CacheStats, CredentialCache, Key
 from integrations_client._watch import FIRST_SUBSCRIPTION_WAIT, Reconnect
 from integrations_client._watch import log as watch_log
-from integrations_client.config import ReloadingTls, TlsConfig, env_settings, env_watch
+from integrations_client.config import ReloadingTls, TlsConfig, check_plaintext, env_settings, env_watch
 from integrations_client.config import channel_options as tls_channel_options
 from integrations_client.errors import (
     ClientClosed,
@@ -110,9 +110,11 @@ class ClientCore(Generic[_Flight]):
         channel_options: Sequence[tuple[str, Any]] = (),
         channels: int = 1,
         watch: bool = True,
+        insecure_plaintext_any_address: bool = False,
     ) -> None:
         if not target:
             raise ConfigurationError("target is required (host:port of the integrations service)")
+        check_plaintext(target, tls, insecure_plaintext_any_address)
         if timeout <= 0:
             raise ConfigurationError("timeout must be > 0 seconds")
         if channels < 1:

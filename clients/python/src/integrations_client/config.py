@@ -210,6 +210,42 @@ class ReloadingTls:
         return credentials, before
 
 
+# gRPC target prefixes of a local socket: no network in between.
+_LOCAL_SCHEMES = ("unix:", "unix-abstract:")
+_RESOLVER_SCHEMES = ("dns:///", "dns:", "ipv4:", "ipv6:", "passthrough:///")
+
+
+def is_loopback_target(target: str) -> bool:
+    """Whether `target` reaches this machine only: a loopback address (127.0.0.0/8, ::1, localhost) or a local
+    socket. What the service itself serves plaintext on; anything else would carry credentials over a network."""
+    rest = target.strip().lower()
+    if rest.startswith(_LOCAL_SCHEMES):
+        return True
+    for scheme in _RESOLVER_SCHEMES:
+        if rest.startswith(scheme):
+            rest = rest[len(scheme) :]
+            break
+    if rest.startswith("["):  # [::1]:port
+        host = rest[1:].partition("]")[0]
+    else:
+        host = rest.rpartition(":")[0] if rest.count(":") == 1 else rest
+    if host == "localhost" or host == "::1":
+        return True
+    octets = host.split(".")
+    return len(octets) == 4 and octets[0] == "127" and all(o.isdigit() and int(o) <= 255 for o in octets)
+
+
+def check_plaintext(target: str, tls: TlsConfig | None, insecure_plaintext_any_address: bool) -> None:
+    """Refuse plaintext to a target off this machine: TLS settings gone missing must not send (and receive)
+    credentials in clear over the network. `insecure_plaintext_any_address=True` says it is meant."""
+    if tls is None and not insecure_plaintext_any_address and not is_loopback_target(target):
+        raise ConfigurationError(
+            f"plaintext to {target[:200]!r}, which is not a loopback address: give tls=TlsConfig(...) (or set "
+            f"{ENV_CA}, {ENV_CERT} and {ENV_KEY}); insecure_plaintext_any_address=True allows it, for a network "
+            "you trust"
+        )
+
+
 def channel_options(tls: TlsConfig | None) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         ("grpc.enable_retries", 1),
