@@ -133,7 +133,10 @@ def seal_v1(key: EncryptionKey, plaintext: str, nonce: bytes) -> str:
 
 
 class EncryptionMonitor(Protocol):
-    """Told of every encryption, by key id (as Tink's monitoring client is): the nonce budget is counted outside."""
+    """Told of every encryption, by key id (as Tink's monitoring client is): the nonce budget is counted outside.
+
+    Called before the nonce is used, so it may refuse the encryption by raising (a spent nonce budget).
+    """
 
     def encrypted(self, key_id: str) -> None: ...
 
@@ -188,8 +191,9 @@ class ValueCipher:
         """Encrypt with a given nonce. Private, for the documented test vectors only: a reused nonce breaks GCM."""
         key_id = self._keyring.active_id
         aad = associated_data(key_id, context)
-        sealed = self._active.v2.encrypt(_checked_nonce(nonce), plaintext.encode("utf-8"), aad)
-        self._monitor.encrypted(key_id)
+        data = plaintext.encode("utf-8")
+        self._monitor.encrypted(key_id)  # counted first: it may refuse, and a nonce it allowed is used
+        sealed = self._active.v2.encrypt(_checked_nonce(nonce), data, aad)
         return f"{V2_PREFIX}{key_id}:" + base64.b64encode(nonce + sealed).decode("ascii")
 
     def decrypt(self, stored: str, context: ValueContext) -> str:
