@@ -290,3 +290,14 @@ def test_legacy_format_names_the_formats_that_bind_nothing() -> None:
         None,
         None,
     ]
+
+
+def test_a_generated_key_is_never_weak_and_a_weak_one_says_why_without_its_bytes() -> None:
+    assert all(EncryptionKey.generate().weakness() is None for _ in range(200))
+    for material in (bytes(32), bytes(range(32)), b"\xab\xcd" * 16):
+        why = EncryptionKey(material).weakness()
+        assert why is not None
+        assert material.hex() not in why
+        assert EncryptionKey(material).to_text() not in why
+    keyring = Keyring([("k1", EncryptionKey.generate()), ("k0", EncryptionKey(bytes(32)))])
+    assert list(keyring.weak_keys()) == ["k0"]
