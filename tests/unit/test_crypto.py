@@ -28,6 +28,7 @@ from integrations_service.crypto.aead import AAD_CACHE_SIZE, _associated_data, a
 FORMAT_DOC = Path(__file__).resolve().parents[2] / "docs" / "encryption-format.md"
 VECTOR_KEY_HEX = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
 VECTOR_KEY_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+SECOND_KEY_B64 = base64.b64encode(bytes(range(32, 64))).decode()  # a keyring's keys must differ
 CONTEXT = ValueContext("org_1", "stripe", "secretKey")
 
 KEY_A, KEY_B = EncryptionKey.generate(), EncryptionKey.generate()
@@ -244,9 +245,9 @@ def test_key_parsing_accepts_hex_and_both_base64_alphabets() -> None:
     ("text", "ids", "active"),
     [
         (VECTOR_KEY_B64, ["default"], "default"),
-        (f"k2:{VECTOR_KEY_HEX},k1:{VECTOR_KEY_B64}", ["k2", "k1"], "k2"),
-        (f"# rotated 2026-11\nk2:{VECTOR_KEY_HEX}\n\nk1:{VECTOR_KEY_B64}\n", ["k2", "k1"], "k2"),
-        (f"new:{VECTOR_KEY_HEX}, default:{VECTOR_KEY_B64}", ["new", "default"], "new"),
+        (f"k2:{VECTOR_KEY_HEX},k1:{SECOND_KEY_B64}", ["k2", "k1"], "k2"),
+        (f"# rotated 2026-11\nk2:{VECTOR_KEY_HEX}\n\nk1:{SECOND_KEY_B64}\n", ["k2", "k1"], "k2"),
+        (f"new:{VECTOR_KEY_HEX}, default:{SECOND_KEY_B64}", ["new", "default"], "new"),
     ],
 )
 def test_keyring_text(text: str, ids: list[str], active: str) -> None:
@@ -263,6 +264,8 @@ def test_keyring_text(text: str, ids: list[str], active: str) -> None:
         (f"K1:{VECTOR_KEY_HEX}", "must be 1-32 characters"),
         (f"k1:{VECTOR_KEY_HEX},k1:{VECTOR_KEY_B64}", "unique"),
         ("k1:abc", "entry 1 ('k1')"),
+        # One key under two ids: two nonce budgets for one key, and a "rotation" that changes nothing.
+        (f"k2:{VECTOR_KEY_HEX},k1:{VECTOR_KEY_B64}", "'k2' and 'k1' are the same key"),
     ],
 )
 def test_bad_keyring_text(text: str, says: str) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from integrations_service.crypto import NONCE_LIMIT, Keyring, ValueCipher, ValueContext
+from integrations_service.crypto import NONCE_LIMIT, EncryptionKey, Keyring, ValueCipher, ValueContext
 from integrations_service.domain.key_ledger import WARN_AT_ENCRYPTIONS, EncryptionCounter, KeyUsage, check_keys
 from integrations_service.errors import ConfigurationError, FailedPrecondition, Unavailable
 from integrations_service.store import KeyRecord
@@ -18,7 +18,7 @@ CONTEXT = ValueContext("org-a", "resend", "apiKey")
 OLD_CHECK = old_cipher().check_values()[OLD_KEY_ID]
 NEW_CHECK = rotated_cipher().check_values()[NEW_KEY_ID]
 # The check value the old key's id would have if another key had been registered under it.
-WRONG_CHECK = cipher_of((OLD_KEY_ID, NEW_KEY)).check_values()[OLD_KEY_ID]
+WRONG_CHECK = cipher_of((OLD_KEY_ID, EncryptionKey.generate())).check_values()[OLD_KEY_ID]
 
 
 @pytest.fixture
@@ -57,6 +57,11 @@ def record(key_id: str, check_value: str, retired: bool = False, encryptions: in
             [record("lost-1", "x" * 64), record("lost-2", "y" * 64)],
             ["keys 'lost-1', 'lost-2' are not configured but not retired either"],
             id="keys the data may need, not configured",
+        ),
+        pytest.param(
+            [record("k2025", NEW_CHECK, retired=True)],
+            [f"configured key {NEW_KEY_ID!r} is the key the store knows as 'k2025'"],
+            id="a known key under a new id: a rotation that changes nothing, and a fresh nonce budget",
         ),
         pytest.param(
             [record(OLD_KEY_ID, WRONG_CHECK), record(NEW_KEY_ID, NEW_CHECK, retired=True), record("lost", "z" * 64)],
@@ -105,7 +110,7 @@ async def test_a_refused_start_registers_nothing(database: MemoryDatabase, store
         await KeyUsage(store, rotated_cipher(), EncryptionCounter()).verify()
 
     assert set(database.keys) == {OLD_KEY_ID}
-    assert database.keys[OLD_KEY_ID].check_value == WRONG_CHECK
+    assert database.keys[OLD_KEY_ID].check_value == NEW_CHECK  # a check value does not depend on the id
 
 
 def encrypt(cipher: ValueCipher, times: int) -> None:

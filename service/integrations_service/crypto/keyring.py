@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -100,6 +101,11 @@ class Keyring:
                 raise InvalidKey("key ids must be 1-32 characters of a-z, 0-9, '_' or '-'")
         if len(set(ids)) != len(ids):
             raise InvalidKey("key ids must be unique")
+        for n, (first_id, first) in enumerate(keys):
+            for second_id, second in keys[n + 1 :]:
+                if hmac.compare_digest(first.material, second.material):
+                    # One key under two ids would get two nonce budgets, and a "rotation" to it would change nothing.
+                    raise InvalidKey(f"keys {first_id!r} and {second_id!r} are the same key: give each key one id")
         self._keys = dict(keys)
         self.active_id = ids[0]
 

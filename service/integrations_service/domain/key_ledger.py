@@ -40,6 +40,14 @@ def check_keys(records: list[KeyRecord], cipher: ValueCipher) -> None:
         for r in records
         if r.key_id in mine and r.check_value != mine[r.key_id]
     ]
+    problems += [
+        f"configured key {key_id!r} is the key the store knows as {r.key_id!r}: one key under two ids would get "
+        "a second nonce budget, and a rotation to it changes nothing; generate a new key (`integrations-service "
+        "gen-key`)"
+        for key_id, check_value in mine.items()
+        for r in records
+        if r.key_id != key_id and r.check_value == check_value
+    ]
     active = cipher.active_key_id
     if any(r.key_id == active and r.retired for r in records):
         problems.append(
