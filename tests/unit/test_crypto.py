@@ -304,3 +304,12 @@ def test_a_generated_key_is_never_weak_and_a_weak_one_says_why_without_its_bytes
         assert EncryptionKey(material).to_text() not in why
     keyring = Keyring([("k1", EncryptionKey.generate()), ("k0", EncryptionKey(bytes(32)))])
     assert list(keyring.weak_keys()) == ["k0"]
+
+
+@pytest.mark.parametrize("context", [ValueContext("org", "stripe", "\ud800"), ValueContext("org\udfff", "stripe", "f")])
+def test_a_context_that_is_not_unicode_text_fails_as_an_unreadable_value(context: ValueContext) -> None:
+    """SQLite's JSON text can hold a lone surrogate in a field name: such a value is unreadable, not a crash."""
+    cipher = ValueCipher(Keyring([("k1", KEY_A), ("default", KEY_B)]))
+    for stored in (cipher.encrypt("sk_test_x", ValueContext("org", "stripe", "f")), "enc:v2:k1:" + "A" * 40):
+        with pytest.raises(InvalidCiphertext, match="not valid Unicode"):
+            cipher.decrypt(stored, context)

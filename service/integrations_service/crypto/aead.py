@@ -203,7 +203,7 @@ class ValueCipher:
             key_id, sep, body = stored[len(V2_PREFIX) :].partition(":")
             material = self._keys.get(key_id) if sep else None
             if material is not None:
-                return _open(material.v2, body, associated_data(key_id, context))
+                return _open(material.v2, body, _associated_data_to_open(key_id, context))
         return self._decrypt_other(stored, context)
 
     def _decrypt_other(self, stored: str, context: ValueContext) -> str:
@@ -217,7 +217,7 @@ class ValueCipher:
         if stored.startswith(V1_PREFIX):
             return _open(material.v1, stored[len(V1_PREFIX) :], None)
         body = stored[len(V2_PREFIX) + len(key_id) + 1 :]
-        return _open(material.v2, body, associated_data(key_id, context))
+        return _open(material.v2, body, _associated_data_to_open(key_id, context))
 
     def is_current(self, stored: str) -> bool:
         """True when the value is enc:v2 under the active key: rotation leaves it alone."""
@@ -227,6 +227,14 @@ class ValueCipher:
         """A keyed HMAC of a value, to correlate values in audit records without storing them."""
         digest = hmac.new(self._active.fingerprint_key, plaintext.encode("utf-8"), hashlib.sha256)
         return digest.hexdigest()[:32]
+
+
+def _associated_data_to_open(key_id: str, context: ValueContext) -> bytes:
+    try:
+        return associated_data(key_id, context)
+    except UnicodeEncodeError:
+        # A lone surrogate in a field name or row id (SQLite's JSON text can hold one): no value was sealed for it.
+        raise InvalidCiphertext("the value's organization, provider or field is not valid Unicode text") from None
 
 
 def _checked_nonce(nonce: bytes) -> bytes:
