@@ -313,3 +313,14 @@ def test_a_context_that_is_not_unicode_text_fails_as_an_unreadable_value(context
     for stored in (cipher.encrypt("sk_test_x", ValueContext("org", "stripe", "f")), "enc:v2:k1:" + "A" * 40):
         with pytest.raises(InvalidCiphertext, match="not valid Unicode"):
             cipher.decrypt(stored, context)
+
+
+def test_a_v2_value_rewritten_in_v1_form_or_back_is_rejected() -> None:
+    """Under the `default` key both formats share a master key: the HKDF subkey keeps them apart."""
+    cipher = ValueCipher(Keyring.single(KEY_A))
+    context = ValueContext("org", "stripe", "secretKey")
+    v2_body = cipher.encrypt("sk_live_x", context).removeprefix("enc:v2:default:")
+    v1_body = seal_v1(KEY_A, "sk_live_x", bytes(range(12))).removeprefix("enc:v1:")
+    for forged in (f"enc:v1:{v2_body}", f"enc:v2:default:{v1_body}"):
+        with pytest.raises(InvalidCiphertext, match="authentication failed"):
+            cipher.decrypt(forged, context)
