@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve" and settings.workers > 1:
             return supervisor.run(settings, _serve)
         return asyncio.run(_run(args, settings))
-    except (ConfigurationError, Unavailable) as error:
+    except (ConfigurationError, Unavailable, FailedPrecondition) as error:  # e.g. rotate under a spent key
         log.error("cannot start: %s", error, extra={"event": "start_failed"})
         return 1
     except KeyboardInterrupt:

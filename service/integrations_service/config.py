@@ -520,10 +520,16 @@ class _Reader:
         env = given[0]
         try:
             text = self._key_file_text(self._environ[env]) if env == ENCRYPTION_KEY_FILE_ENV else self._environ[env]
-            return Keyring.parse(text) if text is not None else None
+            keyring = Keyring.parse(text) if text is not None else None
         except InvalidKey as error:
             self.problem(env, f"is invalid: {error}")
             return None
+        if keyring is not None and required:  # production: a key anyone can know protects nothing
+            for key_id, why in keyring.weak_keys().items():
+                self.problem(
+                    env, f"holds a weak key ({key_id!r}): {why}; create one with `integrations-service gen-key`"
+                )
+        return keyring
 
     def _key_file_text(self, path_text: str) -> str | None:
         path = Path(path_text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -320,3 +321,28 @@ def test_two_key_sources_at_once_are_refused(tmp_path: Path) -> None:
 
 def test_settings_never_show_provider_defaults() -> None:
     assert "from-env-secret" not in repr(load_settings(None, {"STRIPE_SECRET_KEY": "from-env-secret"}))
+
+
+@pytest.mark.parametrize(
+    "weak",
+    [
+        pytest.param("00" * 32, id="all zero"),
+        pytest.param("ff" * 32, id="all ones"),
+        pytest.param(base64.b64encode(bytes(32)).decode(), id="all zero, base64"),
+        pytest.param("000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f", id="the test-vector key"),
+        pytest.param("3q2+7wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", id="the docs' example keyring key"),
+        pytest.param("abab" * 16, id="two distinct bytes"),
+    ],
+)
+def test_production_refuses_a_weak_or_published_key_without_repeating_it(weak: str) -> None:
+    """A key copied from the docs or left at zero is known to everyone: refused in production, not in development."""
+    [line] = problems(PRODUCTION | {ENCRYPTION_KEY_ENV: weak})
+    assert line.startswith(ENCRYPTION_KEY_ENV)
+    assert "weak" in line
+    assert weak not in line
+    keyring = PRODUCTION | {ENCRYPTION_KEY_ENV: "", ENCRYPTION_KEYS_ENV: f"k1:{TEST_KEY}\nk0:{weak}"}
+    [line] = problems(keyring)
+    assert line.startswith(ENCRYPTION_KEYS_ENV)
+    assert "'k0'" in line
+    assert weak not in line
+    assert load_settings(None, {ENCRYPTION_KEY_ENV: weak}).keyring is not None  # development: allowed

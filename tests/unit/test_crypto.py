@@ -28,6 +28,7 @@ from integrations_service.crypto.aead import AAD_CACHE_SIZE, _associated_data, a
 FORMAT_DOC = Path(__file__).resolve().parents[2] / "docs" / "encryption-format.md"
 VECTOR_KEY_HEX = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
 VECTOR_KEY_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="
+SECOND_KEY_B64 = base64.b64encode(bytes(range(32, 64))).decode()  # a keyring's keys must differ
 CONTEXT = ValueContext("org_1", "stripe", "secretKey")
 
 KEY_A, KEY_B = EncryptionKey.generate(), EncryptionKey.generate()
@@ -244,9 +245,9 @@ def test_key_parsing_accepts_hex_and_both_base64_alphabets() -> None:
     ("text", "ids", "active"),
     [
         (VECTOR_KEY_B64, ["default"], "default"),
-        (f"k2:{VECTOR_KEY_HEX},k1:{VECTOR_KEY_B64}", ["k2", "k1"], "k2"),
-        (f"# rotated 2026-11\nk2:{VECTOR_KEY_HEX}\n\nk1:{VECTOR_KEY_B64}\n", ["k2", "k1"], "k2"),
-        (f"new:{VECTOR_KEY_HEX}, default:{VECTOR_KEY_B64}", ["new", "default"], "new"),
+        (f"k2:{VECTOR_KEY_HEX},k1:{SECOND_KEY_B64}", ["k2", "k1"], "k2"),
+        (f"# rotated 2026-11\nk2:{VECTOR_KEY_HEX}\n\nk1:{SECOND_KEY_B64}\n", ["k2", "k1"], "k2"),
+        (f"new:{VECTOR_KEY_HEX}, default:{SECOND_KEY_B64}", ["new", "default"], "new"),
     ],
 )
 def test_keyring_text(text: str, ids: list[str], active: str) -> None:
@@ -263,6 +264,8 @@ def test_keyring_text(text: str, ids: list[str], active: str) -> None:
         (f"K1:{VECTOR_KEY_HEX}", "must be 1-32 characters"),
         (f"k1:{VECTOR_KEY_HEX},k1:{VECTOR_KEY_B64}", "unique"),
         ("k1:abc", "entry 1 ('k1')"),
+        # One key under two ids: two nonce budgets for one key, and a "rotation" that changes nothing.
+        (f"k2:{VECTOR_KEY_HEX},k1:{VECTOR_KEY_B64}", "'k2' and 'k1' are the same key"),
     ],
 )
 def test_bad_keyring_text(text: str, says: str) -> None:
@@ -290,3 +293,34 @@ def test_legacy_format_names_the_formats_that_bind_nothing() -> None:
         None,
         None,
     ]
+
+
+def test_a_generated_key_is_never_weak_and_a_weak_one_says_why_without_its_bytes() -> None:
+    assert all(EncryptionKey.generate().weakness() is None for _ in range(200))
+    for material in (bytes(32), bytes(range(32)), b"\xab\xcd" * 16):
+        why = EncryptionKey(material).weakness()
+        assert why is not None
+        assert material.hex() not in why
+        assert EncryptionKey(material).to_text() not in why
+    keyring = Keyring([("k1", EncryptionKey.generate()), ("k0", EncryptionKey(bytes(32)))])
+    assert list(keyring.weak_keys()) == ["k0"]
+
+
+@pytest.mark.parametrize("context", [ValueContext("org", "stripe", "\ud800"), ValueContext("org\udfff", "stripe", "f")])
+def test_a_context_that_is_not_unicode_text_fails_as_an_unreadable_value(context: ValueContext) -> None:
+    """SQLite's JSON text can hold a lone surrogate in a field name: such a value is unreadable, not a crash."""
+    cipher = ValueCipher(Keyring([("k1", KEY_A), ("default", KEY_B)]))
+    for stored in (cipher.encrypt("sk_test_x", ValueContext("org", "stripe", "f")), "enc:v2:k1:" + "A" * 40):
+        with pytest.raises(InvalidCiphertext, match="not valid Unicode"):
+            cipher.decrypt(stored, context)
+
+
+def test_a_v2_value_rewritten_in_v1_form_or_back_is_rejected() -> None:
+    """Under the `default` key both formats share a master key: the HKDF subkey keeps them apart."""
+    cipher = ValueCipher(Keyring.single(KEY_A))
+    context = ValueContext("org", "stripe", "secretKey")
+    v2_body = cipher.encrypt("sk_live_x", context).removeprefix("enc:v2:default:")
+    v1_body = seal_v1(KEY_A, "sk_live_x", bytes(range(12))).removeprefix("enc:v1:")
+    for forged in (f"enc:v1:{v2_body}", f"enc:v2:default:{v1_body}"):
+        with pytest.raises(InvalidCiphertext, match="authentication failed"):
+            cipher.decrypt(forged, context)

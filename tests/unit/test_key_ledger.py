@@ -7,9 +7,9 @@ from collections.abc import Mapping
 
 import pytest
 
-from integrations_service.crypto import NONCE_LIMIT, Keyring, ValueCipher, ValueContext
+from integrations_service.crypto import NONCE_LIMIT, EncryptionKey, Keyring, ValueCipher, ValueContext
 from integrations_service.domain.key_ledger import WARN_AT_ENCRYPTIONS, EncryptionCounter, KeyUsage, check_keys
-from integrations_service.errors import ConfigurationError, Unavailable
+from integrations_service.errors import ConfigurationError, FailedPrecondition, Unavailable
 from integrations_service.store import KeyRecord
 from integrations_service.store.memory import MemoryDatabase, MemoryStore
 from tests.unit.seam import NEW_KEY, NEW_KEY_ID, OLD_KEY, OLD_KEY_ID, cipher_of, old_cipher, rotated_cipher
@@ -18,7 +18,7 @@ CONTEXT = ValueContext("org-a", "resend", "apiKey")
 OLD_CHECK = old_cipher().check_values()[OLD_KEY_ID]
 NEW_CHECK = rotated_cipher().check_values()[NEW_KEY_ID]
 # The check value the old key's id would have if another key had been registered under it.
-WRONG_CHECK = cipher_of((OLD_KEY_ID, NEW_KEY)).check_values()[OLD_KEY_ID]
+WRONG_CHECK = cipher_of((OLD_KEY_ID, EncryptionKey.generate())).check_values()[OLD_KEY_ID]
 
 
 @pytest.fixture
@@ -57,6 +57,11 @@ def record(key_id: str, check_value: str, retired: bool = False, encryptions: in
             [record("lost-1", "x" * 64), record("lost-2", "y" * 64)],
             ["keys 'lost-1', 'lost-2' are not configured but not retired either"],
             id="keys the data may need, not configured",
+        ),
+        pytest.param(
+            [record("k2025", NEW_CHECK, retired=True)],
+            [f"configured key {NEW_KEY_ID!r} is the key the store knows as 'k2025'"],
+            id="a known key under a new id: a rotation that changes nothing, and a fresh nonce budget",
         ),
         pytest.param(
             [record(OLD_KEY_ID, WRONG_CHECK), record(NEW_KEY_ID, NEW_CHECK, retired=True), record("lost", "z" * 64)],
@@ -105,7 +110,7 @@ async def test_a_refused_start_registers_nothing(database: MemoryDatabase, store
         await KeyUsage(store, rotated_cipher(), EncryptionCounter()).verify()
 
     assert set(database.keys) == {OLD_KEY_ID}
-    assert database.keys[OLD_KEY_ID].check_value == WRONG_CHECK
+    assert database.keys[OLD_KEY_ID].check_value == NEW_CHECK  # a check value does not depend on the id
 
 
 def encrypt(cipher: ValueCipher, times: int) -> None:
@@ -209,3 +214,37 @@ async def test_a_worn_active_key_is_reported_at_start_and_a_worn_old_key_is_not(
     caplog.clear()
     await KeyUsage(store, rotated_cipher(), EncryptionCounter()).verify()
     assert wear_warnings(caplog) == []  # the worn key no longer encrypts: the rotation answered the warning
+
+
+async def test_no_encryption_under_a_key_whose_nonce_budget_is_spent(
+    store: MemoryStore, cipher: ValueCipher, counter: EncryptionCounter
+) -> None:
+    """2**32 random nonces per key is NIST's cap: past it the service refuses to encrypt, not just warns."""
+    await store.register_keys(cipher.check_values())
+    await store.add_encryptions({NEW_KEY_ID: NONCE_LIMIT - 2})
+    usage = KeyUsage(store, cipher, counter)
+    await usage.verify()
+
+    encrypt(cipher, 2)  # the last two of the budget
+    with pytest.raises(FailedPrecondition, match="nonce budget"):
+        cipher.encrypt("one too many", CONTEXT)
+    await usage.flush()
+    assert {r.key_id: r.encryptions for r in await store.list_keys()}[
+        NEW_KEY_ID
+    ] == NONCE_LIMIT  # the refused one was not counted as used
+    with pytest.raises(FailedPrecondition):
+        cipher.encrypt("still too many", CONTEXT)
+
+
+async def test_the_budget_counts_what_other_replicas_saved_since_the_start(
+    database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher, counter: EncryptionCounter
+) -> None:
+    """Each replica counts its own encryptions; the store holds the sum, which every flush reads back."""
+    usage = KeyUsage(store, cipher, counter)
+    await usage.verify()
+    await store.add_encryptions({NEW_KEY_ID: NONCE_LIMIT - 1})  # another replica's, after this one started
+    await usage.flush()  # nothing of its own to save: it still learns the store's count
+    assert usage.totals()[NEW_KEY_ID] == NONCE_LIMIT - 1
+    encrypt(cipher, 1)
+    with pytest.raises(FailedPrecondition):
+        cipher.encrypt("one too many", CONTEXT)

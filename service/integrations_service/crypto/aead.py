@@ -133,7 +133,10 @@ def seal_v1(key: EncryptionKey, plaintext: str, nonce: bytes) -> str:
 
 
 class EncryptionMonitor(Protocol):
-    """Told of every encryption, by key id (as Tink's monitoring client is): the nonce budget is counted outside."""
+    """Told of every encryption, by key id (as Tink's monitoring client is): the nonce budget is counted outside.
+
+    Called before the nonce is used, so it may refuse the encryption by raising (a spent nonce budget).
+    """
 
     def encrypted(self, key_id: str) -> None: ...
 
@@ -188,8 +191,9 @@ class ValueCipher:
         """Encrypt with a given nonce. Private, for the documented test vectors only: a reused nonce breaks GCM."""
         key_id = self._keyring.active_id
         aad = associated_data(key_id, context)
-        sealed = self._active.v2.encrypt(_checked_nonce(nonce), plaintext.encode("utf-8"), aad)
-        self._monitor.encrypted(key_id)
+        data = plaintext.encode("utf-8")
+        self._monitor.encrypted(key_id)  # counted first: it may refuse, and a nonce it allowed is used
+        sealed = self._active.v2.encrypt(_checked_nonce(nonce), data, aad)
         return f"{V2_PREFIX}{key_id}:" + base64.b64encode(nonce + sealed).decode("ascii")
 
     def decrypt(self, stored: str, context: ValueContext) -> str:
@@ -199,7 +203,7 @@ class ValueCipher:
             key_id, sep, body = stored[len(V2_PREFIX) :].partition(":")
             material = self._keys.get(key_id) if sep else None
             if material is not None:
-                return _open(material.v2, body, associated_data(key_id, context))
+                return _open(material.v2, body, _associated_data_to_open(key_id, context))
         return self._decrypt_other(stored, context)
 
     def _decrypt_other(self, stored: str, context: ValueContext) -> str:
@@ -213,7 +217,7 @@ class ValueCipher:
         if stored.startswith(V1_PREFIX):
             return _open(material.v1, stored[len(V1_PREFIX) :], None)
         body = stored[len(V2_PREFIX) + len(key_id) + 1 :]
-        return _open(material.v2, body, associated_data(key_id, context))
+        return _open(material.v2, body, _associated_data_to_open(key_id, context))
 
     def is_current(self, stored: str) -> bool:
         """True when the value is enc:v2 under the active key: rotation leaves it alone."""
@@ -223,6 +227,14 @@ class ValueCipher:
         """A keyed HMAC of a value, to correlate values in audit records without storing them."""
         digest = hmac.new(self._active.fingerprint_key, plaintext.encode("utf-8"), hashlib.sha256)
         return digest.hexdigest()[:32]
+
+
+def _associated_data_to_open(key_id: str, context: ValueContext) -> bytes:
+    try:
+        return associated_data(key_id, context)
+    except UnicodeEncodeError:
+        # A lone surrogate in a field name or row id (SQLite's JSON text can hold one): no value was sealed for it.
+        raise InvalidCiphertext("the value's organization, provider or field is not valid Unicode text") from None
 
 
 def _checked_nonce(nonce: bytes) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,15 @@ KEY_BYTES = 32
 DEFAULT_KEY_ID = "default"
 KEY_ID_PATTERN = re.compile(r"[a-z0-9_-]{1,32}")
 _HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
+# Keys printed in this project's documentation (test vectors, examples): known to anyone who reads it.
+_PUBLISHED_KEYS = frozenset(
+    {
+        bytes(range(32)),  # docs/encryption-format.md test vectors
+        bytes.fromhex("deadbeef") + bytes(28),  # docs/security.md's example keyring
+    }
+)
+# 32 random bytes take fewer than 8 distinct values with a probability far below 2**-100.
+_MIN_DISTINCT_BYTES = 8
 
 
 class InvalidKey(ValueError):
@@ -55,6 +65,17 @@ class EncryptionKey:
     def material(self) -> bytes:
         return self._material
 
+    def weakness(self) -> str | None:
+        """Why this key is known or guessable (all zero, a repeated pattern, from the docs), or None.
+
+        A key from `generate` (or any 32 random bytes) is never weak; the reason never shows key bytes.
+        """
+        if self._material in _PUBLISHED_KEYS:
+            return "it is a key published in this project's documentation (a test vector or an example)"
+        if len(set(self._material)) < _MIN_DISTINCT_BYTES:
+            return "it is not random (all zero, or a few byte values repeated)"
+        return None
+
     def to_text(self) -> str:
         """The key as standard base64, the form `gen-key` prints."""
         return base64.b64encode(self._material).decode("ascii")
@@ -80,6 +101,11 @@ class Keyring:
                 raise InvalidKey("key ids must be 1-32 characters of a-z, 0-9, '_' or '-'")
         if len(set(ids)) != len(ids):
             raise InvalidKey("key ids must be unique")
+        for n, (first_id, first) in enumerate(keys):
+            for second_id, second in keys[n + 1 :]:
+                if hmac.compare_digest(first.material, second.material):
+                    # One key under two ids would get two nonce budgets, and a "rotation" to it would change nothing.
+                    raise InvalidKey(f"keys {first_id!r} and {second_id!r} are the same key: give each key one id")
         self._keys = dict(keys)
         self.active_id = ids[0]
 
@@ -109,6 +135,10 @@ class Keyring:
                 label = repr(key_id.strip()) if KEY_ID_PATTERN.fullmatch(key_id.strip()) else "an invalid key id"
                 raise InvalidKey(f"keyring entry {position} ({label}): {error}") from None
         return cls(keys)
+
+    def weak_keys(self) -> dict[str, str]:
+        """Per key id, why the key is weak (see `EncryptionKey.weakness`): the keys production refuses."""
+        return {key_id: why for key_id, key in self._keys.items() if (why := key.weakness()) is not None}
 
     def get(self, key_id: str) -> EncryptionKey | None:
         return self._keys.get(key_id)

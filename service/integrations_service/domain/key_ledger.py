@@ -7,7 +7,13 @@ is not configured, stops the start with a message naming the key ids.
 
 Random 96-bit nonces allow 2**32 encryptions per key (NIST SP 800-38D). The
 count of each key's encryptions is kept in the store (flushed every few
-seconds and at shutdown) and a warning is logged from a quarter of the budget on.
+seconds and at shutdown), a warning is logged from a quarter of the budget on,
+and an encryption that would go past the budget is refused. The store's count
+is the sum over every replica and run; each flush reads it back, so a replica
+also counts what the others saved. What a replica has not flushed yet is not
+seen by the others, and a process killed without its shutdown flush loses at
+most one flush interval of counts: the budget can be overrun by that much,
+which is negligible next to 2**32 (the bound NIST sets is itself conservative).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from collections import Counter
 
 from integrations_service.crypto import NONCE_LIMIT, ValueCipher
 from integrations_service.domain.periodic import PeriodicFlush
-from integrations_service.errors import ConfigurationError, Unavailable
+from integrations_service.errors import ConfigurationError, FailedPrecondition, Unavailable
 from integrations_service.store import IntegrationStore, KeyRecord
 
 log = logging.getLogger("integrations.keys")
@@ -33,6 +39,14 @@ def check_keys(records: list[KeyRecord], cipher: ValueCipher) -> None:
         f"configured key {r.key_id!r} is not the key the stored data was encrypted with (check value differs)"
         for r in records
         if r.key_id in mine and r.check_value != mine[r.key_id]
+    ]
+    problems += [
+        f"configured key {key_id!r} is the key the store knows as {r.key_id!r}: one key under two ids would get "
+        "a second nonce budget, and a rotation to it changes nothing; generate a new key (`integrations-service "
+        "gen-key`)"
+        for key_id, check_value in mine.items()
+        for r in records
+        if r.key_id != key_id and r.check_value == check_value
     ]
     active = cipher.active_key_id
     if any(r.key_id == active and r.retired for r in records):
@@ -51,13 +65,28 @@ def check_keys(records: list[KeyRecord], cipher: ValueCipher) -> None:
 
 
 class EncryptionCounter:
-    """The cipher's monitor (`ValueCipher(keyring, monitor=...)`): encryptions per key not yet saved to the store."""
+    """The cipher's monitor (`ValueCipher(keyring, monitor=...)`): encryptions per key not yet saved to the store.
 
-    def __init__(self) -> None:
+    It also enforces the nonce budget: told (by `KeyUsage`) how many encryptions each key had before the unsaved
+    ones, it refuses the one that would exceed `limit`.
+    """
+
+    def __init__(self, limit: int = NONCE_LIMIT) -> None:
         self._unsaved: Counter[str] = Counter()
+        self._before: dict[str, int] = {}
+        self._limit = limit
 
     def encrypted(self, key_id: str) -> None:
+        if self._before.get(key_id, 0) + self._unsaved[key_id] >= self._limit:
+            raise FailedPrecondition(
+                f"the encryption key {key_id!r} has used its whole random-nonce budget ({self._limit} encryptions, "
+                "NIST SP 800-38D): no more values are encrypted under it; make a new key active"
+            )
         self._unsaved[key_id] += 1
+
+    def counted_elsewhere(self, totals: dict[str, int]) -> None:
+        """Per key, the encryptions not among the unsaved ones: saved in the store, or being saved."""
+        self._before = totals
 
     @property
     def unsaved(self) -> Counter[str]:
@@ -92,6 +121,7 @@ class KeyUsage:
         records = await self._store.register_keys(self._cipher.check_values())
         check_keys(records, self._cipher)
         self._stored_totals = {r.key_id: r.encryptions for r in records}
+        self._publish()
         self._warn_if_worn()
 
     def totals(self) -> dict[str, int]:
@@ -102,22 +132,40 @@ class KeyUsage:
         }
 
     async def flush(self) -> None:
-        delta = self._counter.take()
-        if not delta:
-            return
-        self._saving.update(delta)
+        """Save this process's new counts, then read back the store's, which hold the other replicas' too."""
+        before = self._stored_totals.get(self._cipher.active_key_id, 0)
+        if delta := self._counter.take():
+            self._saving.update(delta)
+            self._publish()
+            try:
+                await self._store.add_encryptions(dict(delta))
+            except BaseException as error:
+                self._counter.give_back(delta)  # counted again at the next flush
+                if isinstance(error, Unavailable):
+                    return
+                raise
+            finally:
+                self._saving.subtract(delta)
+                self._publish()
+            for key_id, count in delta.items():
+                self._stored_totals[key_id] = self._stored_totals.get(key_id, 0) + count
+            self._publish()
         try:
-            await self._store.add_encryptions(dict(delta))
-        except BaseException as error:
-            self._counter.give_back(delta)  # counted again at the next flush
-            if isinstance(error, Unavailable):
-                return
-            raise
-        finally:
-            self._saving.subtract(delta)
-        for key_id, count in delta.items():
-            self._stored_totals[key_id] = self._stored_totals.get(key_id, 0) + count
-        self._warn_if_worn()
+            records = await self._store.list_keys()
+        except Unavailable:
+            records = []
+        for r in records:
+            # Never below what this process knows it saved: a count only grows.
+            self._stored_totals[r.key_id] = max(r.encryptions, self._stored_totals.get(r.key_id, 0))
+        self._publish()
+        if self._stored_totals.get(self._cipher.active_key_id, 0) != before:
+            self._warn_if_worn()
+
+    def _publish(self) -> None:
+        """Tell the counter what is counted outside it, so it refuses the encryption past the nonce budget."""
+        self._counter.counted_elsewhere(
+            {key_id: self._stored_totals.get(key_id, 0) + self._saving[key_id] for key_id in self._cipher.key_ids}
+        )
 
     def start(self) -> None:
         self._periodic.start()
