@@ -12,6 +12,7 @@ import argparse
 import ast
 import inspect
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -252,3 +253,14 @@ def test_the_sqlstates_docs_operations_md_calls_outages_are_the_stores() -> None
     # "At start-up, `28` and `3D` at the first connection stop the service with a configuration error instead"
     assert set(postgres._CONFIGURATION_SQLSTATE_CLASSES) == {"28", "3D"}
     assert "At start-up, `28` and `3D` at the first connection" in " ".join(operations.split())
+
+
+@pytest.mark.parametrize("target", ["run", "run-mtls"])
+def test_make_run_needs_only_python_as_the_readme_says(target: str) -> None:
+    """README: `make run` creates .venv and installs constraints.txt; Node.js is for the tests, not for serving.
+
+    `make -n -B` prints every command the target would run from zero (nothing is run).
+    """
+    plan = subprocess.run(["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "-c constraints.txt" in plan
+    assert "npm" not in plan, f"`make {target}` from zero runs npm:\n{plan}"
