@@ -11,8 +11,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY constraints.txt pyproject.toml README.md ./
 COPY clients/python clients/python
 COPY service service
-# The same install step as `make install` and CI, minus the dev extras: pinned by constraints.txt.
-RUN python -m pip wheel --wheel-dir /wheels -c constraints.txt ./clients/python .
+# The same install step as `make install` and CI, minus the dev extras: pinned by constraints.txt, and so
+# is what builds the two projects (setuptools, through --build-constraint: -c does not reach a build's
+# isolated environment), with the pip that knows that option (25.3+; the base image's is older).
+RUN python -m pip install -c constraints.txt pip \
+    && python -m pip wheel --wheel-dir /wheels -c constraints.txt --build-constraint constraints.txt ./clients/python .
 
 # --- runtime: the wheels installed into a virtualenv, no build tools, no pip cache, no sources
 FROM ${PYTHON_IMAGE} AS runtime
