@@ -270,3 +270,18 @@ def test_wheels_carry_migrations_and_type_markers(tmp_path: Path) -> None:
         "integrations_client/py.typed",
         "integrations/v1/integrations_descriptor_set.binpb",
     } <= set(client_files)  # reflection serves it
+
+
+def test_the_docker_run_example_gives_its_mounted_files_to_the_images_user() -> None:
+    """docs/operations.md mounts a keyring of mode 0600 (the service refuses one others can read) and TLS keys
+    from the host: owned by the host's user, the image's user could not read them, and the container would stop
+    at start-up. The example makes them the image's user's first."""
+    [user] = instructions("USER")
+    uid, _, gid = user.partition(":")
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    container = operations.split("## Container", 1)[1].split("\n## ", 1)[0]
+    [example] = [block for block in re.findall(r"```sh\n(.*?)```", container, re.S) if "docker run" in block]
+    chown = example.index(f"chown -R {uid}:{gid} secrets tls")
+    assert "chmod 600 secrets/keyring" in example
+    assert chown < example.index("docker run")
+    assert "-v ./secrets:/run/secrets:ro -v ./tls:/run/tls:ro" in example
