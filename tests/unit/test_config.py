@@ -320,3 +320,12 @@ def test_two_key_sources_at_once_are_refused(tmp_path: Path) -> None:
 
 def test_settings_never_show_provider_defaults() -> None:
     assert "from-env-secret" not in repr(load_settings(None, {"STRIPE_SECRET_KEY": "from-env-secret"}))
+
+
+def test_the_mode_flags_help_names_what_production_requires() -> None:
+    """`serve --help` is where a new engineer reads what production mode needs: every variable it refuses to
+    start without, not just the key and the database."""
+    from integrations_service.config import MODE
+
+    for env in envs_named(problems({"INTEGRATIONS_MODE": "production"})):
+        assert env in MODE.help, env
