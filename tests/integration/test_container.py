@@ -285,3 +285,22 @@ def test_the_docker_run_example_gives_its_mounted_files_to_the_images_user() -> 
     assert "chmod 600 secrets/keyring" in example
     assert chown < example.index("docker run")
     assert "-v ./secrets:/run/secrets:ro -v ./tls:/run/tls:ro" in example
+
+
+def test_the_runtime_image_keeps_no_pip_as_the_docs_say() -> None:
+    """docs/operations.md: "no pip". The virtualenv's pip goes, and so must the base image's own
+    (/usr/local, python -m pip of the system interpreter), which the PATH still reaches."""
+    assert "no pip" in (ROOT / "docs" / "operations.md").read_text()
+    runtime = DOCKERFILE.split(" AS runtime", 1)[1]
+    steps = [
+        shlex.split(step)
+        for run in instructions("RUN")
+        if run in re.sub(r"\\\n\s*", " ", runtime)
+        for step in run.split("&&")
+    ]
+    uninstalls = [step for step in steps if "uninstall" in step]
+    assert any(step[0] == "/opt/venv/bin/pip" and "pip" in step[step.index("uninstall") + 1 :] for step in uninstalls)
+    assert any(
+        step[:3] == ["/usr/local/bin/python", "-m", "pip"] and "pip" in step[step.index("uninstall") + 1 :]
+        for step in uninstalls
+    ), uninstalls
