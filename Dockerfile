@@ -11,10 +11,14 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY constraints.txt pyproject.toml README.md ./
 COPY clients/python clients/python
 COPY service service
-# The same install step as `make install` and CI, minus the dev extras: pinned by constraints.txt.
-RUN python -m pip wheel --wheel-dir /wheels -c constraints.txt ./clients/python .
+# The same install step as `make install` and CI, minus the dev extras: pinned by constraints.txt, and so
+# is what builds the two projects (setuptools, through --build-constraint: -c does not reach a build's
+# isolated environment), with the pip that knows that option (25.3+; the base image's is older).
+RUN python -m pip install -c constraints.txt pip \
+    && python -m pip wheel --wheel-dir /wheels -c constraints.txt --build-constraint constraints.txt ./clients/python .
 
-# --- runtime: the wheels installed into a virtualenv, no build tools, no pip cache, no sources
+# --- runtime: the wheels installed into a virtualenv, no build tools, no pip (the venv's nor the base
+#     image's), no pip cache, no sources
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
@@ -27,6 +31,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-index --find-links /wheels integrations-service \
     && /opt/venv/bin/pip uninstall --yes pip setuptools \
+    && /usr/local/bin/python -m pip uninstall --yes pip setuptools wheel \
     && groupadd --system --gid 10001 integrations \
     && useradd --system --uid 10001 --gid integrations --home-dir /var/lib/integrations --create-home integrations
 USER 10001:10001

@@ -19,12 +19,13 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml constraints.txt
 
 install: $(STAMP) $(TS_STAMP)
 
-run: install
+# Serving needs only the Python environment: no Node.js (that is for the TypeScript client and its tests).
+run: $(STAMP)
 	$(BIN)/integrations-service serve
 
 # The same, over mutual TLS with development certificates in .data/dev-certs (see README),
 # written anew when missing or expiring within a day.
-run-mtls: install
+run-mtls: $(STAMP)
 	$(BIN)/integrations-service dev-certs --if-expiring
 	INTEGRATIONS_TLS_CERT=.data/dev-certs/server.crt INTEGRATIONS_TLS_KEY=.data/dev-certs/server.key \
 	INTEGRATIONS_TLS_CLIENT_CA=.data/dev-certs/ca.crt INTEGRATIONS_AUTHZ_POLICY=.data/dev-certs/policy.toml \

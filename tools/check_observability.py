@@ -5,7 +5,8 @@ ports free ones on 127.0.0.1, in a temporary folder), makes a few calls, reads
 /metrics and then runs:
 
 - `promtool check metrics` on the scrape (names, suffixes, units, HELP);
-- `promtool check rules` on deploy/prometheus/alerts.yml;
+- `promtool check rules` on deploy/prometheus/alerts.yml, and `promtool test rules`
+  on its unit tests, deploy/prometheus/alerts.test.yml;
 - `promtool check rules` on every dashboard query of deploy/grafana, written
   as recording rules (Grafana's `$__rate_interval` and the like as 5m), so a
   PromQL syntax error in a panel fails too.
@@ -40,6 +41,7 @@ from integrations.v1 import integrations_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yml"
 DASHBOARDS = ROOT / "deploy" / "grafana"
 SERVICE = Path(sys.executable).parent / "integrations-service"
 GRAFANA_VARIABLE = re.compile(r"\$(__rate_interval|__interval|__range|\{__rate_interval\}|\{__interval\})")
@@ -158,6 +160,7 @@ def check() -> None:
         raise SystemExit("promtool not found: apt-get install prometheus (Debian), or see .ci/run")
     _promtool(promtool, "check", "metrics", stdin=scrape())
     _promtool(promtool, "check", "rules", str(ALERTS))
+    _promtool(promtool, "test", "rules", str(ALERT_TESTS))
     rules = [{"record": f"dashboard:query:{n}", "expr": expr} for n, (_, expr) in enumerate(dashboard_queries())]
     with tempfile.NamedTemporaryFile("w", suffix=".yml") as file:
         # JSON is YAML: no YAML library needed to write the rules file.

@@ -57,8 +57,9 @@ MODE = Setting(
     "INTEGRATIONS_MODE",
     "--mode",
     "development",
-    "development (generates a local key if none is set) or production (refuses to start "
-    "without INTEGRATION_ENCRYPTION_KEY and DATABASE_URL)",
+    "development (generates a local key if none is set; plaintext on loopback) or production (refuses to "
+    "start without a key, INTEGRATION_ENCRYPTION_KEY_FILE (or _KEYS or _KEY), and DATABASE_URL; serve also "
+    "needs INTEGRATIONS_TLS_CERT, INTEGRATIONS_TLS_KEY, INTEGRATIONS_TLS_CLIENT_CA and INTEGRATIONS_AUTHZ_POLICY)",
 )
 DATA_DIR = Setting(
     "INTEGRATIONS_DATA_DIR", "--data-dir", ".data", "folder of the embedded store and of the development key file"

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from integrations_service.devcerts import make_dev_certs
 from tests.harness import Running, start_service
@@ -95,6 +97,22 @@ def test_install_step_is_the_one_make_and_ci_use() -> None:
     assert "make install" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_the_build_backend_and_the_pip_that_builds_are_pinned_too() -> None:
+    """`pip wheel` builds the two projects in isolated environments with their `[build-system] requires`:
+    `-c` does not reach those (pip 25.3+: only `--build-constraint` does), so without it every build took the
+    newest setuptools of the day. constraints.txt pins it, and the pip that knows --build-constraint."""
+    pins = dict(line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    for pyproject in (ROOT / "pyproject.toml", ROOT / "clients" / "python" / "pyproject.toml"):
+        for requirement in map(Requirement, tomllib.loads(pyproject.read_text())["build-system"]["requires"]):
+            assert requirement.name in pins, f"{pyproject.relative_to(ROOT)}: {requirement} is not in constraints.txt"
+            assert requirement.specifier.contains(pins[requirement.name]), (requirement, pins[requirement.name])
+    assert Version(pins["pip"]) >= Version("25.3")
+    [build_run] = [r for r in instructions("RUN") if "pip wheel" in r]
+    steps = [shlex.split(step) for step in build_run.split("&&")]
+    assert steps[0] == ["python", "-m", "pip", "install", "-c", "constraints.txt", "pip"]
+    assert steps[-1][steps[-1].index("--build-constraint") + 1] == "constraints.txt"
+
+
 def test_runs_as_non_root_and_exposes_the_default_ports() -> None:
     [user] = instructions("USER")
     assert not user.startswith(("root", "0"))
@@ -104,7 +122,7 @@ def test_runs_as_non_root_and_exposes_the_default_ports() -> None:
 
 
 def test_the_image_installs_only_the_service_distribution() -> None:
-    [install] = [r for r in instructions("RUN") if "pip install" in r]
+    [install] = [r for r in instructions("RUN") if "pip install --no-index" in r]
     args = shlex.split(install.split("&&")[1])
     assert args[-1] == "integrations-service"
     assert "--no-index" in args
@@ -122,11 +140,9 @@ def test_entry_point_and_healthcheck_name_real_commands() -> None:
 
 
 @pytest.fixture
-async def plaintext_service(tmp_path: Path) -> Running:
-    from tests.harness import start_service
-
+async def plaintext_service(tmp_path: Path) -> AsyncIterator[Running]:
     running = await start_service(f"sqlite:///{tmp_path / 's.sqlite3'}", tmp_path)
-    yield running  # type: ignore[misc]
+    yield running
     await running.close()
 
 
@@ -254,3 +270,37 @@ def test_wheels_carry_migrations_and_type_markers(tmp_path: Path) -> None:
         "integrations_client/py.typed",
         "integrations/v1/integrations_descriptor_set.binpb",
     } <= set(client_files)  # reflection serves it
+
+
+def test_the_docker_run_example_gives_its_mounted_files_to_the_images_user() -> None:
+    """docs/operations.md mounts a keyring of mode 0600 (the service refuses one others can read) and TLS keys
+    from the host: owned by the host's user, the image's user could not read them, and the container would stop
+    at start-up. The example makes them the image's user's first."""
+    [user] = instructions("USER")
+    uid, _, gid = user.partition(":")
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    container = operations.split("## Container", 1)[1].split("\n## ", 1)[0]
+    [example] = [block for block in re.findall(r"```sh\n(.*?)```", container, re.S) if "docker run" in block]
+    chown = example.index(f"chown -R {uid}:{gid} secrets tls")
+    assert "chmod 600 secrets/keyring" in example
+    assert chown < example.index("docker run")
+    assert "-v ./secrets:/run/secrets:ro -v ./tls:/run/tls:ro" in example
+
+
+def test_the_runtime_image_keeps_no_pip_as_the_docs_say() -> None:
+    """docs/operations.md: "no pip". The virtualenv's pip goes, and so must the base image's own
+    (/usr/local, python -m pip of the system interpreter), which the PATH still reaches."""
+    assert "no pip" in (ROOT / "docs" / "operations.md").read_text()
+    runtime = DOCKERFILE.split(" AS runtime", 1)[1]
+    steps = [
+        shlex.split(step)
+        for run in instructions("RUN")
+        if run in re.sub(r"\\\n\s*", " ", runtime)
+        for step in run.split("&&")
+    ]
+    uninstalls = [step for step in steps if "uninstall" in step]
+    assert any(step[0] == "/opt/venv/bin/pip" and "pip" in step[step.index("uninstall") + 1 :] for step in uninstalls)
+    assert any(
+        step[:3] == ["/usr/local/bin/python", "-m", "pip"] and "pip" in step[step.index("uninstall") + 1 :]
+        for step in uninstalls
+    ), uninstalls

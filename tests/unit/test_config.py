@@ -346,3 +346,12 @@ def test_production_refuses_a_weak_or_published_key_without_repeating_it(weak: s
     assert "'k0'" in line
     assert weak not in line
     assert load_settings(None, {ENCRYPTION_KEY_ENV: weak}).keyring is not None  # development: allowed
+
+
+def test_the_mode_flags_help_names_what_production_requires() -> None:
+    """`serve --help` is where a new engineer reads what production mode needs: every variable it refuses to
+    start without, not just the key and the database."""
+    from integrations_service.config import MODE
+
+    for env in envs_named(problems({"INTEGRATIONS_MODE": "production"})):
+        assert env in MODE.help, env

@@ -12,6 +12,7 @@ import argparse
 import ast
 import inspect
 import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -252,3 +253,29 @@ def test_the_sqlstates_docs_operations_md_calls_outages_are_the_stores() -> None
     # "At start-up, `28` and `3D` at the first connection stop the service with a configuration error instead"
     assert set(postgres._CONFIGURATION_SQLSTATE_CLASSES) == {"28", "3D"}
     assert "At start-up, `28` and `3D` at the first connection" in " ".join(operations.split())
+
+
+@pytest.mark.parametrize("target", ["run", "run-mtls"])
+def test_make_run_needs_only_python_as_the_readme_says(target: str) -> None:
+    """README: `make run` creates .venv and installs constraints.txt; Node.js is for the tests, not for serving.
+
+    `make -n -B` prints every command the target would run from zero (nothing is run).
+    """
+    plan = subprocess.run(["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "-c constraints.txt" in plan
+    assert "npm" not in plan, f"`make {target}` from zero runs npm:\n{plan}"
+
+
+def test_the_supervisors_numbers_in_docs_operations_md_are_the_codes() -> None:
+    """Worker processes: the kill deadline, the restart backoff and the crash-loop budget, as stated."""
+    from integrations_service import supervisor
+
+    text = " ".join((ROOT / "docs" / "operations.md").read_text().split())
+    stated = [
+        f"after `INTEGRATIONS_SHUTDOWN_GRACE` + {supervisor.STOP_MARGIN:g} s",
+        f"backoff ({supervisor.FIRST_BACKOFF:g} s, doubling up to {supervisor.MAX_BACKOFF:g} s; back to "
+        f"{supervisor.FIRST_BACKOFF:g} s once a worker has lived {supervisor.STABLE_SECONDS:g} s)",
+        f"dies more than {supervisor.RESTART_BUDGET} times within {supervisor.RESTART_WINDOW:g} s",
+    ]
+    missing = [phrase for phrase in stated if phrase not in text]
+    assert not missing, missing

@@ -18,6 +18,7 @@ from integrations_service.config import (
     SETTINGS,
     SHUTDOWN_GRACE,
 )
+from integrations_service.supervisor import STOP_MARGIN
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "deploy" / "kubernetes"
@@ -117,8 +118,13 @@ def test_termination_grace_covers_pre_stop_and_the_shutdown_grace() -> None:
     pre_stop = container()["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     shutdown_grace = float(env().get(SHUTDOWN_GRACE.env, SHUTDOWN_GRACE.default or "0"))
-    # After the in-flight calls: the audit buffer and key counts are written, the pool closed.
-    assert pod()["terminationGracePeriodSeconds"] >= float(pre_stop[1]) + shutdown_grace + 5
+    # After the in-flight calls: the audit buffer and key counts are written, the pool closed. With
+    # INTEGRATIONS_WORKERS above 1 the supervisor allows that STOP_MARGIN, kills a worker still running after
+    # grace + margin and exits: the kubelet's SIGKILL must not come before (5 s for it to reap and exit).
+    assert pod()["terminationGracePeriodSeconds"] >= float(pre_stop[1]) + shutdown_grace + STOP_MARGIN + 5
+    readme = " ".join((MANIFESTS / "README.md").read_text().split())
+    assert f"`terminationGracePeriodSeconds: {pod()['terminationGracePeriodSeconds']}`" in readme
+    assert f"`INTEGRATIONS_SHUTDOWN_GRACE` ({env()[SHUTDOWN_GRACE.env]} s)" in readme
 
 
 def test_every_variable_is_a_setting_and_every_file_is_mounted() -> None:
