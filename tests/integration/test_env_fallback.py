@@ -46,12 +46,14 @@ ENV = pb.VALUE_SOURCE_ENVIRONMENT
 UNSET = pb.VALUE_SOURCE_UNSET
 DECRYPTED = pb.CONFIG_VIEW_DECRYPTED
 
-# (provider, what a hostile dashboard save stores, the provider's secrets that must then be unset, ready after).
-# SMTP stays ready: its password is optional (a relay that trusts the network needs none), and unset.
+# (provider, what a hostile dashboard save stores, the fields that must then be unset, ready after).
+# An endpoint (Easypay's baseUrl, the SMTP host) gets nothing from the platform: not its account id, SMTP user
+# name or sender address either. SMTP stays ready without a password: it is optional (a relay that trusts the
+# network needs none), and unset.
 ATTACKS = [
-    ("easypay", {"baseUrl": "https://attacker.example"}, ["apiKey"], False),
+    ("easypay", {"baseUrl": "https://attacker.example"}, ["accountId", "apiKey"], False),
     ("easypay", {"accountId": "attacker-account-666"}, ["apiKey"], False),
-    ("smtp", {"host": "mx.attacker.example"}, ["password"], True),
+    ("smtp", {"host": "mx.attacker.example"}, ["port", "username", "password", "fromAddress"], False),
     ("smtp", {"port": "2525"}, ["password"], True),
     ("smtp", {"username": "attacker"}, ["password"], True),
     ("smtp", {"fromAddress": "Shop <shop@attacker.example>"}, ["password"], True),
@@ -154,6 +156,22 @@ async def test_own_secret_alone_keeps_the_platform_account_fields_and_secrets(sv
         "webhookSecret": (PLATFORM["STRIPE_WEBHOOK_SECRET"], ENV),
         "publishableKey": (PLATFORM["NEXT_PUBLIC_STRIPE_PUBLISHABLE_KEY"], ENV),
     }
+
+
+async def test_clearing_its_own_password_behind_its_own_host_never_brings_the_platform_account(svc: Running) -> None:
+    org = new_org()
+    own = {"host": "smtp.shop.example", "port": "2525", "password": "SHOP0smtp0own0password0EFG901"}
+    await save(svc, org, "smtp", own)
+    saved = await save(svc, org, "smtp", {}, clear=("password",))
+    for values in (await decrypted(svc, org, "smtp"), values_of(saved)):
+        assert values == {
+            "host": ("smtp.shop.example", ORG),
+            "port": ("2525", ORG),
+            "username": ("", UNSET),
+            "password": ("", UNSET),
+            "fromAddress": ("", UNSET),
+        }
+    assert (await ready(svc, org))["smtp"] is False
 
 
 async def test_clearing_the_endpoint_field_brings_the_platform_secret_back(svc: Running) -> None:

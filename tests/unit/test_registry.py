@@ -135,3 +135,10 @@ def test_registry_matches_the_seed_design_page() -> None:
     assert len(seed) == 10
     ours = [(p, k, e, d) for p, k, e, d, *_ in EXPECTED_FIELDS if p in ("stripe", "easypay", "ifthenpay")]
     assert ours == seed
+
+
+def test_the_endpoint_fields_are_the_base_url_and_the_smtp_host() -> None:
+    """An endpoint names the server itself; every endpoint field also binds the provider's secrets."""
+    endpoints = [(p.id, f.key) for p in PROVIDERS for f in p.fields if f.endpoint]
+    assert endpoints == [("easypay", "baseUrl"), ("smtp", "host")]
+    assert all(f.binds_secrets for p in PROVIDERS for f in p.fields if f.endpoint)

@@ -96,6 +96,8 @@ def test_ready_when_every_required_field_resolves(stored: set[str], env: dict[st
 # A platform default for every field of every provider.
 PLATFORM = {f.env_var: f"platform0{f.env_var.lower()}0value0XYZ9" for p in PROVIDERS for f in p.fields}
 BINDING = [(p, f.key) for p in PROVIDERS for f in p.fields if f.binds_secrets]
+# Account fields: binding, but not the endpoint itself (an endpoint withholds everything, see below).
+ACCOUNT = [(p, key) for p, key in BINDING if key not in p.endpoint_keys]
 ORGANIZATION = ValueSource.ORGANIZATION
 ENVIRONMENT = ValueSource.ENVIRONMENT
 UNSET = ValueSource.UNSET
@@ -109,7 +111,7 @@ def sources(spec: ProviderSpec, stored: dict[str, str]) -> dict[str, ValueSource
     return {key: v.source for key, v in resolve_values(spec, stored, PLATFORM, ConfigView.DECRYPTED).items()}
 
 
-@pytest.mark.parametrize(("spec", "key"), BINDING, ids=[f"{p.id}.{key}" for p, key in BINDING])
+@pytest.mark.parametrize(("spec", "key"), ACCOUNT, ids=[f"{p.id}.{key}" for p, key in ACCOUNT])
 def test_a_stored_binding_field_withholds_every_environment_secret(spec: ProviderSpec, key: str) -> None:
     values = resolve_values(spec, {key: own_value(key)}, PLATFORM, ConfigView.DECRYPTED)
     expected = {f.key: ORGANIZATION if f.key == key else UNSET if f.secret else ENVIRONMENT for f in spec.fields}
@@ -241,3 +243,52 @@ def test_a_stored_key_outside_the_registry_is_never_answered(spec: ProviderSpec)
     values = resolve_values(spec, {"notAField": "planted"}, {}, ConfigView.DECRYPTED)
     assert "notAField" not in values
     assert "planted" not in [v.value for v in values.values()]
+
+
+# --- an organization's own endpoint gets nothing at all from the environment ---------------------------
+
+# The fields that name a server the provider's credentials are sent to (an account field only names an account).
+ENDPOINTS = [("easypay", "baseUrl"), ("smtp", "host")]
+
+
+def spec_of(provider: str) -> ProviderSpec:
+    spec = find_provider(provider)
+    assert spec is not None
+    return spec
+
+
+@pytest.mark.parametrize(("provider", "key"), ENDPOINTS, ids=[f"{p}.{k}" for p, k in ENDPOINTS])
+def test_a_stored_endpoint_gets_no_environment_value_at_all(provider: str, key: str) -> None:
+    """Not the platform's account id, user name or sender address either: each would be sent to that server."""
+    spec = spec_of(provider)
+    values = resolve_values(spec, {key: own_value(key)}, PLATFORM, ConfigView.DECRYPTED)
+    assert {k: v.source for k, v in values.items()} == {
+        f.key: ORGANIZATION if f.key == key else UNSET for f in spec.fields
+    }
+    assert [v.value for k, v in values.items() if k != key] == [""] * (len(spec.fields) - 1)
+    assert not is_ready(spec, frozenset({key}), PLATFORM)
+
+
+def test_an_organization_smtp_server_with_its_own_password_still_gets_no_platform_account() -> None:
+    smtp = spec_of("smtp")
+    stored = {"host": "smtp.shop.example", "password": own_value("password")}
+    assert sources(smtp, stored) == {
+        "host": ORGANIZATION,
+        "port": UNSET,
+        "username": UNSET,
+        "password": ORGANIZATION,
+        "fromAddress": UNSET,
+    }
+    assert not is_ready(smtp, frozenset(stored), PLATFORM)
+    complete = stored | {"port": "2525", "fromAddress": "Shop <mail@shop.example>"}
+    assert is_ready(smtp, frozenset(complete), PLATFORM)
+
+
+def test_an_organization_account_on_the_platform_endpoint_keeps_the_endpoint() -> None:
+    """The other direction: the organization's account (and own secret) may use the platform's server."""
+    easypay = spec_of("easypay")
+    assert sources(easypay, {"accountId": own_value("accountId")}) == {
+        "accountId": ORGANIZATION,
+        "apiKey": UNSET,
+        "baseUrl": ENVIRONMENT,
+    }

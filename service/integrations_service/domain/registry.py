@@ -36,6 +36,11 @@ class FieldSpec:
     organization stores such a field, the provider's secrets never come from
     the environment for it (see resolution.py): otherwise a dashboard save of
     only `baseUrl` would pair the platform's API key with that URL.
+
+    `endpoint` marks, among those, a field that names the server itself (a base
+    URL, an SMTP host). Once an organization stores one, *no* field of the
+    provider comes from the environment for it: the platform's account id,
+    user name or sender address would be sent to that server too.
     """
 
     key: str
@@ -45,6 +50,11 @@ class FieldSpec:
     required: bool
     check: FormatCheck | None = None
     binds_secrets: bool = False
+    endpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if self.endpoint and not self.binds_secrets:
+            raise ValueError(f"{self.key}: an endpoint field binds the provider's secrets")
 
 
 @dataclass(frozen=True)
@@ -60,11 +70,13 @@ class ProviderSpec:
     # The provider's field keys: only these are ever decrypted.
     field_keys: frozenset[str] = field(init=False, repr=False, compare=False)
     binding_keys: frozenset[str] = field(init=False, repr=False, compare=False)
+    endpoint_keys: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_key", {f.key: f for f in self.fields})
         object.__setattr__(self, "field_keys", frozenset(self._by_key))
         object.__setattr__(self, "binding_keys", frozenset(f.key for f in self.fields if f.binds_secrets))
+        object.__setattr__(self, "endpoint_keys", frozenset(f.key for f in self.fields if f.endpoint))
 
     def field(self, key: str) -> FieldSpec | None:
         return self._by_key.get(key)
@@ -183,6 +195,7 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
                 required=True,
                 check=_https_url,
                 binds_secrets=True,
+                endpoint=True,
             ),
         ),
     ),
@@ -222,7 +235,15 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
         category=Category.NOTIFICATIONS,
         runtime_supported=False,
         fields=(
-            FieldSpec("host", "SMTP_HOST", "SMTP server host name", secret=False, required=True, binds_secrets=True),
+            FieldSpec(
+                "host",
+                "SMTP_HOST",
+                "SMTP server host name",
+                secret=False,
+                required=True,
+                binds_secrets=True,
+                endpoint=True,
+            ),
             FieldSpec(
                 "port", "SMTP_PORT", "SMTP server port", secret=False, required=True, check=_port, binds_secrets=True
             ),
