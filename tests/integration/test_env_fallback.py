@@ -60,13 +60,17 @@ ATTACKS = [
     ("resend", {"fromAddress": "Shop <orders@attacker.example>"}, ["apiKey"], False),
     ("stripe", {"publishableKey": "pk_live_ATTACKER0publishable0666"}, ["secretKey", "webhookSecret"], False),
     ("google_analytics", {"measurementId": "G-ATTACKER66"}, ["apiSecret"], False),
+    # A signing secret of its own next to the platform's keys would let it forge the provider's notifications.
+    ("stripe", {"webhookSecret": "whsec_ATTACKER0own0webhook0666"}, ["secretKey"], False),
+    ("ifthenpay", {"antiPhishingKey": "ATTACKER0antiphishing0666"}, ["mbKey", "mbwayKey", "ccKey"], True),
+    ("ifthenpay", {"mbKey": "ATTACKER0mb0key0666"}, ["antiPhishingKey", "mbwayKey", "ccKey"], False),
 ]
 
 # Which fields ListProviders marks as endpoint/account fields (binds_secrets).
 BINDING_FIELDS = {
-    "stripe": ["publishableKey"],
+    "stripe": ["webhookSecret", "publishableKey"],
     "easypay": ["accountId", "baseUrl"],
-    "ifthenpay": [],
+    "ifthenpay": ["antiPhishingKey", "mbKey", "mbwayKey", "ccKey"],
     "resend": ["fromAddress"],
     "smtp": ["host", "port", "username", "fromAddress"],
     "google_analytics": ["measurementId"],
@@ -186,4 +190,7 @@ async def test_list_providers_marks_the_endpoint_and_account_fields(svc: Running
     reply = await svc.stub.ListProviders(pb.ListProvidersRequest())
     marked = {p.id: [f.key for f in p.fields if f.binds_secrets] for p in reply.providers}
     assert marked == BINDING_FIELDS
-    assert not any(f.binds_secrets and f.secret for p in reply.providers for f in p.fields)
+    binding_secrets = [(p.id, f.key) for p in reply.providers for f in p.fields if f.binds_secrets and f.secret]
+    assert binding_secrets == [("stripe", "webhookSecret")] + [
+        ("ifthenpay", key) for key in ("antiPhishingKey", "mbKey", "mbwayKey", "ccKey")
+    ]

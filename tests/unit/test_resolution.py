@@ -61,10 +61,11 @@ def test_organization_beats_environment_beats_unset() -> None:
 
 def test_masked_view_masks_organization_and_environment_secrets_alike() -> None:
     assert STRIPE is not None
-    org = {"webhookSecret": "whsec_organization_1234"}
-    values = resolve_values(STRIPE, org, ENV, ConfigView.MASKED)
-    assert values["webhookSecret"].value == "••••••••1234"
-    assert values["secretKey"].value == "••••••••9999"
+    org = {"secretKey": "sk_test_from_organization_1234"}
+    env = ENV | {"STRIPE_WEBHOOK_SECRET": "whsec_from_environment_9999"}
+    values = resolve_values(STRIPE, org, env, ConfigView.MASKED)
+    assert values["secretKey"].value == "••••••••1234"
+    assert values["webhookSecret"].value == "••••••••9999"
     assert values["publishableKey"].value == "pk_test_env"  # not a secret: in clear
 
 
@@ -116,16 +117,18 @@ def test_a_stored_binding_field_withholds_every_environment_secret(spec: Provide
     values = resolve_values(spec, {key: own_value(key)}, PLATFORM, ConfigView.DECRYPTED)
     expected = {f.key: ORGANIZATION if f.key == key else UNSET if f.secret else ENVIRONMENT for f in spec.fields}
     assert {k: v.source for k, v in values.items()} == expected
-    assert not any(v.value for v in values.values() if v.secret)
+    assert not any(v.value for k, v in values.items() if v.secret and k != key)
     assert values[key].value == own_value(key)
-    assert is_ready(spec, frozenset({key}), PLATFORM) is not any(f.secret and f.required for f in spec.fields)
+    assert is_ready(spec, frozenset({key}), PLATFORM) is not any(
+        f.secret and f.required and f.key != key for f in spec.fields
+    )
 
 
 @pytest.mark.parametrize(("spec", "key"), BINDING, ids=[f"{p.id}.{key}" for p, key in BINDING])
 def test_masked_view_of_a_withheld_secret_is_empty_not_a_mask(spec: ProviderSpec, key: str) -> None:
     values = resolve_values(spec, {key: own_value(key)}, PLATFORM, ConfigView.MASKED)
-    assert [(v.value, v.source) for v in values.values() if v.secret] == [("", UNSET)] * sum(
-        f.secret for f in spec.fields
+    assert [(v.value, v.source) for k, v in values.items() if v.secret and k != key] == [("", UNSET)] * sum(
+        f.secret and f.key != key for f in spec.fields
     )
 
 
@@ -165,18 +168,6 @@ def test_a_stored_binding_value_equal_to_the_environment_still_counts() -> None:
     assert easypay is not None
     assert sources(easypay, {"baseUrl": PLATFORM["EASYPAY_BASE_URL"]})["apiKey"] is UNSET
     assert not is_ready(easypay, frozenset({"baseUrl"}), PLATFORM)
-
-
-def test_ifthenpay_has_no_binding_field_so_each_key_falls_back_alone() -> None:
-    ifthenpay = find_provider("ifthenpay")
-    assert ifthenpay is not None
-    assert ifthenpay.binding_keys == frozenset()
-    assert sources(ifthenpay, {"antiPhishingKey": own_value("antiPhishingKey")}) == {
-        "antiPhishingKey": ORGANIZATION,
-        "mbKey": ENVIRONMENT,
-        "mbwayKey": ENVIRONMENT,
-        "ccKey": ENVIRONMENT,
-    }
 
 
 # --- every provider of the registry, field by field ----------------------------------------------------
@@ -291,4 +282,27 @@ def test_an_organization_account_on_the_platform_endpoint_keeps_the_endpoint() -
         "accountId": ORGANIZATION,
         "apiKey": UNSET,
         "baseUrl": ENVIRONMENT,
+    }
+
+
+# --- a secret that authenticates the provider's notifications belongs to the account they are about ----
+
+
+def test_an_own_stripe_webhook_secret_never_verifies_events_for_the_platform_account() -> None:
+    """With the platform's secretKey, the organization's whsec would let it sign forged payment events itself."""
+    stripe = spec_of("stripe")
+    assert sources(stripe, {"webhookSecret": own_value("webhookSecret")}) == {
+        "secretKey": UNSET,
+        "webhookSecret": ORGANIZATION,
+        "publishableKey": ENVIRONMENT,
+    }
+    assert not is_ready(stripe, frozenset({"webhookSecret"}), PLATFORM)
+
+
+@pytest.mark.parametrize("key", ["antiPhishingKey", "mbKey", "mbwayKey", "ccKey"])
+def test_ifthenpay_keys_never_mix_with_the_platform_ones(key: str) -> None:
+    """The anti-phishing key authenticates the callbacks about payments to the entities of the other keys."""
+    ifthenpay = spec_of("ifthenpay")
+    assert sources(ifthenpay, {key: own_value(key)}) == {
+        f.key: ORGANIZATION if f.key == key else UNSET for f in ifthenpay.fields
     }

@@ -37,7 +37,12 @@ class FieldSpec:
     user name, sender address, publishable key or measurement id). Once an
     organization stores such a field, the provider's secrets never come from
     the environment for it (see resolution.py): otherwise a dashboard save of
-    only `baseUrl` would pair the platform's API key with that URL.
+    only `baseUrl` would pair the platform's API key with that URL. A secret
+    binds too when it authenticates what the provider sends *to* the platform
+    about one account (Stripe's webhook signing secret, Ifthenpay's
+    anti-phishing key) or is itself the account (Ifthenpay's entity keys): an
+    organization's own webhook secret next to the platform's Stripe key would
+    let it sign forged payment events about the platform's account.
 
     `endpoint` marks, among those, a field that names the server itself (a base
     URL, an SMTP host). Once an organization stores one, *no* field of the
@@ -227,6 +232,7 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
                 secret=True,
                 required=True,
                 check=_prefix("whsec_"),
+                binds_secrets=True,
             ),
             FieldSpec(
                 "publishableKey",
@@ -268,10 +274,17 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
         category=Category.PAYMENTS,
         runtime_supported=True,
         fields=(
-            FieldSpec("antiPhishingKey", "IFTHENPAY_ANTIPHISHING_KEY", "Anti-phishing key", secret=True, required=True),
-            FieldSpec("mbKey", "IFTHENPAY_MB_KEY", "Multibanco key", secret=True, required=False),
-            FieldSpec("mbwayKey", "IFTHENPAY_MBWAY_KEY", "MB WAY key", secret=True, required=False),
-            FieldSpec("ccKey", "IFTHENPAY_CC_KEY", "Credit card key", secret=True, required=False),
+            FieldSpec(
+                "antiPhishingKey",
+                "IFTHENPAY_ANTIPHISHING_KEY",
+                "Anti-phishing key",
+                secret=True,
+                required=True,
+                binds_secrets=True,
+            ),
+            FieldSpec("mbKey", "IFTHENPAY_MB_KEY", "Multibanco key", secret=True, required=False, binds_secrets=True),
+            FieldSpec("mbwayKey", "IFTHENPAY_MBWAY_KEY", "MB WAY key", secret=True, required=False, binds_secrets=True),
+            FieldSpec("ccKey", "IFTHENPAY_CC_KEY", "Credit card key", secret=True, required=False, binds_secrets=True),
         ),
     ),
     ProviderSpec(
