@@ -62,7 +62,7 @@ ATTACKS = [
     ("google_analytics", {"measurementId": "G-ATTACKER66"}, ["apiSecret"], False),
     # A signing secret of its own next to the platform's keys would let it forge the provider's notifications.
     ("stripe", {"webhookSecret": "whsec_ATTACKER0own0webhook0666"}, ["secretKey"], False),
-    ("ifthenpay", {"antiPhishingKey": "ATTACKER0antiphishing0666"}, ["mbKey", "mbwayKey", "ccKey"], True),
+    ("ifthenpay", {"antiPhishingKey": "ATTACKER0antiphishing0666"}, ["mbKey", "mbwayKey", "ccKey"], False),
     ("ifthenpay", {"mbKey": "ATTACKER0mb0key0666"}, ["antiPhishingKey", "mbwayKey", "ccKey"], False),
 ]
 

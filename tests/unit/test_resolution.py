@@ -119,8 +119,10 @@ def test_a_stored_binding_field_withholds_every_environment_secret(spec: Provide
     assert {k: v.source for k, v in values.items()} == expected
     assert not any(v.value for k, v in values.items() if v.secret and k != key)
     assert values[key].value == own_value(key)
-    assert is_ready(spec, frozenset({key}), PLATFORM) is not any(
-        f.secret and f.required and f.key != key for f in spec.fields
+    # (The fields of Ifthenpay's one-of group are all secrets: only the stored one can satisfy it.)
+    assert is_ready(spec, frozenset({key}), PLATFORM) is (
+        not any(f.secret and f.required and f.key != key for f in spec.fields)
+        and all(key in group for group in spec.ready_needs_one_of)
     )
 
 
@@ -219,7 +221,10 @@ def test_a_provider_is_not_ready_while_one_required_field_resolves_to_nothing(sp
 
 @pytest.mark.parametrize(("spec", "key"), OPTIONAL, ids=field_ids(OPTIONAL))
 def test_an_optional_field_is_not_needed_to_be_ready(spec: ProviderSpec, key: str) -> None:
-    required = frozenset(f.key for f in spec.fields if f.required)
+    # One other field of each one-of group (Ifthenpay: another payment method's key).
+    required = frozenset(f.key for f in spec.fields if f.required) | {
+        min(group - {key}) for group in spec.ready_needs_one_of
+    }
     assert is_ready(spec, required, {})
     assert resolve_values(spec, {k: own_value(k) for k in required}, {}, ConfigView.DECRYPTED)[key].source is UNSET
 
@@ -306,3 +311,14 @@ def test_ifthenpay_keys_never_mix_with_the_platform_ones(key: str) -> None:
     assert sources(ifthenpay, {key: own_value(key)}) == {
         f.key: ORGANIZATION if f.key == key else UNSET for f in ifthenpay.fields
     }
+
+
+def test_ifthenpay_is_ready_only_with_a_payment_method_key() -> None:
+    """The anti-phishing key alone takes no payment: one of Multibanco, MB WAY or card must resolve too."""
+    ifthenpay = spec_of("ifthenpay")
+    assert not is_ready(ifthenpay, frozenset({"antiPhishingKey"}), PLATFORM)
+    assert not is_ready(ifthenpay, frozenset(), {"IFTHENPAY_ANTIPHISHING_KEY": "k"})
+    for method in ("mbKey", "mbwayKey", "ccKey"):
+        assert is_ready(ifthenpay, frozenset({"antiPhishingKey", method}), {})
+        env_var = f"IFTHENPAY_{method.removesuffix('Key').upper()}_KEY"
+        assert is_ready(ifthenpay, frozenset(), {"IFTHENPAY_ANTIPHISHING_KEY": "k", env_var: "m"})

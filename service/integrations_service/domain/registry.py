@@ -72,6 +72,9 @@ class ProviderSpec:
     runtime_supported: bool
     fields: tuple[FieldSpec, ...]
     cross_checks: tuple[CrossCheck, ...] = ()
+    # Groups of optional fields of which at least one must resolve for the provider to be ready
+    # (Ifthenpay takes no payment without a payment method's key).
+    ready_needs_one_of: tuple[frozenset[str], ...] = ()
     # Derived from `fields` once, with the spec: every read asks for them.
     _by_key: dict[str, FieldSpec] = field(init=False, repr=False, compare=False)
     # The provider's field keys: only these are ever decrypted.
@@ -286,6 +289,7 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
             FieldSpec("mbwayKey", "IFTHENPAY_MBWAY_KEY", "MB WAY key", secret=True, required=False, binds_secrets=True),
             FieldSpec("ccKey", "IFTHENPAY_CC_KEY", "Credit card key", secret=True, required=False, binds_secrets=True),
         ),
+        ready_needs_one_of=(frozenset({"mbKey", "mbwayKey", "ccKey"}),),
     ),
     ProviderSpec(
         id="resend",

@@ -99,10 +99,14 @@ def resolve_values(
 
 
 def is_ready(spec: ProviderSpec, stored_keys: frozenset[str], environment: Mapping[str, str]) -> bool:
-    """Every required field resolves, under the same rule. Needs only which keys are stored, not their values."""
+    """Every required field resolves, and one field of each `ready_needs_one_of` group, under the same rule.
+
+    Needs only which keys are stored, not their values."""
     inherit = _inherit(spec, stored_keys.__contains__)
-    return all(
-        field.key in stored_keys or bool(_fallback(field, environment, inherit))
-        for field in spec.fields
-        if field.required
+
+    def resolves(field: FieldSpec) -> bool:
+        return field.key in stored_keys or bool(_fallback(field, environment, inherit))
+
+    return all(resolves(field) for field in spec.fields if field.required) and all(
+        any(resolves(field) for field in spec.fields if field.key in group) for group in spec.ready_needs_one_of
     )

@@ -165,7 +165,9 @@ class Provider(_message.Message):
     """Only with an organization id in the request: every required field
     resolves, from the organization or from the environment (a secret
     resolves from the environment only while the organization has stored no
-    field marked ProviderField.binds_secrets).
+    field marked ProviderField.binds_secrets, and no field at all once it
+    stored the endpoint: Easypay baseUrl, SMTP host); for Ifthenpay, also
+    one payment method's key (mbKey, mbwayKey or ccKey).
     """
     @_builtins.property
     def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProviderField]:

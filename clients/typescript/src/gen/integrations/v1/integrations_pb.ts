@@ -69,7 +69,9 @@ export type Provider = Message<"integrations.v1.Provider"> & {
    * Only with an organization id in the request: every required field
    * resolves, from the organization or from the environment (a secret
    * resolves from the environment only while the organization has stored no
-   * field marked ProviderField.binds_secrets).
+   * field marked ProviderField.binds_secrets, and no field at all once it
+   * stored the endpoint: Easypay baseUrl, SMTP host); for Ifthenpay, also
+   * one payment method's key (mbKey, mbwayKey or ccKey).
    *
    * @generated from field: bool ready = 7;
    */
