@@ -132,7 +132,7 @@ async def test_list_providers(svc_any_store: Running) -> None:
             True,
             True,
         )
-        assert [f.key for f in stripe.fields if f.binds_secrets] == ["publishableKey"]
+        assert [f.key for f in stripe.fields if f.binds_secrets] == ["webhookSecret", "publishableKey"]
         payments = await client.list_providers(category=Category.PAYMENTS)
         assert [p.id for p in payments] == ["stripe", "easypay", "ifthenpay"]
         assert [p.id for p in await client.list_providers(category="notifications")] == ["resend", "smtp"]

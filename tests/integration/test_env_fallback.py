@@ -46,25 +46,31 @@ ENV = pb.VALUE_SOURCE_ENVIRONMENT
 UNSET = pb.VALUE_SOURCE_UNSET
 DECRYPTED = pb.CONFIG_VIEW_DECRYPTED
 
-# (provider, what a hostile dashboard save stores, the provider's secrets that must then be unset, ready after).
-# SMTP stays ready: its password is optional (a relay that trusts the network needs none), and unset.
+# (provider, what a hostile dashboard save stores, the fields that must then be unset, ready after).
+# An endpoint (Easypay's baseUrl, the SMTP host) gets nothing from the platform: not its account id, SMTP user
+# name or sender address either. SMTP stays ready without a password: it is optional (a relay that trusts the
+# network needs none), and unset.
 ATTACKS = [
-    ("easypay", {"baseUrl": "https://attacker.example"}, ["apiKey"], False),
+    ("easypay", {"baseUrl": "https://attacker.example"}, ["accountId", "apiKey"], False),
     ("easypay", {"accountId": "attacker-account-666"}, ["apiKey"], False),
-    ("smtp", {"host": "mx.attacker.example"}, ["password"], True),
+    ("smtp", {"host": "mx.attacker.example"}, ["port", "username", "password", "fromAddress"], False),
     ("smtp", {"port": "2525"}, ["password"], True),
     ("smtp", {"username": "attacker"}, ["password"], True),
     ("smtp", {"fromAddress": "Shop <shop@attacker.example>"}, ["password"], True),
     ("resend", {"fromAddress": "Shop <orders@attacker.example>"}, ["apiKey"], False),
     ("stripe", {"publishableKey": "pk_live_ATTACKER0publishable0666"}, ["secretKey", "webhookSecret"], False),
     ("google_analytics", {"measurementId": "G-ATTACKER66"}, ["apiSecret"], False),
+    # A signing secret of its own next to the platform's keys would let it forge the provider's notifications.
+    ("stripe", {"webhookSecret": "whsec_ATTACKER0own0webhook0666"}, ["secretKey"], False),
+    ("ifthenpay", {"antiPhishingKey": "ATTACKER0antiphishing0666"}, ["mbKey", "mbwayKey", "ccKey"], False),
+    ("ifthenpay", {"mbKey": "ATTACKER0mb0key0666"}, ["antiPhishingKey", "mbwayKey", "ccKey"], False),
 ]
 
 # Which fields ListProviders marks as endpoint/account fields (binds_secrets).
 BINDING_FIELDS = {
-    "stripe": ["publishableKey"],
+    "stripe": ["webhookSecret", "publishableKey"],
     "easypay": ["accountId", "baseUrl"],
-    "ifthenpay": [],
+    "ifthenpay": ["antiPhishingKey", "mbKey", "mbwayKey", "ccKey"],
     "resend": ["fromAddress"],
     "smtp": ["host", "port", "username", "fromAddress"],
     "google_analytics": ["measurementId"],
@@ -156,6 +162,22 @@ async def test_own_secret_alone_keeps_the_platform_account_fields_and_secrets(sv
     }
 
 
+async def test_clearing_its_own_password_behind_its_own_host_never_brings_the_platform_account(svc: Running) -> None:
+    org = new_org()
+    own = {"host": "smtp.shop.example", "port": "2525", "password": "SHOP0smtp0own0password0EFG901"}
+    await save(svc, org, "smtp", own)
+    saved = await save(svc, org, "smtp", {}, clear=("password",))
+    for values in (await decrypted(svc, org, "smtp"), values_of(saved)):
+        assert values == {
+            "host": ("smtp.shop.example", ORG),
+            "port": ("2525", ORG),
+            "username": ("", UNSET),
+            "password": ("", UNSET),
+            "fromAddress": ("", UNSET),
+        }
+    assert (await ready(svc, org))["smtp"] is False
+
+
 async def test_clearing_the_endpoint_field_brings_the_platform_secret_back(svc: Running) -> None:
     org = new_org()
     await save(svc, org, "smtp", {"host": "mx.attacker.example"})
@@ -168,4 +190,7 @@ async def test_list_providers_marks_the_endpoint_and_account_fields(svc: Running
     reply = await svc.stub.ListProviders(pb.ListProvidersRequest())
     marked = {p.id: [f.key for f in p.fields if f.binds_secrets] for p in reply.providers}
     assert marked == BINDING_FIELDS
-    assert not any(f.binds_secrets and f.secret for p in reply.providers for f in p.fields)
+    binding_secrets = [(p.id, f.key) for p in reply.providers for f in p.fields if f.binds_secrets and f.secret]
+    assert binding_secrets == [("stripe", "webhookSecret")] + [
+        ("ifthenpay", key) for key in ("antiPhishingKey", "mbKey", "mbwayKey", "ccKey")
+    ]

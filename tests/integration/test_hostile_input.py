@@ -146,6 +146,9 @@ async def test_oversized_and_malformed_identifiers_are_refused_naming_the_field(
         ("stripe", "secretKey", "sk_test_abc\tdef"),
         ("stripe", "secretKey", "sk_test_abc\x7f"),
         ("resend", "apiKey", "re_abc\x1b[2J"),
+        ("smtp", "fromAddress", "Shop\x85Bcc: victim@example.com <a@shop.example>"),
+        ("smtp", "username", "shop\u2028RCPT TO:<victim@example.com>"),
+        ("resend", "apiKey", "re_abc\x9b2J"),
     ],
 )
 async def test_values_with_control_characters_are_refused_and_nothing_is_stored(
@@ -163,6 +166,36 @@ async def test_values_with_control_characters_are_refused_and_nothing_is_stored(
     assert list(error.violations) == [f"values.{key}"]
     assert "control character" in error.violations[f"values.{key}"]
     assert value not in error.message
+    config = await svc.stub.GetProviderConfig(pb.GetProviderConfigRequest(organization_id=org, provider=provider))
+    assert config.config.etag == "", "a refused save stored nothing"
+
+
+@pytest.mark.parametrize(
+    ("provider", "values", "field"),
+    [
+        ("easypay", {"baseUrl": "https://api.easypay.pt@attacker.example/2.0"}, "values.baseUrl"),
+        ("easypay", {"baseUrl": "https://169.254.169.254/latest/meta-data"}, "values.baseUrl"),
+        ("easypay", {"baseUrl": "javascript:alert(1)"}, "values.baseUrl"),
+        ("easypay", {"baseUrl": "https://api.easypay.pt:65536/"}, "values.baseUrl"),
+        ("smtp", {"host": "10.0.0.5", "password": "own-password-0001"}, "values.host"),
+        ("smtp", {"host": "mx.attacker.example:25"}, "values.host"),
+        ("smtp", {"port": "99999"}, "values.port"),
+        ("smtp", {"fromAddress": "evil@x.example, Shop <orders@shop.example>"}, "values.fromAddress"),
+    ],
+)
+async def test_hostile_endpoints_and_senders_are_refused_and_change_nothing(
+    svc: Running, provider: str, values: dict[str, str], field: str
+) -> None:
+    org = new_org()
+    error = rich_error(
+        await refused(
+            svc.stub.SaveIntegration(pb.SaveIntegrationRequest(organization_id=org, provider=provider, values=values))
+        )
+    )
+    assert error.code is INVALID
+    assert list(error.violations) == [field]
+    assert all(value not in error.message for value in values.values())
+    assert len(error.message.encode()) <= 600
     config = await svc.stub.GetProviderConfig(pb.GetProviderConfigRequest(organization_id=org, provider=provider))
     assert config.config.etag == "", "a refused save stored nothing"
 

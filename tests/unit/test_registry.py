@@ -15,7 +15,7 @@ from integrations_service.domain.registry import PROVIDERS, Category, find_provi
 SENDER = "Sender address, e.g. 'Shop <orders@shop.example>'"
 EXPECTED_FIELDS = [
     ("stripe", "secretKey", "STRIPE_SECRET_KEY", "Server-side secret key", True, True, False),
-    ("stripe", "webhookSecret", "STRIPE_WEBHOOK_SECRET", "Webhook signing secret", True, True, False),
+    ("stripe", "webhookSecret", "STRIPE_WEBHOOK_SECRET", "Webhook signing secret", True, True, True),
     (
         "stripe",
         "publishableKey",
@@ -28,10 +28,10 @@ EXPECTED_FIELDS = [
     ("easypay", "accountId", "EASYPAY_ACCOUNT_ID", "Easypay account ID", False, True, True),
     ("easypay", "apiKey", "EASYPAY_API_KEY", "API key", True, True, False),
     ("easypay", "baseUrl", "EASYPAY_BASE_URL", "API base URL (prod/sandbox)", False, True, True),
-    ("ifthenpay", "antiPhishingKey", "IFTHENPAY_ANTIPHISHING_KEY", "Anti-phishing key", True, True, False),
-    ("ifthenpay", "mbKey", "IFTHENPAY_MB_KEY", "Multibanco key", True, False, False),
-    ("ifthenpay", "mbwayKey", "IFTHENPAY_MBWAY_KEY", "MB WAY key", True, False, False),
-    ("ifthenpay", "ccKey", "IFTHENPAY_CC_KEY", "Credit card key", True, False, False),
+    ("ifthenpay", "antiPhishingKey", "IFTHENPAY_ANTIPHISHING_KEY", "Anti-phishing key", True, True, True),
+    ("ifthenpay", "mbKey", "IFTHENPAY_MB_KEY", "Multibanco key", True, False, True),
+    ("ifthenpay", "mbwayKey", "IFTHENPAY_MBWAY_KEY", "MB WAY key", True, False, True),
+    ("ifthenpay", "ccKey", "IFTHENPAY_CC_KEY", "Credit card key", True, False, True),
     ("resend", "apiKey", "RESEND_API_KEY", "API key", True, True, False),
     ("resend", "fromAddress", "RESEND_FROM_ADDRESS", SENDER, False, True, True),
     ("smtp", "host", "SMTP_HOST", "SMTP server host name", False, True, True),
@@ -89,9 +89,15 @@ def test_field_lookup(
     assert (key in spec.binding_keys) is binds_secrets
 
 
-def test_a_binding_field_is_never_a_secret() -> None:
-    """The rule withholds secrets once a binding field is stored; a secret that binds would withhold itself."""
-    assert [(p.id, f.key) for p in PROVIDERS for f in p.fields if f.secret and f.binds_secrets] == []
+def test_the_binding_secrets_are_stripes_webhook_secret_and_ifthenpays_keys() -> None:
+    """A stored binding secret withholds the environment's *other* secrets; it is the organization's own."""
+    assert [(p.id, f.key) for p in PROVIDERS for f in p.fields if f.secret and f.binds_secrets] == [
+        ("stripe", "webhookSecret"),
+        ("ifthenpay", "antiPhishingKey"),
+        ("ifthenpay", "mbKey"),
+        ("ifthenpay", "mbwayKey"),
+        ("ifthenpay", "ccKey"),
+    ]
 
 
 def test_env_vars_are_unique_across_the_catalog() -> None:
@@ -135,3 +141,10 @@ def test_registry_matches_the_seed_design_page() -> None:
     assert len(seed) == 10
     ours = [(p, k, e, d) for p, k, e, d, *_ in EXPECTED_FIELDS if p in ("stripe", "easypay", "ifthenpay")]
     assert ours == seed
+
+
+def test_the_endpoint_fields_are_the_base_url_and_the_smtp_host() -> None:
+    """An endpoint names the server itself; every endpoint field also binds the provider's secrets."""
+    endpoints = [(p.id, f.key) for p in PROVIDERS for f in p.fields if f.endpoint]
+    assert endpoints == [("easypay", "baseUrl"), ("smtp", "host")]
+    assert all(f.binds_secrets for p in PROVIDERS for f in p.fields if f.endpoint)

@@ -61,10 +61,11 @@ def test_organization_beats_environment_beats_unset() -> None:
 
 def test_masked_view_masks_organization_and_environment_secrets_alike() -> None:
     assert STRIPE is not None
-    org = {"webhookSecret": "whsec_organization_1234"}
-    values = resolve_values(STRIPE, org, ENV, ConfigView.MASKED)
-    assert values["webhookSecret"].value == "••••••••1234"
-    assert values["secretKey"].value == "••••••••9999"
+    org = {"secretKey": "sk_test_from_organization_1234"}
+    env = ENV | {"STRIPE_WEBHOOK_SECRET": "whsec_from_environment_9999"}
+    values = resolve_values(STRIPE, org, env, ConfigView.MASKED)
+    assert values["secretKey"].value == "••••••••1234"
+    assert values["webhookSecret"].value == "••••••••9999"
     assert values["publishableKey"].value == "pk_test_env"  # not a secret: in clear
 
 
@@ -96,6 +97,8 @@ def test_ready_when_every_required_field_resolves(stored: set[str], env: dict[st
 # A platform default for every field of every provider.
 PLATFORM = {f.env_var: f"platform0{f.env_var.lower()}0value0XYZ9" for p in PROVIDERS for f in p.fields}
 BINDING = [(p, f.key) for p in PROVIDERS for f in p.fields if f.binds_secrets]
+# Account fields: binding, but not the endpoint itself (an endpoint withholds everything, see below).
+ACCOUNT = [(p, key) for p, key in BINDING if key not in p.endpoint_keys]
 ORGANIZATION = ValueSource.ORGANIZATION
 ENVIRONMENT = ValueSource.ENVIRONMENT
 UNSET = ValueSource.UNSET
@@ -109,21 +112,25 @@ def sources(spec: ProviderSpec, stored: dict[str, str]) -> dict[str, ValueSource
     return {key: v.source for key, v in resolve_values(spec, stored, PLATFORM, ConfigView.DECRYPTED).items()}
 
 
-@pytest.mark.parametrize(("spec", "key"), BINDING, ids=[f"{p.id}.{key}" for p, key in BINDING])
+@pytest.mark.parametrize(("spec", "key"), ACCOUNT, ids=[f"{p.id}.{key}" for p, key in ACCOUNT])
 def test_a_stored_binding_field_withholds_every_environment_secret(spec: ProviderSpec, key: str) -> None:
     values = resolve_values(spec, {key: own_value(key)}, PLATFORM, ConfigView.DECRYPTED)
     expected = {f.key: ORGANIZATION if f.key == key else UNSET if f.secret else ENVIRONMENT for f in spec.fields}
     assert {k: v.source for k, v in values.items()} == expected
-    assert not any(v.value for v in values.values() if v.secret)
+    assert not any(v.value for k, v in values.items() if v.secret and k != key)
     assert values[key].value == own_value(key)
-    assert is_ready(spec, frozenset({key}), PLATFORM) is not any(f.secret and f.required for f in spec.fields)
+    # (The fields of Ifthenpay's one-of group are all secrets: only the stored one can satisfy it.)
+    assert is_ready(spec, frozenset({key}), PLATFORM) is (
+        not any(f.secret and f.required and f.key != key for f in spec.fields)
+        and all(key in group for group in spec.ready_needs_one_of)
+    )
 
 
 @pytest.mark.parametrize(("spec", "key"), BINDING, ids=[f"{p.id}.{key}" for p, key in BINDING])
 def test_masked_view_of_a_withheld_secret_is_empty_not_a_mask(spec: ProviderSpec, key: str) -> None:
     values = resolve_values(spec, {key: own_value(key)}, PLATFORM, ConfigView.MASKED)
-    assert [(v.value, v.source) for v in values.values() if v.secret] == [("", UNSET)] * sum(
-        f.secret for f in spec.fields
+    assert [(v.value, v.source) for k, v in values.items() if v.secret and k != key] == [("", UNSET)] * sum(
+        f.secret and f.key != key for f in spec.fields
     )
 
 
@@ -163,18 +170,6 @@ def test_a_stored_binding_value_equal_to_the_environment_still_counts() -> None:
     assert easypay is not None
     assert sources(easypay, {"baseUrl": PLATFORM["EASYPAY_BASE_URL"]})["apiKey"] is UNSET
     assert not is_ready(easypay, frozenset({"baseUrl"}), PLATFORM)
-
-
-def test_ifthenpay_has_no_binding_field_so_each_key_falls_back_alone() -> None:
-    ifthenpay = find_provider("ifthenpay")
-    assert ifthenpay is not None
-    assert ifthenpay.binding_keys == frozenset()
-    assert sources(ifthenpay, {"antiPhishingKey": own_value("antiPhishingKey")}) == {
-        "antiPhishingKey": ORGANIZATION,
-        "mbKey": ENVIRONMENT,
-        "mbwayKey": ENVIRONMENT,
-        "ccKey": ENVIRONMENT,
-    }
 
 
 # --- every provider of the registry, field by field ----------------------------------------------------
@@ -226,7 +221,10 @@ def test_a_provider_is_not_ready_while_one_required_field_resolves_to_nothing(sp
 
 @pytest.mark.parametrize(("spec", "key"), OPTIONAL, ids=field_ids(OPTIONAL))
 def test_an_optional_field_is_not_needed_to_be_ready(spec: ProviderSpec, key: str) -> None:
-    required = frozenset(f.key for f in spec.fields if f.required)
+    # One other field of each one-of group (Ifthenpay: another payment method's key).
+    required = frozenset(f.key for f in spec.fields if f.required) | {
+        min(group - {key}) for group in spec.ready_needs_one_of
+    }
     assert is_ready(spec, required, {})
     assert resolve_values(spec, {k: own_value(k) for k in required}, {}, ConfigView.DECRYPTED)[key].source is UNSET
 
@@ -241,3 +239,86 @@ def test_a_stored_key_outside_the_registry_is_never_answered(spec: ProviderSpec)
     values = resolve_values(spec, {"notAField": "planted"}, {}, ConfigView.DECRYPTED)
     assert "notAField" not in values
     assert "planted" not in [v.value for v in values.values()]
+
+
+# --- an organization's own endpoint gets nothing at all from the environment ---------------------------
+
+# The fields that name a server the provider's credentials are sent to (an account field only names an account).
+ENDPOINTS = [("easypay", "baseUrl"), ("smtp", "host")]
+
+
+def spec_of(provider: str) -> ProviderSpec:
+    spec = find_provider(provider)
+    assert spec is not None
+    return spec
+
+
+@pytest.mark.parametrize(("provider", "key"), ENDPOINTS, ids=[f"{p}.{k}" for p, k in ENDPOINTS])
+def test_a_stored_endpoint_gets_no_environment_value_at_all(provider: str, key: str) -> None:
+    """Not the platform's account id, user name or sender address either: each would be sent to that server."""
+    spec = spec_of(provider)
+    values = resolve_values(spec, {key: own_value(key)}, PLATFORM, ConfigView.DECRYPTED)
+    assert {k: v.source for k, v in values.items()} == {
+        f.key: ORGANIZATION if f.key == key else UNSET for f in spec.fields
+    }
+    assert [v.value for k, v in values.items() if k != key] == [""] * (len(spec.fields) - 1)
+    assert not is_ready(spec, frozenset({key}), PLATFORM)
+
+
+def test_an_organization_smtp_server_with_its_own_password_still_gets_no_platform_account() -> None:
+    smtp = spec_of("smtp")
+    stored = {"host": "smtp.shop.example", "password": own_value("password")}
+    assert sources(smtp, stored) == {
+        "host": ORGANIZATION,
+        "port": UNSET,
+        "username": UNSET,
+        "password": ORGANIZATION,
+        "fromAddress": UNSET,
+    }
+    assert not is_ready(smtp, frozenset(stored), PLATFORM)
+    complete = stored | {"port": "2525", "fromAddress": "Shop <mail@shop.example>"}
+    assert is_ready(smtp, frozenset(complete), PLATFORM)
+
+
+def test_an_organization_account_on_the_platform_endpoint_keeps_the_endpoint() -> None:
+    """The other direction: the organization's account (and own secret) may use the platform's server."""
+    easypay = spec_of("easypay")
+    assert sources(easypay, {"accountId": own_value("accountId")}) == {
+        "accountId": ORGANIZATION,
+        "apiKey": UNSET,
+        "baseUrl": ENVIRONMENT,
+    }
+
+
+# --- a secret that authenticates the provider's notifications belongs to the account they are about ----
+
+
+def test_an_own_stripe_webhook_secret_never_verifies_events_for_the_platform_account() -> None:
+    """With the platform's secretKey, the organization's whsec would let it sign forged payment events itself."""
+    stripe = spec_of("stripe")
+    assert sources(stripe, {"webhookSecret": own_value("webhookSecret")}) == {
+        "secretKey": UNSET,
+        "webhookSecret": ORGANIZATION,
+        "publishableKey": ENVIRONMENT,
+    }
+    assert not is_ready(stripe, frozenset({"webhookSecret"}), PLATFORM)
+
+
+@pytest.mark.parametrize("key", ["antiPhishingKey", "mbKey", "mbwayKey", "ccKey"])
+def test_ifthenpay_keys_never_mix_with_the_platform_ones(key: str) -> None:
+    """The anti-phishing key authenticates the callbacks about payments to the entities of the other keys."""
+    ifthenpay = spec_of("ifthenpay")
+    assert sources(ifthenpay, {key: own_value(key)}) == {
+        f.key: ORGANIZATION if f.key == key else UNSET for f in ifthenpay.fields
+    }
+
+
+def test_ifthenpay_is_ready_only_with_a_payment_method_key() -> None:
+    """The anti-phishing key alone takes no payment: one of Multibanco, MB WAY or card must resolve too."""
+    ifthenpay = spec_of("ifthenpay")
+    assert not is_ready(ifthenpay, frozenset({"antiPhishingKey"}), PLATFORM)
+    assert not is_ready(ifthenpay, frozenset(), {"IFTHENPAY_ANTIPHISHING_KEY": "k"})
+    for method in ("mbKey", "mbwayKey", "ccKey"):
+        assert is_ready(ifthenpay, frozenset({"antiPhishingKey", method}), {})
+        env_var = f"IFTHENPAY_{method.removesuffix('Key').upper()}_KEY"
+        assert is_ready(ifthenpay, frozenset(), {"IFTHENPAY_ANTIPHISHING_KEY": "k", env_var: "m"})

@@ -199,3 +199,90 @@ def test_an_unknown_field_key_is_echoed_bounded_and_escaped() -> None:
         assert len(violation.field) + len(violation.description) < 400
         assert "\n" not in violation.field + violation.description
         assert "evil\\x0a" in violation.description
+
+
+# --- endpoint, host, port and sender fields of a hostile caller ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("provider", "key", "value"),
+    [
+        ("easypay", "baseUrl", "https://api.prod.easypay.pt/2.0"),
+        ("easypay", "baseUrl", "https://api.test.easypay.pt:8443/2.0/"),
+        ("smtp", "host", "smtp.example.com"),
+        ("smtp", "host", "Mail-1.Shop.example"),
+        ("smtp", "host", "xn--bcher-kva.example"),
+        ("smtp", "fromAddress", '"Shop, Inc." <orders@shop.example>'),
+        ("smtp", "fromAddress", "Loja São João <encomendas@loja.pt>"),
+        ("smtp", "fromAddress", "O'Brien Shop <o.brien+orders@shop.example>"),
+        ("resend", "fromAddress", "Shop Inc. <orders@mail.shop.example>"),
+    ],
+)
+def test_well_formed_endpoints_hosts_and_senders_pass(provider: str, key: str, value: str) -> None:
+    spec = find_provider(provider)
+    assert spec is not None
+    validation.check_changes(spec, {key: value}, [])
+
+
+@pytest.mark.parametrize(
+    ("provider", "key", "value", "says"),
+    [
+        # An https URL that sends credentials elsewhere than its host suggests, or into the platform's network.
+        ("easypay", "baseUrl", "https://user:pass@api.easypay.pt/2.0", "user name or password"),
+        ("easypay", "baseUrl", "https://api.easypay.pt@attacker.example/", "user name or password"),
+        ("easypay", "baseUrl", "https://api.easypay.pt\\@attacker.example/", "user name or password"),
+        ("easypay", "baseUrl", "https://api.easypay.pt:99999/", "port"),
+        ("easypay", "baseUrl", "https://api.easypay.pt:0/", "port"),
+        ("easypay", "baseUrl", "https://api.easypay.pt:x/", "port"),
+        ("easypay", "baseUrl", "javascript:alert(1)//https://x", "https"),
+        ("easypay", "baseUrl", "https:///api.easypay.pt", "https"),
+        ("easypay", "baseUrl", "https://127.0.0.1/2.0", "IP address"),
+        ("easypay", "baseUrl", "https://[::1]/2.0", "IP address"),
+        ("easypay", "baseUrl", "https://169.254.169.254/latest", "IP address"),
+        ("easypay", "baseUrl", "https://2130706433/", "host name"),
+        ("easypay", "baseUrl", "https://localhost/2.0", "host name"),
+        ("easypay", "baseUrl", "https://metadata.internal/", "host name"),
+        ("easypay", "baseUrl", "https://api easypay.pt/", "space"),
+        ("easypay", "baseUrl", "https://api.easypay.pt/2.0?key=x", "query"),
+        ("easypay", "baseUrl", "https://api.easypay.pt/2.0#x", "query"),
+        ("easypay", "baseUrl", "https://api.easypay.pt/2 0", "space"),
+        # An SMTP host is a DNS name: no port, scheme, IP address or path.
+        ("smtp", "host", "mx.attacker.example:25", "host name"),
+        ("smtp", "host", "smtp://mx.example", "host name"),
+        ("smtp", "host", "10.0.0.1", "IP address"),
+        ("smtp", "host", "[::1]", "host name"),
+        ("smtp", "host", "localhost", "host name"),
+        ("smtp", "host", "mail.localhost", "host name"),
+        ("smtp", "host", "mx example.com", "host name"),
+        ("smtp", "host", "-mx.example.com", "host name"),
+        ("smtp", "host", "mx..example.com", "host name"),
+        ("smtp", "host", "a" * 64 + ".example", "host name"),
+        ("smtp", "host", "smtp.bücher.example", "host name"),
+        ("smtp", "port", "0587", "1 to 65535"),
+        # One sender: no second address, group or list hidden in the display name or the address.
+        ("smtp", "fromAddress", "evil@x.example, Shop <orders@shop.example>", "e-mail address"),
+        ("smtp", "fromAddress", "orders@shop.example,victim@x.example", "e-mail address"),
+        ("smtp", "fromAddress", "a@shop.example,d", "e-mail address"),
+        ("resend", "fromAddress", "undisclosed:; <orders@shop.example>", "e-mail address"),
+        ("resend", "fromAddress", 'Shop" <x@y.example>, "a <orders@shop.example>', "e-mail address"),
+        ("resend", "fromAddress", "Shop <orders@127.0.0.1>", "e-mail address"),
+        ("resend", "fromAddress", "Shop <orders@shop..example>", "e-mail address"),
+        ("resend", "fromAddress", "Shop <(comment)orders@shop.example>", "e-mail address"),
+        ("resend", "fromAddress", "Shop \u202egro.etis\u202c <orders@shop.example>", "bidirectional"),
+    ],
+)
+def test_hostile_endpoints_hosts_and_senders_are_refused_naming_the_field(
+    provider: str, key: str, value: str, says: str
+) -> None:
+    [violation] = violations_of(provider, {key: value})
+    assert violation.field == f"values.{key}"
+    assert says in violation.description
+    assert value not in violation.description
+
+
+@pytest.mark.parametrize("control", ["\x85", "\x9b", "\x80", "\u2028", "\u2029"])
+def test_c1_controls_and_unicode_line_separators_are_refused_like_c0(control: str) -> None:
+    """NEL and U+2028/U+2029 break lines for str.splitlines() and many parsers; C1 CSI starts terminal escapes."""
+    (violation,) = violations_of("smtp", {"fromAddress": f"Shop{control}Bcc: x <orders@shop.example>"})
+    assert violation.field == "values.fromAddress"
+    assert f"U+{ord(control):04X}" in violation.description

@@ -9,7 +9,9 @@ description, or None when the value is fine.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -35,7 +37,17 @@ class FieldSpec:
     user name, sender address, publishable key or measurement id). Once an
     organization stores such a field, the provider's secrets never come from
     the environment for it (see resolution.py): otherwise a dashboard save of
-    only `baseUrl` would pair the platform's API key with that URL.
+    only `baseUrl` would pair the platform's API key with that URL. A secret
+    binds too when it authenticates what the provider sends *to* the platform
+    about one account (Stripe's webhook signing secret, Ifthenpay's
+    anti-phishing key) or is itself the account (Ifthenpay's entity keys): an
+    organization's own webhook secret next to the platform's Stripe key would
+    let it sign forged payment events about the platform's account.
+
+    `endpoint` marks, among those, a field that names the server itself (a base
+    URL, an SMTP host). Once an organization stores one, *no* field of the
+    provider comes from the environment for it: the platform's account id,
+    user name or sender address would be sent to that server too.
     """
 
     key: str
@@ -45,6 +57,11 @@ class FieldSpec:
     required: bool
     check: FormatCheck | None = None
     binds_secrets: bool = False
+    endpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if self.endpoint and not self.binds_secrets:
+            raise ValueError(f"{self.key}: an endpoint field binds the provider's secrets")
 
 
 @dataclass(frozen=True)
@@ -55,16 +72,21 @@ class ProviderSpec:
     runtime_supported: bool
     fields: tuple[FieldSpec, ...]
     cross_checks: tuple[CrossCheck, ...] = ()
+    # Groups of optional fields of which at least one must resolve for the provider to be ready
+    # (Ifthenpay takes no payment without a payment method's key).
+    ready_needs_one_of: tuple[frozenset[str], ...] = ()
     # Derived from `fields` once, with the spec: every read asks for them.
     _by_key: dict[str, FieldSpec] = field(init=False, repr=False, compare=False)
     # The provider's field keys: only these are ever decrypted.
     field_keys: frozenset[str] = field(init=False, repr=False, compare=False)
     binding_keys: frozenset[str] = field(init=False, repr=False, compare=False)
+    endpoint_keys: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_key", {f.key: f for f in self.fields})
         object.__setattr__(self, "field_keys", frozenset(self._by_key))
         object.__setattr__(self, "binding_keys", frozenset(f.key for f in self.fields if f.binds_secrets))
+        object.__setattr__(self, "endpoint_keys", frozenset(f.key for f in self.fields if f.endpoint))
 
     def field(self, key: str) -> FieldSpec | None:
         return self._by_key.get(key)
@@ -83,25 +105,86 @@ def _prefix(*prefixes: str) -> FormatCheck:
     return check
 
 
+# A DNS host name in ASCII (an IDN as its xn-- form): labels of letters, digits and inner hyphens, at least two,
+# the last not all digits (so no IPv4 address in any spelling: 127.0.0.1, 2130706433, 0x7f.1).
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
+_MAX_HOST_NAME = 253
+# Names that only ever mean the platform's own machine or network (RFC 6761, 6762, 8375; ICANN's .internal).
+_LOCAL_SUFFIXES = ("localhost", "local", "internal", "localdomain", "home.arpa", "arpa")
+
+
+def _host_name_problem(host: str) -> str | None:
+    if not host.isascii() or len(host) > _MAX_HOST_NAME or not _HOST_NAME.fullmatch(host):
+        if _is_ip_address(host):
+            return "must be a host name, not an IP address"
+        return "must be a DNS host name (letters, digits, hyphens and dots; an IDN as xn--), without port or scheme"
+    top = host.rsplit(".", 1)[-1]
+    if top.isdigit() or (top.lower().startswith("0x") and all(c in "0123456789abcdefABCDEF" for c in top[2:])):
+        return "must be a host name, not an IP address"
+    lowered = host.lower()
+    if any(lowered == suffix or lowered.endswith("." + suffix) for suffix in _LOCAL_SUFFIXES):
+        return "must be a public DNS host name, not a local or internal one"
+    return None
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _host(value: str) -> str | None:
+    return _host_name_problem(value)
+
+
 def _https_url(value: str) -> str | None:
+    """An https:// URL whose host is a public DNS name: no user info, query, fragment, space or odd port."""
+    if any(c.isspace() for c in value):
+        return "must be an https:// URL without spaces"
     parts = urlsplit(value)
-    if parts.scheme == "https" and parts.hostname:
-        return None
-    return "must be an https:// URL"
+    if parts.scheme != "https" or not parts.netloc:
+        return "must be an https:// URL"
+    if "@" in parts.netloc:
+        # https://api.easypay.pt@attacker.example/ sends to attacker.example.
+        return "must be an https:// URL without a user name or password"
+    if parts.query or parts.fragment or "?" in value or "#" in value:
+        return "must be an https:// URL without a query or fragment"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or parts.netloc.endswith(":"):
+        return "must be an https:// URL with a port from 1 to 65535, if any"
+    host = parts.netloc.rsplit(":", 1)[0] if parts.port is not None else parts.netloc
+    if host.startswith("[") or _is_ip_address(host):
+        return "must be an https:// URL naming a host name, not an IP address"
+    if problem := _host_name_problem(host):
+        return problem.replace("must be", "must be an https:// URL whose host is", 1)
+    return None
 
 
 def _port(value: str) -> str | None:
-    if value.isascii() and value.isdigit() and 1 <= int(value) <= 65535:
+    if value.isascii() and value.isdigit() and not value.startswith("0") and int(value) <= 65535:
         return None
     return "must be a port number from 1 to 65535"
 
 
-_ADDRESS = r"[^@\s<>]+@[^@\s<>]+\.[^@\s<>]+"
-_SENDER = re.compile(rf"{_ADDRESS}|[^<>]*<{_ADDRESS}>")
+# One mailbox: an ASCII dot-atom local part at a DNS host name; the display name, if any, is a phrase without
+# RFC 5322 specials (so no second address, group or comment can hide in it) or a quoted string.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ADDRESS = rf"(?P<local>{_ATOM}(?:\.{_ATOM})*)@(?P<domain>{_LABEL}(?:\.{_LABEL})+)"
+_SENDER = re.compile(rf'{_ADDRESS}|(?:"[^"\\]*"|[^()<>\[\]:;@\\,"]*?)\s*<{_ADDRESS.replace("?P<", "?P<n_")}>')
 
 
 def _sender(value: str) -> str | None:
-    if _SENDER.fullmatch(value):
+    if any(unicodedata.category(char) == "Cf" for char in value):
+        # Bidi overrides and invisible characters make a mail client show another sender than the one sent.
+        return "must not contain invisible or bidirectional formatting characters"
+    match = _SENDER.fullmatch(value)
+    if match and not _host_name_problem(match["domain"] or match["n_domain"]):
         return None
     return "must be an e-mail address, optionally as 'Name <address>'"
 
@@ -152,6 +235,7 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
                 secret=True,
                 required=True,
                 check=_prefix("whsec_"),
+                binds_secrets=True,
             ),
             FieldSpec(
                 "publishableKey",
@@ -183,6 +267,7 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
                 required=True,
                 check=_https_url,
                 binds_secrets=True,
+                endpoint=True,
             ),
         ),
     ),
@@ -192,11 +277,19 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
         category=Category.PAYMENTS,
         runtime_supported=True,
         fields=(
-            FieldSpec("antiPhishingKey", "IFTHENPAY_ANTIPHISHING_KEY", "Anti-phishing key", secret=True, required=True),
-            FieldSpec("mbKey", "IFTHENPAY_MB_KEY", "Multibanco key", secret=True, required=False),
-            FieldSpec("mbwayKey", "IFTHENPAY_MBWAY_KEY", "MB WAY key", secret=True, required=False),
-            FieldSpec("ccKey", "IFTHENPAY_CC_KEY", "Credit card key", secret=True, required=False),
+            FieldSpec(
+                "antiPhishingKey",
+                "IFTHENPAY_ANTIPHISHING_KEY",
+                "Anti-phishing key",
+                secret=True,
+                required=True,
+                binds_secrets=True,
+            ),
+            FieldSpec("mbKey", "IFTHENPAY_MB_KEY", "Multibanco key", secret=True, required=False, binds_secrets=True),
+            FieldSpec("mbwayKey", "IFTHENPAY_MBWAY_KEY", "MB WAY key", secret=True, required=False, binds_secrets=True),
+            FieldSpec("ccKey", "IFTHENPAY_CC_KEY", "Credit card key", secret=True, required=False, binds_secrets=True),
         ),
+        ready_needs_one_of=(frozenset({"mbKey", "mbwayKey", "ccKey"}),),
     ),
     ProviderSpec(
         id="resend",
@@ -222,7 +315,16 @@ PROVIDERS: tuple[ProviderSpec, ...] = (
         category=Category.NOTIFICATIONS,
         runtime_supported=False,
         fields=(
-            FieldSpec("host", "SMTP_HOST", "SMTP server host name", secret=False, required=True, binds_secrets=True),
+            FieldSpec(
+                "host",
+                "SMTP_HOST",
+                "SMTP server host name",
+                secret=False,
+                required=True,
+                check=_host,
+                binds_secrets=True,
+                endpoint=True,
+            ),
             FieldSpec(
                 "port", "SMTP_PORT", "SMTP server port", secret=False, required=True, check=_port, binds_secrets=True
             ),

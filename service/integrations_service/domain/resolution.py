@@ -1,18 +1,26 @@
 """The effective config: each field from the organization, else the environment, else unset.
 
-One exception: once an organization has stored a field that binds the
-provider's secrets to an endpoint or account (`FieldSpec.binds_secrets`), none
-of that provider's secrets comes from the environment for it. The field-by-field
-fallback would otherwise hand the platform's API key or SMTP password to
-whatever endpoint the organization names. The other direction stays open: an
-organization's own secret may go to the platform's configured endpoint or
-account, and non-secret fields always fall back.
+Two exceptions, so that nothing of the platform's is ever sent to a server the
+organization chose:
+
+- once an organization has stored a field that binds the provider's secrets to
+  an endpoint or account (`FieldSpec.binds_secrets`), none of that provider's
+  secrets comes from the environment for it. The field-by-field fallback would
+  otherwise hand the platform's API key or SMTP password to whatever endpoint
+  the organization names;
+- once it has stored the endpoint itself (`FieldSpec.endpoint`: Easypay's
+  `baseUrl`, the SMTP `host`), no field at all comes from the environment: the
+  platform's account id, SMTP user name and sender address would go to that
+  server too. The organization supplies the whole configuration, or it is unset.
+
+The other direction stays open: an organization's own secret or account may go
+to the platform's configured endpoint.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -52,8 +60,16 @@ def secrets_inherited(spec: ProviderSpec, stored_keys: Collection[str]) -> bool:
     return spec.binding_keys.isdisjoint(stored_keys)
 
 
-def _fallback(field: FieldSpec, environment: Mapping[str, str], inherit_secrets: bool) -> str:
-    if field.secret and not inherit_secrets:
+def _inherit(spec: ProviderSpec, holds_value: Callable[[str], bool]) -> tuple[bool, bool]:
+    """(whether any field, whether the secrets) may come from the environment, given which keys hold a value."""
+    if any(holds_value(key) for key in spec.endpoint_keys):
+        return False, False
+    return True, not any(holds_value(key) for key in spec.binding_keys)
+
+
+def _fallback(field: FieldSpec, environment: Mapping[str, str], inherit: tuple[bool, bool]) -> str:
+    inherit_any, inherit_secrets = inherit
+    if not inherit_any or (field.secret and not inherit_secrets):
         return ""
     return environment.get(field.env_var, "")
 
@@ -65,14 +81,14 @@ def resolve_values(
     view: ConfigView,
 ) -> dict[str, EffectiveValue]:
     """Every field of the provider, in registry order, shown as `view` asks."""
-    # `secrets_inherited` of the keys that hold a value, asked of the few binding keys only.
-    inherit_secrets = not any(organization_values.get(key) for key in spec.binding_keys)
+    # Asked of the few endpoint and binding keys only.
+    inherit = _inherit(spec, lambda key: bool(organization_values.get(key)))
     mask = view is ConfigView.MASKED
     resolved: dict[str, EffectiveValue] = {}
     for field in spec.fields:
         if value := organization_values.get(field.key, ""):
             source = ValueSource.ORGANIZATION
-        elif value := _fallback(field, environment, inherit_secrets):
+        elif value := _fallback(field, environment, inherit):
             source = ValueSource.ENVIRONMENT
         else:
             source = ValueSource.UNSET
@@ -83,10 +99,14 @@ def resolve_values(
 
 
 def is_ready(spec: ProviderSpec, stored_keys: frozenset[str], environment: Mapping[str, str]) -> bool:
-    """Every required field resolves, under the same rule. Needs only which keys are stored, not their values."""
-    inherit_secrets = secrets_inherited(spec, stored_keys)
-    return all(
-        field.key in stored_keys or bool(_fallback(field, environment, inherit_secrets))
-        for field in spec.fields
-        if field.required
+    """Every required field resolves, and one field of each `ready_needs_one_of` group, under the same rule.
+
+    Needs only which keys are stored, not their values."""
+    inherit = _inherit(spec, stored_keys.__contains__)
+
+    def resolves(field: FieldSpec) -> bool:
+        return field.key in stored_keys or bool(_fallback(field, environment, inherit))
+
+    return all(resolves(field) for field in spec.fields if field.required) and all(
+        any(resolves(field) for field in spec.fields if field.key in group) for group in spec.ready_needs_one_of
     )

@@ -133,8 +133,11 @@ def _value_violation(spec: ProviderSpec, key: str, value: str) -> FieldViolation
 
 
 def _control_character(value: str) -> str | None:
-    """The first C0 control character or DEL in `value` (CR, LF, NUL, TAB, ESC, ...), if any."""
-    return next((char for char in value if char < " " or char == "\x7f"), None)
+    """The first control character in `value`, if any: C0 (CR, LF, NUL, TAB, ESC, ...), DEL, C1 (NEL, CSI, ...)
+    or the Unicode line and paragraph separators (U+2028, U+2029), which break lines for many parsers too."""
+    if value.isascii():
+        return next((char for char in value if char < " " or char == "\x7f"), None)
+    return next((char for char in value if char < " " or "\x7f" <= char <= "\x9f" or char in "\u2028\u2029"), None)
 
 
 def _unknown_field(spec: ProviderSpec, key: str) -> str:

@@ -165,7 +165,9 @@ class Provider(_message.Message):
     """Only with an organization id in the request: every required field
     resolves, from the organization or from the environment (a secret
     resolves from the environment only while the organization has stored no
-    field marked ProviderField.binds_secrets).
+    field marked ProviderField.binds_secrets, and no field at all once it
+    stored the endpoint: Easypay baseUrl, SMTP host); for Ifthenpay, also
+    one payment method's key (mbKey, mbwayKey or ccKey).
     """
     @_builtins.property
     def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProviderField]:
@@ -215,12 +217,15 @@ class ProviderField(_message.Message):
     binds_secrets: _builtins.bool
     """True when the field decides where the provider's secrets are sent or
     which account they belong to: an endpoint, host, port, account id, user
-    name, sender address, publishable key or measurement id. Never true for a
-    secret. Once an organization has stored any such field of a provider, none
-    of that provider's secret fields falls back to the environment for that
-    organization: each comes from the organization or is unset
-    (VALUE_SOURCE_UNSET), so a platform default secret is never paired with
-    an organization's endpoint or account. Non-secret fields still fall back.
+    name, sender address, publishable key or measurement id; or a secret that
+    authenticates the provider's notifications about one account (Stripe's
+    webhookSecret, Ifthenpay's keys). Once an organization has stored any
+    such field of a provider, none of that provider's other secret fields
+    falls back to the environment for that organization: each comes from the
+    organization or is unset (VALUE_SOURCE_UNSET), so a platform default
+    secret is never paired with an organization's endpoint or account.
+    Non-secret fields still fall back, except once the organization stored
+    the endpoint itself (Easypay baseUrl, SMTP host): then none does.
     """
     def __init__(
         self,
