@@ -186,6 +186,44 @@ async def test_clearing_the_endpoint_field_brings_the_platform_secret_back(svc: 
     assert (await decrypted(svc, org, "smtp"))["password"] == (PLATFORM["SMTP_PASSWORD"], ENV)
 
 
+MASK = "••••••••"
+
+
+async def masked(
+    svc: Running, org: str, provider: str, view: pb.ConfigView.ValueType = pb.CONFIG_VIEW_MASKED
+) -> pb.ProviderConfig:
+    request = pb.GetProviderConfigRequest(organization_id=org, provider=provider, view=view)
+    return (await svc.stub.GetProviderConfig(request)).config
+
+
+async def test_the_masked_view_shows_nothing_of_a_platform_secret(svc: Running) -> None:
+    """Every tenant's dashboard reads the masked view: the platform's secret shows as the fixed-width mask alone,
+    never its last 4 characters; the organization's own secret keeps its last 4. The save's answer says the same."""
+    org = new_org()
+    own = "sk_live_SHOP0own0secret0key0HIJ234"
+    saved = await save(svc, org, "stripe", {"secretKey": own})
+    expected = {
+        "secretKey": (MASK + "J234", ORG),
+        "webhookSecret": (MASK, ENV),
+        "publishableKey": (PLATFORM["NEXT_PUBLIC_STRIPE_PUBLISHABLE_KEY"], ENV),  # not a secret: in clear
+    }
+    for config in (
+        saved,
+        await masked(svc, org, "stripe"),
+        await masked(svc, org, "stripe", pb.CONFIG_VIEW_UNSPECIFIED),
+    ):
+        assert values_of(config) == expected
+    # The commerce service still receives the platform's secret.
+    assert (await decrypted(svc, org, "stripe"))["webhookSecret"] == (PLATFORM["STRIPE_WEBHOOK_SECRET"], ENV)
+
+
+async def test_with_nothing_stored_every_platform_secret_is_the_mask_alone_and_the_rest_in_clear(svc: Running) -> None:
+    org = new_org()
+    for provider, fields in (await catalog(svc)).items():
+        expected = {f.key: (MASK if f.secret else PLATFORM[f.env_var], ENV) for f in fields}
+        assert values_of(await masked(svc, org, provider)) == expected, provider
+
+
 async def test_list_providers_marks_the_endpoint_and_account_fields(svc: Running) -> None:
     reply = await svc.stub.ListProviders(pb.ListProvidersRequest())
     marked = {p.id: [f.key for f in p.fields if f.binds_secrets] for p in reply.providers}

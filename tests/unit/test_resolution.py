@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from integrations_service.domain.masking import mask_secret
+from integrations_service.domain.masking import MASK, mask_secret
 from integrations_service.domain.registry import PROVIDERS, ProviderSpec, find_provider
 from integrations_service.domain.resolution import (
     ConfigView,
@@ -37,6 +37,12 @@ def test_mask_hides_the_length() -> None:
     assert len(mask_secret("a" * 12)) == len(mask_secret("a" * 400))
 
 
+@pytest.mark.parametrize("secret", ["short", "twelve_chars", "sk_live_51H8xyzABCDEFGHIJ4242"])
+def test_mask_without_tail_is_the_fixed_width_mask_alone(secret: str) -> None:
+    assert mask_secret(secret, show_tail=False) == MASK == "••••••••"
+    assert mask_secret("", show_tail=False) == ""
+
+
 ENV = {
     "STRIPE_SECRET_KEY": "sk_test_from_environment_9999",
     "NEXT_PUBLIC_STRIPE_PUBLISHABLE_KEY": "pk_test_env",
@@ -59,14 +65,16 @@ def test_organization_beats_environment_beats_unset() -> None:
     assert [v.secret for v in values.values()] == [True, True, False]
 
 
-def test_masked_view_masks_organization_and_environment_secrets_alike() -> None:
+def test_masked_view_shows_nothing_of_an_environment_secret() -> None:
+    """The organization's own secret keeps its last 4; the platform's, seen by every tenant, shows none."""
     assert STRIPE is not None
     org = {"secretKey": "sk_test_from_organization_1234"}
     env = ENV | {"STRIPE_WEBHOOK_SECRET": "whsec_from_environment_9999"}
     values = resolve_values(STRIPE, org, env, ConfigView.MASKED)
-    assert values["secretKey"].value == "••••••••1234"
-    assert values["webhookSecret"].value == "••••••••9999"
-    assert values["publishableKey"].value == "pk_test_env"  # not a secret: in clear
+    assert (values["secretKey"].value, values["secretKey"].source) == ("••••••••1234", ValueSource.ORGANIZATION)
+    assert (values["webhookSecret"].value, values["webhookSecret"].source) == ("••••••••", ValueSource.ENVIRONMENT)
+    # Not a secret: in clear, from the environment too.
+    assert (values["publishableKey"].value, values["publishableKey"].source) == ("pk_test_env", ValueSource.ENVIRONMENT)
 
 
 @pytest.mark.parametrize(
@@ -206,7 +214,8 @@ def test_the_masked_view_hides_every_secret_and_shows_every_other_field(
     assert decrypted.value == clear
     assert masked.source == decrypted.source == (ORGANIZATION if from_organization else ENVIRONMENT)
     if field.secret:
-        assert masked.value == mask_secret(clear)
+        # The organization's own secret: at most its last 4. The platform's: the fixed-width mask alone.
+        assert masked.value == (mask_secret(clear) if from_organization else MASK)
         assert clear[:-4] not in masked.value
     else:
         assert masked.value == clear

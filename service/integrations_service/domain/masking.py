@@ -10,10 +10,13 @@ VISIBLE_TAIL = 4
 MIN_LENGTH_FOR_TAIL = 12
 
 
-def mask_secret(value: str) -> str:
-    """At most the last 4 characters, none when the secret is under 12 characters."""
+def mask_secret(value: str, *, show_tail: bool = True) -> str:
+    """At most the last 4 characters, none when the secret is under 12 characters or `show_tail` is false.
+
+    `show_tail=False` is for the platform's secrets (the environment's), which every tenant's masked view
+    would show: a tenant learns nothing of them, not even their last 4 characters."""
     if not value:
         return ""
-    if len(value) < MIN_LENGTH_FOR_TAIL:
+    if not show_tail or len(value) < MIN_LENGTH_FOR_TAIL:
         return MASK
     return MASK + value[-VISIBLE_TAIL:]

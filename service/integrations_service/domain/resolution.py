@@ -15,6 +15,9 @@ organization chose:
 
 The other direction stays open: an organization's own secret or account may go
 to the platform's configured endpoint.
+
+The masked view shows the organization's own secrets as the mask and their
+last 4 characters, the environment's (the platform's) as the mask alone.
 """
 
 from __future__ import annotations
@@ -93,7 +96,9 @@ def resolve_values(
         else:
             source = ValueSource.UNSET
         if field.secret and mask:
-            value = mask_secret(value)
+            # The last 4 characters only of the organization's own secret: the environment's is the platform's,
+            # the same for every tenant, and none of them has any business learning part of it.
+            value = mask_secret(value, show_tail=source is ValueSource.ORGANIZATION)
         resolved[field.key] = EffectiveValue(value, source, field.secret)
     return resolved
 
