@@ -138,7 +138,10 @@ export class IntegrationsClient {
     return reply.providers.map(plainProvider);
   }
 
-  /** The effective configuration with secrets masked ("••••••••4242"), and the etag to send back. */
+  /**
+   * The effective configuration with secrets masked (the organization's own "••••••••4242", the environment's
+   * "••••••••" alone), and the etag to send back.
+   */
   async getConfig(organizationId: string, provider: string, options: CallOptions = {}): Promise<ProviderConfig> {
     return this.getProviderConfig(organizationId, provider, pb.ConfigView.MASKED, options);
   }

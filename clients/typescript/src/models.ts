@@ -36,7 +36,10 @@ export interface Provider {
 }
 
 export interface ConfigValue {
-  /** Clear text, masked text ("••••••••4242") for secrets in the masked view, or "" when unset. */
+  /**
+   * Clear text, or for secrets in the masked view masked text: "••••••••4242" for the organization's own,
+   * "••••••••" alone for the environment's (the platform's); "" when unset.
+   */
   value: string;
   source: ValueSource;
   secret: boolean;

@@ -101,6 +101,9 @@ describe("plaintext service", skipUnless(PLAIN_TARGET, "ITS_PLAIN_TARGET"), () =
     const masked = await client.getConfig(org, "stripe");
     assert.equal(masked.values["webhookSecret"]?.source, "environment");
     assert.ok(!JSON.stringify(masked).includes(WEBHOOK_DEFAULT), "an environment secret is masked too");
+    // The platform's secret: the mask alone, not even its last 4 characters; the organization's keeps them.
+    assert.deepEqual(masked.values["webhookSecret"], { value: "••••••••", source: "environment", secret: true });
+    assert.equal(masked.values["secretKey"]?.value, MASKED_SK);
     const clear = await client.getDecryptedConfig(org, "stripe");
     assertJsonSafe(clear);
     assert.equal(clear.values["secretKey"]?.value, SK);

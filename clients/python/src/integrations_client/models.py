@@ -163,7 +163,9 @@ class ProviderCredentials:
 class ConfigValue:
     """One field of a masked configuration: the displayable value, its source, and whether it is secret."""
 
-    value: str  # clear text for non-secret fields, "••••••••4242"-style for secrets, "" when unset
+    # Clear text for non-secret fields; for secrets "••••••••4242"-style (the organization's own) or "••••••••"
+    # alone (the environment's, the platform's); "" when unset.
+    value: str
     source: ValueSource
     secret: bool
 
@@ -186,9 +188,12 @@ class ProviderConfig:
 class ProviderField:
     """One configurable field of a provider.
 
-    `binds_secrets`: the field decides where the provider's secrets go or which account they belong to
-    (endpoint, host, account id, sender address, ...). Once an organization stores one, the provider's
-    secrets no longer fall back to the environment for it: they are the organization's or unset.
+    `binds_secrets`: the field decides where the provider's credentials are sent or which account they
+    belong to (endpoint, host, port, account id, user name, sender address), or is a secret that
+    authenticates what the provider sends about one account (Stripe's `webhookSecret`, Ifthenpay's
+    keys). Once an organization stores one, none of the provider's secret fields comes from the
+    environment for it: each is the organization's own, or unset. Once it stores the endpoint itself
+    (Easypay `baseUrl`, SMTP `host`), no field at all does (`docs/api.md`, Environment fallback).
     """
 
     key: str
