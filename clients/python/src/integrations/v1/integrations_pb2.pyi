@@ -57,7 +57,10 @@ class _ConfigViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConfigView
     CONFIG_VIEW_UNSPECIFIED: _ConfigView.ValueType  # 0
     """Not set: treated as CONFIG_VIEW_MASKED."""
     CONFIG_VIEW_MASKED: _ConfigView.ValueType  # 1
-    """Secrets show at most their last 4 characters; non-secret fields in clear."""
+    """An organization's own secrets show at most their last 4 characters, the
+    environment's (the platform's) none: the mask alone. Non-secret fields in
+    clear.
+    """
     CONFIG_VIEW_DECRYPTED: _ConfigView.ValueType  # 2
     """Every value in clear text. For the commerce service only."""
 
@@ -67,7 +70,10 @@ class ConfigView(_ConfigView, metaclass=_ConfigViewEnumTypeWrapper):
 CONFIG_VIEW_UNSPECIFIED: ConfigView.ValueType  # 0
 """Not set: treated as CONFIG_VIEW_MASKED."""
 CONFIG_VIEW_MASKED: ConfigView.ValueType  # 1
-"""Secrets show at most their last 4 characters; non-secret fields in clear."""
+"""An organization's own secrets show at most their last 4 characters, the
+environment's (the platform's) none: the mask alone. Non-secret fields in
+clear.
+"""
 CONFIG_VIEW_DECRYPTED: ConfigView.ValueType  # 2
 """Every value in clear text. For the commerce service only."""
 Global___ConfigView: _TypeAlias = ConfigView  # noqa: Y015

@@ -855,7 +855,9 @@ export enum ConfigView {
   UNSPECIFIED = 0,
 
   /**
-   * Secrets show at most their last 4 characters; non-secret fields in clear.
+   * An organization's own secrets show at most their last 4 characters, the
+   * environment's (the platform's) none: the mask alone. Non-secret fields in
+   * clear.
    *
    * @generated from enum value: CONFIG_VIEW_MASKED = 1;
    */
