@@ -70,7 +70,13 @@ def test_the_makefile_validates_against_pinned_kubernetes_versions() -> None:
 
 @pytest.mark.parametrize("version", re.findall(r"^KUBERNETES_VERSIONS := (.+)$", MAKEFILE, re.M)[0].split())
 def test_every_manifest_validates_offline_and_strictly(version: str) -> None:
-    assert {doc["kind"] for _, doc in documents()} == {"Deployment", "Service", "PodDisruptionBudget", "ConfigMap"}
+    assert {doc["kind"] for _, doc in documents()} == {
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "ConfigMap",
+        "NetworkPolicy",
+    }
     for name, doc in documents():
         kubernetes_validate.validate(doc, version, strict=True)  # raises on any error
         assert doc["metadata"]["name"], name
@@ -179,6 +185,50 @@ def test_service_ports_and_disruption_budget_match_the_pod() -> None:
     budget = one("PodDisruptionBudget")["spec"]
     assert budget["selector"]["matchLabels"].items() <= labels.items()
     assert budget["minAvailable"] < one("Deployment")["spec"]["replicas"]
+
+
+def test_the_network_policy_admits_the_callers_to_grpc_prometheus_to_metrics_and_nothing_else() -> None:
+    ports = {p["name"]: p["containerPort"] for p in container()["ports"]}
+    service_ports = {p["targetPort"]: p["port"] for p in one("Service")["spec"]["ports"]}
+    labels = one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    policy = one("NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["podSelector"]["matchLabels"] == one("Deployment")["spec"]["selector"]["matchLabels"]
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]  # deny by default, both ways
+    ingress = {rule["ports"][0]["port"]: rule for rule in policy["ingress"]}
+    assert len(ingress) == len(policy["ingress"])
+    # One rule per port, every port the pod and the Service expose, and only those (the Service maps the
+    # ports one to one, so the policy's port numbers are the container's and the Service's both).
+    assert [len(rule["ports"]) for rule in policy["ingress"]] == [1] * len(policy["ingress"])
+    assert set(ingress) == set(ports.values()) == set(service_ports.values())
+    assert all(service_ports[name] == port for name, port in ports.items())
+    assert all(rule["ports"][0]["protocol"] == "TCP" for rule in policy["ingress"])
+    callers = [peer["podSelector"]["matchLabels"] for peer in ingress[ports["grpc"]]["from"]]
+    assert all(set(peer) == {"podSelector"} for peer in ingress[ports["grpc"]]["from"])
+    assert callers == [
+        {"app.kubernetes.io/name": "merchant-dashboard"},
+        {"app.kubernetes.io/name": "commerce"},
+    ]
+    assert ingress[ports["metrics"]]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    egress = policy["egress"]
+    assert len(egress) == 2
+    [database] = [rule for rule in egress if rule["ports"] == [{"port": 5432, "protocol": "TCP"}]]
+    assert database["to"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "postgresql"}}}]
+    [dns] = [rule for rule in egress if rule is not database]
+    assert sorted((p["port"], p["protocol"]) for p in dns["ports"]) == [(53, "TCP"), (53, "UDP")]
+    assert dns["to"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ]
+    readme = " ".join((MANIFESTS / "README.md").read_text().split())
+    for label in ("app.kubernetes.io/name: merchant-dashboard", "app.kubernetes.io/name: commerce"):
+        assert f"`{label}`" in readme, label
+    assert "`app.kubernetes.io/name: postgresql`" in readme
+    assert "`networkpolicy.yaml`" in readme
 
 
 def test_readme_secret_commands_name_the_secrets_the_pod_mounts() -> None:
