@@ -3,7 +3,7 @@
 import assert from "node:assert/strict";
 import { connect, createServer } from "node:net";
 
-import { IntegrationsClient } from "@integrations/client";
+import { IntegrationsClient, InvalidArgumentError } from "@integrations/client";
 import { followChanges } from "./out/follow-changes.js";
 
 const [host, port] = process.env.INTEGRATIONS_SERVICE_TARGET.split(":");
@@ -57,6 +57,20 @@ assert.deepEqual(seen, ["reset", `saved stripe ${saved.etag}`, "reset", "reset",
 
 stop.abort();
 await following; // ends, without an error
+
+// An error it does not retry (INVALID_ARGUMENT here; a service-sent INTERNAL takes the same path): it calls
+// reset() before it rejects, so what was derived before is not left behind with nothing following it.
+const givenUp = [];
+await assert.rejects(
+  followChanges(
+    client,
+    { organizationId, providers: ["no-such-provider"] },
+    { reset: () => givenUp.push("reset"), changed: (event) => givenUp.push(event.type) },
+    new AbortController().signal,
+  ),
+  (error) => error instanceof InvalidArgumentError,
+);
+assert.deepEqual(givenUp, ["reset"]);
 client.close();
 proxy.close();
 console.log("readme watch example: ok");
