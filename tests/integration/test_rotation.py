@@ -481,6 +481,48 @@ async def test_an_undecryptable_value_is_reported_and_the_rest_of_its_batch_stil
         await running.close()
 
 
+async def test_a_damaged_value_under_the_active_key_is_reported_not_counted_as_rotated(
+    database: str, tmp_path: Path
+) -> None:
+    clear = {f"row-{i:02d}": {"secretKey": f"sk_test_damaged_{i:04d}"} for i in range(1, 5)}
+    await insert_rows(
+        database, [(row_id, f"org_{row_id}", "stripe", {k: v1(v) for k, v in c.items()}) for row_id, c in clear.items()]
+    )
+    first = await cli(["rotate", "--batch-size", BATCH], database, WITHOUT_K1, tmp_path)
+    assert first.returncode == 0, first.stderr
+    values = stored_values(await raw_rows(database))
+    # Both still start with enc:v2:k2: (the active key): one with a wrong tag, one moved from row-01 to row-03.
+    bad = tampered(values[("row-02", "secretKey")])
+    moved = values[("row-01", "secretKey")]
+    conn = await asyncpg.connect(database)
+    try:
+        for row_id, value in (("row-02", bad), ("row-03", moved)):
+            await conn.execute(
+                "UPDATE integration_config SET config = $2::jsonb WHERE id = $1",
+                row_id,
+                json.dumps({"secretKey": value}),
+            )
+    finally:
+        await conn.close()
+    rows_before = await raw_rows(database)
+
+    result = await cli(["rotate", "--batch-size", BATCH], database, WITHOUT_K1, tmp_path)
+
+    assert result.returncode == 1
+    report = result.report()
+    assert report["undecryptable"] == [
+        {"row_id": "row-02", "field": "secretKey"},
+        {"row_id": "row-03", "field": "secretKey"},
+    ]
+    assert (report["rows_scanned"], report["rows_rewrapped"], report["values_rewrapped"]) == (4, 0, 0)
+    assert "rotation incomplete" in result.stderr
+    output = result.stdout + result.stderr
+    for value in (bad, moved):
+        assert value not in output
+        assert value[len("enc:v2:k2:") :][:16] not in output
+    assert await raw_rows(database) == rows_before  # nothing written, not even the etag or updated_at
+
+
 async def test_retire_key_is_refused_while_a_row_is_unreadable_and_may_still_need_the_key(
     database: str, tmp_path: Path
 ) -> None:
