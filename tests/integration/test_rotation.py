@@ -14,9 +14,11 @@ import base64
 import itertools
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import grpc
@@ -29,6 +31,7 @@ from integrations_service.store.postgres import PostgresStore
 from tests.conftest import CreateDatabase
 from tests.harness import OTHER_KEY, TEST_KEY, Running, rich_error, start_service, values_of
 from tests.integration.raw_rows import tampered
+from tests.integration.test_store_outage import TcpProxy, _with_address
 from tests.processes import SERVICE, clean_env
 
 pytestmark = pytest.mark.postgres
@@ -587,3 +590,75 @@ async def test_retire_key_given_key_material_instead_of_an_id_never_repeats_it(
     assert K1_KEY not in output
     assert K1_KEY[:12] not in output
     assert mistaken[-16:] not in output
+
+
+# --- the store lost in the middle of a run ---------------------------------------------------------
+
+
+async def test_rotate_cut_off_by_an_outage_says_it_stopped_part_way_and_a_second_run_finishes(
+    database: str, tmp_path: Path
+) -> None:
+    total = 400
+    await insert_rows(
+        database,
+        [(f"row-{i:04d}", f"org_{i:04d}", "stripe", {"secretKey": v1(f"sk_test_cut_{i:04d}")}) for i in range(total)],
+    )
+    parts = urlsplit(database)
+    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    await proxy.start()
+    env = clean_env(
+        {
+            "DATABASE_URL": _with_address(database, "127.0.0.1", proxy.port),
+            "INTEGRATION_ENCRYPTION_KEYS": WITHOUT_K1,
+            "INTEGRATIONS_LOG_FORMAT": "text",
+            "INTEGRATIONS_DB_TIMEOUT": "2",
+        }
+    )
+    process = await asyncio.create_subprocess_exec(
+        str(SERVICE),
+        "rotate",
+        "--batch-size",
+        "1",
+        cwd=tmp_path,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(60):
+            while sum("rotation progress" in line for line in lines) < 3:
+                line = (await process.stderr.readline()).decode()
+                assert line, "rotate ended before the store was cut: " + "".join(lines)
+                lines.append(line)
+            await proxy.stop()  # the store goes away mid-run
+            rest, stdout = await asyncio.gather(process.stderr.read(), process.stdout.read())
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    stderr = "".join(lines) + rest.decode()
+
+    assert process.returncode == 1
+    assert "cannot start" not in stderr
+    assert "rotation stopped part-way" in stderr
+    assert "run `integrations-service rotate` again to resume" in stderr
+    assert stdout == b""  # no report: the run did not finish
+    assert not any(key in stderr for key in ALL_KEY_TEXTS)
+    found = re.search(r"(\d+) rows scanned, (\d+) rewrapped", stderr.split("rotation stopped part-way")[1])
+    assert found is not None
+    done = int(found[2])
+    assert 3 <= done < total
+
+    again = await cli(["rotate"], database, WITHOUT_K1, tmp_path)
+    assert again.returncode == 0, again.stderr
+    report = again.report()
+    assert report["rows_scanned"] == total
+    assert report["undecryptable"] == []
+    # What was done is not done again (the batch in flight may have committed unacknowledged: at most one more).
+    assert total - done - 1 <= report["rows_rewrapped"] <= total - done  # type: ignore[operator]
+    assert all(value.startswith("enc:v2:k2:") for value in stored_values(await raw_rows(database)).values())
