@@ -128,11 +128,27 @@ async def _migrate(settings: Settings) -> None:
 async def _rotate(settings: Settings, batch_size: int) -> int:
     caller = Caller(f"cli:rotate@{getpass.getuser()}")
     rewrap_legacy = settings.legacy_values is LegacyValues.READ
+    # What the batches committed so far did: progress is reported after each batch's transaction.
+    done = RotationReport()
+
+    def progress(report: RotationReport) -> None:
+        done.rows_scanned, done.rows_rewrapped, done.values_rewrapped = (
+            report.rows_scanned,
+            report.rows_rewrapped,
+            report.values_rewrapped,
+        )
+        _progress(report)
+
+    # An outage while opening the store propagates: main() logs "cannot start". One once rows are being read is this.
     async with app.maintenance(settings, pool_size=2) as parts:
         rotator = Rotator(
-            parts.store, Sealer(parts.cipher), parts.audit, caller, batch_size, _progress, rewrap_legacy=rewrap_legacy
+            parts.store, Sealer(parts.cipher), parts.audit, caller, batch_size, progress, rewrap_legacy=rewrap_legacy
         )
-        report = await rotator.rotate()
+        try:
+            report = await rotator.rotate()
+        except Unavailable as error:
+            _interrupted(error, done)
+            return 1
     summary = {
         "rows_scanned": report.rows_scanned,
         "rows_rewrapped": report.rows_rewrapped,
@@ -159,6 +175,22 @@ async def _rotate(settings: Settings, batch_size: int) -> int:
         )
         return 1
     return 0
+
+
+def _interrupted(error: Unavailable, done: RotationReport) -> None:
+    log.error(
+        "rotation stopped part-way: %s; %d rows scanned, %d rewrapped (%d values) so far, in batches that are "
+        "committed; run `integrations-service rotate` again to resume: it skips what is already rotated",
+        error,
+        done.rows_scanned,
+        done.rows_rewrapped,
+        done.values_rewrapped,
+        extra={
+            "event": "rotation_interrupted",
+            "rows_scanned": done.rows_scanned,
+            "rows_rewrapped": done.rows_rewrapped,
+        },
+    )
 
 
 def _progress(report: RotationReport) -> None:

@@ -59,6 +59,9 @@ _FIELDS = (
     "variable",
     "legacy_remaining",
     "unreadable_rows",
+    # A `rotate` run stopped by an outage: how far it got.
+    "rows_scanned",
+    "rows_rewrapped",
     # A WatchConfigChanges stream's scope (provider ids, bounded) when it opens.
     "providers",
 )

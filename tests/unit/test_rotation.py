@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 from collections import Counter
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from integrations_service import app, cli
 from integrations_service.crypto import ValueCipher, seal_v1
 from integrations_service.domain.audit import OUTCOME_OK, AuditTrail
 from integrations_service.domain.resolution import ConfigView
 from integrations_service.domain.rotation import RETIRE_ACTION, ROTATE_ACTION, RotationReport, Rotator
 from integrations_service.domain.service import ReadRequest, etag_of
-from integrations_service.errors import FailedPrecondition
-from integrations_service.sealing import Sealer
-from integrations_service.store import UnreadableConfig
+from integrations_service.errors import FailedPrecondition, Unavailable
+from integrations_service.sealing import LegacyValues, Sealer
+from integrations_service.store import StoredIntegration, UnreadableConfig
 from integrations_service.store.memory import MemoryDatabase, MemoryStore
 from tests.unit.seam import (
     CALLER,
+    FIXED_TIME,
     NEW_KEY_ID,
     OLD_KEY,
     OLD_KEY_ID,
@@ -302,3 +309,136 @@ async def test_a_value_that_is_not_valid_text_is_reported_and_the_rest_of_its_ba
     assert not report.complete
     assert stored_config(database, "org-a", "stripe") == {"secretKey": "sk_test_\ud800", "publishableKey": PUBLISHABLE}
     assert stored_clear(database, cipher, "org-b", "stripe") == {"secretKey": SECRET}
+
+
+# --- values under the active key are verified, not trusted by their prefix ---------------------------
+
+
+def damaged(stored: str) -> str:
+    """The stored string with one base64 character of its nonce changed: well-formed, but its tag fails."""
+    position = len(f"enc:v2:{NEW_KEY_ID}:") + 8
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    new = alphabet[(alphabet.index(stored[position]) + 1) % len(alphabet)]
+    return stored[:position] + new + stored[position + 1 :]
+
+
+async def test_a_damaged_value_under_the_active_key_is_reported_undecryptable_and_left_as_it_is(
+    database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher, audit: AuditTrail
+) -> None:
+    good = sealed(cipher, "org-a", "stripe", {"secretKey": SECRET, "publishableKey": PUBLISHABLE})
+    ids = [
+        # Wrong tag: one nonce character changed.
+        put_row(database, "org-a", "stripe", good | {"secretKey": damaged(good["secretKey"])}),
+        # Moved from another row: genuine, but bound to org-a.
+        put_row(database, "org-b", "stripe", {"secretKey": good["secretKey"]}),
+        # Not base64 at all.
+        put_row(database, "org-c", "resend", {"apiKey": f"enc:v2:{NEW_KEY_ID}:not*base64!"}),
+        # A row that is rewrapped anyway (an old-key value) and also holds a damaged current value.
+        put_row(
+            database,
+            "org-d",
+            "stripe",
+            sealed(old_cipher(), "org-d", "stripe", {"publishableKey": PUBLISHABLE})
+            | {
+                "webhookSecret": damaged(sealed(cipher, "org-d", "stripe", {"webhookSecret": WEBHOOK})["webhookSecret"])
+            },
+        ),
+        # Intact: counted current, untouched.
+        put_row(database, "org-e", "resend", sealed(cipher, "org-e", "resend", {"apiKey": RESEND_KEY})),
+    ]
+    before = {row.id: dict(row.config) for row in database.rows.values()}
+
+    report = await rotator(store, cipher, audit, batch_size=2).rotate()
+
+    assert report.undecryptable == [
+        (ids[0], "secretKey"),
+        (ids[1], "secretKey"),
+        (ids[2], "apiKey"),
+        (ids[3], "webhookSecret"),
+    ]
+    assert not report.complete
+    assert (report.rows_scanned, report.rows_rewrapped, report.values_rewrapped) == (5, 1, 1)
+    after = {row.id: dict(row.config) for row in database.rows.values()}
+    for row_id in (ids[0], ids[1], ids[2], ids[4]):
+        assert after[row_id] == before[row_id]  # never written
+    assert after[ids[3]]["webhookSecret"] == before[ids[3]]["webhookSecret"]
+    assert cipher.is_current(after[ids[3]]["publishableKey"])
+    assert after[ids[3]]["publishableKey"] != before[ids[3]]["publishableKey"]
+
+
+async def test_a_second_run_still_reports_a_damaged_value_under_the_active_key(
+    database: MemoryDatabase, store: MemoryStore, cipher: ValueCipher, audit: AuditTrail
+) -> None:
+    good = sealed(cipher, "org-a", "stripe", {"secretKey": SECRET})
+    row_id = put_row(database, "org-a", "stripe", {"secretKey": damaged(good["secretKey"])})
+    for _ in range(2):
+        report = await rotator(store, cipher, audit).rotate()
+        assert report.undecryptable == [(row_id, "secretKey")]
+        assert report.rows_rewrapped == 0
+
+
+# --- the store lost in the middle of `integrations-service rotate` ----------------------------------
+
+
+# What `_rotate` reads of the settings (the store comes from `app.maintenance`, replaced here).
+SETTINGS: Any = SimpleNamespace(legacy_values=LegacyValues.READ)
+
+
+class StoreLostAfter(MemoryStore):
+    """A store whose scans answer Unavailable once `scans` of them have succeeded: an outage mid-run."""
+
+    def __init__(self, database: MemoryDatabase, scans: int) -> None:
+        super().__init__(database)
+        self._scans = scans
+
+    async def scan(self, after_id: str, limit: int) -> list[StoredIntegration]:
+        if self._scans == 0:
+            raise Unavailable("the store cannot be reached")
+        self._scans -= 1
+        return await super().scan(after_id, limit)
+
+
+async def test_rotate_cut_off_by_an_outage_says_it_stopped_part_way_and_can_be_resumed(
+    database: MemoryDatabase,
+    cipher: ValueCipher,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for i in range(5):
+        put_row(database, f"org-{i}", "stripe", sealed(old_cipher(), f"org-{i}", "stripe", {"secretKey": SECRET}))
+    store = StoreLostAfter(database, scans=2)
+
+    @contextlib.asynccontextmanager
+    async def maintenance(settings: object, pool_size: int) -> AsyncIterator[app.Maintenance]:
+        yield app.Maintenance(store, cipher, AuditTrail(store, clock=lambda: FIXED_TIME))
+
+    monkeypatch.setattr(app, "maintenance", maintenance)
+    with caplog.at_level(logging.INFO, logger="integrations"):
+        code = await cli._rotate(SETTINGS, batch_size=2)
+
+    assert code == 1
+    [stopped] = [r for r in caplog.records if getattr(r, "event", "") == "rotation_interrupted"]
+    message = stopped.getMessage()
+    assert "stopped part-way" in message
+    assert "run `integrations-service rotate` again" in message
+    assert "4 rows scanned, 4 rewrapped" in message
+    assert "cannot start" not in caplog.text
+    assert (stopped.rows_scanned, stopped.rows_rewrapped) == (4, 4)  # type: ignore[attr-defined]
+    assert capsys.readouterr().out == ""  # no report: it is not one of a finished run
+    assert SECRET not in caplog.text
+    # The four rows of the two batches that committed are rewrapped; the fifth is left for the next run.
+    assert sum(cipher.is_current(row.config["secretKey"]) for row in database.rows.values()) == 4
+
+
+async def test_rotate_that_cannot_reach_the_store_at_all_still_fails_as_before_it_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    @contextlib.asynccontextmanager
+    async def maintenance(settings: object, pool_size: int) -> AsyncIterator[app.Maintenance]:
+        raise Unavailable("the store cannot be reached")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(app, "maintenance", maintenance)
+    with pytest.raises(Unavailable):  # main() logs it as "cannot start"
+        await cli._rotate(SETTINGS, batch_size=2)

@@ -2,8 +2,9 @@
 
 Values that are plaintext, `enc:v1:`, or `enc:v2:` under another key are
 decrypted and written as `enc:v2:` under the active key; values already under
-it are left alone, so a second run changes nothing and a crashed run simply
-resumes where it left off. Legacy values (plaintext, `enc:v1:`) are counted,
+it are decrypted too, to check them (a damaged or moved value is reported as
+undecryptable, never counted as rotated), and left alone, so a second run
+changes nothing and a crashed run simply resumes where it left off. Legacy values (plaintext, `enc:v1:`) are counted,
 so the report says when INTEGRATIONS_LEGACY_VALUES can become `refuse`; once it
 is `refuse`, rotation leaves them as they are (an attacker's planted plaintext
 must not become genuine `enc:v2:`) and reports them as remaining. Rows are processed in batches, each in its own
@@ -98,9 +99,17 @@ class Rotator:
             after = batch[-1].id
             report.rows_scanned += len(batch)
             report.unreadable_rows.extend(row.id for row in batch if isinstance(row.config, UnreadableConfig))
+            first = len(report.undecryptable)
             stale = [row.id for row in batch if not all(map(self._sealer.is_current, row.config.values()))]
+            # Rows already under the active key are checked here; a stale row's values, by `_rewrap_batch`.
+            rewrapped = set(stale)
+            for row in batch:
+                if row.id not in rewrapped:
+                    report.undecryptable.extend((row.id, name) for name in self._unopened(row))
             if stale:
                 await self._rewrap_batch(stale, report)
+            order = {row.id: i for i, row in enumerate(batch)}
+            report.undecryptable[first:] = sorted(report.undecryptable[first:], key=lambda failed: order[failed[0]])
             self._progress(report)
         return report
 
@@ -137,6 +146,14 @@ class Rotator:
         await self._audit.flush()
         return rows
 
+    def _unopened(self, row: StoredIntegration) -> list[str]:
+        """The fields of a row under the active key whose values do not decrypt, bound to the row: damaged, moved."""
+        return [
+            name
+            for name, stored in row.config.items()
+            if not self._sealer.opens(stored, ValueContext(row.organization_id, row.provider, name))
+        ]
+
     async def _rewrap_batch(self, ids: list[str], report: RotationReport) -> None:
         # Per row id, so that a row rewritten again (a store retry) is counted once.
         outcomes: dict[str, _RowOutcome] = {}
@@ -144,7 +161,10 @@ class Rotator:
         def rewrite(row: StoredIntegration) -> Mapping[str, StoredValue] | None:
             new, outcome = dict(row.config), _RowOutcome()
             for name, stored in row.config.items():
+                context = ValueContext(row.organization_id, row.provider, name)
                 if self._sealer.is_current(stored):
+                    if not self._sealer.opens(stored, context):
+                        outcome.failed.append(name)  # under the active key, but damaged or moved: reported
                     continue
                 legacy = legacy_format(stored)
                 if legacy:
@@ -152,7 +172,6 @@ class Rotator:
                     if not self._rewrap_legacy:
                         outcome.legacy_remaining += 1
                         continue
-                context = ValueContext(row.organization_id, row.provider, name)
                 try:
                     new[name] = self._sealer.reseal(stored, context)
                 except InvalidCiphertext:

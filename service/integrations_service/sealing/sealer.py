@@ -137,8 +137,21 @@ class Sealer:
     # --- rotation -----------------------------------------------------------------------------------
 
     def is_current(self, stored: StoredValue) -> bool:
-        """True when the value is enc:v2 under the active key, or empty (unset): rotation leaves it alone."""
+        """True when the value is enc:v2 under the active key, or empty (unset): rotation leaves it alone.
+
+        By its prefix alone: whether it also decrypts, bound to its row and field, `opens` tells.
+        """
         return not stored or self._cipher.is_current(stored)
+
+    def opens(self, stored: StoredValue, context: ValueContext) -> bool:
+        """True when the value decrypts as bound to `context` (an empty value does): not damaged, not moved."""
+        if not stored:
+            return True
+        try:
+            self._cipher.decrypt(stored, context)
+        except InvalidCiphertext:
+            return False
+        return True
 
     def reseal(self, stored: StoredValue, context: ValueContext) -> StoredValue:
         """The same clear value sealed again under the active key; raises InvalidCiphertext when unreadable.
