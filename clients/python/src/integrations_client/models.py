@@ -67,7 +67,23 @@ _CATEGORY_NUMBERS: dict[Category, pb.Category.ValueType] = {
 }
 
 
-class _SecretValues(Mapping[str, str]):
+class _HoldsSecrets:
+    """Immutable holders of decrypted values: a copy is the object itself, and pickling is refused (it would write
+    the values in clear text wherever the bytes go: a cache, a queue, a file)."""
+
+    __slots__ = ()
+
+    def __copy__(self) -> Self:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        return self
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        _refuse_pickling(type(self).__name__)
+
+
+class _SecretValues(_HoldsSecrets, Mapping[str, str]):
     """A read-only mapping of clear-text values whose repr names the keys only."""
 
     __slots__ = ("_data",)
@@ -87,16 +103,6 @@ class _SecretValues(Mapping[str, str]):
     def __repr__(self) -> str:
         return f"<secret values: {', '.join(self._data) or 'none'}>"
 
-    # Immutable, so a copy is the object itself; never pickled (see `_refuse_pickling`).
-    def __copy__(self) -> Self:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
-        return self
-
-    def __reduce_ex__(self, protocol: object) -> NoReturn:
-        _refuse_pickling(type(self).__name__)
-
 
 def _refuse_pickling(name: str) -> NoReturn:
     """Pickling decrypted values would write them in clear text wherever the bytes go (a cache, a queue, a file)."""
@@ -107,7 +113,7 @@ def _refuse_pickling(name: str) -> NoReturn:
 
 
 @dataclass(frozen=True, repr=False)
-class ProviderCredentials:
+class ProviderCredentials(_HoldsSecrets):
     """One organization's effective, DECRYPTED configuration of one provider (from `get_config`).
 
     `creds["secretKey"]` or `creds.values["secretKey"]` is the clear-text value;
@@ -148,15 +154,6 @@ class ProviderCredentials:
         )
 
     __str__ = __repr__
-
-    def __copy__(self) -> Self:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
-        return self
-
-    def __reduce_ex__(self, protocol: object) -> NoReturn:
-        _refuse_pickling(type(self).__name__)
 
 
 @dataclass(frozen=True)
