@@ -11,7 +11,6 @@ from integrations_service.domain.resolution import (
     ValueSource,
     is_ready,
     resolve_values,
-    secrets_inherited,
 )
 
 STRIPE = find_provider("stripe")
@@ -158,7 +157,6 @@ def test_nothing_stored_inherits_every_field(spec: ProviderSpec) -> None:
         f.key: (PLATFORM[f.env_var], ENVIRONMENT) for f in spec.fields
     }
     assert is_ready(spec, frozenset(), PLATFORM)
-    assert secrets_inherited(spec, ())
 
 
 @pytest.mark.parametrize("spec", PROVIDERS, ids=[p.id for p in PROVIDERS])

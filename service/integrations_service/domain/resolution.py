@@ -23,7 +23,7 @@ last 4 characters, the environment's (the platform's) as the mask alone.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -56,11 +56,6 @@ class EffectiveConfig:
     values: Mapping[str, EffectiveValue]
     etag: str
     update_time: datetime | None
-
-
-def secrets_inherited(spec: ProviderSpec, stored_keys: Collection[str]) -> bool:
-    """Whether the provider's secrets may come from the environment: not once a binding field is stored."""
-    return spec.binding_keys.isdisjoint(stored_keys)
 
 
 def _inherit(spec: ProviderSpec, holds_value: Callable[[str], bool]) -> tuple[bool, bool]:
